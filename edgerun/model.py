@@ -1,0 +1,192 @@
+"""The transformer forward pass (Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
+
+Reads top-down like llama2.c's `forward`: one preallocated `RunState`, one KV cache, and per
+layer a handful of kernel calls. It never looks at weight formats or architecture names: each
+linear is a codec object with `matvec` (one token) and `matmul` (a prefill chunk), and the
+architecture differences arrive as config flags (biases, q/k norm).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+from .codecs import get_codec
+from .config import ModelConfig
+from .errors import Cancelled
+
+
+class Weights:
+    """Every tensor of the model, loaded from an .ebin: linears as codec objects, vectors as f32."""
+
+    def __init__(self, ebin, cfg: ModelConfig, progress=None):
+        entries = ebin.manifest["tensors"]
+        total = sum(ebin.arrays[a].length for e in entries.values() for a in e["parts"].values())
+        done = 0
+        self.tensors = {}
+        self.nbytes = 0
+        for name, entry in entries.items():
+            parts = {p: ebin.read(a) for p, a in entry["parts"].items()}
+            codec = get_codec(entry["codec"])
+            if len(entry["shape"]) == 2:
+                self.tensors[name] = codec.load(parts, entry["params"])
+            else:
+                self.tensors[name] = np.ascontiguousarray(codec.decode(parts, entry["params"]), dtype=np.float32)
+            size = sum(a.nbytes for a in parts.values())
+            self.nbytes += size
+            done += size
+            if progress is not None:
+                progress(done, total)
+        if cfg.tie_word_embeddings:
+            self.tensors["lm_head.weight"] = self.tensors["model.embed_tokens.weight"]
+
+    def __getitem__(self, name):
+        return self.tensors[name]
+
+    def layer(self, i: int) -> "Layer":
+        get = self.tensors.get
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        return Layer(
+            input_norm=get(f"model.layers.{i}.input_layernorm.weight"),
+            post_norm=get(f"model.layers.{i}.post_attention_layernorm.weight"),
+            q=get(a + "q_proj.weight"), k=get(a + "k_proj.weight"), v=get(a + "v_proj.weight"),
+            o=get(a + "o_proj.weight"),
+            q_bias=get(a + "q_proj.bias"), k_bias=get(a + "k_proj.bias"), v_bias=get(a + "v_proj.bias"),
+            o_bias=get(a + "o_proj.bias"), q_norm=get(a + "q_norm.weight"), k_norm=get(a + "k_norm.weight"),
+            gate=get(m + "gate_proj.weight"), up=get(m + "up_proj.weight"), down=get(m + "down_proj.weight"),
+            gate_bias=get(m + "gate_proj.bias"), up_bias=get(m + "up_proj.bias"), down_bias=get(m + "down_proj.bias"),
+        )
+
+
+@dataclass
+class Layer:
+    """One transformer block's weights; optional ones (biases, q/k norms) are None when absent."""
+    input_norm: np.ndarray
+    post_norm: np.ndarray
+    q: object
+    k: object
+    v: object
+    o: object
+    gate: object
+    up: object
+    down: object
+    q_bias: np.ndarray | None = None
+    k_bias: np.ndarray | None = None
+    v_bias: np.ndarray | None = None
+    o_bias: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    gate_bias: np.ndarray | None = None
+    up_bias: np.ndarray | None = None
+    down_bias: np.ndarray | None = None
+
+
+class RunState:
+    """Activation buffers for up to `chunk` tokens at once, and the KV cache for `context` positions.
+    Allocated once; the forward pass only writes into these."""
+
+    def __init__(self, cfg: ModelConfig, context: int, chunk: int):
+        d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        z = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
+        self.x, self.xb, self.xb2 = z(chunk, d), z(chunk, d), z(chunk, d)
+        self.q, self.att = z(chunk, q), z(chunk, q)
+        self.k, self.v = z(chunk, kv), z(chunk, kv)
+        self.gate, self.up = z(chunk, f), z(chunk, f)
+        self.logits = z(cfg.vocab_size)
+        self.positions = np.zeros(chunk, dtype=np.int64)
+        self.key_cache = z(cfg.num_layers, cfg.num_kv_heads, context, hd)
+        self.value_cache = z(cfg.num_layers, cfg.num_kv_heads, context, hd)
+
+    @staticmethod
+    def nbytes(cfg: ModelConfig, context: int, chunk: int) -> tuple[int, int]:
+        """(activation scratch bytes, KV cache bytes) this state allocates."""
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        scratch = 4 * (chunk * (3 * d + 2 * q + 2 * kv + 2 * f) + cfg.vocab_size) + 8 * chunk
+        return scratch, cfg.kv_cache_bytes(context)
+
+
+def _linear(w, x, out, bias=None):
+    """out = x @ W.T (+ bias) for one token (matvec) or a chunk (matmul)."""
+    if x.shape[0] == 1:
+        w.matvec(x[0], out[0])
+    else:
+        w.matmul(x, out)
+    if bias is not None:
+        out += bias
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, weights: Weights, context: int, chunk: int = 64):
+        self.cfg, self.w, self.context, self.chunk = cfg, weights, context, chunk
+        self.state = RunState(cfg, context, chunk)
+        self.layers = [weights.layer(i) for i in range(cfg.num_layers)]
+        self.cos, self.sin = kernels.rope_tables(cfg.head_dim, context, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(self, tokens, start: int, all_logits: bool = False, cancel=None):
+        """Run `tokens` (positions start..start+len-1) through the model, filling the KV cache.
+        Returns the last position's logits (V,), or every position's (len, V) with `all_logits`.
+        `cancel` (a threading.Event) is checked between chunks and layers."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        out = np.empty((len(tokens), self.cfg.vocab_size), np.float32) if all_logits else None
+        for s in range(0, len(tokens), self.chunk):
+            part = tokens[s:s + self.chunk]
+            hidden = self._layers(part, start + s, cancel)
+            if all_logits:
+                self._logits(hidden, out[s:s + len(part)])
+        if all_logits:
+            return out
+        logits = self.state.logits.reshape(1, -1)
+        self._logits(hidden[-1:], logits)
+        return self.state.logits
+
+    def _logits(self, hidden, out):
+        st, w = self.state, self.w
+        normed = st.xb[:len(hidden)]
+        kernels.rmsnorm_rows(hidden, w["model.norm.weight"], self.cfg.rms_norm_eps, normed)
+        _linear(w["lm_head.weight"], normed, out)
+
+    def _layers(self, tokens, start, cancel):
+        cfg, st, w = self.cfg, self.state, self.w
+        T, H, Hkv, D = len(tokens), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if start + T > self.context:
+            raise ValueError(f"position {start + T} is past the context length {self.context}")
+        x, xb, xb2 = st.x[:T], st.xb[:T], st.xb2[:T]
+        q, k, v, att = st.q[:T], st.k[:T], st.v[:T], st.att[:T]
+        gate, up = st.gate[:T], st.up[:T]
+        pos = st.positions[:T]
+        pos[:] = np.arange(start, start + T)
+        embed = w["model.embed_tokens.weight"]
+        for t, token in enumerate(tokens):
+            embed.row(int(token), x[t])
+        eps = cfg.rms_norm_eps
+        for i, L in enumerate(self.layers):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled")
+            # attention
+            kernels.rmsnorm_rows(x, L.input_norm, eps, xb)
+            _linear(L.q, xb, q, L.q_bias)
+            _linear(L.k, xb, k, L.k_bias)
+            _linear(L.v, xb, v, L.v_bias)
+            if cfg.qk_norm:
+                kernels.rmsnorm_rows(q.reshape(T * H, D), L.q_norm, eps, q.reshape(T * H, D))
+                kernels.rmsnorm_rows(k.reshape(T * Hkv, D), L.k_norm, eps, k.reshape(T * Hkv, D))
+            q3, k3 = q.reshape(T, H, D), k.reshape(T, Hkv, D)
+            kernels.rope(q3, pos, self.cos, self.sin)
+            kernels.rope(k3, pos, self.cos, self.sin)
+            kc, vc = st.key_cache[i], st.value_cache[i]
+            kc[:, start:start + T] = k3.transpose(1, 0, 2)
+            vc[:, start:start + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
+            kernels.attention(q3, kc, vc, start, att.reshape(T, H, D))
+            _linear(L.o, att, xb2, L.o_bias)
+            x += xb2
+            # feed-forward (SwiGLU)
+            kernels.rmsnorm_rows(x, L.post_norm, eps, xb)
+            _linear(L.gate, xb, gate, L.gate_bias)
+            _linear(L.up, xb, up, L.up_bias)
+            kernels.silu_mul(gate, up, gate)
+            _linear(L.down, gate, xb2, L.down_bias)
+            x += xb2
+        return x
