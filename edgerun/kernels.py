@@ -1,0 +1,306 @@
+"""Numba kernels for the transformer forward pass (DESIGN §6).
+
+Every kernel is `@njit(cache=True, nogil=True, fastmath=True)`, works on float32 C-contiguous
+arrays, writes into a caller-provided `out` (no allocation per call) and starts with its shape
+contract. Conventions follow Hugging Face Llama/Qwen2/Qwen3 (`modeling_llama.py`):
+RMSNorm with the variance in float32, rotate-half RoPE, causal GQA attention.
+
+Threads: `set_threads(n)` sets Numba's thread count; kernels with a `_par` twin pick it only when
+the work is large enough to pay the ~10 µs cost of a 2-thread `prange` region (DESIGN §6).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .errors import UnsupportedModelError
+
+_JIT = dict(cache=True, nogil=True, fastmath=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+
+_threads = 1
+
+
+def set_threads(n: int) -> None:
+    """Use `n` Numba threads (clamped to 1..NUMBA_NUM_THREADS) for the `prange` kernels."""
+    global _threads
+    _threads = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(_threads)
+
+
+def get_threads() -> int:
+    """The thread count last set with `set_threads` (1 by default: DESIGN §6 prange costs)."""
+    return _threads
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit float widening. np.float16 is not supported in nopython mode, so 16-bit weights are
+# stored as uint16 and widened with LLVM instructions; the f16 form vectorizes to vcvtph2ps.
+
+@intrinsic
+def f16_to_f32(typingctx, h):
+    """uint16 IEEE half bits -> float32 (LLVM `bitcast i16 -> half`, `fpext half -> float`)."""
+    if not isinstance(h, types.Integer) or h.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(h), codegen
+
+
+@intrinsic
+def bf16_to_f32(typingctx, h):
+    """uint16 bfloat16 bits -> float32: the bits become the high half of a float32."""
+    if not isinstance(h, types.Integer) or h.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        wide = builder.zext(args[0], ir.IntType(32))
+        wide = builder.shl(wide, ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(h), codegen
+
+
+@intrinsic
+def _bits_as_f32(typingctx, i):
+    """Low 32 bits of an integer reinterpreted as float32 (for building 2^n in `expf`)."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if i.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(i), codegen
+
+
+@njit(inline="always", **_JIT)
+def expf(x):
+    # float32 -> float32 exp, relative error ~1.2e-7 (Cephes expf: 2^n * P(r), |r| <= ln2/2).
+    # Unlike np.exp it vectorizes (no SVML here), 3.5x faster in the softmax; x is clamped to
+    # [-87.3, 88.3] so 2^n stays a normal float32.
+    x = min(max(x, np.float32(-87.3)), np.float32(88.3))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    return p * _bits_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and elementwise ops.
+
+@njit(**_JIT)
+def rmsnorm(x, w, eps, out):
+    # x (n,), w (n,) -> out (n,) = x / sqrt(mean(x^2) + eps) * w
+    n = x.shape[0]
+    ss = np.float32(0.0)
+    for i in range(n):
+        ss += x[i] * x[i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+    for i in range(n):
+        out[i] = x[i] * inv * w[i]
+
+
+@njit(**_JIT)
+def rmsnorm_rows(X, w, eps, out):
+    # X (T, n), w (n,) -> out (T, n), each row RMS-normalized (Qwen3 q/k norm: pass (T*H, D))
+    T, n = X.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += X[t, i] * X[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+        for i in range(n):
+            out[t, i] = X[t, i] * inv * w[i]
+
+
+@njit(**_JIT)
+def silu_mul(gate, up, out):
+    # gate, up, out: same shape (any ndim, C-contiguous) -> out = gate * sigmoid(gate) * up
+    g = gate.reshape(gate.size)
+    u = up.reshape(up.size)
+    o = out.reshape(out.size)
+    for i in range(g.shape[0]):
+        gi = g[i]
+        o[i] = gi / (np.float32(1.0) + expf(-gi)) * u[i]
+
+
+@njit(**_JIT)
+def add_inplace(x, y):
+    # x, y: same shape (any ndim, C-contiguous) -> x += y
+    a = x.reshape(x.size)
+    b = y.reshape(y.size)
+    for i in range(a.shape[0]):
+        a[i] += b[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (Su et al. 2021, RoFormer) in Hugging Face's rotate-half layout.
+
+@njit(**_JIT)
+def rope(x, positions, cos, sin):
+    # x (T, H, D) in place, positions (T,) int64, cos/sin (P, D//2): rotate pairs (i, i + D/2)
+    T, H, D = x.shape
+    half = D // 2
+    for t in range(T):
+        p = positions[t]
+        for h in range(H):
+            for i in range(half):
+                c = cos[p, i]
+                s = sin[p, i]
+                x1 = x[t, h, i]
+                x2 = x[t, h, i + half]
+                x[t, h, i] = x1 * c - x2 * s
+                x[t, h, i + half] = x2 * c + x1 * s
+
+
+def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """Inverse frequencies (head_dim//2,) in float64, as transformers' modeling_rope_utils."""
+    inv = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        # transformers `_compute_llama3_parameters`: long wavelengths divided by `factor`,
+        # short ones kept, the band between interpolated smoothly.
+        factor = float(scaling["factor"])
+        low = float(scaling["low_freq_factor"])
+        high = float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled)
+    raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported "
+                                "(supported: default, linear, llama3)")
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, scaling: dict | None = None):
+    """cos, sin tables (max_pos, head_dim//2) float32 for `rope`, computed in float64.
+
+    `scaling` is the config's rope_scaling / rope_parameters dict (key `rope_type` or `type`):
+    None/default, linear (factor) or llama3; anything else raises UnsupportedModelError.
+    """
+    inv = _inv_freq(head_dim, theta, scaling)
+    ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal grouped-query attention over a KV cache (Ainslie et al. 2023, GQA).
+
+@njit(**_JIT)
+def _attend_group(q, k_cache, v_cache, start, out, scores, g, group):
+    # q (T, H, D); k/v_cache (Hkv, C, D); out (T, H, D); scores (H, C): kv head g's query heads
+    T, H, D = q.shape
+    scale = np.float32(1.0 / math.sqrt(D))
+    h0 = g * group
+    for t in range(T):
+        L = start + t + 1  # causal: positions 0..start+t
+        # scores = q k^T: each K row is loaded once for all query heads sharing it (GQA)
+        for p in range(L):
+            for hh in range(group):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[t, h0 + hh, d] * k_cache[g, p, d]
+                scores[h0 + hh, p] = acc * scale
+        # stable softmax (max subtracted); normalization folded in before the V sum
+        for hh in range(group):
+            h = h0 + hh
+            m = scores[h, 0]
+            for p in range(1, L):
+                m = max(m, scores[h, p])
+            s = np.float32(0.0)
+            for p in range(L):
+                e = expf(scores[h, p] - m)
+                scores[h, p] = e
+                s += e
+            inv = np.float32(1.0) / s
+            for p in range(L):
+                scores[h, p] *= inv
+            for d in range(D):
+                out[t, h, d] = 0.0
+        # out += p v: four V rows per pass so `out` is loaded/stored a quarter as often,
+        # and each block of V rows serves every query head of the group
+        p = 0
+        while p + 4 <= L:
+            for hh in range(group):
+                h = h0 + hh
+                w0 = scores[h, p]
+                w1 = scores[h, p + 1]
+                w2 = scores[h, p + 2]
+                w3 = scores[h, p + 3]
+                for d in range(D):
+                    out[t, h, d] += (w0 * v_cache[g, p, d] + w1 * v_cache[g, p + 1, d]
+                                     + w2 * v_cache[g, p + 2, d] + w3 * v_cache[g, p + 3, d])
+            p += 4
+        while p < L:
+            for hh in range(group):
+                h = h0 + hh
+                w0 = scores[h, p]
+                for d in range(D):
+                    out[t, h, d] += w0 * v_cache[g, p, d]
+            p += 1
+
+
+@njit(**_JIT)
+def _attention_serial(q, k_cache, v_cache, start, out, scores):
+    # q (T, H, D), k/v_cache (Hkv, C, D), scores (H, C) -> out (T, H, D)
+    Hkv = k_cache.shape[0]
+    group = q.shape[1] // Hkv
+    for g in range(Hkv):
+        _attend_group(q, k_cache, v_cache, start, out, scores, g, group)
+
+
+@njit(**_JIT_PAR)
+def _attention_par(q, k_cache, v_cache, start, out, scores):
+    # q (T, H, D), k/v_cache (Hkv, C, D), scores (H, C) -> out (T, H, D); prange over kv heads
+    Hkv = k_cache.shape[0]
+    group = q.shape[1] // Hkv
+    for g in prange(Hkv):
+        _attend_group(q, k_cache, v_cache, start, out, scores, g, group)
+
+
+# Below this many multiply-adds (T * ctx * H * D) one thread beats a 2-thread prange region.
+ATTN_PAR_MIN = 1 << 20
+
+
+def attention(q, k_cache, v_cache, start, out, scores=None):
+    """Causal GQA attention: out (T, H, D) = softmax(q k^T / sqrt(D) + mask) v.
+
+    q (T, H, D) holds positions start..start+T-1; k_cache, v_cache (Hkv, C, D) already hold
+    positions 0..start+T-1 (C >= start+T). Query head h uses kv head h // (H // Hkv).
+    `scores`: optional float32 scratch of shape (H, C), reused across calls to avoid allocating;
+    allocated here when None. Parallel over kv heads when threads > 1 and the work is large.
+    """
+    T, H, D = q.shape
+    if scores is None:
+        scores = np.empty((H, k_cache.shape[1]), np.float32)
+    if _threads > 1 and k_cache.shape[0] > 1 and T * (start + T) * H * D >= ATTN_PAR_MIN:
+        _attention_par(q, k_cache, v_cache, start, out, scores)
+    else:
+        _attention_serial(q, k_cache, v_cache, start, out, scores)

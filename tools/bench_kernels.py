@@ -1,0 +1,155 @@
+"""Time the dense matvec / matmul and the attention kernel on SmolLM2-135M shapes.
+
+    python tools/bench_kernels.py [--quick]
+
+matvec: each shape is run over enough distinct copies (>= 256 MB) that weights stream from
+DRAM as in a real token, not from cache; reported as median time and GB/s of weight bytes.
+"token": every matvec of one SmolLM2 token (30 layers + tied lm_head, ~134M weights), each
+matrix distinct. attention: decode (T=1) at context 128/512/2048, H=9, Hkv=3, D=64.
+matmul: T=128 prefill, GFLOP/s = 2*T*d*n / time.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from edgerun import kernels
+from edgerun.codecs import get_codec
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
+LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+N_LAYERS = 30
+LM_HEAD = (49152, 576)
+
+
+def _median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def _linears(shape, dtype, total_bytes, rng):
+    codec = get_codec("dense")
+    w = rng.standard_normal(shape).astype(np.float32) * 0.05
+    one = codec.load(codec.encode(w, {"dtype": dtype}), {"dtype": dtype})
+    copies = max(1, int(np.ceil(total_bytes / one.nbytes)))
+    return [one] + [codec.load({"weight": one.W.copy()}, {"dtype": dtype}) for _ in range(copies - 1)]
+
+
+def bench_matvec(dtypes, threads_list, reps, rng):
+    print("\n## matvec (weights streamed from DRAM)")
+    print(f"{'shape':>12} {'dtype':>5} {'thr':>3} {'us':>9} {'GB/s':>7}")
+    for shape in SHAPES:
+        for dt in dtypes:
+            lins = _linears(shape, dt, 256e6, rng)
+            x = rng.standard_normal(shape[1]).astype(np.float32)
+            out = np.empty(shape[0], np.float32)
+            for th in threads_list:
+                kernels.set_threads(th)
+                it = iter(range(1 << 62))
+                lins[0].matvec(x, out)
+
+                def run():
+                    lins[next(it) % len(lins)].matvec(x, out)
+                t = _median_time(run, max(reps, len(lins)))
+                print(f"{str(shape):>12} {dt:>5} {th:>3} {t*1e6:9.1f} {lins[0].nbytes/t/1e9:7.1f}")
+
+
+def bench_token(dtypes, threads_list, reps, rng):
+    print("\n## one SmolLM2 token of matvecs (30 layers + lm_head, all distinct)")
+    print(f"{'dtype':>5} {'thr':>3} {'MB':>6} {'ms':>7} {'GB/s':>7}")
+    codec = get_codec("dense")
+    for dt in dtypes:
+        lins = []
+        for shape in LAYER * N_LAYERS + [LM_HEAD]:
+            w = rng.standard_normal(shape, dtype=np.float32) * 0.05
+            lins.append(codec.load(codec.encode(w, {"dtype": dt}), {"dtype": dt}))
+        xs = {n: rng.standard_normal(n).astype(np.float32) for n in (576, 1536)}
+        outs = {d: np.empty(d, np.float32) for d in (192, 576, 1536, 49152)}
+        nbytes = sum(lin.nbytes for lin in lins)
+
+        def run():
+            for lin in lins:
+                lin.matvec(xs[lin.shape[1]], outs[lin.shape[0]])
+        for th in threads_list:
+            kernels.set_threads(th)
+            run()
+            t = _median_time(run, max(5, reps // 20))
+            print(f"{dt:>5} {th:>3} {nbytes/1e6:6.0f} {t*1e3:7.2f} {nbytes/t/1e9:7.1f}")
+        del lins
+
+
+def bench_attention(threads_list, reps, rng):
+    print("\n## attention decode (T=1, H=9, Hkv=3, D=64)")
+    print(f"{'ctx':>5} {'thr':>3} {'us':>8}")
+    H, Hkv, D = 9, 3, 64
+    for ctx in (128, 512, 2048):
+        k = rng.standard_normal((Hkv, ctx, D)).astype(np.float32)
+        v = rng.standard_normal((Hkv, ctx, D)).astype(np.float32)
+        q = rng.standard_normal((1, H, D)).astype(np.float32)
+        out = np.empty_like(q)
+        scores = np.empty((H, ctx), np.float32)
+        for th in threads_list:
+            kernels.set_threads(th)
+            kernels.attention(q, k, v, ctx - 1, out, scores)
+            t = _median_time(lambda: kernels.attention(q, k, v, ctx - 1, out, scores), reps)
+            print(f"{ctx:>5} {th:>3} {t*1e6:8.1f}")
+    print("\n## attention prefill chunk (T=128 at start 0, and T=512 at start 0)")
+    for T in (128, 512):
+        k = rng.standard_normal((Hkv, T, D)).astype(np.float32)
+        v = rng.standard_normal((Hkv, T, D)).astype(np.float32)
+        q = rng.standard_normal((T, H, D)).astype(np.float32)
+        out = np.empty_like(q)
+        scores = np.empty((H, T), np.float32)
+        for th in threads_list:
+            kernels.set_threads(th)
+            kernels.attention(q, k, v, 0, out, scores)
+            t = _median_time(lambda: kernels.attention(q, k, v, 0, out, scores), max(3, reps // 50))
+            print(f"T={T:>4} {th:>3} {t*1e3:8.2f} ms")
+
+
+def bench_matmul(dtypes, threads_list, reps, rng):
+    print("\n## matmul (prefill T=128)")
+    print(f"{'shape':>12} {'dtype':>5} {'thr':>3} {'ms':>8} {'GFLOP/s':>8}")
+    codec = get_codec("dense")
+    T = 128
+    for shape in SHAPES:
+        w = rng.standard_normal(shape).astype(np.float32) * 0.05
+        X = rng.standard_normal((T, shape[1])).astype(np.float32)
+        out = np.empty((T, shape[0]), np.float32)
+        for dt in dtypes:
+            lin = codec.load(codec.encode(w, {"dtype": dt}), {"dtype": dt})
+            for th in threads_list:
+                kernels.set_threads(th)
+                lin.matmul(X, out)
+                t = _median_time(lambda: lin.matmul(X, out), max(3, reps // 20))
+                print(f"{str(shape):>12} {dt:>5} {th:>3} {t*1e3:8.3f} {2*T*shape[0]*shape[1]/t/1e9:8.1f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--only", choices=["matvec", "token", "attention", "matmul"], default=None)
+    args = ap.parse_args()
+    reps = 50 if args.quick else 300
+    rng = np.random.default_rng(0)
+    dtypes = ["f32", "f16", "bf16"]
+    threads = [1, 2] if kernels.numba.config.NUMBA_NUM_THREADS >= 2 else [1]
+    if args.only in (None, "matvec"):
+        bench_matvec(dtypes, threads, reps, rng)
+    if args.only in (None, "token"):
+        bench_token(dtypes, threads, reps, rng)
+    if args.only in (None, "attention"):
+        bench_attention(threads, reps, rng)
+    if args.only in (None, "matmul"):
+        bench_matmul(dtypes, threads, reps, rng)
+    kernels.set_threads(1)
+
+
+if __name__ == "__main__":
+    main()
