@@ -1,0 +1,91 @@
+"""The forward pass against transformers on the same weights (f32 compute): logits at every
+position, through m.logits (prefill in chunks) and through the KV-cached one-token path, and
+greedy continuations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ARCHS, hf_greedy, hf_logits
+
+import edgerun
+from edgerun.convert.pack import pack
+
+TOL = 1e-2
+
+
+def load_hf(directory):
+    from transformers import AutoModelForCausalLM
+    import torch
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def check_model(m, ref, ids, n_greedy=12):
+    # every position of a prompt longer than one prefill chunk
+    ours = m.logits(ids)
+    theirs = hf_logits(ref, ids)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= TOL
+    # KV-cached path: a short prefill, then one token at a time
+    tf = m._transformer
+    split = 5
+    step = [tf.forward(ids[:split], 0).copy()]
+    for pos in range(split, len(ids)):
+        step.append(tf.forward([ids[pos]], pos).copy())
+    assert np.abs(np.stack(step) - theirs[split - 1:]).max() <= TOL
+    # greedy continuation through the generation loop
+    expected = hf_greedy(ref, ids[:16], n_greedy)
+    got = list(m.stream_tokens(ids[:16], max_tokens=n_greedy, temperature=0))
+    assert got == expected[:len(got)]
+    if len(got) < n_greedy:                       # stopped early: only on a stop token
+        assert expected[len(got)] in m.stop_ids
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_tiny_matches_transformers(arch, tiny_dir, tmp_path):
+    src = tiny_dir(arch)
+    out = tmp_path / "tiny.ebin"
+    pack(src, out, dtype="f32")
+    rng = np.random.default_rng(1)
+    with edgerun.load(out) as m:
+        ids = rng.integers(0, m.config.vocab_size, size=80).tolist()   # 80 > one 64-token prefill chunk
+        check_model(m, load_hf(src), ids)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_tiny_16bit_close_to_f32(dtype, tiny_dir, tmp_path):
+    """16-bit storage changes logits only by rounding of the weights."""
+    src = tiny_dir("llama")
+    pack(src, tmp_path / "a.ebin", dtype="f32")
+    pack(src, tmp_path / "b.ebin", dtype=dtype)
+    ids = list(range(3, 40))
+    with edgerun.load(tmp_path / "a.ebin") as a, edgerun.load(tmp_path / "b.ebin") as b:
+        ref, got = a.logits(ids), b.logits(ids)
+    assert np.abs(ref - got).max() < (0.05 if dtype == "f16" else 0.3)
+    assert np.abs(ref - got).max() > 0       # the rounding did happen
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 as transformers loads it from the GGUF, saved as an f32 HF directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    directory = tmp_path_factory.mktemp("smollm2_hf")
+    kw = dict(gguf_file=smollm2_gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory, model, tok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_smollm2_matches_transformers(source, smollm2_hf, smollm2_gguf, tmp_path):
+    directory, ref, tok = smollm2_hf
+    out = tmp_path / "smollm2.ebin"
+    pack(directory if source == "hf" else smollm2_gguf, out, dtype="f32")
+    text = "The history of the city of Paris begins around 250 BC, when a tribe of the Senones"
+    ids = tok(text)["input_ids"] * 3 + tok("settled on an island in the river. 1234 café")["input_ids"]
+    with edgerun.load(out) as m:
+        assert m.tokenizer.encode(text) == tok(text)["input_ids"]
+        check_model(m, ref, ids, n_greedy=24)
