@@ -48,7 +48,15 @@ def warm_up_kernels(manifest: dict) -> None:
         w.matvec(x[0], out[0])
         w.matmul(x, out)
         w.row(0, x[0])
-    kernels.warm_up()
+    # the ops every model runs, at a decode (T=1) and a prefill (T=2) shape
+    for T in (1, 2):
+        x = rng.standard_normal((T, 2, 8), dtype=np.float32)
+        kernels.rmsnorm_rows(x.reshape(T * 2, 8), np.ones(8, np.float32), 1e-5, x.reshape(T * 2, 8))
+        cos, sin = kernels.rope_tables(8, 4, 10000.0, None)
+        kernels.rope(x, np.arange(T, dtype=np.int64), cos, sin)
+        cache = np.zeros((1, 4, 8), np.float32)
+        kernels.attention(x, cache, cache, 0, np.empty_like(x))
+        kernels.silu_mul(x, x, np.empty_like(x))
 
 
 def plan_memory(ebin, cfg: ModelConfig, context: int, budget: int | None) -> MemoryPlan:
@@ -100,7 +108,7 @@ class Model:
         self.weight_bytes = weights.nbytes
         self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK)
         self._generator = Generator(self._transformer)
-        self.stop_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.tokenizer.special_ids(END_OF_TURN_TEXTS)))
+        self.stop_ids = sorted(set(self.tokenizer.eos_token_ids) | {self.tokenizer.token_to_id(t) for t in END_OF_TURN_TEXTS} - {None})
 
     def _context(self, requested):
         limit = self.config.max_position_embeddings

@@ -95,7 +95,6 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", progress=None) ->
                 if progress:
                     progress(done, total)
             writer.close({
-                "format": "edgerun-ebin",
                 "config": meta.config,
                 "tokenizer": {"json": meta.tokenizer_json, "chat_template": meta.chat_template,
                               "bos_token_id": meta.bos_token_id, "eos_token_ids": meta.eos_token_ids,
