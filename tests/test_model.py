@@ -3,6 +3,8 @@ position, through m.logits (prefill in chunks) and through the KV-cached one-tok
 greedy continuations."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import ARCHS, hf_greedy, hf_logits
@@ -73,7 +75,16 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory):
     kw = dict(gguf_file=smollm2_gguf.name)
     model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
-    model.save_pretrained(directory)
+    # transformers refuses to save a GGUF-loaded model: write the f32 state dict and config directly
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    (directory / "config.json").write_text(json.dumps(config))
     tok.save_pretrained(directory)
     return directory, model, tok
 
