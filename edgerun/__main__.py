@@ -1,0 +1,4 @@
+"""`python -m edgerun` is the `edgerun` command."""
+from .cli import run
+
+run()
