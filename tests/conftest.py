@@ -109,3 +109,12 @@ def hf_greedy(model, ids, n) -> list[int]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_ebin(smollm2_gguf, tmp_path_factory) -> Path:
+    """The real model packed at f16, as `edgerun chat` packs the default model."""
+    from edgerun.convert.pack import pack
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-f16.ebin"
+    pack(smollm2_gguf, out, dtype="f16")
+    return out
