@@ -96,6 +96,7 @@ class RunState:
         self.gate, self.up = z(chunk, f), z(chunk, f)
         self.logits = z(cfg.vocab_size)
         self.positions = np.zeros(chunk, dtype=np.int64)
+        self.scores = z(cfg.num_heads, context)          # attention scratch
         self.key_cache = z(cfg.num_layers, cfg.num_kv_heads, context, hd)
         self.value_cache = z(cfg.num_layers, cfg.num_kv_heads, context, hd)
 
@@ -104,7 +105,7 @@ class RunState:
         """(activation scratch bytes, KV cache bytes) this state allocates."""
         d, f = cfg.hidden_size, cfg.intermediate_size
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        scratch = 4 * (chunk * (3 * d + 2 * q + 2 * kv + 2 * f) + cfg.vocab_size) + 8 * chunk
+        scratch = 4 * (chunk * (3 * d + 2 * q + 2 * kv + 2 * f) + cfg.vocab_size + cfg.num_heads * context) + 8 * chunk
         return scratch, cfg.kv_cache_bytes(context)
 
 
@@ -179,7 +180,7 @@ class Transformer:
             kc, vc = st.key_cache[i], st.value_cache[i]
             kc[:, start:start + T] = k3.transpose(1, 0, 2)
             vc[:, start:start + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
-            kernels.attention(q3, kc, vc, start, att.reshape(T, H, D))
+            kernels.attention(q3, kc, vc, start, att.reshape(T, H, D), st.scores)
             _linear(L.o, att, xb2, L.o_bias)
             x += xb2
             # feed-forward (SwiGLU)
