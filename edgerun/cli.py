@@ -70,27 +70,39 @@ def load_model(model, ram, context, threads, verbose):
 
 def model_options(f):
     """Options shared by every command that loads a model."""
-    f = click.option("--ram", default="auto", show_default=True,
-                     help="Memory budget for the whole process: 4GB, 4G, 4GiB, 512MB, 512M, or auto "
-                          "(the memory available now). The plan is checked before loading.")(f)
-    f = click.option("-c", "--ctx-size", "context", type=click.IntRange(16), default=None,
-                     help="Context length in tokens (default: 2048, at most the model's own).")(f)
-    f = click.option("-t", "--threads", type=click.IntRange(1), default=None,
-                     help="CPU threads for the kernels (default: all cores).")(f)
-    f = click.option("-v", "--verbose", is_flag=True, help="Print the memory plan and load details.")(f)
+    for option in reversed(_MODEL_OPTIONS):
+        f = option(f)
     return f
 
 
 def sampling_options(f):
-    f = click.option("--temp", "temperature", type=float, default=None,
-                     help="Sampling temperature; 0 = greedy (default: the model's generation_config, else 0.7).")(f)
-    f = click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0 = off; default 40).")(f)
-    f = click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (1.0 = off; default 0.95).")(f)
-    f = click.option("--min-p", type=float, default=None,
-                     help="Drop tokens below min-p × the top probability (0 = off; default 0.05).")(f)
-    f = click.option("--repeat-penalty", type=float, default=None, help="Penalty for repeated tokens (1.0 = off).")(f)
-    f = click.option("-s", "--seed", type=int, default=None, help="Random seed for reproducible sampling.")(f)
+    for option in reversed(_SAMPLING_OPTIONS):
+        f = option(f)
     return f
+
+
+_MODEL_OPTIONS = [
+    click.option("--ram", default="auto", show_default=True,
+                 help="Memory budget for the whole process: 4GB, 4G, 4GiB, 512MB, 512M, or auto "
+                      "(the memory available now). The plan is checked before loading."),
+    click.option("-c", "--ctx-size", "context", type=click.IntRange(16), default=None,
+                 help="Context length in tokens (default: 2048, at most the model's own)."),
+    click.option("-t", "--threads", type=click.IntRange(1), default=None,
+                 help="CPU threads for the kernels (default 1: a second thread speeds up the large "
+                      "matrices on an idle machine but stalls when another process holds a core)."),
+    click.option("-v", "--verbose", is_flag=True, help="Print the memory plan and load details."),
+]
+
+_SAMPLING_OPTIONS = [
+    click.option("--temp", "temperature", type=float, default=None,
+                 help="Sampling temperature; 0 = greedy (default: the model's generation_config, else 0.7)."),
+    click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0 = off; default 40)."),
+    click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (1.0 = off; default 0.95)."),
+    click.option("--min-p", type=float, default=None,
+                 help="Drop tokens below min-p × the top probability (0 = off; default 0.05)."),
+    click.option("--repeat-penalty", type=float, default=None, help="Penalty for repeated tokens (1.0 = off)."),
+    click.option("-s", "--seed", type=int, default=None, help="Random seed for reproducible sampling."),
+]
 
 
 def sampling_kwargs(kw) -> dict:
