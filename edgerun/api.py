@@ -59,6 +59,13 @@ def warm_up_kernels(manifest: dict) -> None:
         kernels.silu_mul(x, x, np.empty_like(x))
 
 
+def tokenizer_from_manifest(manifest: dict) -> Tokenizer:
+    t = manifest["tokenizer"]
+    return Tokenizer(t["json"], bos_token_id=t.get("bos_token_id"), eos_token_ids=t.get("eos_token_ids") or [],
+                     add_bos_token=t.get("add_bos_token", False), chat_template=t.get("chat_template"),
+                     special_tokens=t.get("special_tokens"))
+
+
 def plan_memory(ebin, cfg: ModelConfig, context: int, budget: int | None) -> MemoryPlan:
     """What loading `ebin` at `context` will take; the runtime's own part is measured after the
     kernels it needs are compiled (or loaded from the JIT cache)."""
@@ -79,12 +86,7 @@ class Model:
         with EbinFile(self.path) as ebin:
             manifest = ebin.manifest
             self.config = ModelConfig.from_dict(manifest["config"])
-            t = manifest["tokenizer"]
-            self.tokenizer = Tokenizer(t["json"], bos_token_id=t.get("bos_token_id"),
-                                       eos_token_ids=t.get("eos_token_ids") or [],
-                                       add_bos_token=t.get("add_bos_token", False),
-                                       chat_template=t.get("chat_template"),
-                                       special_tokens=t.get("special_tokens"))
+            self.tokenizer = tokenizer_from_manifest(manifest)
             self.generation_defaults = manifest.get("generation", {})
             self.manifest = {k: v for k, v in manifest.items() if k != "tokenizer"}
             self.context = self._context(context)

@@ -16,7 +16,7 @@ def tensor_group(name: str) -> str:
 
 
 def describe(path, context=None) -> str:
-    from .api import DEFAULT_CONTEXT, plan_memory
+    from .api import DEFAULT_CONTEXT, plan_memory, tokenizer_from_manifest
     with EbinFile(path) as f:
         man = f.manifest
         cfg = ModelConfig.from_dict(man["config"])
@@ -30,7 +30,9 @@ def describe(path, context=None) -> str:
                 n *= s
             params[g] += n
             codecs[g].add(t["codec"] + ("/" + t["params"]["dtype"] if "dtype" in t["params"] else ""))
+        tokenizer = tokenizer_from_manifest(man)        # held while measuring, as a loaded model holds it
         plan = plan_memory(f, cfg, context, None)
+        del tokenizer
         tok = man["tokenizer"]
         lines = [
             f"file          {path} ({f.file_size / 1e6:.1f} MB, format v{f.version})",
