@@ -340,8 +340,11 @@ def smollm_vocab(gguf_path):
     known = set(tokens)
     merges = [m for m in reader.fields["tokenizer.ggml.merges"].contents()
               if m.replace(" ", "") in known and set(m.split(" ")) <= known]
-    return {"tokens": tokens, "token_type": reader.fields["tokenizer.ggml.token_type"].contents()[:8000],
-            "merges": merges}
+    # SmolLM2 has no multi-digit tokens, which would hide how each pre-tokenizer groups digits
+    tokens += ["12", "123", "45", "456"]
+    merges += ["1 2", "12 3", "4 5", "45 6"]
+    types = reader.fields["tokenizer.ggml.token_type"].contents()[:8000] + [1] * 4
+    return {"tokens": tokens, "token_type": types, "merges": merges}
 
 
 @pytest.mark.slow
@@ -355,13 +358,23 @@ def test_byte_level_pre_tokenizers_match_transformers(tmp_path, smollm_vocab, pr
                       tensors=tiny_llama_tensors(np.random.default_rng(7))[:1])
     ours = Tokenizer.from_str(GGUFSource(path).meta.tokenizer_json)
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
-    for text in TEXTS + ["1234567 digits", "x\n\n\ny   \n z"]:
+    for text in TEXTS + ["1234567 digits 456", "x\n\n\ny   \n z"]:
         assert ours.encode(text).ids == ref(text, add_special_tokens=False)["input_ids"], text
 
 
+def test_smollm_splits_every_digit(smollm_vocab):
+    """llama.cpp's smollm pre-tokenizer cuts "\\p{N}" first, so no multi-digit token can form."""
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": smollm_vocab["tokens"],
+          "tokenizer.ggml.token_type": smollm_vocab["token_type"], "tokenizer.ggml.merges": smollm_vocab["merges"]}
+    for pre, pieces in (("smollm", ["x", "Ġ", "1", "2", "3", "4", "5"]), ("gpt-2", ["x", "Ġ", "123", "45"])):
+        kv["tokenizer.ggml.pre"] = pre
+        tok = Tokenizer.from_str(build_tokenizer(kv.get)["json"])
+        assert tok.encode("x 12345").ids == [tok.token_to_id(p) for p in pieces], pre
+
+
 def sentencepiece_vocab():
-    pieces = ["▁t", "he", "▁the", "▁c", "at", "▁cat", "▁s", "▁sat", "on", "▁on", "▁m", "▁mat", "in", "ing",
-              "▁r", "un", "▁run", "▁running", "▁a", "▁"] + list("thecasonmigrué")
+    pieces = ["ab", "bc", "cd", "▁t", "he", "▁the", "▁c", "at", "▁cat", "▁s", "▁sat", "on", "▁on", "▁m", "▁mat", "in", "ing",
+              "▁r", "un", "▁run", "▁running", "▁a", "▁"] + list("thecasonmigruébd")
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
@@ -377,7 +390,7 @@ def test_sentencepiece_matches_transformers(tmp_path):
     assert src.meta.add_bos_token is True and src.meta.bos_token_id == 1
     ours = Tokenizer.from_str(src.meta.tokenizer_json)
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
-    for text in ["the cat sat on the mat", "running", "héllo 🙂 x", "  two  spaces", "the</s>cat", "zzz"]:
+    for text in ["the cat sat on the mat", "running", "héllo 🙂 x", "  two  spaces", "the</s>cat", "zzz", "abc", "abcd bcd"]:
         ids = ours.encode(text).ids
         assert ids == ref(text)["input_ids"], text
         assert ids[0] == 1

@@ -349,7 +349,6 @@ def llama3_rope_factors(scaling, wavelen):
 # --- tokenizer ----------------------------------------------------------------------------------
 # tokenizer.ggml.pre -> how llama.cpp (llama-vocab.cpp) splits text before byte-level BPE, as
 # the Hugging Face pre-tokenizer of the original tokenizer.json.
-_GPT2_SPLIT = None  # ByteLevel's built-in regex is GPT-2's
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
