@@ -106,7 +106,7 @@ class Model:
                     raise Cancelled("loading was cancelled")
 
             self._cancel.clear()
-            weights = Weights(ebin, self.config, progress=progress)
+            weights = Weights.from_ebin(ebin, self.config, progress=progress)
         self.weight_bytes = weights.nbytes
         self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK)
         self._generator = Generator(self._transformer)

@@ -17,51 +17,22 @@ from .config import ModelConfig
 from .errors import Cancelled
 
 
-class Weights:
-    """Every tensor of the model, loaded from an .ebin: linears as codec objects, vectors as f32."""
-
-    def __init__(self, ebin, cfg: ModelConfig, progress=None):
-        entries = ebin.manifest["tensors"]
-        total = sum(ebin.arrays[a].length for e in entries.values() for a in e["parts"].values())
-        done = 0
-        self.tensors = {}
-        self.nbytes = 0
-        for name, entry in entries.items():
-            parts = {p: ebin.read(a) for p, a in entry["parts"].items()}
-            codec = get_codec(entry["codec"])
-            if len(entry["shape"]) == 2:
-                self.tensors[name] = codec.load(parts, entry["params"])
-            else:
-                self.tensors[name] = np.ascontiguousarray(codec.decode(parts, entry["params"]), dtype=np.float32)
-            size = sum(a.nbytes for a in parts.values())
-            self.nbytes += size
-            done += size
-            if progress is not None:
-                progress(done, total)
-        if cfg.tie_word_embeddings:
-            self.tensors["lm_head.weight"] = self.tensors["model.embed_tokens.weight"]
-
-    def __getitem__(self, name):
-        return self.tensors[name]
-
-    def layer(self, i: int) -> "Layer":
-        get = self.tensors.get
-        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        return Layer(
-            input_norm=get(f"model.layers.{i}.input_layernorm.weight"),
-            post_norm=get(f"model.layers.{i}.post_attention_layernorm.weight"),
-            q=get(a + "q_proj.weight"), k=get(a + "k_proj.weight"), v=get(a + "v_proj.weight"),
-            o=get(a + "o_proj.weight"),
-            q_bias=get(a + "q_proj.bias"), k_bias=get(a + "k_proj.bias"), v_bias=get(a + "v_proj.bias"),
-            o_bias=get(a + "o_proj.bias"), q_norm=get(a + "q_norm.weight"), k_norm=get(a + "k_norm.weight"),
-            gate=get(m + "gate_proj.weight"), up=get(m + "up_proj.weight"), down=get(m + "down_proj.weight"),
-            gate_bias=get(m + "gate_proj.bias"), up_bias=get(m + "up_proj.bias"), down_bias=get(m + "down_proj.bias"),
-        )
+# Layer field -> HF tensor name under `model.layers.{i}.`
+LAYER_TENSORS = {
+    "input_norm": "input_layernorm.weight", "post_norm": "post_attention_layernorm.weight",
+    "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+    "o": "self_attn.o_proj.weight", "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias", "o_bias": "self_attn.o_proj.bias",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+    "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight",
+    "gate_bias": "mlp.gate_proj.bias", "up_bias": "mlp.up_proj.bias", "down_bias": "mlp.down_proj.bias",
+}
 
 
 @dataclass
 class Layer:
-    """One transformer block's weights; optional ones (biases, q/k norms) are None when absent."""
+    """One transformer block's weights: linears are codec objects (matvec/matmul), vectors f32;
+    optional ones (biases, q/k norms) are None when absent."""
     input_norm: np.ndarray
     post_norm: np.ndarray
     q: object
@@ -80,6 +51,50 @@ class Layer:
     gate_bias: np.ndarray | None = None
     up_bias: np.ndarray | None = None
     down_bias: np.ndarray | None = None
+
+    @classmethod
+    def from_tensors(cls, get, i: int) -> "Layer":
+        """`get(hf_name)` returns the loaded tensor or None."""
+        return cls(**{field: get(f"model.layers.{i}.{name}") for field, name in LAYER_TENSORS.items()})
+
+
+def load_tensor(entry: dict, parts: dict):
+    """A manifest tensor entry + its part arrays -> a codec Linear (matrices) or float32 (vectors)."""
+    codec = get_codec(entry["codec"])
+    if len(entry["shape"]) == 2:
+        return codec.load(parts, entry["params"])
+    return np.ascontiguousarray(codec.decode(parts, entry["params"]), dtype=np.float32)
+
+
+class Weights:
+    """Every tensor of the model by HF name."""
+
+    def __init__(self, tensors: dict, cfg: ModelConfig, nbytes: int = 0):
+        self.tensors = tensors
+        self.nbytes = nbytes
+        if cfg.tie_word_embeddings:
+            self.tensors["lm_head.weight"] = self.tensors["model.embed_tokens.weight"]
+
+    @classmethod
+    def from_ebin(cls, ebin, cfg: ModelConfig, progress=None) -> "Weights":
+        """Read every tensor; `progress(done_bytes, total_bytes)` after each."""
+        entries = ebin.manifest["tensors"]
+        total = sum(ebin.arrays[a].length for e in entries.values() for a in e["parts"].values())
+        done = 0
+        tensors = {}
+        for name, entry in entries.items():
+            parts = {p: ebin.read(a) for p, a in entry["parts"].items()}
+            tensors[name] = load_tensor(entry, parts)
+            done += sum(a.nbytes for a in parts.values())
+            if progress is not None:
+                progress(done, total)
+        return cls(tensors, cfg, nbytes=done)
+
+    def __getitem__(self, name):
+        return self.tensors[name]
+
+    def layer(self, i: int) -> Layer:
+        return Layer.from_tensors(self.tensors.get, i)
 
 
 class RunState:
@@ -120,10 +135,10 @@ def _linear(w, x, out, bias=None):
 
 
 class Transformer:
-    def __init__(self, cfg: ModelConfig, weights: Weights, context: int, chunk: int = 64):
+    def __init__(self, cfg: ModelConfig, weights: Weights, context: int, chunk: int = 64, layers=None):
         self.cfg, self.w, self.context, self.chunk = cfg, weights, context, chunk
         self.state = RunState(cfg, context, chunk)
-        self.layers = [weights.layer(i) for i in range(cfg.num_layers)]
+        self.layers = layers if layers is not None else [weights.layer(i) for i in range(cfg.num_layers)]
         self.cos, self.sin = kernels.rope_tables(cfg.head_dim, context, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, tokens, start: int, all_logits: bool = False, cancel=None):
@@ -150,44 +165,52 @@ class Transformer:
         _linear(w["lm_head.weight"], normed, out)
 
     def _layers(self, tokens, start, cancel):
-        cfg, st, w = self.cfg, self.state, self.w
-        T, H, Hkv, D = len(tokens), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        """Embed `tokens` and run every layer; returns the hidden states (T, d) (a state view)."""
+        T = len(tokens)
         if start + T > self.context:
             raise ValueError(f"position {start + T} is past the context length {self.context}")
-        x, xb, xb2 = st.x[:T], st.xb[:T], st.xb2[:T]
+        x = self.state.x[:T]
+        embed = self.w["model.embed_tokens.weight"]
+        for t, token in enumerate(tokens):
+            embed.row(int(token), x[t])
+        for i in range(self.cfg.num_layers):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled")
+            self.block(i, x, start)
+        return x
+
+    def block(self, i: int, x, start: int) -> None:
+        """Layer i on hidden states x (T, d) at positions start..start+T-1, in place; fills the
+        layer's KV cache."""
+        cfg, st, L = self.cfg, self.state, self.layers[i]
+        T, H, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        xb, xb2 = st.xb[:T], st.xb2[:T]
         q, k, v, att = st.q[:T], st.k[:T], st.v[:T], st.att[:T]
         gate, up = st.gate[:T], st.up[:T]
         pos = st.positions[:T]
         pos[:] = np.arange(start, start + T)
-        embed = w["model.embed_tokens.weight"]
-        for t, token in enumerate(tokens):
-            embed.row(int(token), x[t])
         eps = cfg.rms_norm_eps
-        for i, L in enumerate(self.layers):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled")
-            # attention
-            kernels.rmsnorm_rows(x, L.input_norm, eps, xb)
-            _linear(L.q, xb, q, L.q_bias)
-            _linear(L.k, xb, k, L.k_bias)
-            _linear(L.v, xb, v, L.v_bias)
-            if cfg.qk_norm:
-                kernels.rmsnorm_rows(q.reshape(T * H, D), L.q_norm, eps, q.reshape(T * H, D))
-                kernels.rmsnorm_rows(k.reshape(T * Hkv, D), L.k_norm, eps, k.reshape(T * Hkv, D))
-            q3, k3 = q.reshape(T, H, D), k.reshape(T, Hkv, D)
-            kernels.rope(q3, pos, self.cos, self.sin)
-            kernels.rope(k3, pos, self.cos, self.sin)
-            kc, vc = st.key_cache[i], st.value_cache[i]
-            kc[:, start:start + T] = k3.transpose(1, 0, 2)
-            vc[:, start:start + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
-            kernels.attention(q3, kc, vc, start, att.reshape(T, H, D), st.scores)
-            _linear(L.o, att, xb2, L.o_bias)
-            x += xb2
-            # feed-forward (SwiGLU)
-            kernels.rmsnorm_rows(x, L.post_norm, eps, xb)
-            _linear(L.gate, xb, gate, L.gate_bias)
-            _linear(L.up, xb, up, L.up_bias)
-            kernels.silu_mul(gate, up, gate)
-            _linear(L.down, gate, xb2, L.down_bias)
-            x += xb2
-        return x
+        # attention
+        kernels.rmsnorm_rows(x, L.input_norm, eps, xb)
+        _linear(L.q, xb, q, L.q_bias)
+        _linear(L.k, xb, k, L.k_bias)
+        _linear(L.v, xb, v, L.v_bias)
+        if cfg.qk_norm:
+            kernels.rmsnorm_rows(q.reshape(T * H, D), L.q_norm, eps, q.reshape(T * H, D))
+            kernels.rmsnorm_rows(k.reshape(T * Hkv, D), L.k_norm, eps, k.reshape(T * Hkv, D))
+        q3, k3 = q.reshape(T, H, D), k.reshape(T, Hkv, D)
+        kernels.rope(q3, pos, self.cos, self.sin)
+        kernels.rope(k3, pos, self.cos, self.sin)
+        kc, vc = st.key_cache[i], st.value_cache[i]
+        kc[:, start:start + T] = k3.transpose(1, 0, 2)
+        vc[:, start:start + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
+        kernels.attention(q3, kc, vc, start, att.reshape(T, H, D), st.scores)
+        _linear(L.o, att, xb2, L.o_bias)
+        x += xb2
+        # feed-forward (SwiGLU)
+        kernels.rmsnorm_rows(x, L.post_norm, eps, xb)
+        _linear(L.gate, xb, gate, L.gate_bias)
+        _linear(L.up, xb, up, L.up_bias)
+        kernels.silu_mul(gate, up, gate)
+        _linear(L.down, gate, xb2, L.down_bias)
+        x += xb2
