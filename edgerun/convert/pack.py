@@ -1,10 +1,16 @@
-"""`edgerun pack`: read a checkpoint lazily, tensor by tensor, encode each with the codec its
-recipe names, and write an .ebin atomically (see formats/ebin.md)."""
+"""`edgerun pack`: read a checkpoint lazily, encode each tensor with the codec its recipe names,
+and write an .ebin atomically (see formats/ebin.md).
+
+Dense recipes stream tensor by tensor. Recipes with compressed codecs calibrate first: the
+model runs layer by layer over calibration text (edgerun/calibrate.py) and each linear is
+encoded with its input statistics, in the sequential order GPTQ/SpQR use.
+"""
 from __future__ import annotations
 
 import datetime
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
@@ -12,9 +18,13 @@ from ..codecs import get_codec
 from ..config import ModelConfig, tensor_names
 from ..ebin import EbinWriter
 from ..errors import EdgerunError
+from ..model import load_tensor
 from .source import Source
 
 DTYPES = ("f32", "f16", "bf16")
+GROUPS = ("embed", "attention", "ffn", "head", "vectors")
+DEFAULT_CALIB_TOKENS = 12288
+CALIB_SEQ_LEN = 256
 
 
 def open_source(path: str | Path) -> Source:
@@ -33,12 +43,57 @@ def open_source(path: str | Path) -> Source:
     raise EdgerunError(f"{path}: not a GGUF file or a Hugging Face model directory")
 
 
-def default_recipe(dtype: str) -> dict:
-    """Codec choice per tensor kind. Norms and biases are tiny and stay f32."""
+# --- recipes: which codec stores which tensors ------------------------------------------------
+
+def tensor_group(name: str, ndim: int) -> str:
+    if ndim != 2:
+        return "vectors"
+    if "embed_tokens" in name:
+        return "embed"
+    if name.startswith("lm_head"):
+        return "head"
+    return "attention" if ".self_attn." in name else "ffn"
+
+
+def parse_rule(text: str) -> dict:
+    """`f16` / `dense:bf16` -> dense; `spqr:3`, `cluster:4` -> that codec at that many bits."""
+    codec, _, arg = text.partition(":")
+    if codec in DTYPES and not arg:
+        codec, arg = "dense", codec
+    if codec == "dense":
+        if arg not in DTYPES:
+            raise EdgerunError(f"recipe rule {text!r}: dense takes one of {', '.join(DTYPES)}")
+        return {"codec": "dense", "params": {"dtype": arg}}
+    get_codec(codec)                                   # unknown or unavailable -> a clear error
+    try:
+        bits = int(arg)
+    except ValueError:
+        raise EdgerunError(f"recipe rule {text!r}: expected CODEC:BITS, e.g. spqr:3 or cluster:4") from None
+    return {"codec": codec, "params": {"bits": bits}}
+
+
+def make_recipe(dtype: str = "f16", codec: str | None = None, bits: int | None = None,
+                recipe: str | None = None) -> dict:
+    """The recipe for `pack`: every group dense at `dtype`; `codec`/`bits` compress attention
+    and feed-forward; `recipe` ("embed=cluster:8,attention=spqr:4,ffn=spqr:3") overrides groups."""
     if dtype not in DTYPES:
         raise EdgerunError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    return {"matrices": {"codec": "dense", "params": {"dtype": dtype}},
-            "vectors": {"codec": "dense", "params": {"dtype": "f32"}}}
+    rules = {g: {"codec": "dense", "params": {"dtype": dtype}} for g in GROUPS}
+    rules["vectors"] = {"codec": "dense", "params": {"dtype": "f32"}}
+    if codec and codec != "dense":
+        rule = parse_rule(f"{codec}:{bits if bits is not None else 4}")
+        rules["attention"] = rules["ffn"] = rule
+    for item in filter(None, (recipe or "").split(",")):
+        group, _, rule = item.partition("=")
+        group = group.strip()
+        if group not in GROUPS[:-1]:
+            raise EdgerunError(f"recipe group {group!r} is unknown; groups: {', '.join(GROUPS[:-1])}")
+        rules[group] = parse_rule(rule.strip())
+    return rules
+
+
+def needs_calibration(recipe: dict) -> bool:
+    return any(rule["codec"] != "dense" for rule in recipe.values())
 
 
 def array_name(tensor: str, part: str) -> str:
@@ -51,23 +106,59 @@ def array_name(tensor: str, part: str) -> str:
 class PackSummary:
     path: Path
     file_bytes: int
-    parameters: int
-    weight_bytes: int
     seconds: float
+    group_params: dict = field(default_factory=dict)
+    group_bytes: dict = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> int:
+        return sum(self.group_params.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.group_bytes.values())
 
     @property
     def bits_per_weight(self) -> float:
         return self.weight_bytes * 8 / max(self.parameters, 1)
 
     def __str__(self):
+        groups = ", ".join(f"{g} {self.group_bytes[g] * 8 / self.group_params[g]:.2f}"
+                           for g in GROUPS if self.group_params.get(g))
         return (f"wrote {self.path} ({self.file_bytes / 1e6:.1f} MB, {self.parameters / 1e6:.1f}M parameters, "
-                f"{self.bits_per_weight:.2f} bits/weight, {self.seconds:.1f} s)")
+                f"{self.bits_per_weight:.2f} bits/weight [{groups}], {self.seconds:.1f} s)")
 
 
-def pack(src: str | Path, out: str | Path, dtype: str = "f16", progress=None) -> PackSummary:
-    """Convert `src` into `out`. `progress(done_bytes, total_bytes)` is called after each tensor."""
+class TensorStore:
+    """Encodes tensors by the recipe, writes their parts, and keeps the manifest entries."""
+
+    def __init__(self, writer: EbinWriter, recipe: dict):
+        self.writer, self.recipe = writer, recipe
+        self.entries = {}
+        self.group_params, self.group_bytes = defaultdict(int), defaultdict(int)
+
+    def __call__(self, name: str, w, hessian=None):
+        group = tensor_group(name, w.ndim)
+        rule = self.recipe[group]
+        codec = get_codec(rule["codec"])
+        parts = codec.encode(w, rule["params"]) if hessian is None else codec.encode(w, rule["params"], hessian=hessian)
+        entry = {"codec": rule["codec"], "params": rule["params"], "shape": list(w.shape),
+                 "parts": {p: array_name(name, p) for p in parts}}
+        for part, arr in parts.items():
+            self.writer.add_array(entry["parts"][part], arr)
+            self.group_bytes[group] += arr.nbytes
+        self.group_params[group] += w.size
+        self.entries[name] = entry
+        return load_tensor(entry, parts)
+
+
+def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | None = None,
+         calib_text: str | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS, progress=None,
+         layer_progress=None) -> PackSummary:
+    """Convert `src` into `out`. `progress(done_bytes, total_bytes)` is called after each tensor
+    of a dense pack; `layer_progress(done, total)` after each calibrated layer."""
     start = time.perf_counter()
-    recipe = default_recipe(dtype)
+    recipe = recipe or make_recipe(dtype)
     with open_source(src) as source:
         meta = source.meta
         cfg = ModelConfig.from_dict(meta.config)
@@ -76,24 +167,28 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", progress=None) ->
         missing = [n for n in names if n not in available]
         if missing:
             raise EdgerunError(f"{src}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
-        total = sum(source.tensor_nbytes(n) for n in names)
-        done = weight_bytes = parameters = 0
-        tensors = {}
+        calibration = None
         with EbinWriter(out) as writer:
-            for name in names:
-                w = source.read(name)
-                rule = recipe["matrices" if w.ndim == 2 else "vectors"]
-                parts = get_codec(rule["codec"]).encode(w, rule["params"])
-                tensors[name] = {"codec": rule["codec"], "params": rule["params"], "shape": list(w.shape),
-                                 "parts": {p: array_name(name, p) for p in parts}}
-                for part, arr in parts.items():
-                    writer.add_array(array_name(name, part), arr)
-                    weight_bytes += arr.nbytes
-                parameters += w.size
-                done += source.tensor_nbytes(name)
-                del w, parts
-                if progress:
-                    progress(done, total)
+            store = TensorStore(writer, recipe)
+            if needs_calibration(recipe):
+                from ..calibrate import calibrate_and_store, calibration_sequences, default_calibration_text
+                from ..tokenizer import Tokenizer
+                tokenizer = Tokenizer(meta.tokenizer_json, bos_token_id=meta.bos_token_id,
+                                      eos_token_ids=meta.eos_token_ids, add_bos_token=meta.add_bos_token,
+                                      chat_template=None)
+                text = calib_text if calib_text is not None else default_calibration_text()
+                sequences = calibration_sequences(tokenizer, text, calib_tokens, CALIB_SEQ_LEN)
+                calibration = {"tokens": int(sequences.size), "sequence_length": CALIB_SEQ_LEN,
+                               "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
+                calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
+            else:
+                total = sum(source.tensor_nbytes(n) for n in names)
+                done = 0
+                for name in names:
+                    store(name, source.read(name))
+                    done += source.tensor_nbytes(name)
+                    if progress:
+                        progress(done, total)
             writer.close({
                 "config": meta.config,
                 "tokenizer": {"json": meta.tokenizer_json, "chat_template": meta.chat_template,
@@ -101,10 +196,12 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", progress=None) ->
                               "add_bos_token": meta.add_bos_token, "special_tokens": meta.special_tokens},
                 "generation": meta.generation,
                 "recipe": recipe,
-                "tensors": tensors,
+                "calibration": calibration,
+                "tensors": {n: store.entries[n] for n in names},
                 "source": {"description": meta.description, "name": Path(src).name,
                            "packed_by": f"edgerun {__version__}",
                            "packed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
             })
     out = Path(out)
-    return PackSummary(out, out.stat().st_size, parameters, weight_bytes, time.perf_counter() - start)
+    return PackSummary(out, out.stat().st_size, time.perf_counter() - start,
+                       dict(store.group_params), dict(store.group_bytes))

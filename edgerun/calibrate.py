@@ -1,0 +1,131 @@
+"""Calibration for the compressed codecs: the input statistics H = E[x xᵀ] of every linear
+layer, measured on calibration text.
+
+Layer-wise and sequential as in GPTQ/SpQR: the calibration tokens' hidden states go through one
+layer at a time; a layer's Hessians are collected with its original weights, the layer is then
+compressed, and the *compressed* layer produces the inputs of the next one, so each layer's
+compression sees (and compensates) the error of those before it. Only one layer's weights and
+Hessians are in memory at once, plus the hidden states of the calibration tokens.
+"""
+from __future__ import annotations
+
+from importlib import resources
+
+import numpy as np
+
+from . import kernels
+from .codecs import get_codec
+from .config import ModelConfig
+from .model import LAYER_TENSORS, Layer, Transformer, Weights
+
+# Layer fields that read the same input share one Hessian.
+SHARED_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
+                "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
+
+
+def default_calibration_text() -> str:
+    """The bundled WikiText-2 train excerpt (see edgerun/data/README.md)."""
+    return resources.files("edgerun").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def calibration_sequences(tokenizer, text: str, n_tokens: int, seq_len: int) -> np.ndarray:
+    """(n_seq, seq_len) token ids: consecutive windows of the tokenized text."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    n_seq = min(n_tokens // seq_len, len(ids) // seq_len)
+    if n_seq < 1:
+        from .errors import EdgerunError
+        raise EdgerunError(f"the calibration text has {len(ids)} tokens; at least {seq_len} are needed")
+    return np.asarray(ids[:n_seq * seq_len], dtype=np.int64).reshape(n_seq, seq_len)
+
+
+class HessianAccumulator:
+    """Running sum of X^T X over the rows X fed to a linear layer."""
+
+    def __init__(self, n: int):
+        self.sum = np.zeros((n, n), np.float64)
+        self.count = 0
+
+    def add(self, X: np.ndarray) -> None:
+        self.sum += (X.T @ X).astype(np.float64)
+        self.count += X.shape[0]
+
+    def hessian(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+
+class RecordingLinear:
+    """A linear that records its inputs into an accumulator, then computes as `inner`."""
+
+    def __init__(self, inner, acc: HessianAccumulator):
+        self.inner, self.acc = inner, acc
+
+    def matvec(self, x, out):
+        self.acc.add(x[None, :])
+        self.inner.matvec(x, out)
+
+    def matmul(self, X, out):
+        self.acc.add(X)
+        self.inner.matmul(X, out)
+
+
+def f32_linear(w: np.ndarray):
+    """An uncompressed float32 linear for the calibration forward pass."""
+    dense = get_codec("dense")
+    return dense.load(dense.encode(w, {"dtype": "f32"}), {"dtype": "f32"})
+
+
+def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, progress=None) -> None:
+    """Run calibration layer by layer and hand every tensor to `store(name, w, hessian) -> loaded`
+    (which compresses, writes, and returns the loaded tensor as the runtime will use it).
+    `progress(layer_done, layers_total)` after each layer."""
+    n_seq, seq_len = sequences.shape
+    chunk = 64
+    embed = source.read("model.embed_tokens.weight")
+    tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=seq_len, chunk=chunk,
+                     layers=[None] * cfg.num_layers)
+    hidden = embed[sequences]                                  # (n_seq, seq_len, d) float32
+    chunks = [(c, min(c + chunk, seq_len)) for c in range(0, seq_len, chunk)]
+
+    def run_layer(i, states):
+        for s in range(n_seq):
+            for c0, c1 in chunks:
+                tf.block(i, states[s, c0:c1], c0)
+
+    available = set(source.tensor_names())
+
+    for i in range(cfg.num_layers):
+        names = {field: f"model.layers.{i}.{name}" for field, name in LAYER_TENSORS.items()}
+        originals = {f: source.read(n) for f, n in names.items() if n in available}
+        accs = {}
+        recording = {}
+        for field, w in originals.items():
+            if field in SHARED_INPUT:
+                key = SHARED_INPUT[field]
+                accs.setdefault(key, HessianAccumulator(w.shape[1]))
+                recording[field] = RecordingLinear(f32_linear(w), accs[key])
+            else:
+                recording[field] = w
+        tf.layers[i] = Layer(**{f: recording.get(f) for f in LAYER_TENSORS})
+        run_layer(i, hidden.copy())                             # original weights: collects Hessians
+        loaded = {f: store(names[f], w, accs[SHARED_INPUT[f]].hessian() if f in SHARED_INPUT else None)
+                  for f, w in originals.items()}
+        del originals, recording, accs
+        tf.layers[i] = Layer(**{f: loaded.get(f) for f in LAYER_TENSORS})
+        run_layer(i, hidden)                                    # the compressed layer feeds the next
+        tf.layers[i] = None
+        if progress is not None:
+            progress(i + 1, cfg.num_layers)
+
+    final = source.read("model.norm.weight")
+    head_acc = HessianAccumulator(cfg.hidden_size)
+    normed = np.empty((seq_len, cfg.hidden_size), np.float32)
+    for s in range(n_seq):
+        kernels.rmsnorm_rows(hidden[s], final, cfg.rms_norm_eps, normed)
+        head_acc.add(normed)
+    store("model.norm.weight", final, None)
+    # The output head's input statistics also serve a tied embedding (it is the head).
+    store("model.embed_tokens.weight", embed, head_acc.hessian() if cfg.tie_word_embeddings else None)
+    del embed
+    if not cfg.tie_word_embeddings:
+        store("lm_head.weight", source.read("lm_head.weight"), head_acc.hessian())
+
