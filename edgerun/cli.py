@@ -17,15 +17,17 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def progress_bar(label: str):
-    """A progress callback(done_bytes, total_bytes) drawing a bar in MB on stderr."""
+def progress_bar(label: str, unit: str = "MB"):
+    """A progress callback(done, total) drawing a bar on stderr; `unit` MB shows bytes as MB."""
     state = {}
+    scale = 1e6 if unit == "MB" else 1
 
     def update(done, total):
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr, width=30,
-                                                   item_show_func=lambda _: f"{done / 1e6:.0f}/{total / 1e6:.0f} MB")
+            bar = state["bar"] = click.progressbar(
+                length=total, label=label, file=sys.stderr, width=30,
+                item_show_func=lambda _: f"{bar.pos / scale:.0f}/{total / scale:.0f} {unit}")
             bar.__enter__()
         bar.update(done - bar.pos)
         if done >= total:
@@ -137,16 +139,40 @@ def main():
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The .ebin file to write (written atomically).")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True,
-              help="Storage type of the weight matrices (norms and biases stay f32).")
-def pack(src, output, dtype):
+              help="Storage type of the matrices that are not compressed (norms and biases stay f32).")
+@click.option("--codec", type=click.Choice(["dense", "spqr", "cluster", "bitstack"]), default="dense",
+              show_default=True, help="Compress the attention and feed-forward matrices with this codec.")
+@click.option("--bits", type=click.IntRange(1, 8), default=None,
+              help="Bits per weight of --codec (spqr 2-4, cluster 2-8; default 4).")
+@click.option("--recipe", default=None, metavar="GROUP=RULE,...",
+              help="Per tensor group codecs, e.g. 'embed=cluster:8,attention=spqr:4,ffn=spqr:3'. Groups: "
+                   "embed, attention, ffn, head; rules: f32, f16, bf16, CODEC:BITS.")
+@click.option("--calib", "calib_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Calibration text for compressed codecs (default: a bundled WikiText-2 excerpt).")
+@click.option("--calib-tokens", type=click.IntRange(256), default=None,
+              help="Calibration tokens to use (default 12288).")
+def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens):
     """Convert a checkpoint into an .ebin.
 
     SRC is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a
-    GGUF file. Tensors are read and written one at a time, so packing needs little memory.
+    GGUF file. Dense packs read and write one tensor at a time. Compressed packs run the model
+    layer by layer over calibration text and encode each matrix with its input statistics.
+
+    \b
+    Examples:
+      edgerun pack ./model-dir -o model.ebin                 # f16
+      edgerun pack model.gguf -o model-q3.ebin --codec spqr --bits 3
+      edgerun pack ./model-dir -o mix.ebin --recipe embed=cluster:8,attention=spqr:4,ffn=spqr:3
     """
-    from .convert.pack import pack as do_pack
-    _err(f"packing {src} -> {output} ({dtype})")
-    _err(str(do_pack(src, output, dtype=dtype, progress=progress_bar("packing"))))
+    from .convert.pack import DEFAULT_CALIB_TOKENS, make_recipe, pack as do_pack
+    rules = make_recipe(dtype, codec, bits, recipe)
+    described = ", ".join(f"{g} {r['codec']}:{r['params'].get('bits', r['params'].get('dtype'))}"
+                          for g, r in rules.items() if g != "vectors")
+    _err(f"packing {src} -> {output} ({described})")
+    summary = do_pack(src, output, recipe=rules, calib_text=calib_file.read() if calib_file else None,
+                      calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, progress=progress_bar("packing"),
+                      layer_progress=progress_bar("calibrating and compressing layers", unit="layers"))
+    _err(str(summary))
 
 
 @main.command()
@@ -213,6 +239,31 @@ def info(model, context):
     """Describe MODEL: architecture, size, bits per weight, template, memory at -c."""
     from .info import describe
     click.echo(describe(resolve_model(model), context))
+
+
+@main.command(name="eval")
+@click.argument("model", required=False)
+@click.option("--ppl", "ppl_file", type=click.File("r", encoding="utf-8"), required=True,
+              help="Text file to measure perplexity on.")
+@click.option("-c", "--ctx-size", "context", type=click.IntRange(16), default=512, show_default=True,
+              help="Window length of the protocol.")
+@click.option("--chunks", type=click.IntRange(1), default=None, help="Evaluate only the first N windows.")
+@click.option("--ram", default="auto", show_default=True, help="Memory budget, as for chat.")
+@click.option("-t", "--threads", type=click.IntRange(1), default=None, help="CPU threads for the kernels.")
+def evaluate(model, ppl_file, context, chunks, ram, threads):
+    """Perplexity of MODEL on a text file.
+
+    \b
+    Protocol (as llama.cpp's perplexity tool): the text is tokenized once without special
+    tokens and cut into non-overlapping windows of -c tokens; the first token of each window
+    becomes BOS when the tokenizer adds one; only the second half of each window is scored.
+    """
+    from .evaluate import perplexity, windows
+    m = load_model(model, ram, context, threads, False)
+    with m:
+        token_windows = windows(m.tokenizer, ppl_file.read(), context, chunks)
+        result = perplexity(m.logits, token_windows, progress=progress_bar("evaluating", unit="windows"))
+    click.echo(f"{Path(m.path).name}: {result}")
 
 
 @main.command()
