@@ -51,6 +51,9 @@ class Layer:
     gate_bias: np.ndarray | None = None
     up_bias: np.ndarray | None = None
     down_bias: np.ndarray | None = None
+    # A feed-forward computed elsewhere (e.g. streamed from flash): ffn(x (T, d), out (T, d)) with
+    # out = down(silu(gate x) * up x). When set, gate/up/down above are not used.
+    ffn: object | None = None
 
     @classmethod
     def from_tensors(cls, get, i: int) -> "Layer":
@@ -209,6 +212,10 @@ class Transformer:
         x += xb2
         # feed-forward (SwiGLU)
         kernels.rmsnorm_rows(x, L.post_norm, eps, xb)
+        if L.ffn is not None:
+            L.ffn(xb, xb2)
+            x += xb2
+            return
         _linear(L.gate, xb, gate, L.gate_bias)
         _linear(L.up, xb, up, L.up_bias)
         kernels.silu_mul(gate, up, gate)
