@@ -1,0 +1,614 @@
+"""Cluster codec: k-means palettization (DESIGN §4 "cluster"; spec formats/codec-cluster.md).
+
+Each weight is a `bits`-bit index into a codebook of K = 2^bits float16 values; one codebook
+serves `group_rows` consecutive rows. The codebooks come from a *weighted* 1-D k-means per group
+(SqueezeLLM, Kim et al. 2023, weights every entry by its Fisher sensitivity; we use diag(H),
+H = E[x xᵀ] of the layer input, as the per-column sensitivity: the output error of row w is
+(w-ŵ)ᵀ H (w-ŵ) ≈ Σ_j H_jj (w_j-ŵ_j)²). Init at weighted quantiles, then Lloyd iterations done on
+the sorted values with prefix sums (1-D clusters are contiguous intervals).
+
+Storage is by 32-weight blocks of 4·bits bytes, split into bit planes (4-, 2- and 1-bit fields)
+so the kernel widens a whole block into two 16-lane index vectors with shifts and masks. The
+lookup is one AVX-512 permute for K ≤ 16 (`vpermps`, DESIGN §6), a two-table permute for K = 32
+(`vpermi2ps`) and a gather from an L1 float32 table for K ≥ 64.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..errors import UnsupportedModelError
+from ..kernels import f16_to_f32, get_threads
+
+_JIT = dict(cache=True, nogil=True, fastmath=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+
+BLOCK = 32                 # weights per block; a block is 4*bits bytes
+PAR_MIN_WEIGHTS = 1 << 19  # matvecs this large use both threads (dense.py measured the same)
+TILE_ROWS = 4              # rows decoded to f32 per matmul tile (register block of 4 rows)
+MATMUL_MIN_T = 2           # below this many tokens a matmul is a loop of matvecs
+LLOYD_ITERS = 40           # stops earlier when the clusters stop moving
+SCRATCH = 256 + BLOCK      # per-thread f32 scratch: codebook table, then one decoded block
+
+
+def _planes(bits: int) -> list[int]:
+    """Field widths of a block's bit planes, lowest index bits first: 4-bit planes, 2, 1."""
+    return [4] * (bits // 4) + [2] * ((bits % 4) // 2) + [1] * (bits % 2)
+
+
+def default_group_rows(bits: int, n: int) -> int:
+    """Smallest power of two g with codebook overhead K·16 / (g·n) ≤ 0.5 bits/weight.
+
+    Per-row codebooks (g = 1) for 2-4 bits on n ≥ 512: quality is best per row and the
+    overhead at 4 bits, n = 576, is 0.44 bits/weight; 8 bits needs g = 16 there (0.44).
+    """
+    g = 1
+    while (1 << bits) * 16 > 0.5 * g * n and g < 1 << 20:
+        g *= 2
+    return g
+
+
+# --- encode (pack time) ------------------------------------------------------------------
+
+@njit(**_JIT)
+def _kmeans_group(v, w, K, iters, cent):
+    # v (m,) sorted values, w (m,) their weights > 0 -> cent (K,) weighted 1-D k-means centroids
+    m = v.shape[0]
+    cw = np.zeros(m + 1)
+    cwv = np.zeros(m + 1)
+    for s in range(m):
+        cw[s + 1] = cw[s] + w[s]
+        cwv[s + 1] = cwv[s] + w[s] * v[s]
+    total = cw[m]
+    # init: value at the weighted (k + 1/2)/K quantile
+    s = 0
+    for k in range(K):
+        q = (k + 0.5) / K * total
+        while s < m - 1 and cw[s + 1] < q:
+            s += 1
+        cent[k] = v[s]
+    bounds = np.zeros(K + 1, np.int64)
+    prev = np.full(K + 1, -1, np.int64)
+    for _ in range(iters):
+        # assignment: cluster k holds the sorted values in [bounds[k], bounds[k+1])
+        bounds[0] = 0
+        bounds[K] = m
+        for k in range(K - 1):
+            mid = 0.5 * (cent[k] + cent[k + 1])
+            bounds[k + 1] = np.searchsorted(v, mid)
+        same = True
+        for k in range(K + 1):
+            if bounds[k] != prev[k]:
+                same = False
+            prev[k] = bounds[k]
+        if same:
+            break
+        # update: weighted mean of each non-empty interval (an empty one keeps its centroid)
+        for k in range(K):
+            a, b = bounds[k], bounds[k + 1]
+            if b > a and cw[b] > cw[a]:
+                cent[k] = (cwv[b] - cwv[a]) / (cw[b] - cw[a])
+        # keep the centroids sorted so the midpoints stay valid boundaries
+        cent.sort()
+
+
+@njit(**_JIT_PAR)
+def _kmeans_all(W, colw, group_rows, K, iters, cents):
+    # W (d, n) f32, colw (n,) f64 > 0 -> cents (G, K) f64, one weighted k-means per row group
+    d, n = W.shape
+    G = cents.shape[0]
+    for g in prange(G):
+        r0 = g * group_rows
+        r1 = min(d, r0 + group_rows)
+        m = (r1 - r0) * n
+        vals = np.empty(m)
+        wts = np.empty(m)
+        for i in range(r0, r1):
+            for j in range(n):
+                vals[(i - r0) * n + j] = W[i, j]
+                wts[(i - r0) * n + j] = colw[j]
+        order = np.argsort(vals)
+        _kmeans_group(vals[order], wts[order], K, iters, cents[g])
+
+
+@njit(**_JIT_PAR)
+def _assign_all(W, cents, group_rows, idx):
+    # W (d, n) f32, cents (G, K) f32 sorted -> idx (d, n) uint8 nearest centroid
+    d, n = W.shape
+    K = cents.shape[1]
+    for i in prange(d):
+        c = cents[i // group_rows]
+        for j in range(n):
+            x = W[i, j]
+            lo, hi = 0, K - 1          # binary search for the nearest of sorted centroids
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if x > 0.5 * (c[mid] + c[mid + 1]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            idx[i, j] = lo
+
+
+def pack_indices(idx: np.ndarray, bits: int) -> np.ndarray:
+    """Indices (d, n) < 2^bits -> codes (d, nblk·4·bits) uint8 in the block/bit-plane layout."""
+    d, n = idx.shape
+    nblk = -(-n // BLOCK)
+    full = np.zeros((d, nblk * BLOCK), np.uint8)
+    full[:, :n] = idx
+    blk = full.reshape(d, nblk, BLOCK)
+    out, shift = [], 0
+    for width in _planes(bits):
+        f = (blk >> shift) & ((1 << width) - 1)
+        if width == 4:      # byte k: weight k (low nibble), weight k+16 (high)
+            out.append(f[..., :16] | (f[..., 16:] << 4))
+        elif width == 2:    # byte k: weights k, k+8, k+16, k+24 at bits 0, 2, 4, 6
+            out.append(f[..., 0:8] | (f[..., 8:16] << 2) | (f[..., 16:24] << 4) | (f[..., 24:32] << 6))
+        else:               # little-endian uint32: bit j = weight j
+            out.append(np.packbits(f, axis=-1, bitorder="little"))
+        shift += width
+    return np.concatenate(out, axis=-1).reshape(d, nblk * 4 * bits)
+
+
+def unpack_indices(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of pack_indices: codes (d, nblk·4·bits) -> indices (d, n) int64."""
+    d = codes.shape[0]
+    nblk = codes.shape[1] // (4 * bits)
+    blk = codes.reshape(d, nblk, 4 * bits).astype(np.int64)
+    idx = np.zeros((d, nblk, BLOCK), np.int64)
+    off = shift = 0
+    for width in _planes(bits):
+        if width == 4:
+            p = blk[..., off:off + 16]
+            f = np.concatenate([p & 15, p >> 4], axis=-1)
+        elif width == 2:
+            p = blk[..., off:off + 8]
+            f = np.concatenate([(p >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+        else:
+            p = blk[..., off:off + 4].astype(np.uint8)
+            f = np.unpackbits(p, axis=-1, bitorder="little").astype(np.int64)
+        idx |= f << shift
+        off += width * 4
+        shift += width
+    return idx.reshape(d, nblk * BLOCK)[:, :n]
+
+
+# --- the block kernel (LLVM IR through numba @intrinsic) -------------------------------------
+
+_I32, _F32, _I8 = ir.IntType(32), ir.FloatType(), ir.IntType(8)
+_V16I32, _V16F32 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+
+
+def _splat(v, n=16):
+    return ir.Constant(ir.VectorType(v.type, n), [v] * n)
+
+
+def _block_index_vectors(builder, pblock, bits):
+    """IR: the 32 indices of the block at byte pointer `pblock` as two <16 x i32> (lo, hi)."""
+    lo = hi = ir.Constant(_V16I32, [0] * 16)
+    off = shift = 0
+    for width in _planes(bits):
+        p = builder.gep(pblock, [ir.Constant(_I32, off)], source_etype=_I8)
+        if width == 4:
+            v = builder.zext(builder.load(p, typ=ir.VectorType(_I8, 16), align=1), _V16I32)
+            flo = builder.and_(v, _splat(ir.Constant(_I32, 15)))
+            fhi = builder.lshr(v, _splat(ir.Constant(_I32, 4)))
+        elif width == 2:
+            v8 = builder.zext(builder.load(p, typ=ir.VectorType(_I8, 8), align=1), ir.VectorType(_I32, 8))
+            three = ir.Constant(ir.VectorType(_I32, 8), [3] * 8)
+            f = [builder.and_(builder.lshr(v8, ir.Constant(ir.VectorType(_I32, 8), [s] * 8)), three)
+                 for s in (0, 2, 4, 6)]
+            cat = ir.Constant(ir.VectorType(_I32, 16), list(range(16)))
+            flo = builder.shuffle_vector(f[0], f[1], cat)
+            fhi = builder.shuffle_vector(f[2], f[3], cat)
+        else:
+            u = builder.load(p, typ=_I32, align=1)
+            uv = builder.shuffle_vector(builder.insert_element(ir.Constant(_V16I32, ir.Undefined), u,
+                                                               ir.Constant(_I32, 0)),
+                                        ir.Constant(_V16I32, ir.Undefined), ir.Constant(_V16I32, [0] * 16))
+            one = _splat(ir.Constant(_I32, 1))
+            flo = builder.and_(builder.lshr(uv, ir.Constant(_V16I32, list(range(16)))), one)
+            fhi = builder.and_(builder.lshr(uv, ir.Constant(_V16I32, list(range(16, 32)))), one)
+        if shift:
+            flo = builder.shl(flo, _splat(ir.Constant(_I32, shift)))
+            fhi = builder.shl(fhi, _splat(ir.Constant(_I32, shift)))
+        lo = builder.or_(lo, flo)
+        hi = builder.or_(hi, fhi)
+        off += width * 4
+        shift += width
+    return lo, hi
+
+
+def _lookup_fn(builder, ptab, bits):
+    """IR: a function idx <16 x i32> -> table[idx] <16 x float> for a float32 table at ptab."""
+    mod = builder.module
+    if bits <= 4:   # vpermps: the whole 16-entry table sits in one register
+        t0 = builder.load(ptab, typ=_V16F32, align=4)
+        perm = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16F32, [_V16F32, _V16I32]),
+                                              "llvm.x86.avx512.permvar.sf.512")
+        return lambda idx: builder.call(perm, [t0, idx])
+    if bits == 5:   # vpermi2ps: 32 entries in two registers
+        t0 = builder.load(ptab, typ=_V16F32, align=4)
+        t1 = builder.load(builder.gep(ptab, [ir.Constant(_I32, 16)], source_etype=_F32), typ=_V16F32, align=4)
+        perm2 = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(_V16F32, [_V16F32, _V16I32, _V16F32]), "llvm.x86.avx512.vpermi2var.ps.512")
+        return lambda idx: builder.call(perm2, [t0, idx, t1])
+    # 64-256 entries: gather from the L1 table
+    vptr = ir.VectorType(ir.PointerType(), 16)
+    gather = cgutils.get_or_insert_function(
+        mod, ir.FunctionType(_V16F32, [vptr, _I32, ir.VectorType(ir.IntType(1), 16), _V16F32]),
+        "llvm.masked.gather.v16f32.v16p0")
+    mask = ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16)
+    zero = ir.Constant(_V16F32, [0.0] * 16)
+
+    i64, v16i64 = ir.IntType(64), ir.VectorType(ir.IntType(64), 16)
+    base = builder.ptrtoint(ptab, i64)
+    vbase = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i64, ir.Undefined), base,
+                                                          ir.Constant(_I32, 0)),
+                                   ir.Constant(v16i64, ir.Undefined), ir.Constant(_V16I32, [0] * 16))
+
+    def look(idx):
+        # vector of addresses base + 4*idx (llvmlite's gep cannot take a vector index)
+        off = builder.shl(builder.zext(idx, v16i64), _splat(ir.Constant(i64, 2)))
+        ptrs = builder.inttoptr(builder.add(vbase, off), vptr)
+        return builder.call(gather, [ptrs, ir.Constant(_I32, 4), mask, zero])
+    return look
+
+
+def _hsum(builder, v):
+    """IR: horizontal sum of a <16 x float> by halving shuffles."""
+    n = 16
+    while n > 1:
+        n //= 2
+        a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(a, b, flags=("fast",))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _data(context, builder, ty, val):
+    return context.make_array(ty)(context, builder, val).data
+
+
+def _by_bits(builder, bits_val, emit):
+    """IR: switch on the runtime `bits` (2..8) to a loop specialized per bit width."""
+    done = builder.append_basic_block("bits_done")
+    bad = builder.append_basic_block("bits_bad")
+    sw = builder.switch(bits_val, bad)
+    for bits in range(2, 9):
+        bb = builder.append_basic_block(f"bits{bits}")
+        sw.add_case(ir.Constant(bits_val.type, bits), bb)
+        builder.position_at_end(bb)
+        emit(bits)
+        builder.branch(done)
+    builder.position_at_end(bad)
+    builder.branch(done)
+    builder.position_at_end(done)
+
+
+@intrinsic
+def _dot_blocks(typingctx, codes, coff, x, xoff, tab, nblk, bits):
+    """float32 Σ decode(codes[coff:] blocks)·x[xoff:] over `nblk` 32-weight blocks."""
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, x_v, xoff_v, tab_v, nblk_v, bits_v = args
+        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
+        px = builder.gep(_data(context, builder, sig.args[2], x_v), [xoff_v], source_etype=_F32)
+        ptab = _data(context, builder, sig.args[4], tab_v)
+        res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+        acc0 = cgutils.alloca_once(builder, _V16F32)
+        acc1 = cgutils.alloca_once(builder, _V16F32)
+
+        def emit(bits):
+            look = _lookup_fn(builder, ptab, bits)
+            builder.store(ir.Constant(_V16F32, [0.0] * 16), acc0)
+            builder.store(ir.Constant(_V16F32, [0.0] * 16), acc1)
+            stride = ir.Constant(nblk_v.type, 4 * bits)
+            with cgutils.for_range(builder, nblk_v) as loop:
+                b = loop.index
+                lo, hi = _block_index_vectors(
+                    builder, builder.gep(pc, [builder.mul(b, stride)], source_etype=_I8), bits)
+                xb = builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_F32)
+                x0 = builder.load(xb, typ=_V16F32, align=4)
+                x1 = builder.load(builder.gep(xb, [ir.Constant(_I32, 16)], source_etype=_F32), typ=_V16F32, align=4)
+                a0 = builder.fadd(builder.load(acc0), builder.fmul(look(lo), x0, flags=("fast",)), flags=("fast",))
+                a1 = builder.fadd(builder.load(acc1), builder.fmul(look(hi), x1, flags=("fast",)), flags=("fast",))
+                builder.store(a0, acc0)
+                builder.store(a1, acc1)
+            s = builder.fadd(builder.load(acc0), builder.load(acc1), flags=("fast",))
+            builder.store(_hsum(builder, s), res)
+
+        _by_bits(builder, bits_v, emit)
+        return builder.load(res)
+
+    sig = types.float32(codes, coff, x, xoff, tab, nblk, bits)
+    return sig, codegen
+
+
+@intrinsic
+def _decode_blocks(typingctx, codes, coff, tab, nblk, bits, out, ooff):
+    """out[ooff : ooff + 32·nblk] = decode(codes[coff:] blocks) as float32."""
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, tab_v, nblk_v, bits_v, out_v, ooff_v = args
+        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
+        ptab = _data(context, builder, sig.args[2], tab_v)
+        po = builder.gep(_data(context, builder, sig.args[5], out_v), [ooff_v], source_etype=_F32)
+
+        def emit(bits):
+            look = _lookup_fn(builder, ptab, bits)
+            stride = ir.Constant(nblk_v.type, 4 * bits)
+            with cgutils.for_range(builder, nblk_v) as loop:
+                b = loop.index
+                lo, hi = _block_index_vectors(
+                    builder, builder.gep(pc, [builder.mul(b, stride)], source_etype=_I8), bits)
+                ob = builder.gep(po, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_F32)
+                ob1 = builder.gep(ob, [ir.Constant(_I32, 16)], source_etype=_F32)
+                builder.store(look(lo), builder.bitcast(ob, _V16F32.as_pointer()), align=4)
+                builder.store(look(hi), builder.bitcast(ob1, _V16F32.as_pointer()), align=4)
+
+        _by_bits(builder, bits_v, emit)
+        return context.get_dummy_value()
+
+    sig = types.none(codes, coff, tab, nblk, bits, out, ooff)
+    return sig, codegen
+
+
+# --- kernels -----------------------------------------------------------------------------
+
+@njit(inline="always", **_JIT)
+def _load_table(cb, g, tab):
+    # cb (G, K) f16 bits -> tab[:K] f32 (entries K..15 zero: the 16-lane permute reads them)
+    K = cb.shape[1]
+    for k in range(K):
+        tab[k] = f16_to_f32(cb[g, k])
+    for k in range(K, 16):
+        tab[k] = np.float32(0.0)
+
+
+@njit(**_JIT)
+def _mv_rows(codes, cb, meta, x, out, r0, r1, scr):
+    # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
+    n, bits, group_rows = meta[1], meta[2], meta[3]
+    nfull = n // 32
+    tail = n - nfull * 32
+    rowbytes = codes.shape[1]
+    tb = 256                      # scr[256:288] holds a decoded tail block
+    cur = -1
+    for i in range(r0, r1):
+        g = i // group_rows
+        if g != cur:
+            _load_table(cb, g, scr)
+            cur = g
+        acc = _dot_blocks(codes, i * rowbytes, x, 0, scr, nfull, bits)
+        if tail:
+            _decode_blocks(codes, i * rowbytes + nfull * 4 * bits, scr, 1, bits, scr, tb)
+            for j in range(tail):
+                acc += scr[tb + j] * x[nfull * 32 + j]
+        out[i] = acc
+
+
+@njit(**_JIT)
+def matvec_cluster(codes, cb, meta, x, out, scr):
+    # codes, cb: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
+    _mv_rows(codes, cb, meta, x, out, 0, meta[0], scr[0])
+
+
+@njit(**_JIT_PAR)
+def matvec_cluster_par(codes, cb, meta, x, out, scr):
+    # codes, cb: parts; x (n,) -> out (d,); prange over scr.shape[0] row blocks
+    d = meta[0]
+    nb = scr.shape[0]
+    step = (d + nb - 1) // nb
+    for b in prange(nb):
+        _mv_rows(codes, cb, meta, x, out, b * step, min(d, (b + 1) * step), scr[b])
+
+
+@njit(**_JIT)
+def _decode_row(codes, cb, meta, i, out, scr):
+    # row i of the parts -> out[:nblk*32] f32 (padding decoded too); scr (SCRATCH,) f32
+    _load_table(cb, i // meta[3], scr)
+    nblk = codes.shape[1] // (4 * meta[2])
+    _decode_blocks(codes, i * codes.shape[1], scr, nblk, meta[2], out, 0)
+
+
+@njit(**_JIT)
+def row_cluster(codes, cb, meta, i, out, scr):
+    # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
+    n, bits = meta[1], meta[2]
+    nfull = n // 32
+    _load_table(cb, i // meta[3], scr)
+    _decode_blocks(codes, i * codes.shape[1], scr, nfull, bits, out, 0)
+    if n > nfull * 32:
+        _decode_blocks(codes, i * codes.shape[1] + nfull * 4 * bits, scr, 1, bits, scr, 256)
+        for j in range(n - nfull * 32):
+            out[nfull * 32 + j] = scr[256 + j]
+
+
+@njit(**_JIT)
+def _mm_rows(codes, cb, meta, X, out, r0, r1, tile, scr):
+    # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, nblk*32) f32 scratch
+    T = X.shape[0]
+    n = meta[1]
+    for i0 in range(r0, r1, 4):
+        nr = min(4, r1 - i0)
+        for r in range(4):
+            if r < nr:
+                _decode_row(codes, cb, meta, i0 + r, tile[r], scr)
+            else:
+                tile[r, :] = 0.0
+        w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
+        for t in range(T):
+            # 4 rows per pass: each X element loaded once feeds 4 multiply-adds
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(n):
+                xv = X[t, j]
+                a0 += w0[j] * xv
+                a1 += w1[j] * xv
+                a2 += w2[j] * xv
+                a3 += w3[j] * xv
+            out[t, i0] = a0
+            if nr > 1:
+                out[t, i0 + 1] = a1
+            if nr > 2:
+                out[t, i0 + 2] = a2
+            if nr > 3:
+                out[t, i0 + 3] = a3
+
+
+@njit(**_JIT)
+def matmul_cluster(codes, cb, meta, X, out, tiles, scr):
+    # X (T, n) @ W.T -> out (T, d); tiles (1, 4, nblk*32), scr (1, SCRATCH) f32
+    _mm_rows(codes, cb, meta, X, out, 0, meta[0], tiles[0], scr[0])
+
+
+@njit(**_JIT_PAR)
+def matmul_cluster_par(codes, cb, meta, X, out, tiles, scr):
+    # X (T, n) @ W.T -> out (T, d); prange over tiles.shape[0] row blocks (multiples of 4 rows)
+    d = meta[0]
+    nb = tiles.shape[0]
+    step = ((d + nb - 1) // nb + 3) // 4 * 4
+    for b in prange(nb):
+        _mm_rows(codes, cb, meta, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b])
+
+
+# --- codec -------------------------------------------------------------------------------
+
+def _check_meta(parts: dict) -> tuple[int, int, int, int]:
+    try:
+        d, n, bits, g = (int(v) for v in parts["meta"])
+        codes, cb = parts["codes"], parts["codebook"]
+    except (KeyError, ValueError, TypeError):
+        raise UnsupportedModelError("cluster codec: parts must hold meta [d, n, bits, group_rows], "
+                                    "codes and codebook") from None
+    nblk = -(-n // BLOCK)
+    G = -(-d // g) if g > 0 else -1
+    if (not 2 <= bits <= 8 or codes.dtype != np.uint8 or codes.shape != (d, nblk * 4 * bits)
+            or cb.dtype != np.uint16 or cb.shape != (G, 1 << bits)):
+        raise UnsupportedModelError(
+            f"cluster codec: inconsistent parts (meta {d}x{n} bits={bits} group_rows={g}, "
+            f"codes {codes.dtype} {codes.shape}, codebook {cb.dtype} {cb.shape})")
+    return d, n, bits, g
+
+
+class ClusterLinear:
+    """A loaded cluster weight W (d, n): matvec / matmul / row on the stored parts (zero-copy)."""
+
+    def __init__(self, parts: dict):
+        d, n, bits, g = _check_meta(parts)
+        self.codes = np.ascontiguousarray(parts["codes"])
+        self.codebook = np.ascontiguousarray(parts["codebook"])
+        self.meta = np.ascontiguousarray(parts["meta"], dtype=np.int64)
+        self.shape = (d, n)
+        self.bits = bits
+        self.group_rows = g
+        self.nbytes = ClusterCodec.nbytes(parts)
+        self.bits_per_weight = self.nbytes * 8 / (d * n)
+        self._big = d * n >= PAR_MIN_WEIGHTS
+        self._ncols = self.codes.shape[1] // (4 * bits) * BLOCK
+        self._scr = np.zeros((1, SCRATCH), np.float32)
+        self._tiles = None
+
+    def _scratch(self, threads: int) -> np.ndarray:
+        # per-thread scratch, grown once (a few KiB), never per call
+        if self._scr.shape[0] < threads:
+            self._scr = np.zeros((threads, SCRATCH), np.float32)
+        return self._scr[:threads]
+
+    def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out (d,) = W (d, n) @ x (n,)."""
+        threads = get_threads()
+        if threads > 1 and self._big:
+            matvec_cluster_par(self.codes, self.codebook, self.meta, x, out, self._scratch(threads))
+        else:
+            matvec_cluster(self.codes, self.codebook, self.meta, x, out, self._scr)
+
+    def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
+        """out (T, d) = X (T, n) @ W.T: rows decoded 4 at a time into L1, register-blocked dots."""
+        T = X.shape[0]
+        if T < MATMUL_MIN_T:
+            for t in range(T):
+                self.matvec(X[t], out[t])
+            return
+        threads = get_threads()
+        nb = threads if threads > 1 and self.shape[0] * T * self.shape[1] >= PAR_MIN_WEIGHTS else 1
+        if self._tiles is None or self._tiles.shape[0] < nb:
+            self._tiles = np.zeros((nb, TILE_ROWS, self._ncols), np.float32)
+        if nb > 1:
+            matmul_cluster_par(self.codes, self.codebook, self.meta, X, out, self._tiles[:nb], self._scratch(nb))
+        else:
+            matmul_cluster(self.codes, self.codebook, self.meta, X, out, self._tiles, self._scr)
+
+    def row(self, i: int, out: np.ndarray) -> None:
+        """out (n,) = W[i] as float32 (embedding lookup)."""
+        row_cluster(self.codes, self.codebook, self.meta, int(i), out, self._scr[0])
+
+
+class ClusterCodec:
+    """k-means palettized weights; params {"bits": 2..8, "group_rows": g, "outliers": 0}."""
+
+    name = "cluster"
+
+    @staticmethod
+    def _params(params: dict, n: int) -> tuple[int, int]:
+        params = params or {}
+        bits = int(params.get("bits", 4))
+        if not 2 <= bits <= 8:
+            raise UnsupportedModelError(f"cluster codec: bits={bits} is not supported (use 2..8)")
+        g = int(params.get("group_rows") or default_group_rows(bits, n))
+        if g < 1:
+            raise UnsupportedModelError(f"cluster codec: group_rows={g} must be >= 1")
+        if float(params.get("outliers", 0) or 0) != 0:
+            raise UnsupportedModelError("cluster codec: sparse outliers are not implemented (use outliers=0)")
+        return bits, g
+
+    @staticmethod
+    def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """float32 (d, n) -> {"codes", "codebook", "meta"} (formats/codec-cluster.md).
+
+        `hessian` (n, n) = E[x xᵀ]: its diagonal weights each column in the k-means.
+        """
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if w.ndim != 2:
+            raise UnsupportedModelError(f"cluster codec: weight must be 2-D, got shape {w.shape}")
+        d, n = w.shape
+        bits, g = ClusterCodec._params(params, n)
+        g = min(g, d)
+        K = 1 << bits
+        if hessian is None:
+            colw = np.ones(n)
+        else:
+            colw = np.asarray(np.diagonal(hessian), np.float64).copy()
+            if colw.shape != (n,):
+                raise UnsupportedModelError(f"cluster codec: hessian must be ({n}, {n}), got {hessian.shape}")
+            colw = np.nan_to_num(colw, nan=0.0, posinf=0.0)
+            mean = colw.mean() if colw.size else 1.0
+            # floor: a column never seen active still gets a say, so every weight is assigned sanely
+            colw = np.maximum(colw, 1e-6 * mean if mean > 0 else 1.0)
+        G = -(-d // g)
+        cents = np.zeros((G, K))
+        _kmeans_all(w, colw, g, K, LLOYD_ITERS, cents)
+        cb16 = np.sort(cents.astype(np.float16), axis=1)   # stored values; rounding keeps order
+        idx = np.empty((d, n), np.uint8)
+        _assign_all(w, cb16.astype(np.float32), g, idx)     # nearest *stored* centroid
+        return {"codes": pack_indices(idx, bits), "codebook": cb16.view(np.uint16),
+                "meta": np.array([d, n, bits, g], np.int32)}
+
+    @staticmethod
+    def decode(parts: dict, params: dict | None = None) -> np.ndarray:
+        """Reference NumPy decode to float32 (tests only)."""
+        d, n, bits, g = _check_meta(parts)
+        idx = unpack_indices(parts["codes"], bits, n)
+        cb = parts["codebook"].view(np.float16).astype(np.float32)
+        return np.take_along_axis(np.repeat(cb, g, axis=0)[:d], idx, axis=1)
+
+    @staticmethod
+    def load(parts: dict, params: dict | None = None) -> ClusterLinear:
+        """A ClusterLinear over the parts (zero-copy for C-contiguous arrays)."""
+        return ClusterLinear(parts)
+
+    @staticmethod
+    def nbytes(parts: dict) -> int:
+        """Bytes of every stored part (codes, codebooks, meta): the honest size."""
+        return int(sum(p.nbytes for p in parts.values()))
