@@ -6,6 +6,7 @@ import pytest
 
 from edgerun import kernels as K
 from edgerun.codecs import CODECS, get_codec
+from edgerun.codecs import dense
 from edgerun.codecs.dense import bf16_bits_to_f32, f32_to_bf16_bits
 from edgerun.errors import EdgerunError, UnsupportedModelError
 
@@ -227,7 +228,7 @@ def test_dense_linear(rng, threads, dtype, d, n):
         out[:] = 0
         lin._mv_par(lin.W, x, out, threads)
         np.testing.assert_allclose(out, W @ x, rtol=1e-4, atol=1e-4)
-    for T in (2, 9):            # loop-of-matvecs path and tiled BLAS path
+    for T in (2, 9):            # loop-of-matvecs path and register-blocked kernel path
         X = randn(rng, T, n)
         O = np.empty((T, d), np.float32)
         lin.matmul(X, O)
@@ -236,6 +237,33 @@ def test_dense_linear(rng, threads, dtype, d, n):
     lin.row(d - 1, row)
     np.testing.assert_array_equal(row, W[d - 1].astype(np.float32))
     np.testing.assert_array_equal(codec.as_f32(parts, params), W.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,n", [(37, 45), (70, 130), (5, 3)])
+def test_dense_matmul_kernel(rng, threads, dtype, d, n, monkeypatch):
+    """The no-BLAS prefill matmul: every T tail (T % 4), row tail (d % 4) and tile boundary."""
+    monkeypatch.setattr(dense, "TILE_ROWS", 16)     # several tiles and a ragged last one
+    monkeypatch.setattr(dense, "PAR_MIN_MACS", 0)   # threads > 1 always takes the prange kernel
+    codec = get_codec("dense")
+    params = {"dtype": dtype}
+    parts = codec.encode(randn(rng, d, n), params)
+    W = codec.decode(parts, params).astype(np.float64)
+    lin = codec.load(parts, params)
+    for T in (1, 3, 4, 5, 17, 64):
+        X = randn(rng, T, n)
+        want = X.astype(np.float64) @ W.T
+        O = np.full((T, d), np.nan, np.float32)
+        lin.matmul(X, O)
+        np.testing.assert_allclose(O, want, rtol=1e-4, atol=1e-4)
+        # the kernels themselves, also below MATMUL_MIN_T, serial and split in `threads` blocks
+        tiles = dense._tiles(threads, 0 if dtype == "f32" else n)
+        O[:] = np.nan
+        lin._mm(X, lin.W, O, tiles)
+        np.testing.assert_allclose(O, want, rtol=1e-4, atol=1e-4)
+        O[:] = np.nan
+        lin._mm_par(X, lin.W, O, tiles)
+        np.testing.assert_allclose(O, want, rtol=1e-4, atol=1e-4)
 
 
 def test_load_rejects_wrong_dtype():

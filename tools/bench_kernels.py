@@ -6,17 +6,21 @@ matvec: each shape is run over enough distinct copies (>= 256 MB) that weights s
 DRAM as in a real token, not from cache; reported as median time and GB/s of weight bytes.
 "token": every matvec of one SmolLM2 token (30 layers + tied lm_head, ~134M weights), each
 matrix distinct. attention: decode (T=1) at context 128/512/2048, H=9, Hkv=3, D=64.
-matmul: T=128 prefill, GFLOP/s = 2*T*d*n / time.
+matmul: prefill chunks T=1..64, GFLOP/s = 2*T*d*n / time, next to np.matmul with OpenBLAS set
+to 1 and 2 threads in the same run (through OpenBLAS's set_num_threads via ctypes).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import glob
+import os
 import time
 
 import numpy as np
 
 from edgerun import kernels
-from edgerun.codecs import get_codec
+from edgerun.codecs import dense, get_codec
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
@@ -113,22 +117,76 @@ def bench_attention(threads_list, reps, rng):
             print(f"T={T:>4} {th:>3} {t*1e3:8.2f} ms")
 
 
+def _blas_set_threads():
+    """OpenBLAS's set_num_threads from NumPy's bundled library (ctypes), or None if not found."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                     "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int]
+                return fn
+    return None
+
+
+MATMUL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+
+
 def bench_matmul(dtypes, threads_list, reps, rng):
-    print("\n## matmul (prefill T=128)")
-    print(f"{'shape':>12} {'dtype':>5} {'thr':>3} {'ms':>8} {'GFLOP/s':>8}")
+    print("\n## prefill matmul, GFLOP/s = 2*T*d*n / median time (SmolLM2 shapes)")
+    print("blas1/blas2: np.matmul(X, W.T) on f32 weights with OpenBLAS at 1/2 threads;")
+    print("<dtype>/<thr>: DenseLinear.matmul (Numba, no BLAS); T < MATMUL_MIN_T loops matvecs.")
+    set_blas = _blas_set_threads()
+    cols = ["blas1", "blas2"] + [f"{dt}/{th}" for dt in dtypes for th in threads_list]
+    print(f"{'shape':>12} {'T':>3} " + " ".join(f"{c:>8}" for c in cols))
     codec = get_codec("dense")
-    T = 128
-    for shape in SHAPES:
+    for shape in MATMUL_SHAPES:
         w = rng.standard_normal(shape).astype(np.float32) * 0.05
-        X = rng.standard_normal((T, shape[1])).astype(np.float32)
-        out = np.empty((T, shape[0]), np.float32)
+        lins = {dt: codec.load(codec.encode(w, {"dtype": dt}), {"dtype": dt}) for dt in dtypes}
+        for T in (1, 2, 3, 4, 8, 16, 32, 64):
+            X = rng.standard_normal((T, shape[1])).astype(np.float32)
+            out = np.empty((T, shape[0]), np.float32)
+            flops = 2 * T * shape[0] * shape[1]
+            n_reps = max(20, reps // 2)
+            row = []
+            for bt in (1, 2):
+                if set_blas is None:
+                    row.append(float("nan"))
+                    continue
+                set_blas(bt)
+                np.matmul(X, w.T, out=out)
+                row.append(flops / _median_time(lambda: np.matmul(X, w.T, out=out), n_reps) / 1e9)
+            if set_blas is not None:
+                set_blas(1)
+            for dt in dtypes:
+                for th in threads_list:
+                    kernels.set_threads(th)
+                    lins[dt].matmul(X, out)
+                    row.append(flops / _median_time(lambda: lins[dt].matmul(X, out), n_reps) / 1e9)
+            print(f"{str(shape):>12} {T:>3} " + " ".join(f"{v:8.1f}" for v in row), flush=True)
+    print("\n## T < 4: loop of matvecs vs the register-blocked kernel (1 thread, GFLOP/s)")
+    print(f"{'shape':>12} {'T':>3} {'dtype':>5} {'matvecs':>8} {'kernel':>8}")
+    kernels.set_threads(1)
+    for shape in MATMUL_SHAPES:
+        w = rng.standard_normal(shape).astype(np.float32) * 0.05
         for dt in dtypes:
             lin = codec.load(codec.encode(w, {"dtype": dt}), {"dtype": dt})
-            for th in threads_list:
-                kernels.set_threads(th)
-                lin.matmul(X, out)
-                t = _median_time(lambda: lin.matmul(X, out), max(3, reps // 20))
-                print(f"{str(shape):>12} {dt:>5} {th:>3} {t*1e3:8.3f} {2*T*shape[0]*shape[1]/t/1e9:8.1f}")
+            tiles = dense._tiles(1, 0 if dt == "f32" else shape[1])
+            for T in (2, 3, 4):
+                X = rng.standard_normal((T, shape[1])).astype(np.float32)
+                out = np.empty((T, shape[0]), np.float32)
+                flops = 2 * T * shape[0] * shape[1]
+
+                def mv():
+                    for t in range(T):
+                        lin.matvec(X[t], out[t])
+                mv()
+                lin._mm(X, lin.W, out, tiles)
+                a = flops / _median_time(mv, reps) / 1e9
+                b = flops / _median_time(lambda: lin._mm(X, lin.W, out, tiles), reps) / 1e9
+                print(f"{str(shape):>12} {T:>3} {dt:>5} {a:8.1f} {b:8.1f}")
 
 
 def main():
