@@ -222,17 +222,32 @@ def _block_index_vectors(builder, pblock, bits):
     return lo, hi
 
 
-def _lookup_fn(builder, ptab, bits):
-    """IR: a function idx <16 x i32> -> table[idx] <16 x float> for a float32 table at ptab."""
+def _f16_table(builder, pcb, first, count):
+    """IR: `count` (≤ 16) f16 codebook entries from pcb[first] widened to <16 x float> (rest 0)."""
+    i16 = ir.IntType(16)
+    p = builder.gep(pcb, [ir.Constant(_I32, first)], source_etype=i16)
+    v = builder.load(p, typ=ir.VectorType(i16, count), align=2)
+    if count < 16:   # exact-size load (no read past the codebook), padded with zeros
+        v = builder.shuffle_vector(v, ir.Constant(ir.VectorType(i16, count), [0] * count),
+                                   ir.Constant(_V16I32, list(range(count)) + [count] * (16 - count)))
+    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+
+
+def _lookup_fn(builder, pcb, ptab, bits):
+    """IR: a function idx <16 x i32> -> codebook[idx] <16 x float>.
+
+    K ≤ 32: the codebook row at pcb (f16) is widened into registers once per call; K ≥ 64:
+    gathers from ptab, the row already widened to a float32 table in L1 by the caller.
+    """
     mod = builder.module
     if bits <= 4:   # vpermps: the whole 16-entry table sits in one register
-        t0 = builder.load(ptab, typ=_V16F32, align=4)
+        t0 = _f16_table(builder, pcb, 0, 1 << bits)
         perm = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16F32, [_V16F32, _V16I32]),
                                               "llvm.x86.avx512.permvar.sf.512")
         return lambda idx: builder.call(perm, [t0, idx])
     if bits == 5:   # vpermi2ps: 32 entries in two registers
-        t0 = builder.load(ptab, typ=_V16F32, align=4)
-        t1 = builder.load(builder.gep(ptab, [ir.Constant(_I32, 16)], source_etype=_F32), typ=_V16F32, align=4)
+        t0 = _f16_table(builder, pcb, 0, 16)
+        t1 = _f16_table(builder, pcb, 16, 16)
         perm2 = cgutils.get_or_insert_function(
             mod, ir.FunctionType(_V16F32, [_V16F32, _V16I32, _V16F32]), "llvm.x86.avx512.vpermi2var.ps.512")
         return lambda idx: builder.call(perm2, [t0, idx, t1])
@@ -243,7 +258,6 @@ def _lookup_fn(builder, ptab, bits):
         "llvm.masked.gather.v16f32.v16p0")
     mask = ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16)
     zero = ir.Constant(_V16F32, [0.0] * 16)
-
     i64, v16i64 = ir.IntType(64), ir.VectorType(ir.IntType(64), 16)
     base = builder.ptrtoint(ptab, i64)
     vbase = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i64, ir.Undefined), base,
@@ -289,61 +303,75 @@ def _by_bits(builder, bits_val, emit):
     builder.position_at_end(done)
 
 
+def _block_ptrs(builder, pc, px, b, bits):
+    """IR: byte pointer of block b's codes and float pointer of its 32 x values."""
+    pcb = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
+    return pcb, builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_F32)
+
+
 @intrinsic
-def _dot_blocks(typingctx, codes, coff, x, xoff, tab, nblk, bits):
-    """float32 Σ decode(codes[coff:] blocks)·x[xoff:] over `nblk` 32-weight blocks."""
+def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
+    """float32 Σ decode(codes[coff:] blocks)·x[xoff:] over `nblk` 32-weight blocks.
+
+    Codebook: f16 cb.flat[cboff:] for bits ≤ 5, float32 tab (widened by the caller) above.
+    """
     def codegen(context, builder, sig, args):
-        codes_v, coff_v, x_v, xoff_v, tab_v, nblk_v, bits_v = args
+        codes_v, coff_v, x_v, xoff_v, cb_v, cboff_v, tab_v, nblk_v, bits_v = args
         pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
         px = builder.gep(_data(context, builder, sig.args[2], x_v), [xoff_v], source_etype=_F32)
-        ptab = _data(context, builder, sig.args[4], tab_v)
+        pcb = builder.gep(_data(context, builder, sig.args[4], cb_v), [cboff_v], source_etype=ir.IntType(16))
+        ptab = _data(context, builder, sig.args[6], tab_v)
         res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-        acc0 = cgutils.alloca_once(builder, _V16F32)
-        acc1 = cgutils.alloca_once(builder, _V16F32)
+        accs = [cgutils.alloca_once(builder, _V16F32) for _ in range(4)]
+        fast = ("fast",)
+
+        def block(look, b, a0, a1, bits):
+            pcode, xb = _block_ptrs(builder, pc, px, b, bits)
+            lo, hi = _block_index_vectors(builder, pcode, bits)
+            x0 = builder.load(xb, typ=_V16F32, align=4)
+            x1 = builder.load(builder.gep(xb, [ir.Constant(_I32, 16)], source_etype=_F32), typ=_V16F32, align=4)
+            builder.store(builder.fadd(builder.load(a0), builder.fmul(look(lo), x0, flags=fast), flags=fast), a0)
+            builder.store(builder.fadd(builder.load(a1), builder.fmul(look(hi), x1, flags=fast), flags=fast), a1)
 
         def emit(bits):
-            look = _lookup_fn(builder, ptab, bits)
-            builder.store(ir.Constant(_V16F32, [0.0] * 16), acc0)
-            builder.store(ir.Constant(_V16F32, [0.0] * 16), acc1)
-            stride = ir.Constant(nblk_v.type, 4 * bits)
-            with cgutils.for_range(builder, nblk_v) as loop:
-                b = loop.index
-                lo, hi = _block_index_vectors(
-                    builder, builder.gep(pc, [builder.mul(b, stride)], source_etype=_I8), bits)
-                xb = builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_F32)
-                x0 = builder.load(xb, typ=_V16F32, align=4)
-                x1 = builder.load(builder.gep(xb, [ir.Constant(_I32, 16)], source_etype=_F32), typ=_V16F32, align=4)
-                a0 = builder.fadd(builder.load(acc0), builder.fmul(look(lo), x0, flags=("fast",)), flags=("fast",))
-                a1 = builder.fadd(builder.load(acc1), builder.fmul(look(hi), x1, flags=("fast",)), flags=("fast",))
-                builder.store(a0, acc0)
-                builder.store(a1, acc1)
-            s = builder.fadd(builder.load(acc0), builder.load(acc1), flags=("fast",))
-            builder.store(_hsum(builder, s), res)
+            look = _lookup_fn(builder, pcb, ptab, bits)
+            for a in accs:
+                builder.store(ir.Constant(_V16F32, [0.0] * 16), a)
+            # two blocks per iteration into four accumulators: hides the add latency
+            one = ir.Constant(nblk_v.type, 1)
+            with cgutils.for_range(builder, builder.ashr(nblk_v, one)) as loop:
+                b = builder.shl(loop.index, one)
+                block(look, b, accs[0], accs[1], bits)
+                block(look, builder.add(b, one), accs[2], accs[3], bits)
+            odd = builder.icmp_signed("!=", builder.and_(nblk_v, one), ir.Constant(nblk_v.type, 0))
+            with builder.if_then(odd):
+                block(look, builder.sub(nblk_v, one), accs[0], accs[1], bits)
+            s01 = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=fast)
+            s23 = builder.fadd(builder.load(accs[2]), builder.load(accs[3]), flags=fast)
+            builder.store(_hsum(builder, builder.fadd(s01, s23, flags=fast)), res)
 
         _by_bits(builder, bits_v, emit)
         return builder.load(res)
 
-    sig = types.float32(codes, coff, x, xoff, tab, nblk, bits)
+    sig = types.float32(codes, coff, x, xoff, cb, cboff, tab, nblk, bits)
     return sig, codegen
 
 
 @intrinsic
-def _decode_blocks(typingctx, codes, coff, tab, nblk, bits, out, ooff):
-    """out[ooff : ooff + 32·nblk] = decode(codes[coff:] blocks) as float32."""
+def _decode_blocks(typingctx, codes, coff, cb, cboff, tab, nblk, bits, out, ooff):
+    """out[ooff : ooff + 32·nblk] = decode(codes[coff:] blocks) as float32 (codebook as above)."""
     def codegen(context, builder, sig, args):
-        codes_v, coff_v, tab_v, nblk_v, bits_v, out_v, ooff_v = args
+        codes_v, coff_v, cb_v, cboff_v, tab_v, nblk_v, bits_v, out_v, ooff_v = args
         pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
-        ptab = _data(context, builder, sig.args[2], tab_v)
-        po = builder.gep(_data(context, builder, sig.args[5], out_v), [ooff_v], source_etype=_F32)
+        pcb = builder.gep(_data(context, builder, sig.args[2], cb_v), [cboff_v], source_etype=ir.IntType(16))
+        ptab = _data(context, builder, sig.args[4], tab_v)
+        po = builder.gep(_data(context, builder, sig.args[7], out_v), [ooff_v], source_etype=_F32)
 
         def emit(bits):
-            look = _lookup_fn(builder, ptab, bits)
-            stride = ir.Constant(nblk_v.type, 4 * bits)
+            look = _lookup_fn(builder, pcb, ptab, bits)
             with cgutils.for_range(builder, nblk_v) as loop:
-                b = loop.index
-                lo, hi = _block_index_vectors(
-                    builder, builder.gep(pc, [builder.mul(b, stride)], source_etype=_I8), bits)
-                ob = builder.gep(po, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_F32)
+                pcode, ob = _block_ptrs(builder, pc, po, loop.index, bits)
+                lo, hi = _block_index_vectors(builder, pcode, bits)
                 ob1 = builder.gep(ob, [ir.Constant(_I32, 16)], source_etype=_F32)
                 builder.store(look(lo), builder.bitcast(ob, _V16F32.as_pointer()), align=4)
                 builder.store(look(hi), builder.bitcast(ob1, _V16F32.as_pointer()), align=4)
@@ -351,26 +379,25 @@ def _decode_blocks(typingctx, codes, coff, tab, nblk, bits, out, ooff):
         _by_bits(builder, bits_v, emit)
         return context.get_dummy_value()
 
-    sig = types.none(codes, coff, tab, nblk, bits, out, ooff)
+    sig = types.none(codes, coff, cb, cboff, tab, nblk, bits, out, ooff)
     return sig, codegen
 
 
 # --- kernels -----------------------------------------------------------------------------
 
 @njit(inline="always", **_JIT)
-def _load_table(cb, g, tab):
-    # cb (G, K) f16 bits -> tab[:K] f32 (entries K..15 zero: the 16-lane permute reads them)
-    K = cb.shape[1]
-    for k in range(K):
-        tab[k] = f16_to_f32(cb[g, k])
-    for k in range(K, 16):
-        tab[k] = np.float32(0.0)
+def _load_table(cb, g, bits, tab):
+    # cb (G, K) f16 bits -> tab[:K] f32, only for the gather path (bits ≥ 6; lower bits read cb)
+    if bits >= 6:
+        for k in range(cb.shape[1]):
+            tab[k] = f16_to_f32(cb[g, k])
 
 
 @njit(**_JIT)
 def _mv_rows(codes, cb, meta, x, out, r0, r1, scr):
     # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
     n, bits, group_rows = meta[1], meta[2], meta[3]
+    K = cb.shape[1]
     nfull = n // 32
     tail = n - nfull * 32
     rowbytes = codes.shape[1]
@@ -379,11 +406,11 @@ def _mv_rows(codes, cb, meta, x, out, r0, r1, scr):
     for i in range(r0, r1):
         g = i // group_rows
         if g != cur:
-            _load_table(cb, g, scr)
+            _load_table(cb, g, bits, scr)
             cur = g
-        acc = _dot_blocks(codes, i * rowbytes, x, 0, scr, nfull, bits)
+        acc = _dot_blocks(codes, i * rowbytes, x, 0, cb, g * K, scr, nfull, bits)
         if tail:
-            _decode_blocks(codes, i * rowbytes + nfull * 4 * bits, scr, 1, bits, scr, tb)
+            _decode_blocks(codes, i * rowbytes + nfull * 4 * bits, cb, g * K, scr, 1, bits, scr, tb)
             for j in range(tail):
                 acc += scr[tb + j] * x[nfull * 32 + j]
         out[i] = acc
@@ -408,9 +435,10 @@ def matvec_cluster_par(codes, cb, meta, x, out, scr):
 @njit(**_JIT)
 def _decode_row(codes, cb, meta, i, out, scr):
     # row i of the parts -> out[:nblk*32] f32 (padding decoded too); scr (SCRATCH,) f32
-    _load_table(cb, i // meta[3], scr)
+    g = i // meta[3]
+    _load_table(cb, g, meta[2], scr)
     nblk = codes.shape[1] // (4 * meta[2])
-    _decode_blocks(codes, i * codes.shape[1], scr, nblk, meta[2], out, 0)
+    _decode_blocks(codes, i * codes.shape[1], cb, g * cb.shape[1], scr, nblk, meta[2], out, 0)
 
 
 @njit(**_JIT)
@@ -418,10 +446,12 @@ def row_cluster(codes, cb, meta, i, out, scr):
     # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
     n, bits = meta[1], meta[2]
     nfull = n // 32
-    _load_table(cb, i // meta[3], scr)
-    _decode_blocks(codes, i * codes.shape[1], scr, nfull, bits, out, 0)
+    g = i // meta[3]
+    cboff = g * cb.shape[1]
+    _load_table(cb, g, bits, scr)
+    _decode_blocks(codes, i * codes.shape[1], cb, cboff, scr, nfull, bits, out, 0)
     if n > nfull * 32:
-        _decode_blocks(codes, i * codes.shape[1] + nfull * 4 * bits, scr, 1, bits, scr, 256)
+        _decode_blocks(codes, i * codes.shape[1] + nfull * 4 * bits, cb, cboff, scr, 1, bits, scr, 256)
         for j in range(n - nfull * 32):
             out[nfull * 32 + j] = scr[256 + j]
 
