@@ -1,0 +1,117 @@
+"""Cluster codec (formats/codec-cluster.md): k-means quality, weighted vs plain k-means, the
+Numba kernels against NumPy `decode(parts) @ x` on odd shapes, honest bits per weight."""
+import numpy as np
+import pytest
+
+from edgerun import kernels
+from edgerun.codecs import cluster, get_codec
+from edgerun.codecs.cluster import ClusterCodec, pack_indices, unpack_indices
+from edgerun.errors import EdgerunError
+
+RNG = np.random.default_rng(7)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_registry_and_roundtrip_error_decreases_with_bits():
+    codec = get_codec("cluster")
+    assert codec.name == "cluster"
+    w = RNG.standard_normal((48, 512)).astype(np.float32)
+    errs = [_rel(codec.decode(codec.encode(w, {"bits": b}), {}), w) for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True), errs
+    # Lloyd-Max on a Gaussian: 2 bits ≈ 0.34, 4 bits ≈ 0.10; 8 bits near fp16 noise
+    assert errs[0] < 0.36 and errs[2] < 0.11 and errs[3] < 0.02, errs
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_pack_unpack_roundtrip(bits):
+    idx = RNG.integers(0, 1 << bits, size=(5, 77))
+    codes = pack_indices(idx.astype(np.uint8), bits)
+    assert codes.shape == (5, 3 * 4 * bits)            # 77 -> 3 blocks of 32, 4*bits bytes each
+    np.testing.assert_array_equal(unpack_indices(codes, bits, 77), idx)
+
+
+def test_weighted_kmeans_beats_plain_on_weighted_error():
+    d, n = 32, 256
+    w = RNG.standard_normal((d, n)).astype(np.float32)
+    h = np.full(n, 0.01)
+    heavy = RNG.choice(n, 6, replace=False)
+    h[heavy] = 50.0                                     # a few heavy input channels
+    H = np.diag(h)
+    params = {"bits": 3, "group_rows": 1}
+    plain = ClusterCodec.decode(ClusterCodec.encode(w, params))
+    weighted = ClusterCodec.decode(ClusterCodec.encode(w, params, H))
+    scale = np.sqrt(h)[None, :]
+    e_plain = np.linalg.norm((w - plain) * scale)
+    e_weighted = np.linalg.norm((w - weighted) * scale)
+    assert e_weighted < 0.5 * e_plain, (e_weighted, e_plain)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    if request.param > 1:
+        monkeypatch.setattr(cluster, "PAR_MIN_WEIGHTS", 0)    # take the prange kernels on small shapes
+    kernels.set_threads(request.param)
+    yield request.param
+    kernels.set_threads(1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("shape", [(37, 45), (37, 1000)])
+def test_kernels_match_numpy_decode(bits, shape, threads):
+    d, n = shape
+    w = RNG.standard_normal((d, n)).astype(np.float32)
+    parts = ClusterCodec.encode(w, {"bits": bits, "group_rows": 3 if bits == 8 else 1})
+    W = ClusterCodec.decode(parts).astype(np.float64)
+    L = ClusterCodec.load(parts)
+    assert L.shape == (d, n)
+    x = RNG.standard_normal(n).astype(np.float32)
+    out = np.full(d, np.nan, np.float32)
+    L.matvec(x, out)
+    np.testing.assert_allclose(out, W @ x, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+    for T in (1, 3, 17):
+        X = RNG.standard_normal((T, n)).astype(np.float32)
+        O = np.full((T, d), np.nan, np.float32)
+        L.matmul(X, O)
+        np.testing.assert_allclose(O, X @ W.T, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+    r = np.full(n, np.nan, np.float32)
+    for i in (0, d - 1):
+        L.row(i, r)
+        np.testing.assert_array_equal(r, W[i].astype(np.float32))
+
+
+@pytest.mark.parametrize("bits,g", [(2, 1), (3, 1), (4, 1), (8, 4), (4, None)])
+def test_bits_per_weight_counts_every_byte(bits, g):
+    d, n = 37, 1000
+    w = RNG.standard_normal((d, n)).astype(np.float32)
+    params = {"bits": bits} if g is None else {"bits": bits, "group_rows": g}
+    parts = ClusterCodec.encode(w, params)
+    g = int(parts["meta"][3])
+    nblk = -(-n // 32)
+    expect = d * nblk * 4 * bits + (-(-d // g)) * (1 << bits) * 2 + 16   # codes + f16 codebooks + meta
+    assert ClusterCodec.nbytes(parts) == expect == sum(p.nbytes for p in parts.values())
+    L = ClusterCodec.load(parts)
+    assert L.nbytes == expect
+    assert L.bits_per_weight == pytest.approx(expect * 8 / (d * n))
+
+
+def test_default_group_rows():
+    assert cluster.default_group_rows(4, 576) == 1      # 0.44 bits/weight of codebook
+    assert cluster.default_group_rows(3, 1536) == 1
+    assert cluster.default_group_rows(8, 576) == 16
+
+
+def test_bad_params_raise_edgerun_errors():
+    w = RNG.standard_normal((4, 40)).astype(np.float32)
+    with pytest.raises(EdgerunError):
+        ClusterCodec.encode(w, {"bits": 9})
+    with pytest.raises(EdgerunError):
+        ClusterCodec.encode(w, {"bits": 4, "outliers": 0.01})
+    with pytest.raises(EdgerunError):
+        ClusterCodec.encode(w, {"bits": 4}, np.eye(3))
+    parts = ClusterCodec.encode(w, {"bits": 4})
+    parts["codes"] = parts["codes"][:, :-1]
+    with pytest.raises(EdgerunError):
+        ClusterCodec.load(parts)
