@@ -98,9 +98,10 @@ def test_bits_per_weight_counts_every_byte(bits, g):
 
 
 def test_default_group_rows():
-    assert cluster.default_group_rows(4, 576) == 1      # 0.44 bits/weight of codebook
-    assert cluster.default_group_rows(3, 1536) == 1
-    assert cluster.default_group_rows(8, 576) == 16
+    assert cluster.default_group_rows(3, 576) == 1      # 0.22 bits/weight of codebook
+    assert cluster.default_group_rows(4, 576) == 2
+    assert cluster.default_group_rows(4, 1536) == 1
+    assert cluster.default_group_rows(8, 576) == 32
 
 
 def test_bad_params_raise_edgerun_errors():

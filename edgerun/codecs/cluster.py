@@ -40,13 +40,14 @@ def _planes(bits: int) -> list[int]:
 
 
 def default_group_rows(bits: int, n: int) -> int:
-    """Smallest power of two g with codebook overhead K·16 / (g·n) ≤ 0.5 bits/weight.
+    """Smallest power of two g with codebook overhead K·16 / (g·n) ≤ 0.25 bits/weight.
 
-    Per-row codebooks (g = 1) for 2-4 bits on n ≥ 512: quality is best per row and the
-    overhead at 4 bits, n = 576, is 0.44 bits/weight; 8 bits needs g = 16 there (0.44).
+    On SmolLM2 (weights from its Q4_1 GGUF) per-row codebooks were best at 2-3 bits, while at
+    4 bits sharing a codebook over 2-8 rows gave equal or lower error than per-row at fewer
+    bits (tools/bench_cluster.py). n = 576: 2-3 bits g = 1, 4 bits g = 2, 8 bits g = 32.
     """
     g = 1
-    while (1 << bits) * 16 > 0.5 * g * n and g < 1 << 20:
+    while (1 << bits) * 16 > 0.25 * g * n and g < 1 << 20:
         g *= 2
     return g
 
