@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import threading
+import traceback
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -78,37 +80,45 @@ def plan_memory(ebin, cfg: ModelConfig, context: int, budget: int | None) -> Mem
 
 
 class Model:
+    """A loaded model. One generation runs at a time: calls from several threads are served in
+    the order they arrive (FIFO), never interleaved; see `_Turns`."""
+
     def __init__(self, path, ram=None, context=None, threads=None, verbose=False, on_progress=None, log=None):
         self.path = Path(path)
         log = log or (lambda msg: None)
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        with EbinFile(self.path) as ebin:
-            manifest = ebin.manifest
-            self.config = ModelConfig.from_dict(manifest["config"])
-            self.tokenizer = tokenizer_from_manifest(manifest)
-            self.generation_defaults = manifest.get("generation", {})
-            self.manifest = {k: v for k, v in manifest.items() if k != "tokenizer"}
-            self.context = self._context(context)
-            self.budget = psutil.virtual_memory().available if ram in (None, "auto") else parse_size(ram)
-            if threads:
-                kernels.set_threads(threads)
-            self.plan = plan_memory(ebin, self.config, self.context, self.budget)
-            if verbose:
-                log("memory plan:\n" + "\n".join(self.plan.lines()))
-            self.plan.check()
-            cancel = self._cancel
-
-            def progress(done, total):
-                if on_progress is not None and on_progress(done / total) is False:
-                    cancel.set()
-                if cancel.is_set():
-                    raise Cancelled("loading was cancelled")
-
-            self._cancel.clear()
-            weights = Weights.from_ebin(ebin, self.config, progress=progress)
-        self.weight_bytes = weights.nbytes
-        self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK)
+        self._turns = _Turns()
+        self._closed = threading.Event()
+        self._active: threading.Event | None = None     # cancel flag of the running generation
+        self._local = threading.local()                  # per-thread last Stats
+        self._last_stats = Stats()
+        report = _Progress(on_progress)
+        try:
+            report(0.0)
+            with EbinFile(self.path) as ebin:
+                manifest = ebin.manifest
+                self.config = ModelConfig.from_dict(manifest["config"])
+                self.tokenizer = tokenizer_from_manifest(manifest)
+                self.generation_defaults = manifest.get("generation", {})
+                self.manifest = {k: v for k, v in manifest.items() if k != "tokenizer"}
+                self.context = self._context(context)
+                self.budget = psutil.virtual_memory().available if ram in (None, "auto") else parse_size(ram)
+                if threads:
+                    kernels.set_threads(threads)
+                self.plan = plan_memory(ebin, self.config, self.context, self.budget)
+                if verbose:
+                    log("memory plan:\n" + "\n".join(self.plan.lines()))
+                self.plan.check()
+                weights = Weights.from_ebin(ebin, self.config, progress=lambda done, total: report(done / total))
+            self.weight_bytes = weights.nbytes
+            self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK)
+            del weights
+            report(1.0)
+        except Cancelled as e:
+            # The traceback's frames hold the tensors read so far; clear them so the memory is
+            # returned now, not whenever the caller drops the exception.
+            traceback.clear_frames(e.__traceback__)
+            self._transformer = None
+            raise Cancelled("loading was cancelled by on_progress") from None
         self._generator = Generator(self._transformer)
         self.stop_ids = sorted(set(self.tokenizer.eos_token_ids) | {self.tokenizer.token_to_id(t) for t in END_OF_TURN_TEXTS} - {None})
 
@@ -131,24 +141,41 @@ class Model:
         ids = [int(i) for i in ids]
         if not ids or len(ids) > self.context:
             raise EdgerunError(f"logits needs 1..{self.context} tokens, got {len(ids)}")
-        with self._acquire():
+        with self._turn(None):
             self._generator.reset()
             return self._transformer.forward(ids, 0, all_logits=True)
 
     def stream_tokens(self, ids, max_tokens=256, cancel=None, **sampling):
-        """Yield generated token ids for prompt `ids` (list of ints)."""
+        """Yield generated token ids for prompt `ids` (list of ints). `cancel` (a
+        threading.Event) stops it within one layer's work, also while it waits its turn."""
         params = SamplingParams.from_generation_config(self.generation_defaults, **sampling)
-        with self._acquire():
-            self._cancel.clear()
-            stop = _AnyEvent(self._cancel, cancel)
-            yield from self._generator.tokens(list(ids), params, max_tokens, self.stop_ids, stop)
+        ids = list(ids)
+        mine = threading.Event()
+        try:
+            turn = self._turn(cancel)
+        except Cancelled:                    # cancelled while waiting for another generation
+            self._set_stats(Stats(finish_reason="cancelled"))
+            return
+        with turn:
+            self._active = mine
+            generator = self._generator
+            try:
+                for token in generator.tokens(ids, params, max_tokens, self.stop_ids,
+                                              _AnyEvent(mine, cancel, self._closed)):
+                    self._turns.suspended = True       # the caller holds the stream between tokens
+                    yield token
+                    self._turns.suspended = False
+            finally:
+                self._turns.suspended = False
+                self._active = None
+                self._set_stats(generator.stats)
 
     def stream(self, prompt: str, max_tokens: int = 256, cancel=None, **sampling):
         """Yield text pieces of the continuation of `prompt` (encoded with the tokenizer's BOS rule)."""
         yield from self._stream_ids(self.tokenizer.encode(prompt), max_tokens, cancel, sampling)
 
-    def generate(self, prompt: str, max_tokens: int = 256, **kwargs) -> str:
-        return "".join(self.stream(prompt, max_tokens=max_tokens, **kwargs))
+    def generate(self, prompt: str, max_tokens: int = 256, cancel=None, **sampling) -> str:
+        return "".join(self.stream(prompt, max_tokens=max_tokens, cancel=cancel, **sampling))
 
     def chat(self, messages, stream: bool = False, max_tokens: int = 512, cancel=None, **sampling):
         """Reply to an OpenAI/HF-style message list using the model's chat template."""
@@ -167,29 +194,57 @@ class Model:
 
     @property
     def stats(self) -> Stats:
-        """Statistics of the last generation."""
-        return self._generator.stats
+        """Statistics of the calling thread's last generation (if it ran none: the model's last)."""
+        return getattr(self._local, "stats", None) or self._last_stats
+
+    def _set_stats(self, stats: Stats) -> None:
+        self._local.stats = self._last_stats = stats
 
     def reset(self) -> None:
         """Forget the cached conversation prefix."""
-        self._generator.reset()
+        with self._turn(None):
+            self._generator.reset()
 
     def cancel(self) -> None:
-        """Stop the running generation (from any thread) within one layer's work."""
-        self._cancel.set()
+        """Stop the generation running now (from any thread) within one layer's work. To stop a
+        particular request without racing its start, pass it a `cancel=threading.Event()`."""
+        active = self._active
+        if active is not None:
+            active.set()
 
-    def _acquire(self):
-        if self._transformer is None:
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _turn(self, cancel):
+        """Wait (FIFO) for the model; a context manager holding it. Raises if closed or busy."""
+        if self._closed.is_set():
             raise EdgerunError("the model is closed")
-        return self._lock
+        if self._turns.owner == threading.get_ident():
+            # waiting would deadlock: only this thread can finish its own open stream
+            raise EdgerunError("model is busy: this thread is still iterating another stream of this "
+                               "model; exhaust it or call its close() first")
+        if not self._turns.acquire(_AnyEvent(cancel, self._closed)):
+            if self._closed.is_set():
+                raise EdgerunError("the model is closed")
+            raise Cancelled("cancelled while waiting for the model")
+        return self._turns
 
     # --- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the weights and buffers."""
-        self._cancel.set()
-        with self._lock:
-            self._transformer = None
-            self._generator = None
+        """Release the weights, KV cache and buffers. A running generation stops (within one
+        layer's work) first; later calls raise EdgerunError. Safe to call twice."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._turns.wait_idle()
+        t, self._transformer, self._generator = self._transformer, None, None
+        if t is not None:
+            # a stream the caller left open still references the transformer: empty it so the
+            # arrays are freed now (that stream ends at its next step: the closed flag is set)
+            t.w.tensors.clear()
+            t.layers = []
+            t.state = None
 
     def __enter__(self):
         return self
@@ -198,8 +253,65 @@ class Model:
         self.close()
 
 
+class _Turns:
+    """A FIFO lock over the model with a polled abort: generations run one at a time in arrival
+    order. `suspended` is True while the holder is a stream paused between tokens in its caller."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._queue: deque = deque()
+        self.owner: int | None = None
+        self.suspended = False
+
+    def acquire(self, abort) -> bool:
+        ticket = object()
+        with self._cv:
+            self._queue.append(ticket)
+            while self.owner is not None or self._queue[0] is not ticket:
+                if abort.is_set():
+                    self._queue.remove(ticket)
+                    self._cv.notify_all()
+                    return False
+                self._cv.wait(0.02)       # events cannot notify this condition: poll the abort
+            self._queue.popleft()
+            self.owner = threading.get_ident()
+            return True
+
+    def release(self) -> None:
+        with self._cv:
+            self.owner = None
+            self._cv.notify_all()
+
+    def wait_idle(self) -> None:
+        """Until no call runs (a stream paused in its caller counts as idle)."""
+        with self._cv:
+            while self.owner is not None and not self.suspended:
+                self._cv.wait(0.01)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class _Progress:
+    """Calls on_progress(fraction) with increasing values ending at 1.0; False from it cancels."""
+
+    def __init__(self, callback):
+        self.callback, self.last = callback, -1.0
+
+    def __call__(self, fraction: float) -> None:
+        fraction = min(1.0, max(0.0, fraction))
+        if self.callback is None or fraction <= self.last:
+            return
+        self.last = fraction
+        if self.callback(fraction) is False:
+            raise Cancelled("loading was cancelled by on_progress")
+
+
 class _AnyEvent:
-    """Set when either the model's own cancel flag or the caller's token is set."""
+    """Set when any of the given events (None ignored) is set."""
 
     def __init__(self, *events):
         self.events = [e for e in events if e is not None]

@@ -276,6 +276,29 @@ def verify(model):
         click.echo(f"{model}: OK ({len(f.arrays)} arrays, {f.file_size / 1e6:.1f} MB, all checksums match)")
 
 
+@main.command()
+@click.argument("model", required=False)
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (no authentication: keep loopback unless the network is trusted).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="TCP port (0 picks a free one).")
+def serve(model, ram, context, threads, verbose, host, port):
+    """Serve MODEL over an OpenAI-compatible HTTP API.
+
+    \b
+    Endpoints: POST /v1/chat/completions, POST /v1/completions (both stream with "stream": true),
+    GET /v1/models, GET /health. Requests queue and run one at a time; a client that
+    disconnects cancels its generation. Example:
+      edgerun serve model.ebin --ram 2GB --port 8080
+      curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
+    """
+    from .server import serve as run_server
+    m = load_model(model, ram, context, threads, verbose)
+    with m:
+        run_server(m, host, port, log=_err)
+
+
 def run():
     """Entry point: EdgerunErrors become one line on stderr and exit code 1."""
     try:

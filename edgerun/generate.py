@@ -60,7 +60,9 @@ class Generator:
         try:
             logits = self.model.forward(prompt[keep:], keep, cancel=cancel)
         except Cancelled:
+            # the KV cache past `keep` is partly written: `cached` already excludes it
             stats.finish_reason = "cancelled"
+            stats.prompt_seconds = time.perf_counter() - start
             return
         self.cached = list(prompt)
         stats.prompt_seconds = time.perf_counter() - start
@@ -78,14 +80,24 @@ class Generator:
                 break
             stats.generated_tokens += 1
             history.append(token)
-            yield token
+            try:
+                yield token
+            except GeneratorExit:       # the caller stopped iterating (closed the stream)
+                stats.finish_reason = "cancelled"
+                stats.generate_seconds = time.perf_counter() - decode_start
+                raise
             if cancel is not None and cancel.is_set():
                 stats.finish_reason = "cancelled"
                 break
             if stats.generated_tokens >= max_tokens or len(self.cached) + 1 >= context:
                 stats.finish_reason = "length"
                 break
-            logits = self.model.forward([token], len(self.cached))
+            try:
+                # the check between layers bounds cancel latency by one layer here too
+                logits = self.model.forward([token], len(self.cached), cancel=cancel)
+            except Cancelled:
+                stats.finish_reason = "cancelled"
+                break
             self.cached.append(token)
             stats.decode_steps += 1
         stats.generate_seconds = time.perf_counter() - decode_start
