@@ -35,7 +35,8 @@ def run(path, ram, context):
 @pytest.mark.slow
 @pytest.mark.parametrize("context", [512, 2048])
 def test_peak_rss_within_the_minimum_budget(smollm2_ebin, context):
-    minimum = run(smollm2_ebin, "1MB", context)["minimum"]
+    # the first probe may compile kernels into the on-disk cache (more RSS than loading them later)
+    minimum = max(run(smollm2_ebin, "1MB", context)["minimum"] for _ in range(2))
     assert minimum > 256 * 2**20                          # at least the f16 weights
     # the tightest budget the plan accepts (the runtime's measured part varies by ~0.1 MiB between runs)
     result = run(smollm2_ebin, f"{minimum + 2**20}B", context)
