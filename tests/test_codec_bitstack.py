@@ -1,0 +1,173 @@
+"""BitStack codec (formats/codec-bitstack.md): reference decode vs the paper's procedure, LUT
+kernels vs decode(parts) @ x, block prefixes, importance and the level-wise global order."""
+import numpy as np
+import pytest
+
+from edgerun.codecs import get_codec
+from edgerun.codecs.bitstack import (BitStackCodec, activation_scale, block_importance, block_layout,
+                                     order_blocks)
+from edgerun.errors import EdgerunError
+
+RNG = np.random.default_rng(7)
+
+
+def _data(d, n, K=4, k=16, hessian=True):
+    w = RNG.standard_normal((d, n)).astype(np.float32)
+    X = RNG.standard_normal((400, n)).astype(np.float32) * RNG.uniform(0.2, 3.0, n).astype(np.float32)
+    H = (X.T @ X / 400).astype(np.float64) if hessian else None
+    return w, H, BitStackCodec.encode(w, {"blocks": K, "rank": k}, H)
+
+
+@pytest.fixture(scope="module")
+def enc45():
+    return _data(37, 45)
+
+
+@pytest.fixture(scope="module")
+def enc48():
+    return _data(37, 48)
+
+
+def test_registry_and_parts(enc48):
+    w, H, parts = enc48
+    assert isinstance(get_codec("bitstack"), BitStackCodec)
+    assert sorted(parts) == ["block.0", "block.1", "block.2", "block.3", "inv_scale", "meta"]
+    assert parts["meta"].tolist() == [37, 48, 16, 4]
+    assert all(parts[f"block.{i}"].dtype == np.uint8 and parts[f"block.{i}"].size == block_layout(37, 48, 16)[2]
+               for i in range(4))
+
+
+def test_decode_matches_paper_procedure(enc45):
+    """Blocks reproduce the residual iteration: S_i = sign(R), |R| ≈ u vᵀ, R -= S_i ⊙ (u vᵀ)."""
+    w, H, parts = enc45
+    s = activation_scale(H, w.shape[1])
+    np.testing.assert_allclose(parts["inv_scale"], 1 / s, rtol=1e-6)
+    R = w * s[None, :]
+    uo, vo, _ = block_layout(37, 45, 16)
+    for i in range(4):
+        blob = parts[f"block.{i}"]
+        neg = np.unpackbits(blob[:37 * 6].reshape(37, 6), axis=1, count=45, bitorder="little").astype(bool)
+        assert np.array_equal(neg, R < 0)
+        u = blob[uo:uo + 37 * 32].view(np.float16).astype(np.float64).reshape(37, 16)
+        v = blob[vo:vo + 45 * 32].view(np.float16).astype(np.float64).reshape(45, 16)
+        approx = u @ v.T
+        # the randomized SVD is within a few % of the optimal rank-16 approximation of |R|
+        sig = np.linalg.svd(np.abs(R), compute_uv=False)
+        assert np.linalg.norm(approx - np.abs(R)) < 1.05 * np.sqrt(np.sum(sig[16:] ** 2)) + 1e-3
+        R = R - np.where(neg, -approx, approx)
+        np.testing.assert_allclose(BitStackCodec.decode(parts, {}, blocks=i + 1), w - R / s[None, :],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_error_falls_with_blocks():
+    w = RNG.standard_normal((96, 160)).astype(np.float32)
+    parts = BitStackCodec.encode(w, {"blocks": 6, "rank": 8})
+    errs = [np.linalg.norm(BitStackCodec.decode(parts, {}, blocks=m) - w) for m in range(7)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert errs[6] < 0.2 * errs[0]
+
+
+@pytest.mark.parametrize("fixture", ["enc48", "enc45"])
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_matvec_matmul_row_vs_decode(request, fixture, m):
+    w, H, parts = request.getfixturevalue(fixture)
+    d, n = w.shape
+    W = BitStackCodec.decode(parts, {}, blocks=m)
+    lin = BitStackCodec.load(parts, {}, blocks=m)
+    assert lin.shape == (d, n) and lin.blocks == m
+    scale = np.abs(W).sum(axis=1).max()
+    x = RNG.standard_normal(n).astype(np.float32)
+    out = np.full(d, np.nan, np.float32)
+    lin.matvec(x, out)
+    np.testing.assert_allclose(out, W @ x, atol=2e-5 * scale)
+    for T in (1, 3, 17):
+        X = RNG.standard_normal((T, n)).astype(np.float32)
+        O = np.full((T, d), np.nan, np.float32)
+        lin.matmul(X, O)
+        np.testing.assert_allclose(O, X @ W.T, atol=2e-5 * scale)
+    r = np.full(n, np.nan, np.float32)
+    lin.row(5, r)
+    np.testing.assert_allclose(r, W[5], atol=1e-5 * np.abs(W).max())
+
+
+def test_low_rank_is_padded_for_the_kernel():
+    w, _, parts = _data(20, 24, K=2, k=5, hessian=False)
+    W = BitStackCodec.decode(parts, {})
+    lin = BitStackCodec.load(parts, {})
+    x = RNG.standard_normal(24).astype(np.float32)
+    out = np.empty(20, np.float32)
+    lin.matvec(x, out)
+    np.testing.assert_allclose(out, W @ x, atol=1e-4)
+
+
+def test_set_blocks_grow_shrink_and_sizes(enc48):
+    w, H, parts = enc48
+    prefix = {k: v for k, v in parts.items() if not k.startswith("block.") or int(k[6:]) < 2}
+    lin = BitStackCodec.load(prefix, {})          # only blocks 0, 1 present: loads 2
+    assert lin.blocks == 2
+    bb = block_layout(37, 48, 16)[2]
+    assert lin.nbytes == 2 * bb + parts["meta"].nbytes + parts["inv_scale"].nbytes
+    x = RNG.standard_normal(48).astype(np.float32)
+    out = np.empty(37, np.float32)
+    with pytest.raises(EdgerunError, match="block.2"):
+        lin.set_blocks(3, prefix)
+    lin.set_blocks(4, parts)
+    lin.matvec(x, out)
+    np.testing.assert_allclose(out, BitStackCodec.decode(parts, {}) @ x, atol=1e-4)
+    lin.set_blocks(1)
+    assert lin.blocks == 1 and lin.nbytes < 2 * bb
+    lin.matvec(x, out)
+    np.testing.assert_allclose(out, BitStackCodec.decode(parts, {}, blocks=1) @ x, atol=1e-4)
+    lin.set_blocks(0)
+    lin.matvec(x, out)
+    assert not out.any()
+    with pytest.raises(EdgerunError):
+        lin.set_blocks(5, parts)
+    with pytest.raises(EdgerunError, match="block.2"):
+        BitStackCodec.decode(prefix, {}, blocks=4)
+
+
+def test_bad_inputs():
+    with pytest.raises(EdgerunError):
+        BitStackCodec.encode(np.zeros(8, np.float32), {})
+    with pytest.raises(EdgerunError):
+        BitStackCodec.encode(np.zeros((4, 8), np.float32), {"rank": 32})
+    with pytest.raises(EdgerunError, match="hessian"):
+        BitStackCodec.encode(np.zeros((4, 8), np.float32), {}, np.eye(9))
+    w, _, parts = _data(8, 16, K=1, hessian=False)
+    bad = dict(parts, **{"block.0": parts["block.0"][:-1]})
+    with pytest.raises(EdgerunError, match="uint8 bytes"):
+        BitStackCodec.load(bad, {})
+
+
+def test_block_importance_is_the_hessian_error_drop(enc45):
+    w, H, parts = enc45
+    scores = block_importance(parts, {}, H, w)
+    errs = []
+    for m in range(5):
+        E = (w - BitStackCodec.decode(parts, {}, blocks=m)).astype(np.float64)
+        errs.append(np.trace(E @ H @ E.T))
+    np.testing.assert_allclose(scores, -np.diff(errs), rtol=1e-6)
+    assert scores[0] > scores[1] > scores[2] > 0
+    assert len(block_importance(parts, {}, None)) == 4     # no W, no H: Frobenius vs full stack
+
+
+def test_order_blocks_level_invariant():
+    rng = np.random.default_rng(3)
+    names = [f"m{i}" for i in range(9)]
+    nblocks = {nm: int(rng.integers(2, 6)) for nm in names}
+    scores = {nm: list(rng.uniform(0, 10, nblocks[nm])) for nm in names}
+    sizes = {nm: int(rng.integers(100, 1000)) for nm in names}
+    order = order_blocks(sizes, scores)
+    assert sorted(order) == sorted((nm, i) for nm in names for i in range(nblocks[nm]))
+    have = dict.fromkeys(names, 0)
+    for nm, i in order:
+        assert i == have[nm]                       # blocks of a matrix come in order
+        have[nm] += 1
+        # no matrix two blocks ahead: every matrix that has block i-1 got it before this block i
+        assert all(have[o] >= min(i, nblocks[o]) for o in names)
+    # within a level: importance per byte, descending
+    lvl0 = [nm for nm, i in order if i == 0]
+    dens = [scores[nm][0] / sizes[nm] for nm in lvl0]
+    assert dens == sorted(dens, reverse=True)
+    assert order_blocks({}, {}) == []

@@ -1,0 +1,112 @@
+"""Benchmark the bitstack LUT matvec on SmolLM2-135M shapes (DESIGN §6, issue #4 speed target).
+
+    python tools/bench_bitstack.py [--layers 30] [--reps 5] [--blocks 1,2,3,4,8,16] [--encode]
+
+Prints ns per weight per block for each shape, and the whole token's linear matvecs (30 layers
+of q, k, v, o, gate, up, down; lm_head excluded) in ms at each block count, at 1 and 2 threads.
+Blocks are synthesized (random signs and fp16 factors): the kernel's speed does not depend on
+the values, and 30 distinct layers keep the working set out of cache as in a real model.
+With --encode, also times BitStackCodec.encode per shape (16 blocks, rank 16).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from edgerun import kernels
+from edgerun.codecs.bitstack import BitStackCodec, block_layout
+
+# (name, d, n) of one SmolLM2-135M layer
+SHAPES = [("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576),
+          ("gate", 1536, 576), ("up", 1536, 576), ("down", 576, 1536)]
+
+
+def synth_parts(d: int, n: int, K: int, rng, k: int = 16) -> dict:
+    uo, vo, total = block_layout(d, n, k)
+    parts = {"meta": np.array([d, n, k, K], np.int32), "inv_scale": np.ones(n, np.float32)}
+    for i in range(K):
+        blob = rng.integers(0, 256, total, dtype=np.uint8)
+        blob[uo: uo + 2 * d * k] = (rng.standard_normal(d * k) * 0.05).astype(np.float16).view(np.uint8)
+        blob[vo: vo + 2 * n * k] = (rng.standard_normal(n * k) * 0.05).astype(np.float16).view(np.uint8)
+        parts[f"block.{i}"] = blob
+    return parts
+
+
+def time_calls(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--blocks", default="1,2,3,4,6,8,12,16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--encode", action="store_true")
+    a = ap.parse_args()
+    levels = [int(b) for b in a.blocks.split(",")]
+    K = max(levels)
+    rng = np.random.default_rng(0)
+    codec = BitStackCodec()
+
+    if a.encode:
+        for name, d, n in SHAPES:
+            w = (rng.standard_normal((d, n)) * 0.05).astype(np.float32)
+            X = rng.standard_normal((256, n)).astype(np.float32)
+            H = X.T @ X / 256
+            t = time.perf_counter()
+            codec.encode(w, {"blocks": 16, "rank": 16}, H)
+            print(f"encode {name:5s} {d}x{n}: {time.perf_counter() - t:.2f} s (16 blocks)")
+
+    parts = [{name: synth_parts(d, n, K, rng) for name, d, n in SHAPES} for _ in range(a.layers)]
+    layers = [{name: codec.load(p[name], {}) for name in p} for p in parts]
+
+    def set_all(m):
+        for layer, p in zip(layers, parts):
+            for name, lin in layer.items():
+                lin.set_blocks(m, p[name])
+
+    xs = {n: rng.standard_normal(n).astype(np.float32) for n in (576, 1536)}
+    outs = {d: np.empty(d, np.float32) for d in (192, 576, 1536)}
+    for _, d, n in SHAPES:
+        print(f"{d}x{n}: block = {block_layout(d, n, 16)[2]} bytes "
+              f"({block_layout(d, n, 16)[2] * 8 / (d * n):.3f} bits/weight)")
+
+    for threads in (int(t) for t in a.threads.split(",")):
+        kernels.set_threads(threads)
+        print(f"\n--- {threads} thread(s) ---")
+        # per shape: one matrix, m blocks, ns per weight per block
+        for name, d, n in SHAPES:
+            lin = layers[0][name]
+            row = []
+            for m in (1, 4):
+                lin.set_blocks(m, parts[0][name])
+                s = time_calls(lambda: lin.matvec(xs[n], outs[d]), a.reps * 20)
+                row.append(f"m={m}: {s * 1e9 / (d * n * m):.3f} ns/w/blk ({s * 1e6:.0f} us)")
+            print(f"{name:5s} {d}x{n}  " + "  ".join(row))
+
+        def token():
+            for layer in layers:
+                for name, d, n in SHAPES:
+                    layer[name].matvec(xs[n], outs[d])
+
+        total_w = a.layers * sum(d * n for _, d, n in SHAPES)
+        for m in levels:
+            set_all(m)
+            wbytes = sum(lin.nbytes for layer in layers for lin in layer.values())
+            s = time_calls(token, a.reps)
+            print(f"blocks={m:2d}: token {s * 1e3:7.2f} ms  ({wbytes / 1e6:6.1f} MB, "
+                  f"{wbytes * 8 / total_w:.2f} bits/w, {s * 1e9 / (total_w * m):.3f} ns/w/blk)")
+    kernels.set_threads(1)
+
+
+if __name__ == "__main__":
+    main()
