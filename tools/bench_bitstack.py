@@ -6,7 +6,7 @@ Prints ns per weight per block for each shape, and the whole token's linear matv
 of q, k, v, o, gate, up, down; lm_head excluded) in ms at each block count, at 1 and 2 threads.
 Blocks are synthesized (random signs and fp16 factors): the kernel's speed does not depend on
 the values, and 30 distinct layers keep the working set out of cache as in a real model.
-With --encode, also times BitStackCodec.encode per shape (16 blocks, rank 16).
+With --encode, also times BitStackCodec.encode per shape (16 blocks, --rank k, default 16).
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--blocks", default="1,2,3,4,6,8,12,16")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--encode", action="store_true")
     a = ap.parse_args()
     levels = [int(b) for b in a.blocks.split(",")]
@@ -63,10 +64,10 @@ def main():
             X = rng.standard_normal((256, n)).astype(np.float32)
             H = X.T @ X / 256
             t = time.perf_counter()
-            codec.encode(w, {"blocks": 16, "rank": 16}, H)
+            codec.encode(w, {"blocks": 16, "rank": a.rank}, H)
             print(f"encode {name:5s} {d}x{n}: {time.perf_counter() - t:.2f} s (16 blocks)")
 
-    parts = [{name: synth_parts(d, n, K, rng) for name, d, n in SHAPES} for _ in range(a.layers)]
+    parts = [{name: synth_parts(d, n, K, rng, a.rank) for name, d, n in SHAPES} for _ in range(a.layers)]
     layers = [{name: codec.load(p[name], {}) for name in p} for p in parts]
 
     def set_all(m):
@@ -77,13 +78,15 @@ def main():
     xs = {n: rng.standard_normal(n).astype(np.float32) for n in (576, 1536)}
     outs = {d: np.empty(d, np.float32) for d in (192, 576, 1536)}
     for _, d, n in SHAPES:
-        print(f"{d}x{n}: block = {block_layout(d, n, 16)[2]} bytes "
-              f"({block_layout(d, n, 16)[2] * 8 / (d * n):.3f} bits/weight)")
+        print(f"{d}x{n}: block = {block_layout(d, n, a.rank)[2]} bytes "
+              f"({block_layout(d, n, a.rank)[2] * 8 / (d * n):.3f} bits/weight)")
 
     for threads in (int(t) for t in a.threads.split(",")):
         kernels.set_threads(threads)
         print(f"\n--- {threads} thread(s) ---")
-        # per shape: one matrix, m blocks, ns per weight per block
+        # per shape: one matrix, m blocks, ns per weight per block (min of many: in-cache, and
+        # robust to other processes; the per-block sum x 30 layers is a quiet-machine token time)
+        per_block = 0.0
         for name, d, n in SHAPES:
             lin = layers[0][name]
             row = []
@@ -91,7 +94,11 @@ def main():
                 lin.set_blocks(m, parts[0][name])
                 s = time_calls(lambda: lin.matvec(xs[n], outs[d]), a.reps * 20)
                 row.append(f"m={m}: {s * 1e9 / (d * n * m):.3f} ns/w/blk ({s * 1e6:.0f} us)")
+                if m == 4:
+                    per_block += s / 4
             print(f"{name:5s} {d}x{n}  " + "  ".join(row))
+
+        print(f"sum of per-shape times: {per_block * a.layers * 1e3:.2f} ms per block per token")
 
         def token():
             for layer in layers:

@@ -11,7 +11,7 @@ shrinks a matrix by changing m.
 Compute (LUT-GEMM / T-MAC): y = Σ_i Σ_q u_i[:, q] ⊙ (S_i @ (v_i[:, q] ⊙ z)), z = x / s. Per
 block and token, for every chunk of 4 input columns the 16 signed sums of the k-vectors
 v_i[j] z_j are tabulated (16 x k floats, one cache line per entry at k = 16); a row then costs
-one 16-lane load + add per 4 weights, and one dot with u_i[row] at the end. Dense W is never
+one L-lane load + add per 4 weights (L = rank padded to 4/8/16), then one dot with u_i[row]. Dense W is never
 rebuilt by matvec; the batched matmul (prefill) rebuilds row tiles with BLAS instead, which
 wins from a few tokens on (k multiply-adds per weight per block vs one table walk per token).
 """
@@ -150,8 +150,17 @@ def _dense_block(signs, u, v, n):
 # --- kernels -------------------------------------------------------------------------------
 
 _I8, _I16, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(64), ir.FloatType()
-_V16F32, _V16I16 = ir.VectorType(_F32, LANES), ir.VectorType(_I16, LANES)
-_V16F16 = ir.VectorType(ir.HalfType(), LANES)
+WIDTHS = (4, 8, 16)        # kernel lane widths: the rank is zero-padded up to the next one
+
+
+def _width(k: int) -> int:
+    return next(L for L in WIDTHS if k <= L)
+
+
+def _lanes(lanes):
+    """The literal lane count of an intrinsic's last argument (None if not a literal 4/8/16)."""
+    L = getattr(lanes, "literal_value", None)
+    return L if L in WIDTHS else None
 
 
 def _data(context, builder, ty, val):
@@ -166,15 +175,15 @@ def _fast(builder, op, a, b):
     return getattr(builder, op)(a, b, flags=("fast",))
 
 
-def _load_f16x16(builder, p):
-    """IR: 16 fp16 values at i16* p -> <16 x float>."""
-    h = builder.load(p, typ=_V16I16, align=2)
-    return builder.fpext(builder.bitcast(h, _V16F16), _V16F32)
+def _load_f16(builder, p, L):
+    """IR: L fp16 values at i16* p -> <L x float>."""
+    h = builder.load(p, typ=ir.VectorType(_I16, L), align=2)
+    return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), L)), ir.VectorType(_F32, L))
 
 
-def _hsum(builder, v):
-    """IR: horizontal sum of a <16 x float> by halving shuffles."""
-    n = LANES
+def _hsum(builder, v, L):
+    """IR: horizontal sum of a <L x float> by halving shuffles."""
+    n = L
     while n > 1:
         n //= 2
         a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
@@ -183,22 +192,27 @@ def _hsum(builder, v):
     return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
 
 
-@intrinsic
-def _tables(typingctx, v, z, nchunks, tab):
-    """tab[c, p, :] = Σ_t (bit t of p ? -1 : +1) · v[4c+t, :16] · z[4c+t] for c < nchunks."""
+@intrinsic(prefer_literal=True)
+def _tables(typingctx, v, z, nchunks, tab, lanes):
+    """tab[c, p, :] = Σ_t (bit t of p ? -1 : +1) · v[4c+t, :L] · z[4c+t] for c < nchunks."""
+    L = _lanes(lanes)
+    if L is None:
+        return None
+    VF = ir.VectorType(_F32, L)
+
     def codegen(context, builder, sig, args):
-        v_v, z_v, nc_v, tab_v = args
+        v_v, z_v, nc_v, tab_v, _ = args
         pv = _data(context, builder, sig.args[0], v_v)
         pz = _data(context, builder, sig.args[1], z_v)
         pt = _data(context, builder, sig.args[3], tab_v)
-        undef = ir.Constant(_V16F32, ir.Undefined)
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        undef = ir.Constant(VF, ir.Undefined)
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), L), [0] * L)
         with cgutils.for_range(builder, nc_v) as loop:
             c = loop.index
             a = []
             for t in range(4):
                 j = builder.add(builder.mul(c, _c64(4)), _c64(t))
-                vj = _load_f16x16(builder, builder.gep(pv, [builder.mul(j, _c64(LANES))], source_etype=_I16))
+                vj = _load_f16(builder, builder.gep(pv, [builder.mul(j, _c64(L))], source_etype=_I16), L)
                 zj = builder.load(builder.gep(pz, [j], source_etype=_F32))
                 zs = builder.shuffle_vector(builder.insert_element(undef, zj, ir.Constant(ir.IntType(32), 0)),
                                             undef, zeros)
@@ -209,66 +223,83 @@ def _tables(typingctx, v, z, nchunks, tab):
             for p in range(1, 16):
                 t = (p & -p).bit_length() - 1          # lowest set bit: flip column t to negative
                 e[p] = _fast(builder, "fsub", e[p & (p - 1)], two_a[t])
-            base = builder.mul(c, _c64(16 * LANES))
+            base = builder.mul(c, _c64(16 * L))
             for p in range(16):
-                dst = builder.gep(pt, [builder.add(base, _c64(p * LANES))], source_etype=_F32)
-                builder.store(e[p], builder.bitcast(dst, _V16F32.as_pointer()), align=4)
+                dst = builder.gep(pt, [builder.add(base, _c64(p * L))], source_etype=_F32)
+                builder.store(e[p], builder.bitcast(dst, VF.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.none(v, z, nchunks, tab), codegen
+    return types.none(v, z, nchunks, tab, lanes), codegen
 
 
-@intrinsic
-def _lut_dot(typingctx, signs, soff, tab, nbytes, u, uoff):
-    """float32 u[uoff:uoff+16] · Σ_j (tab[2j, lo(b_j)] + tab[2j+1, hi(b_j)]), b_j = signs[soff+j]."""
+@intrinsic(prefer_literal=True)
+def _lut_dot(typingctx, signs, soff, tab, nbytes, u, uoff, lanes):
+    """float32 u[uoff:uoff+L] · Σ_j (tab[2j, lo(b_j)] + tab[2j+1, hi(b_j)]), b_j = signs[soff+j]."""
+    L = _lanes(lanes)
+    if L is None:
+        return None
+    VF = ir.VectorType(_F32, L)
+
     def codegen(context, builder, sig, args):
-        s_v, soff_v, tab_v, nb_v, u_v, uoff_v = args
+        s_v, soff_v, tab_v, nb_v, u_v, uoff_v, _ = args
         ps = builder.gep(_data(context, builder, sig.args[0], s_v), [soff_v], source_etype=_I8)
         pt = _data(context, builder, sig.args[2], tab_v)
         pu = builder.gep(_data(context, builder, sig.args[4], u_v), [uoff_v], source_etype=_I16)
-        acc0 = cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * LANES))
-        acc1 = cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * LANES))
+        acc0 = cgutils.alloca_once_value(builder, ir.Constant(VF, [0.0] * L))
+        acc1 = cgutils.alloca_once_value(builder, ir.Constant(VF, [0.0] * L))
         with cgutils.for_range(builder, nb_v) as loop:
             j = loop.index
             b = builder.zext(builder.load(builder.gep(ps, [j], source_etype=_I8)), _I64)
-            base = builder.mul(j, _c64(32 * LANES))        # two chunks of 16 entries per byte
-            o0 = builder.add(base, builder.shl(builder.and_(b, _c64(15)), _c64(4)))
-            o1 = builder.add(builder.add(base, _c64(16 * LANES)), builder.shl(builder.lshr(b, _c64(4)), _c64(4)))
-            t0 = builder.load(builder.gep(pt, [o0], source_etype=_F32), typ=_V16F32, align=4)
-            t1 = builder.load(builder.gep(pt, [o1], source_etype=_F32), typ=_V16F32, align=4)
+            base = builder.mul(j, _c64(32 * L))            # two chunks of 16 entries per byte
+            sh = _c64(L.bit_length() - 1)                   # entry p starts at p * L floats
+            o0 = builder.add(base, builder.shl(builder.and_(b, _c64(15)), sh))
+            o1 = builder.add(builder.add(base, _c64(16 * L)), builder.shl(builder.lshr(b, _c64(4)), sh))
+            t0 = builder.load(builder.gep(pt, [o0], source_etype=_F32), typ=VF, align=4)
+            t1 = builder.load(builder.gep(pt, [o1], source_etype=_F32), typ=VF, align=4)
             builder.store(_fast(builder, "fadd", builder.load(acc0), t0), acc0)
             builder.store(_fast(builder, "fadd", builder.load(acc1), t1), acc1)
         acc = _fast(builder, "fadd", builder.load(acc0), builder.load(acc1))
-        return _hsum(builder, _fast(builder, "fmul", acc, _load_f16x16(builder, pu)))
+        return _hsum(builder, _fast(builder, "fmul", acc, _load_f16(builder, pu, L)), L)
 
-    return types.float32(signs, soff, tab, nbytes, u, uoff), codegen
+    return types.float32(signs, soff, tab, nbytes, u, uoff, lanes), codegen
 
 
 @njit(**_JIT)
 def build_tables(v, z, tab):
-    # v (n, 16) f16 bits, z (n,) f32 -> tab (>= 2*ceil(n/8)*16*16,) f32 sign-pattern sums
-    n = v.shape[0]
+    # v (n, L) f16 bits, z (n,) f32 -> tab (>= 2*ceil(n/8)*16*L,) f32 sign-pattern sums
+    n, L = v.shape
     nfull = n // 4
-    _tables(v, z, nfull, tab)
+    if L == 16:      # one literal lane count per call site: three specializations, one branch
+        _tables(v, z, nfull, tab, 16)
+    elif L == 8:
+        _tables(v, z, nfull, tab, 8)
+    else:
+        _tables(v, z, nfull, tab, 4)
     nchunks = 2 * ((n + 7) // 8)
     for c in range(nfull, nchunks):     # partial / empty chunks: columns >= n contribute 0
         for p in range(16):
-            for q in range(LANES):
+            for q in range(L):
                 acc = np.float32(0.0)
                 for t in range(4):
                     j = 4 * c + t
                     if j < n:
                         a = f16_to_f32(v[j, q]) * z[j]
                         acc += -a if (p >> t) & 1 else a
-                tab[(c * 16 + p) * LANES + q] = acc
+                tab[(c * 16 + p) * L + q] = acc
 
 
 @njit(**_JIT)
 def _lut_rows(signs, u, tab, out, r0, r1, accumulate):
-    # signs (d, nb) u8, u (d, 16) f16 bits, tab (tables) -> out[r0:r1] (+)= u[r]·(S[r] @ A)
+    # signs (d, nb) u8, u (d, L) f16 bits, tab (tables) -> out[r0:r1] (+)= u[r]·(S[r] @ A)
     nb = signs.shape[1]
+    L = u.shape[1]
     for r in range(r0, r1):
-        y = _lut_dot(signs, r * nb, tab, nb, u, r * LANES)
+        if L == 16:
+            y = _lut_dot(signs, r * nb, tab, nb, u, r * 16, 16)
+        elif L == 8:
+            y = _lut_dot(signs, r * nb, tab, nb, u, r * 8, 8)
+        else:
+            y = _lut_dot(signs, r * nb, tab, nb, u, r * 4, 4)
         if accumulate:
             out[r] += y
         else:
@@ -277,7 +308,7 @@ def _lut_rows(signs, u, tab, out, r0, r1, accumulate):
 
 @njit(**_JIT)
 def matvec_block(signs, u, v, z, tab, out, accumulate):
-    # one block: signs (d, nb) u8, u (d, 16), v (n, 16) f16 bits; z (n,) -> out (d,) (+)=
+    # one block: signs (d, nb) u8, u (d, L), v (n, L) f16 bits, L in 4/8/16; z (n,) -> out (d,) (+)=
     build_tables(v, z, tab)
     _lut_rows(signs, u, tab, out, 0, signs.shape[0], accumulate)
 
@@ -338,9 +369,9 @@ def _scratch(name: str, size: int, align: int = 64) -> np.ndarray:
     return buf[:size]
 
 
-def table_floats(n: int) -> int:
-    """float32 count of one block's per-token table: ceil(n/8) bytes x 2 chunks x 16 x 16."""
-    return 2 * ((n + 7) // 8) * 16 * LANES
+def table_floats(n: int, lanes: int = LANES) -> int:
+    """float32 count of one block's per-token table: ceil(n/8) bytes x 2 chunks x 16 x lanes."""
+    return 2 * ((n + 7) // 8) * 16 * lanes
 
 
 class BitStackLinear:
@@ -355,6 +386,7 @@ class BitStackLinear:
         self._views: list = []        # per loaded block: (signs, u, v) views, u/v padded to 16 lanes
         self._z = np.empty(self.n, np.float32)
         self._big = self.d * self.n >= PAR_MIN_WEIGHTS
+        self.lanes = _width(min(self.k, LANES))
         if self.k > LANES:
             raise UnsupportedModelError(f"bitstack codec: the kernels support rank <= {LANES}, got {self.k}")
         self.set_blocks(self.K if blocks is None else blocks, parts)
@@ -389,9 +421,9 @@ class BitStackLinear:
             if blob is None:
                 raise UnsupportedModelError(f"bitstack codec: block.{i} is not available (asked for {m} blocks)")
             signs, u, v = _block_views(np.ascontiguousarray(blob), self.d, self.n, self.k)
-            if self.k < LANES:   # the kernel reads 16 lanes: pad with zero rank columns (a copy)
-                u = np.pad(u, ((0, 0), (0, LANES - self.k)))
-                v = np.pad(v, ((0, 0), (0, LANES - self.k)))
+            if self.k < self.lanes:   # the kernel reads 4/8/16 lanes: zero rank columns (a copy)
+                u = np.pad(u, ((0, 0), (0, self.lanes - self.k)))
+                v = np.pad(v, ((0, 0), (0, self.lanes - self.k)))
             self._views.append((signs, u, v))
 
     # -- compute ------------------------------------------------------------------------------
@@ -402,7 +434,7 @@ class BitStackLinear:
             return
         z = self._z
         np.multiply(x, self.inv_scale, out=z)
-        tab = _scratch("tab", table_floats(self.n))
+        tab = _scratch("tab", table_floats(self.n, self.lanes))
         threads = get_threads()
         par = threads > 1 and self._big
         for i, (signs, u, v) in enumerate(self._views):
@@ -423,7 +455,7 @@ class BitStackLinear:
         Z = X * self.inv_scale
         P = _scratch("P", TILE_ROWS * n).reshape(TILE_ROWS, n)
         W = _scratch("W", TILE_ROWS * n).reshape(TILE_ROWS, n)
-        vf = [_from_f16(v).T.copy() for _, _, v in self._views]   # (16, n) per block, once per call
+        vf = [_from_f16(v).T.copy() for _, _, v in self._views]   # (L, n) per block, once per call
         for r0 in range(0, d, TILE_ROWS):
             r1 = min(d, r0 + TILE_ROWS)
             R = r1 - r0
