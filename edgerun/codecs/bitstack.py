@@ -10,10 +10,10 @@ shrinks a matrix by changing m.
 
 Compute (LUT-GEMM / T-MAC): y = Σ_i Σ_q u_i[:, q] ⊙ (S_i @ (v_i[:, q] ⊙ z)), z = x / s. Per
 block and token, for every chunk of 4 input columns the 16 signed sums of the k-vectors
-v_i[j] z_j are tabulated (16 x k floats, one cache line per entry at k = 16); a row then costs
-one L-lane load + add per 4 weights (L = rank padded to 4/8/16), then one dot with u_i[row]. Dense W is never
-rebuilt by matvec; the batched matmul (prefill) rebuilds row tiles with BLAS instead, which
-wins from a few tokens on (k multiply-adds per weight per block vs one table walk per token).
+v_i[j] z_j are tabulated (16 x L floats, L = k padded to 4/8/16; one cache line per entry at
+L = 16); a row then costs one L-lane load + add per 4 weights and one dot with u_i[row] at the
+end. Dense W is never rebuilt by matvec; the batched matmul (prefill) rebuilds row tiles with
+BLAS instead, which wins from a few tokens on (k multiply-adds per weight per block vs one table walk per token).
 """
 from __future__ import annotations
 
