@@ -13,7 +13,8 @@ block and token, for every chunk of 4 input columns the 16 signed sums of the k-
 v_i[j] z_j are tabulated (16 x L floats, L = k padded to 4/8/16; one cache line per entry at
 L = 16); a row then costs one L-lane load + add per 4 weights and one dot with u_i[row] at the
 end. Dense W is never rebuilt by matvec; the batched matmul (prefill) rebuilds row tiles with
-BLAS instead, which wins from a few tokens on (k multiply-adds per weight per block vs one table walk per token).
+BLAS instead, which wins from a few tokens on (k multiply-adds per weight per block, once,
+vs one table walk per token).
 """
 from __future__ import annotations
 
