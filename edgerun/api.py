@@ -1,6 +1,9 @@
 """The Python API a desktop app embeds: load, logits, stream, generate, chat, cancel, close."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 import traceback
 from collections import deque
@@ -118,6 +121,8 @@ class Model:
             # returned now, not whenever the caller drops the exception.
             traceback.clear_frames(e.__traceback__)
             self._transformer = None
+            gc.collect()
+            release_free_memory()
             raise Cancelled("loading was cancelled by on_progress") from None
         self._generator = Generator(self._transformer)
         self.stop_ids = sorted(set(self.tokenizer.eos_token_ids) | {self.tokenizer.token_to_id(t) for t in END_OF_TURN_TEXTS} - {None})
@@ -245,12 +250,24 @@ class Model:
             t.w.tensors.clear()
             t.layers = []
             t.state = None
+            del t
+        release_free_memory()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS. glibc raises its mmap threshold after big frees
+    (up to 32 MiB), so many weight arrays live in the heap and stay resident after being freed
+    until malloc_trim (measured: ~200 MiB of SmolLM2's 257 MiB without it)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass    # not glibc: nothing to do (or nothing we can do)
 
 
 class _Turns:
