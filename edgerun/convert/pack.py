@@ -25,6 +25,7 @@ DTYPES = ("f32", "f16", "bf16")
 GROUPS = ("embed", "attention", "ffn", "head", "vectors")
 DEFAULT_CALIB_TOKENS = 12288
 CALIB_SEQ_LEN = 256
+EMBED_RULE = "cluster:5"
 
 
 def open_source(path: str | Path) -> Source:
@@ -83,6 +84,10 @@ def make_recipe(dtype: str = "f16", codec: str | None = None, bits: int | None =
     if codec and codec != "dense":
         rule = parse_rule(f"{codec}:{bits if bits is not None else 4}")
         rules["attention"] = rules["ffn"] = rule
+        # Embeddings (and an untied head) are a fifth of a small model's weights and the head runs every
+        # token: 5-bit palettization keeps them accurate at a third of f16 and its kernel is fast
+        # (16/32-entry codebooks are register permutes; 6-8 bits would need slow gathers).
+        rules["embed"] = rules["head"] = parse_rule(EMBED_RULE)
     for item in filter(None, (recipe or "").split(",")):
         group, _, rule = item.partition("=")
         group = group.strip()
@@ -154,9 +159,10 @@ class TensorStore:
 
 def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | None = None,
          calib_text: str | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS, progress=None,
-         layer_progress=None) -> PackSummary:
+         layer_progress=None, layout: str = "standard") -> PackSummary:
     """Convert `src` into `out`. `progress(done_bytes, total_bytes)` is called after each tensor
-    of a dense pack; `layer_progress(done, total)` after each calibrated layer."""
+    of a dense pack; `layer_progress(done, total)` after each calibrated layer. `layout="flash"`
+    stores the FFN as neuron bundles for streaming (edgerun/streaming.py, formats/flash-layout.md)."""
     start = time.perf_counter()
     recipe = recipe or make_recipe(dtype)
     with open_source(src) as source:
@@ -167,7 +173,11 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
         missing = [n for n in names if n not in available]
         if missing:
             raise EdgerunError(f"{src}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
-        calibration = None
+        calibration = flash = None
+        if layout not in ("standard", "flash"):
+            raise EdgerunError(f"--layout must be standard or flash, not {layout!r}")
+        if layout == "flash" and needs_calibration(recipe):
+            raise EdgerunError("--layout flash supports dense packs (f32/f16/bf16) for now")
         with EbinWriter(out) as writer:
             store = TensorStore(writer, recipe)
             if needs_calibration(recipe):
@@ -182,6 +192,13 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                                "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
                 calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
             else:
+                if layout == "flash":
+                    from ..streaming import is_ffn_weight, write_flash
+                    names = [n for n in names if not is_ffn_weight(n)]
+                    flash, params, nbytes = write_flash(source, cfg, meta, writer, recipe["ffn"], calib_text,
+                                                        progress=layer_progress)
+                    store.group_params["ffn"] += params
+                    store.group_bytes["ffn"] += nbytes
                 total = sum(source.tensor_nbytes(n) for n in names)
                 done = 0
                 for name in names:
@@ -198,6 +215,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 "recipe": recipe,
                 "calibration": calibration,
                 "tensors": {n: store.entries[n] for n in names},
+                **({"flash": flash} if flash else {}),
                 "source": {"description": meta.description, "name": Path(src).name,
                            "packed_by": f"edgerun {__version__}",
                            "packed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
