@@ -27,12 +27,13 @@ pytestmark = [pytest.mark.slow,
 @pytest.fixture
 def display():
     pytest.importorskip("tkinter")
-    r, w = os.pipe()
-    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "800x600x24", "-nolisten", "tcp"],
-                            pass_fds=(w,), stderr=subprocess.DEVNULL)
-    os.close(w)
-    number = os.read(r, 64).decode().strip()
-    os.close(r)
+    number = next(n for n in range(140, 200) if not Path(f"/tmp/.X{n}-lock").exists())
+    xvfb = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "800x600x24", "-nolisten", "tcp"],
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not Path(f"/tmp/.X11-unix/X{number}").exists():
+        assert xvfb.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
+        time.sleep(0.05)
     yield f":{number}"
     xvfb.terminate()
     xvfb.wait(10)
