@@ -151,7 +151,9 @@ def main():
               help="Calibration text for compressed codecs (default: a bundled WikiText-2 excerpt).")
 @click.option("--calib-tokens", type=click.IntRange(256), default=None,
               help="Calibration tokens to use (default 12288).")
-def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens):
+@click.option("--layout", type=click.Choice(["standard", "flash"]), default="standard", show_default=True,
+              help="flash: store FFN neurons as bundles for streaming from disk (formats/flash-layout.md).")
+def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layout):
     """Convert a checkpoint into an .ebin.
 
     SRC is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a
@@ -171,7 +173,8 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens):
     _err(f"packing {src} -> {output} ({described})")
     summary = do_pack(src, output, recipe=rules, calib_text=calib_file.read() if calib_file else None,
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, progress=progress_bar("packing"),
-                      layer_progress=progress_bar("calibrating and compressing layers", unit="layers"))
+                      layer_progress=progress_bar("calibrating and compressing layers", unit="layers"),
+                      layout=layout)
     _err(str(summary))
 
 

@@ -196,7 +196,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                     from ..streaming import is_ffn_weight, write_flash
                     names = [n for n in names if not is_ffn_weight(n)]
                     flash, params, nbytes = write_flash(source, cfg, meta, writer, recipe["ffn"], calib_text,
-                                                        progress=layer_progress)
+                                                        calib_tokens, progress=layer_progress)
                     store.group_params["ffn"] += params
                     store.group_bytes["ffn"] += nbytes
                 total = sum(source.tensor_nbytes(n) for n in names)

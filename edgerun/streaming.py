@@ -1,0 +1,659 @@
+"""Feed-forward neurons streamed from flash (DESIGN §5; Alizadeh et al. 2023, "LLM in a flash").
+
+Layout (formats/flash-layout.md): per layer one array of neuron bundles, bundle j = [gate row j,
+up row j, down column j] (3·d values of the stored dtype), neurons ordered by how often they are
+active on calibration text, plus the permutation and a low-rank activation predictor.
+
+At run time a `FlashFFN` is each layer's `ffn` hook (edgerun/model.py). Modes:
+- resident: the whole bundle array is read once (fit first: nothing streams);
+- window:   a criterion picks the active neurons; the union of those used in the last k tokens
+            stays in a preallocated per-layer buffer; each token reads only the missing bundles,
+            coalesced into runs, on a thread pool, while the kept neurons are computed;
+- layer:    every token reads each whole layer, the next layer's read overlapping this one's
+            compute (AirLLM-style baseline);
+- naive:    every token re-reads every FFN weight, synchronously (the paper's naive baseline).
+
+Criteria (SwiGLU has no exact zeros, so sparsity is a calibrated threshold, CATS: Lee et al. 2024):
+- "off":          every neuron (streaming then changes memory, not math);
+- "gate:S":       gate rows resident, exact |silu(gate x)| > the layer's threshold for sparsity S;
+- "lowrank:S":    a rank-r predictor ĝ = A (B x) (whitened SVD of the gate on calibration inputs,
+                  training-free) thresholded at its own calibrated quantile for sparsity S.
+Selected neurons are computed exactly; the others contribute zero.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+from numba.extending import overload
+
+from . import kernels
+from .codecs import get_codec
+from .errors import BudgetError, EdgerunError, UnsupportedModelError
+from .flashio import BOUNCE, FlashReader, coalesce
+from .kernels import bf16_to_f32, f16_to_f32
+
+_JIT = dict(cache=True, nogil=True, fastmath=True)
+
+LAYOUT_VERSION = 1
+SPARSITY_GRID = [round(0.05 * i, 2) for i in range(20)]     # thresholds stored for S = 0 .. 0.95
+PREDICTOR_RANK = 64
+CALIB_TOKENS = 4096
+CALIB_SEQ_LEN = 256
+FREQ_SPARSITY = 0.5          # a neuron is "active" for the frequency ordering above this quantile
+MATMUL_MIN_T = 2             # a chunk of this many tokens or more uses the batched (BLAS) path
+TILE = 256                   # bundles widened per BLAS tile
+STORED = {"f16": np.uint16, "bf16": np.uint16, "f32": np.float32}
+
+
+def parse_criterion(text: str) -> tuple[str, float]:
+    """"off" | "gate:S" | "lowrank:S" (0 <= S < 1 the target sparsity) -> (kind, S)."""
+    text = (text or "off").strip()
+    if text == "off":
+        return "off", 0.0
+    kind, _, s = text.partition(":")
+    try:
+        sparsity = float(s)
+    except ValueError:
+        sparsity = -1.0
+    if kind not in ("gate", "lowrank") or not 0.0 <= sparsity < 1.0:
+        raise EdgerunError(f"criterion {text!r}: use off, gate:S or lowrank:S with 0 <= S < 1 (e.g. lowrank:0.5)")
+    return kind, sparsity
+
+
+def threshold(grid_values, sparsity: float) -> float:
+    """The calibrated threshold for `sparsity`, interpolated on SPARSITY_GRID."""
+    return float(np.interp(sparsity, SPARSITY_GRID, grid_values))
+
+
+# ------------------------------------------------------------------------------ kernels
+
+def widen(v):
+    """Stored weight value -> float32: uint16 = f16 bits, int16 = bf16 bits (a runtime view of the
+    stored uint16, so one kernel serves the three dtypes), float32 as is."""
+
+
+@overload(widen, inline="always")
+def _widen_impl(v):
+    from numba import types
+    if v == types.uint16:
+        return lambda v: f16_to_f32(v)
+    if v == types.int16:
+        return lambda v: bf16_to_f32(v)
+    if v == types.float32:
+        return lambda v: v
+
+
+@njit(inline="always", **_JIT)
+def _row(wa, wb, c):
+    # code c >= 0: row c of wa (window / resident); c < 0: row -1-c of wb (read scratch)
+    return wa[c] if c >= 0 else wb[-1 - c]
+
+
+@njit(**_JIT)
+def bundle_act(wa, wb, codes, sel, x, h):
+    # wa (R, 3, d), wb (S, 3, d) bundles, codes (n,) int64, sel (m,) positions, x (d,) -> h[sel] = silu(g·x)*(u·x)
+    d = x.shape[0]
+    for s in range(sel.shape[0]):
+        k = sel[s]
+        r = _row(wa, wb, codes[k])
+        g = np.float32(0.0)
+        u = np.float32(0.0)
+        for j in range(d):
+            g += widen(r[0, j]) * x[j]
+            u += widen(r[1, j]) * x[j]
+        h[k] = g / (np.float32(1.0) + kernels.expf(-g)) * u
+
+
+@njit(**_JIT)
+def bundle_down(wa, wb, codes, h, out):
+    # wa (R, 3, d), wb (S, 3, d), codes (n,), h (n,) -> out (d,) = Σ_k h[k] · down column of bundle k, in k order
+    d = out.shape[0]
+    for j in range(d):
+        out[j] = np.float32(0.0)
+    for k in range(codes.shape[0]):
+        hk = h[k]
+        if hk == 0.0:
+            continue
+        r = _row(wa, wb, codes[k])
+        for j in range(d):
+            out[j] += hk * widen(r[2, j])
+
+
+@njit(**_JIT)
+def widen_bundles(wa, wb, codes, a, b, tile):
+    # bundles codes[a:b] of (wa, wb) -> tile (>= b-a, 3, d) float32
+    d = wa.shape[2]
+    for k in range(a, b):
+        r = _row(wa, wb, codes[k])
+        for p in range(3):
+            for j in range(d):
+                tile[k - a, p, j] = widen(r[p, j])
+
+
+@njit(**_JIT)
+def copy_rows(src, src_rows, dst, dst_rows):
+    # src (R, 3, d) rows src_rows (n,) -> dst (R2, 3, d) rows dst_rows (n,)
+    for k in range(src_rows.shape[0]):
+        dst[dst_rows[k]] = src[src_rows[k]]
+
+
+def kernel_view(buf: np.ndarray, dtype: str) -> np.ndarray:
+    """The array the kernels read: bf16 bits are viewed as int16 so `widen` picks bf16."""
+    return buf.view(np.int16) if dtype == "bf16" else buf
+
+
+def ffn_rows(wa, wb, codes, x, out, mask=None, h=None, hit=None, wait=None):
+    """out (T, d) = Σ over bundles `codes` (of wa / wb) of down·(silu(gate x)·(up x)), masked per
+    token by `mask` (T, n) bool; always in the order of `codes`, so every mode gives the same floats.
+    One token: Numba kernels, the `hit` bundles computed before `wait()` returns (the reads of the
+    others overlap that work); a chunk: widened tiles + BLAS after `wait()`."""
+    T, d = x.shape
+    n = len(codes)
+    if T < MATMUL_MIN_T:
+        h = np.empty(n, np.float32) if h is None else h[:n]
+        sel = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask[0]).astype(np.int64)
+        h[:] = 0.0
+        if hit is not None:
+            bundle_act(wa, wb, codes, sel[hit[sel]], x[0], h)
+            sel = sel[~hit[sel]]
+        if wait is not None:
+            wait()
+        bundle_act(wa, wb, codes, sel, x[0], h)
+        bundle_down(wa, wb, codes, h, out[0])
+        return
+    if wait is not None:
+        wait()
+    out[:] = 0.0
+    tile = np.empty((TILE, 3, d), np.float32)
+    for a in range(0, n, TILE):
+        b = min(n, a + TILE)
+        widen_bundles(wa, wb, codes, a, b, tile)
+        t = tile[:b - a]
+        g = x @ t[:, 0].T
+        hh = g / (1.0 + np.exp(-g)) * (x @ t[:, 1].T)
+        if mask is not None:
+            hh *= mask[:, a:b]
+        out += hh @ t[:, 2]
+
+
+# ------------------------------------------------------------------------------ window bookkeeping
+
+class NeuronWindow:
+    """Which neurons of one layer sit in which slot of the window buffer (LLM in a flash §3.3).
+
+    slot_of[neuron] = slot or -1; neuron_at[slot] = neuron for slots < count; last[slot] = the step
+    the neuron was last used. Eviction swap-removes: the last occupied slot moves into the hole,
+    so occupied slots stay a prefix and the buffer never fragments. `move(src, dst)` is called
+    for every such move so the caller can move the bundle bytes along."""
+
+    def __init__(self, neurons: int, capacity: int, move=None):
+        self.capacity = capacity
+        self.slot_of = np.full(neurons, -1, np.int64)
+        self.neuron_at = np.full(capacity, -1, np.int64)
+        self.last = np.zeros(capacity, np.int64)
+        self.count = 0
+        self.move = move
+
+    def touch(self, slots, step: int) -> None:
+        self.last[slots] = step
+
+    def evict_older(self, oldest: int) -> int:
+        """Remove every neuron last used before step `oldest`; returns how many."""
+        stale = np.flatnonzero(self.last[:self.count] < oldest)
+        for s in stale[::-1]:               # descending: a moved-in slot is never stale-checked again
+            self._remove(int(s))
+        return len(stale)
+
+    def _remove(self, s: int) -> None:
+        last = self.count - 1
+        self.slot_of[self.neuron_at[s]] = -1
+        if s != last:
+            n = self.neuron_at[last]
+            self.neuron_at[s], self.last[s] = n, self.last[last]
+            self.slot_of[n] = s
+            if self.move is not None:
+                self.move(last, s)
+        self.neuron_at[last] = -1
+        self.count = last
+
+    def insert(self, neurons, step: int) -> np.ndarray:
+        """Give slots to as many of `neurons` (not present) as fit; returns their slots (a prefix)."""
+        k = min(len(neurons), self.capacity - self.count)
+        slots = np.arange(self.count, self.count + k, dtype=np.int64)
+        self.neuron_at[slots] = neurons[:k]
+        self.slot_of[neurons[:k]] = slots
+        self.last[slots] = step
+        self.count += k
+        return slots
+
+    def check(self) -> None:
+        """Invariants (tests): the maps are inverse bijections on the occupied prefix."""
+        occ = self.neuron_at[:self.count]
+        assert (occ >= 0).all() and len(set(occ.tolist())) == self.count
+        assert (self.slot_of[occ] == np.arange(self.count)).all()
+        assert (self.neuron_at[self.count:] == -1).all()
+        assert (self.slot_of >= 0).sum() == self.count
+
+
+# ------------------------------------------------------------------------------ plan
+
+@dataclass
+class FlashStats:
+    tokens: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    neurons_used: int = 0          # summed over layers and tokens
+    neurons_loaded: int = 0
+
+    def line(self) -> str:
+        t = max(self.tokens, 1)
+        mbps = self.bytes_read / self.read_seconds / 1e6 if self.read_seconds else 0.0
+        return (f"{self.bytes_read / t / 1e6:.2f} MB read/token, {mbps:.0f} MB/s while waiting, "
+                f"{self.neurons_loaded / max(self.neurons_used, 1):.1%} of used neurons loaded")
+
+
+@dataclass
+class StreamingPlan:
+    mode: str                  # resident | window | layer | naive
+    criterion: str
+    window: int                # k tokens
+    capacity: int              # window slots per layer
+    layers: int
+    neurons: int               # per layer
+    bundle_bytes: int
+    dtype: str
+    resident_bytes: dict       # what this module keeps in memory, by kind
+    read_per_token: int        # expected bytes read per decoded token (upper bound for window)
+    stats: FlashStats = field(default_factory=FlashStats)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.resident_bytes.values())
+
+    def lines(self) -> list[str]:
+        from .memory import fmt
+        out = [f"  FFN {self.mode}: {self.layers} layers x {self.neurons} neurons x {self.bundle_bytes} B bundles "
+               f"({self.dtype}), criterion {self.criterion}"]
+        if self.mode == "window":
+            out.append(f"  window: last {self.window} tokens, {self.capacity} of {self.neurons} neurons per layer")
+        for k, v in self.resident_bytes.items():
+            out.append(f"    {k:<62} {fmt(v):>12}")
+        out.append(f"  expected reads per token {'(at most) ' if self.mode == 'window' else ''}"
+                   f"{self.read_per_token / 1e6:.2f} MB")
+        return out
+
+
+def _flash(manifest: dict) -> dict:
+    fl = manifest.get("flash")
+    if not fl:
+        raise UnsupportedModelError("this .ebin has no flash layout: repack it with `edgerun pack --layout flash`")
+    if fl.get("version", 0) > LAYOUT_VERSION:
+        raise UnsupportedModelError(f"flash layout v{fl['version']} is newer than this edgerun (v{LAYOUT_VERSION})")
+    return fl
+
+
+def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", window: int = 4,
+                   criterion: str = "lowrank:0.5", threads: int = 2) -> StreamingPlan:
+    """How the FFN runs within `ffn_budget` bytes (everything the FFN needs in memory: bundles,
+    window buffers, scratch, predictor, I/O buffers). mode "auto" is fit-first: resident if every
+    bundle fits, else window; "window", "layer", "naive" force that streaming mode (benchmarks)."""
+    fl = _flash(manifest)
+    kind, sparsity = parse_criterion(criterion)
+    L, f, d = cfg.num_layers, fl["intermediate_size"], fl["hidden_size"]
+    B = 3 * d * np.dtype(STORED[fl["dtype"]]).itemsize
+    full = L * f * B
+    pred = 0
+    if kind == "lowrank":
+        pred = L * (f + d) * fl["predictor_rank"] * 2
+    elif kind == "gate":
+        pred = L * f * d * np.dtype(STORED[fl["dtype"]]).itemsize
+    act = 4 * (3 * f + 2 * TILE * 3 * d)          # per-token activations, masks, a BLAS tile
+    if mode not in ("auto", "resident", "window", "layer", "naive"):
+        raise EdgerunError(f"--stream must be auto, resident, window, layer or naive, not {mode!r}")
+    if ffn_budget >= full + act and mode in ("auto", "resident"):
+        return StreamingPlan("resident", criterion, window, f, L, f, B, fl["dtype"],
+                             {"FFN bundles (resident)": full, "FFN activations": act}, 0)
+    if mode == "resident":
+        raise BudgetError(f"the FFN needs {full + act} bytes resident but its budget is {ffn_budget}")
+    mode = "window" if mode == "auto" else mode
+    io = (threads + 1) * BOUNCE
+    scratch = (2 if mode == "layer" else 1) * f * B
+    fixed = {"FFN read scratch (one layer" + (", double-buffered)" if mode == "layer" else ")"): scratch,
+             "I/O bounce buffers": io, "FFN activations": act}
+    if pred:
+        fixed["predictor (low-rank, f16)" if kind == "lowrank" else "gate rows (resident)"] = pred
+    need = sum(fixed.values())
+    capacity = 0
+    if mode == "window":
+        capacity = int(min(f, max(0, ffn_budget - need) // (L * B)))
+        fixed["window buffers"] = capacity * L * B
+    if ffn_budget < need:
+        raise BudgetError(f"streaming the FFN ({mode}) needs at least {need / 2**20:.1f} MiB, "
+                          f"its budget is {ffn_budget / 2**20:.1f} MiB: raise --ram")
+    per_token = full if mode != "window" else int(math.ceil((1 - sparsity) * f)) * B * L
+    return StreamingPlan(mode, criterion, window, capacity, L, f, B, fl["dtype"], fixed, per_token)
+
+
+# ------------------------------------------------------------------------------ runtime
+
+class _Shared:
+    """What all layers share: the reader, the read scratch (one or two layers of bundles), stats."""
+
+    def __init__(self, reader: FlashReader, plan: StreamingPlan, d: int):
+        self.reader, self.plan = reader, plan
+        f, dt = plan.neurons, STORED[plan.dtype]
+        nbuf = 0 if plan.mode == "resident" else (2 if plan.mode == "layer" else 1)
+        self.scratch = [np.empty((f, 3, d), dt) for _ in range(nbuf)]
+        self.pending = [None] * nbuf        # per buffer: (layer, handle) of a read in flight or done
+        self.calls = 0
+        self.h = np.empty(f, np.float32)
+        self.stats = plan.stats
+
+
+class FlashFFN:
+    """The `ffn(x (T, d), out (T, d))` hook of one layer, over its bundles in the .ebin."""
+
+    def __init__(self, i: int, entry: dict, arrays: dict, plan: StreamingPlan, shared: _Shared,
+                 predictor=None, gate=None, thresholds=None):
+        self.i, self.plan, self.sh = i, plan, shared
+        info = arrays[entry["bundles"]]
+        self.offset, self.f = info.offset, plan.neurons
+        self.d = info.shape[2]
+        self.B = plan.bundle_bytes
+        self.kind, self.sparsity = parse_criterion(plan.criterion)
+        self.predictor, self.gate, self.thr = predictor, gate, thresholds
+        self.resident = None
+        self.window = None
+        if plan.mode == "window":
+            self.wbuf = np.empty((max(plan.capacity, 1), 3, self.d), STORED[plan.dtype])
+            self.window = NeuronWindow(self.f, plan.capacity, move=self._move)
+        self.step = 0
+
+    def _move(self, src: int, dst: int) -> None:
+        self.wbuf[dst] = self.wbuf[src]
+
+    def _view(self, buf):
+        return kernel_view(buf, self.plan.dtype)
+
+    # -- selection
+    def select(self, x):
+        """(union of active neuron ids sorted, mask (T, n) over the union or None)."""
+        if self.kind == "off":
+            return np.arange(self.f, dtype=np.int64), None
+        T = x.shape[0]
+        g = np.empty((T, self.f), np.float32)
+        if self.kind == "gate":
+            self.gate.matmul(x, g) if T > 1 else self.gate.matvec(x[0], g[0])
+        else:
+            a, b = self.predictor
+            z = np.empty((T, b.shape[0]), np.float32)
+            b.matmul(x, z) if T > 1 else b.matvec(x[0], z[0])
+            a.matmul(z, g) if T > 1 else a.matvec(z[0], g[0])
+        act = np.abs(g / (1.0 + np.exp(-g))) > self.thr
+        union = np.flatnonzero(act.any(axis=0)).astype(np.int64)
+        return union, act[:, union]
+
+    # -- the hook
+    def __call__(self, x, out):
+        T = x.shape[0]
+        st = self.sh.stats
+        if self.i == 0:
+            st.tokens += T
+        ids, mask = self.select(x)
+        st.neurons_used += len(ids) * T if mask is None else int(mask.sum())
+        mode = self.plan.mode
+        if mode == "resident":
+            r = self._view(self.resident)
+            ffn_rows(r, r, ids, x, out, mask, self.sh.h)
+        elif mode == "window":
+            self._window(ids, x, out, mask)
+        else:
+            buf = self._view(self._whole_layer())
+            ffn_rows(buf, buf, ids, x, out, mask, self.sh.h)
+
+    def load_resident(self, reader: FlashReader) -> None:
+        self.resident = np.empty((self.f, 3, self.d), STORED[self.plan.dtype])
+        reader.read_into(self.offset, self.resident.reshape(-1).view(np.uint8))
+
+    def _jobs(self, buf, first: int, count: int, row: int = None):
+        row = first if row is None else row
+        mv = buf[row:row + count].reshape(-1).view(np.uint8)
+        return [(self.offset + first * self.B, mv)]
+
+    def _whole_layer(self):
+        """layer: this layer was prefetched during the previous layer; start the next one now.
+        naive: read it now, synchronously."""
+        sh, L = self.sh, self.plan.layers
+        st = sh.stats
+        t0 = time.perf_counter()
+        before = sh.reader.bytes_read
+        if self.plan.mode == "naive":
+            buf = sh.scratch[0]
+            # one request per MiB, as a plain sequential reader would issue them
+            step = max(1, (1 << 20) // self.B)
+            for a in range(0, self.f, step):
+                c = min(step, self.f - a)
+                sh.reader.read_into(self.offset + a * self.B, buf[a:a + c].reshape(-1).view(np.uint8))
+        else:
+            k = sh.calls % 2
+            buf = sh.scratch[k]
+            pend = sh.pending[k]
+            if pend is not None:
+                sh.reader.wait(pend[1])
+            if pend is None or pend[0] != self.i:            # not prefetched (first token, cancel)
+                sh.reader.read_many(self._split(buf))
+            other = 1 - k
+            if sh.pending[other] is not None:
+                sh.reader.wait(sh.pending[other][1])
+            nxt = (self.i + 1) % L
+            sh.pending[other] = (nxt, sh.reader.submit(sh.ffns[nxt]._split(sh.scratch[other])))
+            sh.pending[k] = None
+            sh.calls += 1
+        st.read_seconds += time.perf_counter() - t0
+        st.bytes_read += sh.reader.bytes_read - before if self.plan.mode == "naive" else self.f * self.B
+        st.neurons_loaded += self.f
+        return buf
+
+    def _split(self, buf, pieces: int = 4):
+        step = -(-self.f // pieces)
+        jobs = []
+        for a in range(0, self.f, step):
+            jobs += self._jobs(buf, a, min(step, self.f - a))
+        return jobs
+
+    def _window(self, ids, x, out, mask):
+        w, sh, st = self.window, self.sh, self.sh.stats
+        slots = w.slot_of[ids]
+        hit = slots >= 0
+        miss_ids = ids[~hit]
+        scratch = sh.scratch[0]
+        # the missing bundles go to scratch rows 0.. in id order, read as coalesced runs
+        scratch_rows = np.arange(len(miss_ids), dtype=np.int64)
+        codes = slots.copy()
+        codes[~hit] = -1 - scratch_rows
+        jobs, pos = [], 0
+        for first, count, _, _ in coalesce(miss_ids, self.B):
+            jobs += self._jobs(scratch, first, count, pos)
+            pos += count
+        t0 = time.perf_counter()
+        handle = sh.reader.submit(jobs)
+
+        def wait():
+            sh.reader.wait(handle)
+            st.read_seconds += time.perf_counter() - t0
+
+        ffn_rows(self._view(self.wbuf), self._view(scratch), codes, x, out, mask, sh.h, hit, wait)
+        st.bytes_read += len(miss_ids) * self.B
+        st.neurons_loaded += len(miss_ids)
+        # window update: neurons used now are fresh; forget those unused for k tokens; admit misses
+        self.step += 1
+        w.touch(slots[hit], self.step)
+        w.evict_older(self.step - self.plan.window + 1)
+        if len(miss_ids) and w.count < w.capacity:
+            new = w.insert(miss_ids, self.step)
+            copy_rows(scratch, scratch_rows[:len(new)], self.wbuf, new)
+
+
+def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = "auto", window: int = 4,
+           criterion: str = "lowrank:0.5", threads: int = 2) -> StreamingPlan:
+    """Give every layer of `transformer` a FlashFFN over the flash-layout bundles of `ebin_path`
+    within `ffn_budget` bytes; returns the plan (with live `stats`)."""
+    from .ebin import EbinFile
+    cfg = transformer.cfg
+    plan = plan_streaming(manifest, cfg, ffn_budget, mode, window, criterion, threads)
+    fl = _flash(manifest)
+    kind, sparsity = parse_criterion(criterion)
+    reader = FlashReader(ebin_path, threads=threads)
+    d = fl["hidden_size"]
+    shared = _Shared(reader, plan, d)
+    dense = get_codec("dense")
+    with EbinFile(ebin_path) as ebin:
+        arrays = ebin.arrays
+        ffns = []
+        for i, entry in enumerate(fl["layers"]):
+            pred = gate = thr = None
+            if kind == "lowrank":
+                p = {"dtype": "f16"}
+                pred = (dense.load({"weight": ebin.read(entry["predictor_a"])}, p),
+                        dense.load({"weight": ebin.read(entry["predictor_b"])}, p))
+                thr = threshold(entry["thresholds"]["lowrank"], sparsity)
+            elif kind == "gate":
+                full = np.empty((plan.neurons, 3, d), STORED[fl["dtype"]])
+                reader.read_into(arrays[entry["bundles"]].offset, full.reshape(-1).view(np.uint8))
+                gate = dense.load({"weight": np.ascontiguousarray(full[:, 0])}, {"dtype": fl["dtype"]})
+                del full
+                thr = threshold(entry["thresholds"]["gate"], sparsity)
+            ffn = FlashFFN(i, entry, arrays, plan, shared, pred, gate, thr)
+            if plan.mode == "resident":
+                ffn.load_resident(reader)
+            ffns.append(ffn)
+    shared.ffns = ffns
+    for L, ffn in zip(transformer.layers, ffns):
+        L.ffn = ffn
+    plan.reader = reader
+    return plan
+
+
+# ------------------------------------------------------------------------------ pack time
+
+FFN_NAMES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def is_ffn_weight(name: str) -> bool:
+    """The tensors the flash layout stores as bundles instead of as matrices."""
+    return name.startswith("model.layers.") and name.endswith(FFN_NAMES)
+
+
+def make_bundles(gate, up, down, perm, dtype: str) -> np.ndarray:
+    """gate, up (f, d), down (d, f) float32 -> (f, 3, d) stored bundles in `perm` order."""
+    enc = get_codec("dense").encode
+    b = np.stack([gate[perm], up[perm], down.T[perm]], axis=1)
+    return enc(b.reshape(len(perm), -1), {"dtype": dtype})["weight"].reshape(b.shape)
+
+
+def layer_stats(X: np.ndarray, gate: np.ndarray, rank: int = PREDICTOR_RANK) -> dict:
+    """From one layer's calibration FFN inputs X (N, d) and gate (f, d): frequency order, the
+    |silu(gate x)| thresholds on SPARSITY_GRID, and a rank-r predictor A (f, r), B (r, d) minimizing
+    E‖gate x − A B x‖² (rank-r SVD of gate·L with L Lᵀ = E[x xᵀ]: A = U_r S_r, B = V_rᵀ L⁻¹) with its own thresholds."""
+    N, d = X.shape
+    G = X @ gate.T
+    S = np.abs(G / (1.0 + np.exp(-G)))
+    thr = np.quantile(S, SPARSITY_GRID).tolist()
+    freq = (S > np.quantile(S, FREQ_SPARSITY)).mean(axis=0)
+    perm = np.argsort(-freq, kind="stable").astype(np.int32)
+    H = (X.T.astype(np.float64) @ X) / N
+    H += np.eye(d) * 1e-4 * np.trace(H) / d
+    Lc = np.linalg.cholesky(H)
+    M = gate.astype(np.float64) @ Lc
+    r = min(rank, d)
+    # top-r right singular vectors of M from the small (d, d) Gram matrix: cheaper than a full SVD
+    _, V = np.linalg.eigh(M.T @ M)
+    Vr = V[:, ::-1][:, :r]
+    A = (M @ Vr).astype(np.float32)                                  # U_r S_r
+    Bm = np.linalg.solve(Lc.T, Vr).T.astype(np.float32)              # V_rᵀ L⁻¹
+    # thresholds of the predictor as the runtime will compute it (f16 factors)
+    A16, B16 = A.astype(np.float16).astype(np.float32), Bm.astype(np.float16).astype(np.float32)
+    P = (X @ B16.T) @ A16.T
+    pthr = np.quantile(np.abs(P / (1.0 + np.exp(-P))), SPARSITY_GRID).tolist()
+    return {"perm": perm, "thresholds": {"gate": thr, "lowrank": pthr}, "A": A, "B": Bm,
+            "frequency": freq[perm]}
+
+
+def ffn_inputs(source, cfg, sequences: np.ndarray):
+    """Yield (layer, X (N, d), gate, up, down) with X the FFN inputs of the dense model (float32
+    from the source) on calibration `sequences`, one layer at a time (calibrate.py's scheme)."""
+    from .calibrate import f32_linear
+    from .model import LAYER_TENSORS, Layer, Transformer, Weights
+    n_seq, seq_len = sequences.shape
+    chunk = 64
+    tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=seq_len, chunk=chunk,
+                     layers=[None] * cfg.num_layers)
+    hidden = source.read("model.embed_tokens.weight")[sequences]
+    available = set(source.tensor_names())
+    for i in range(cfg.num_layers):
+        names = {f: f"model.layers.{i}.{n}" for f, n in LAYER_TENSORS.items()}
+        w = {f: source.read(n) for f, n in names.items() if n in available}
+        if any(f in w for f in ("gate_bias", "up_bias", "down_bias")):
+            raise UnsupportedModelError("the flash layout does not store FFN biases yet")
+        loaded = {f: f32_linear(v) if v.ndim == 2 else v for f, v in w.items()}
+        layer = Layer(**{f: loaded.get(f) for f in LAYER_TENSORS})
+        gate, up, down = w["gate"], w["up"], w["down"]
+        seen = []
+
+        def record(xb, out, gate=gate, up=up, down=down, seen=seen):
+            seen.append(xb.copy())
+            g = xb @ gate.T
+            out[:] = (g / (1.0 + np.exp(-g)) * (xb @ up.T)) @ down.T
+
+        layer.ffn = record
+        tf.layers[i] = layer
+        for s in range(n_seq):
+            for c in range(0, seq_len, chunk):
+                tf.block(i, hidden[s, c:c + chunk], c)
+        tf.layers[i] = None
+        yield i, np.concatenate(seen), gate, up, down
+
+
+def write_flash(source, cfg, meta, writer, rule: dict, calib_text: str | None = None,
+                calib_tokens: int = CALIB_TOKENS, progress=None) -> tuple[dict, int, int]:
+    """Write every layer's bundles, permutation and predictor (pack --layout flash); returns the
+    manifest's "flash" section, the FFN parameter count and the bytes written."""
+    if rule["codec"] != "dense":
+        raise UnsupportedModelError(f"--layout flash stores dense FFN weights for now, not {rule['codec']}")
+    from .calibrate import calibration_sequences, default_calibration_text
+    from .tokenizer import Tokenizer
+    dtype = rule["params"]["dtype"]
+    tok = Tokenizer(meta.tokenizer_json, bos_token_id=meta.bos_token_id, eos_token_ids=meta.eos_token_ids,
+                    add_bos_token=meta.add_bos_token, chat_template=None)
+    text = calib_text if calib_text is not None else default_calibration_text()
+    seq_len = CALIB_SEQ_LEN
+    sequences = calibration_sequences(tok, text, calib_tokens, seq_len)
+    layers, params, nbytes = [], 0, 0
+    for i, X, gate, up, down in ffn_inputs(source, cfg, sequences):
+        st = layer_stats(X, gate)
+        base = f"model.layers.{i}.mlp."
+        arrays = {"bundles": make_bundles(gate, up, down, st["perm"], dtype), "perm": st["perm"],
+                  "predictor_a": st["A"][st["perm"]].astype(np.float16).view(np.uint16),
+                  "predictor_b": st["B"].astype(np.float16).view(np.uint16)}
+        entry = {"thresholds": st["thresholds"]}
+        for k, arr in arrays.items():
+            writer.add_array(base + k.replace("_", "."), arr)
+            entry[k] = base + k.replace("_", ".")
+            nbytes += arr.nbytes
+        layers.append(entry)
+        params += gate.size + up.size + down.size
+        if progress is not None:
+            progress(i + 1, cfg.num_layers)
+    section = {"version": LAYOUT_VERSION, "codec": "dense", "dtype": dtype,
+               "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+               "bundle": ["gate_proj row", "up_proj row", "down_proj column"],
+               "predictor_rank": min(PREDICTOR_RANK, cfg.hidden_size), "sparsity_grid": SPARSITY_GRID,
+               "frequency_sparsity": FREQ_SPARSITY,
+               "calibration": {"tokens": int(sequences.size), "sequence_length": seq_len,
+                               "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"},
+               "layers": layers}
+    return section, params, nbytes
