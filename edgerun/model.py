@@ -79,18 +79,23 @@ class Weights:
             self.tensors["lm_head.weight"] = self.tensors["model.embed_tokens.weight"]
 
     @classmethod
-    def from_ebin(cls, ebin, cfg: ModelConfig, progress=None) -> "Weights":
-        """Read every tensor; `progress(done_bytes, total_bytes)` after each."""
+    def from_ebin(cls, ebin, cfg: ModelConfig, progress=None, read_parts=None, total: int | None = None) -> "Weights":
+        """Read every tensor; `read_parts(name, entry) -> {part: array}` may read a subset (e.g. a
+        BitStack prefix); `progress(done_bytes, total_bytes)` after each tensor."""
         entries = ebin.manifest["tensors"]
-        total = sum(ebin.arrays[a].length for e in entries.values() for a in e["parts"].values())
+        if total is None:
+            total = sum(ebin.arrays[a].length for e in entries.values() for a in e["parts"].values())
         done = 0
         tensors = {}
         for name, entry in entries.items():
-            parts = {p: ebin.read(a) for p, a in entry["parts"].items()}
+            if read_parts is not None:
+                parts = read_parts(name, entry)
+            else:
+                parts = {p: ebin.read(a) for p, a in entry["parts"].items()}
             tensors[name] = load_tensor(entry, parts)
             done += sum(a.nbytes for a in parts.values())
             if progress is not None:
-                progress(done, total)
+                progress(min(done, total), total)
         return cls(tensors, cfg, nbytes=done)
 
     def __getitem__(self, name):

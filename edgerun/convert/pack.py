@@ -26,6 +26,9 @@ GROUPS = ("embed", "attention", "ffn", "head", "vectors")
 DEFAULT_CALIB_TOKENS = 12288
 CALIB_SEQ_LEN = 256
 EMBED_RULE = "cluster:5"
+# Rank of each BitStack block. The paper's 16 suits 4k-wide matrices; on small ones rank 8 gives
+# lower error per byte and finer size steps (measured on SmolLM2, formats/codec-bitstack.md).
+BITSTACK_RANK = 8
 
 
 def open_source(path: str | Path) -> Source:
@@ -66,6 +69,9 @@ def parse_rule(text: str) -> dict:
             raise EdgerunError(f"recipe rule {text!r}: dense takes one of {', '.join(DTYPES)}")
         return {"codec": "dense", "params": {"dtype": arg}}
     get_codec(codec)                                   # unknown or unavailable -> a clear error
+    if codec == "bitstack":                            # bitstack:K = K residual blocks per matrix
+        blocks = int(arg) if arg.isdigit() else 16
+        return {"codec": "bitstack", "params": {"blocks": blocks, "rank": BITSTACK_RANK}}
     try:
         bits = int(arg)
     except ValueError:
@@ -82,7 +88,8 @@ def make_recipe(dtype: str = "f16", codec: str | None = None, bits: int | None =
     rules = {g: {"codec": "dense", "params": {"dtype": dtype}} for g in GROUPS}
     rules["vectors"] = {"codec": "dense", "params": {"dtype": "f32"}}
     if codec and codec != "dense":
-        rule = parse_rule(f"{codec}:{bits if bits is not None else 4}")
+        default = 16 if codec == "bitstack" else 4
+        rule = parse_rule(f"{codec}:{bits if bits is not None else default}")
         rules["attention"] = rules["ffn"] = rule
         # Embeddings (and an untied head) are a fifth of a small model's weights and the head runs every
         # token: 5-bit palettization keeps them accurate at a third of f16 and its kernel is fast
@@ -135,12 +142,16 @@ class PackSummary:
 
 
 class TensorStore:
-    """Encodes tensors by the recipe, writes their parts, and keeps the manifest entries."""
+    """Encodes tensors by the recipe, writes their parts, and keeps the manifest entries.
+
+    BitStack blocks are held back and written last, all matrices' blocks together in their
+    global importance order, so that loading the first N blocks of the file is one prefix."""
 
     def __init__(self, writer: EbinWriter, recipe: dict):
         self.writer, self.recipe = writer, recipe
         self.entries = {}
         self.group_params, self.group_bytes = defaultdict(int), defaultdict(int)
+        self.stack_parts, self.stack_scores = {}, {}
 
     def __call__(self, name: str, w, hessian=None):
         group = tensor_group(name, w.ndim)
@@ -150,11 +161,30 @@ class TensorStore:
         entry = {"codec": rule["codec"], "params": rule["params"], "shape": list(w.shape),
                  "parts": {p: array_name(name, p) for p in parts}}
         for part, arr in parts.items():
+            if rule["codec"] == "bitstack" and part.startswith("block."):
+                continue
             self.writer.add_array(entry["parts"][part], arr)
-            self.group_bytes[group] += arr.nbytes
+        if rule["codec"] == "bitstack":
+            from ..codecs.bitstack import block_importance
+            self.stack_parts[name] = parts
+            self.stack_scores[name] = block_importance(parts, rule["params"], hessian, w)
+        self.group_bytes[group] += sum(arr.nbytes for arr in parts.values())
         self.group_params[group] += w.size
         self.entries[name] = entry
         return load_tensor(entry, parts)
+
+    def finish(self) -> dict | None:
+        """Write the held-back BitStack blocks in global order; the manifest's `bitstack` section."""
+        if not self.stack_parts:
+            return None
+        from ..codecs.bitstack import order_blocks
+        sizes = {n: parts["block.0"].nbytes for n, parts in self.stack_parts.items()}
+        order = order_blocks(sizes, self.stack_scores)
+        for name, i in order:
+            self.writer.add_array(self.entries[name]["parts"][f"block.{i}"], self.stack_parts[name][f"block.{i}"])
+        self.stack_parts = {}
+        return {"order": [[name, i] for name, i in order],
+                "importance": {n: [float(v) for v in s] for n, s in self.stack_scores.items()}}
 
 
 def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | None = None,
@@ -173,7 +203,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
         missing = [n for n in names if n not in available]
         if missing:
             raise EdgerunError(f"{src}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
-        calibration = flash = None
+        calibration = flash = stack = None
         if layout not in ("standard", "flash"):
             raise EdgerunError(f"--layout must be standard or flash, not {layout!r}")
         if layout == "flash" and needs_calibration(recipe):
@@ -191,6 +221,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 calibration = {"tokens": int(sequences.size), "sequence_length": CALIB_SEQ_LEN,
                                "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
                 calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
+                stack = store.finish()
             else:
                 if layout == "flash":
                     from ..streaming import is_ffn_weight, write_flash
@@ -214,6 +245,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 "generation": meta.generation,
                 "recipe": recipe,
                 "calibration": calibration,
+                "bitstack": stack,
                 "tensors": {n: store.entries[n] for n in names},
                 **({"flash": flash} if flash else {}),
                 "source": {"description": meta.description, "name": Path(src).name,
