@@ -18,7 +18,8 @@ from .config import ModelConfig
 from .ebin import EbinFile
 from .errors import Cancelled, EdgerunError
 from .generate import Generator, Stats
-from .memory import MemoryPlan, current_rss, parse_size
+from .memory import MemoryPlan, current_rss, fmt, parse_size
+from .bitstack_runtime import BlockOrder, BlockStack, prefix_reader
 from .model import RunState, Transformer, Weights
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -28,6 +29,15 @@ PREFILL_CHUNK = 64
 # Texts of end-of-turn tokens used by common chat templates; generation also stops on them
 # (llama.cpp does the same) because some checkpoints list only the base EOS in their config.
 END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# `--ram auto` leaves this much of the memory available now to the rest of the system.
+AUTO_HEADROOM_FRACTION = 0.10
+AUTO_HEADROOM_MIN = 256 * 2**20
+
+
+def auto_budget() -> int:
+    """`--ram auto`: what this process holds now plus what is available, less headroom."""
+    vm = psutil.virtual_memory()
+    return current_rss() + max(0, vm.available - max(AUTO_HEADROOM_MIN, int(vm.total * AUTO_HEADROOM_FRACTION)))
 
 
 def load(path, ram=None, context: int | None = None, threads: int | None = None, verbose: bool = False,
@@ -62,6 +72,15 @@ def warm_up_kernels(manifest: dict) -> None:
         cache = np.zeros((1, 4, 8), np.float32)
         kernels.attention(x, cache, cache, 0, np.empty_like(x))
         kernels.silu_mul(x, x, np.empty_like(x))
+
+
+def stack_quality(order, n: int) -> str:
+    """The pack's measured perplexity at the nearest size on its size/quality curve, if any."""
+    if not order.curve:
+        return ""
+    size = order.weight_bytes(n)
+    nearest = min(order.curve, key=lambda point: abs(point[0] - size))
+    return f"; calibration perplexity ≈ {nearest[1]:.1f} at this size"
 
 
 def tokenizer_from_manifest(manifest: dict) -> Tokenizer:
@@ -104,14 +123,31 @@ class Model:
                 self.generation_defaults = manifest.get("generation", {})
                 self.manifest = {k: v for k, v in manifest.items() if k != "tokenizer"}
                 self.context = self._context(context)
-                self.budget = psutil.virtual_memory().available if ram in (None, "auto") else parse_size(ram)
+                self.ram_auto = ram in (None, "auto")
                 if threads:
                     kernels.set_threads(threads)
-                self.plan = plan_memory(ebin, self.config, self.context, self.budget)
+                self.plan = plan_memory(ebin, self.config, self.context, None)
+                self.budget = auto_budget() if self.ram_auto else parse_size(ram)
+                self.plan.budget = self.budget
+                read_parts, self._stack = None, None
+                if manifest.get("bitstack"):
+                    # BitStack: the longest prefix of the global block order that fits the budget
+                    order = BlockOrder(manifest, ebin.arrays)
+                    other = self.plan.total - self.plan.weights
+                    order.check(self.budget - other, other)
+                    n = order.prefix_for(self.budget - other)
+                    self.plan.weights = order.weight_bytes(n)
+                    read_parts = prefix_reader(ebin, order, n)
+                    self._stack = BlockStack(order, manifest, {}, n)
+                    log(f"BitStack: {n} of {order.total} blocks fit ({fmt(self.plan.weights)} of weights; "
+                        f"all blocks: {fmt(order.weight_bytes(order.total))})" + stack_quality(order, n))
                 if verbose:
                     log("memory plan:\n" + "\n".join(self.plan.lines()))
                 self.plan.check()
-                weights = Weights.from_ebin(ebin, self.config, progress=lambda done, total: report(done / total))
+                weights = Weights.from_ebin(ebin, self.config, progress=lambda done, total: report(done / total),
+                                            read_parts=read_parts, total=self.plan.weights)
+                if self._stack is not None:
+                    self._stack.linears = {name: weights[name] for name in self._stack.order.stacked}
             self.weight_bytes = weights.nbytes
             self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK)
             del weights
@@ -126,6 +162,37 @@ class Model:
             raise Cancelled("loading was cancelled by on_progress") from None
         self._generator = Generator(self._transformer)
         self.stop_ids = sorted(set(self.tokenizer.eos_token_ids) | {self.tokenizer.token_to_id(t) for t in END_OF_TURN_TEXTS} - {None})
+
+    # --- BitStack: a model whose size follows free RAM ----------------------------------------
+    def resize(self, ram=None, weights=None) -> int:
+        """Grow or shrink a BitStack model in place: to a whole-process budget `ram` (as --ram;
+        "auto" sizes from the memory available now) or to `weights` bytes of weights. Returns the
+        bytes of weights now held. The conversation (KV cache) is kept."""
+        if self._stack is None:
+            raise EdgerunError("only BitStack models (edgerun pack --codec bitstack) can be resized")
+        order = self._stack.order
+        other = self.plan.total - self.plan.weights
+        if weights is not None:
+            target = parse_size(weights)
+        elif ram in (None, "auto"):
+            vm = psutil.virtual_memory()
+            target = self._stack.weight_bytes + vm.available - max(AUTO_HEADROOM_MIN,
+                                                                   int(vm.total * AUTO_HEADROOM_FRACTION))
+        else:
+            self.budget = parse_size(ram)
+            target = self.budget - other
+        order.check(target, other)
+        with self._turn(None):
+            with EbinFile(self.path) as ebin:
+                self._stack.resize(ebin, order.prefix_for(target))
+            release_free_memory()
+            self.plan.weights = self.weight_bytes = self._stack.weight_bytes
+        return self.weight_bytes
+
+    @property
+    def blocks(self) -> tuple[int, int] | None:
+        """(loaded, total) BitStack blocks, or None for other models."""
+        return None if self._stack is None else (self._stack.loaded, self._stack.order.total)
 
     def _context(self, requested):
         limit = self.config.max_position_embeddings

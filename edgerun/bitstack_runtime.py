@@ -113,3 +113,19 @@ def prefix_reader(ebin, order: BlockOrder, n: int):
         return parts
 
     return read_parts
+
+
+def size_quality_curve(transformer, linears: dict, order: list, block_sizes: dict, fixed_bytes: int,
+                       token_windows, levels: int) -> list[list[float]]:
+    """[[weight bytes, perplexity], ...] at each whole level (every matrix with m blocks), measured
+    on calibration windows with the pack-time model; shrinks `linears` level by level."""
+    from .evaluate import perplexity
+    stacked = sorted(linears)
+    curve = []
+    for m in range(levels, 0, -1):
+        for name in stacked:
+            linears[name].set_blocks(min(m, linears[name].blocks))
+        size = fixed_bytes + sum(block_sizes[name] * linears[name].blocks for name in stacked)
+        result = perplexity(lambda ids: transformer.forward(ids, 0, all_logits=True), token_windows)
+        curve.append([int(size), round(result.ppl, 3)])
+    return curve[::-1]

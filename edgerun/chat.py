@@ -118,6 +118,23 @@ class ChatSession:
         self.last_interrupt = now
         return now - before < 2.0
 
+    def follow_free_memory(self):
+        """BitStack models under --ram auto: shed blocks when free memory dropped, load more when
+        it grew (between replies; the conversation is kept)."""
+        if not getattr(self.m, "ram_auto", False) or self.m.blocks is None:
+            return
+        before = self.m.weight_bytes
+        try:
+            after = self.m.resize(ram="auto")
+        except Exception as e:          # too little memory even for the smallest size: say so, go on
+            sys.stderr.write(f"(memory is short: {e})\n")
+            return
+        if after != before:
+            loaded, total = self.m.blocks
+            verb = "grew" if after > before else "shrank"
+            sys.stderr.write(f"(free memory changed: model {verb} to {after / 2**20:.0f} MiB of weights, "
+                             f"{loaded}/{total} blocks)\n")
+
     def reply(self):
         """Stream the assistant's answer; Ctrl+C cancels it (the partial answer is kept)."""
         def on_interrupt(*_):
@@ -139,4 +156,5 @@ class ChatSession:
             self.out.write("(stopped)\n")
         self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
         self.stats()
+        self.follow_free_memory()
         return "quit" if self.quit_requested else None

@@ -56,6 +56,16 @@ def describe(path, context=None) -> str:
         lines.append(f"chat template {'yes (' + str(len(template)) + ' chars)' if template else 'none'}")
         lines.append(f"stop tokens   {tok.get('eos_token_ids')}; BOS {tok.get('bos_token_id')}"
                      f" (added: {tok.get('add_bos_token')})")
+        stack = man.get("bitstack")
+        if stack:
+            from .bitstack_runtime import BlockOrder
+            order = BlockOrder(man, f.arrays)
+            plan.weights = order.weight_bytes(order.minimum)
+            lines.append(f"BitStack      {order.total} blocks in global order; weights from "
+                         f"{fmt(order.weight_bytes(order.minimum))} (one block per matrix) to "
+                         f"{fmt(order.weight_bytes(order.total))}; size/quality (calibration perplexity):")
+            for size, ppl in stack.get("curve") or []:
+                lines.append(f"  {fmt(size):>12}  {ppl:10.2f}")
         lines.append(f"memory at context {context} (minimum --ram {mib_ceil(plan.total)}):")
         lines += plan.lines()[:-1]
         return "\n".join(lines)

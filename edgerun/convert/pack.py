@@ -152,6 +152,7 @@ class TensorStore:
         self.entries = {}
         self.group_params, self.group_bytes = defaultdict(int), defaultdict(int)
         self.stack_parts, self.stack_scores = {}, {}
+        self.loaded = {}              # BitStack packs keep the model to measure its size/quality curve
 
     def __call__(self, name: str, w, hessian=None):
         group = tensor_group(name, w.ndim)
@@ -171,19 +172,33 @@ class TensorStore:
         self.group_bytes[group] += sum(arr.nbytes for arr in parts.values())
         self.group_params[group] += w.size
         self.entries[name] = entry
-        return load_tensor(entry, parts)
+        loaded = load_tensor(entry, parts)
+        if any(r["codec"] == "bitstack" for r in self.recipe.values()):
+            self.loaded[name] = loaded
+        return loaded
 
-    def finish(self) -> dict | None:
-        """Write the held-back BitStack blocks in global order; the manifest's `bitstack` section."""
+    def finish(self, cfg: ModelConfig, curve_windows=None) -> dict | None:
+        """Write the held-back BitStack blocks in global order; the manifest's `bitstack` section,
+        with the size/quality curve measured on `curve_windows` (calibration text)."""
         if not self.stack_parts:
             return None
+        from ..bitstack_runtime import size_quality_curve
         from ..codecs.bitstack import order_blocks
+        from ..model import Transformer, Weights
         sizes = {n: parts["block.0"].nbytes for n, parts in self.stack_parts.items()}
         order = order_blocks(sizes, self.stack_scores)
         for name, i in order:
             self.writer.add_array(self.entries[name]["parts"][f"block.{i}"], self.stack_parts[name][f"block.{i}"])
-        self.stack_parts = {}
-        return {"order": [[name, i] for name, i in order],
+        curve = None
+        if curve_windows is not None:
+            fixed = sum(self.group_bytes.values()) - sum(
+                a.nbytes for parts in self.stack_parts.values() for p, a in parts.items() if p.startswith("block."))
+            tf = Transformer(cfg, Weights(self.loaded, cfg), context=curve_windows.shape[1])
+            levels = max(len(s) for s in self.stack_scores.values())
+            curve = size_quality_curve(tf, {n: self.loaded[n] for n in self.stack_parts}, order, sizes, fixed,
+                                       curve_windows, levels)
+        self.stack_parts, self.loaded = {}, {}
+        return {"order": [[name, i] for name, i in order], "curve": curve,
                 "importance": {n: [float(v) for v in s] for n, s in self.stack_scores.items()}}
 
 
@@ -221,7 +236,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 calibration = {"tokens": int(sequences.size), "sequence_length": CALIB_SEQ_LEN,
                                "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
                 calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
-                stack = store.finish()
+                stack = store.finish(cfg, sequences[-2:] if len(sequences) >= 2 else sequences)
             else:
                 if layout == "flash":
                     from ..streaming import is_ffn_weight, write_flash
