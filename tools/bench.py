@@ -282,6 +282,7 @@ def check_parity(results: dict) -> list[str]:
 
 
 def run(args) -> None:
+    info = machine()                  # the commit the measurement starts at (the tree is shared)
     gguf = Path(args.gguf)
     if not gguf.exists():
         raise SystemExit(f"{gguf}: no such GGUF (pass --gguf)")
@@ -330,7 +331,9 @@ def run(args) -> None:
         shutil.rmtree(warm_cache, ignore_errors=True)
     notes = check_parity(results)
     table = summarize(results)
-    info = machine()
+    end = machine()
+    if end["git"] != info["git"] or end["edgerun_dirty"]:
+        info["git_end"] = end["git"]
     if results.get("edgerun f16"):
         info["numba"] = results["edgerun f16"][0]["numba"]
     info["llama_cpp"] = results["llama.cpp Q4_1"][0]["llama_cpp"]
@@ -348,7 +351,8 @@ def run(args) -> None:
 def render(args, info, table, packs, notes) -> str:
     cmd = "python tools/bench.py " + " ".join(sys.argv[1:])
     lines = [f"Measured {info['date']} at `{info['git']}`"
-             + (" (with uncommitted changes under edgerun/)" if info["edgerun_dirty"] else "") + ".",
+             + (" (with uncommitted changes under edgerun/)" if info["edgerun_dirty"] else "")
+             + (f"; the tree changed during the run, ending at `{info['git_end']}`" if info.get("git_end") else "") + ".",
              f"Machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}, numba {info.get('numba', '?')}, "
              f"llama-cpp-python {info['llama_cpp']}; 1-minute load average during the runs {info['loadavg']}.",
              f"Command: `{cmd.strip()}` — {args.threads} threads, context {args.context}, "
