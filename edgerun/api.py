@@ -41,9 +41,14 @@ def auto_budget() -> int:
 
 
 def load(path, ram=None, context: int | None = None, threads: int | None = None, verbose: bool = False,
-         on_progress=None, log=None) -> "Model":
-    """Open an .ebin and load it within `ram` (e.g. "1GB"; None: the memory available now)."""
-    return Model(path, ram=ram, context=context, threads=threads, verbose=verbose, on_progress=on_progress, log=log)
+         on_progress=None, log=None, stream: str | None = None, criterion: str | None = None) -> "Model":
+    """Open an .ebin and load it within `ram` (e.g. "1GB"; None/"auto": the memory available now).
+
+    Packs with `--layout flash` stream their feed-forward neurons from the file when the whole
+    model does not fit (`stream`: auto | resident | window | layer | naive; `criterion`: off |
+    gate:S | lowrank:S, the neuron-selection rule, default off = exact)."""
+    return Model(path, ram=ram, context=context, threads=threads, verbose=verbose, on_progress=on_progress, log=log,
+                 stream=stream, criterion=criterion)
 
 
 def warm_up_kernels(manifest: dict) -> None:
@@ -105,7 +110,8 @@ class Model:
     """A loaded model. One generation runs at a time: calls from several threads are served in
     the order they arrive (FIFO), never interleaved; see `_Turns`."""
 
-    def __init__(self, path, ram=None, context=None, threads=None, verbose=False, on_progress=None, log=None):
+    def __init__(self, path, ram=None, context=None, threads=None, verbose=False, on_progress=None, log=None,
+                 stream=None, criterion=None):
         self.path = Path(path)
         log = log or (lambda msg: None)
         self._turns = _Turns()
@@ -141,6 +147,20 @@ class Model:
                     self._stack = BlockStack(order, manifest, {}, n)
                     log(f"BitStack: {n} of {order.total} blocks fit ({fmt(self.plan.weights)} of weights; "
                         f"all blocks: {fmt(order.weight_bytes(order.total))})" + stack_quality(order, n))
+                self.stream_plan = None
+                if "flash" in manifest:
+                    # FFN bundles are not in `tensors`: the plan so far holds everything else. Fit first:
+                    # resident when the bundles fit what is left of the budget, else stream them.
+                    from . import streaming
+                    ffn_budget = self.budget - self.plan.total
+                    stream_args = dict(mode=stream or "auto", criterion=criterion or "off",
+                                       threads=max(2, kernels.get_threads()))
+                    self.stream_plan = streaming.plan_streaming(manifest, self.config, ffn_budget, **stream_args)
+                    self.plan.weights += self.stream_plan.total_bytes
+                    log("feed-forward: " + ("resident" if self.stream_plan.mode == "resident" else
+                                            f"streamed from {self.path.name} ({self.stream_plan.mode})"))
+                    if verbose:
+                        log("FFN plan:\n" + "\n".join(self.stream_plan.lines()))
                 if verbose:
                     log("memory plan:\n" + "\n".join(self.plan.lines()))
                 self.plan.check()
@@ -151,6 +171,8 @@ class Model:
             self.weight_bytes = weights.nbytes
             self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK)
             del weights
+            if self.stream_plan is not None:
+                self.stream_plan = streaming.attach(self._transformer, self.path, manifest, ffn_budget, **stream_args)
             report(1.0)
         except Cancelled as e:
             # The traceback's frames hold the tensors read so far; clear them so the memory is
