@@ -109,10 +109,75 @@ def test_bad_params_raise_edgerun_errors():
     with pytest.raises(EdgerunError):
         ClusterCodec.encode(w, {"bits": 9})
     with pytest.raises(EdgerunError):
-        ClusterCodec.encode(w, {"bits": 4, "outliers": 0.01})
+        ClusterCodec.encode(w, {"bits": 4, "outliers": 0.5})
     with pytest.raises(EdgerunError):
         ClusterCodec.encode(w, {"bits": 4}, np.eye(3))
     parts = ClusterCodec.encode(w, {"bits": 4})
     parts["codes"] = parts["codes"][:, :-1]
     with pytest.raises(EdgerunError):
         ClusterCodec.load(parts)
+    parts = ClusterCodec.encode(w, {"bits": 4, "outliers": 0.05})
+    parts["outlier_col"] = parts["outlier_col"][:-1]
+    with pytest.raises(EdgerunError):
+        ClusterCodec.load(parts)
+
+
+def _correlated_inputs(n, T=2048):
+    """Calibration inputs X (T, n) with correlated, unequally scaled channels, and H = XᵀX / T."""
+    X = RNG.standard_normal((T, n)) @ (RNG.standard_normal((n, n)) * 0.3 + np.eye(n))
+    X *= np.exp(RNG.standard_normal(n))[None, :]
+    return X, X.T @ X / T
+
+
+@pytest.mark.parametrize("bits,g", [(3, 1), (4, 2)])
+def test_gptq_rounding_beats_nearest_on_output_error(bits, g):
+    d, n = 24, 160
+    w = RNG.standard_normal((d, n)).astype(np.float32)
+    X, H = _correlated_inputs(n)
+    p = {"bits": bits, "group_rows": g}
+    near = ClusterCodec.decode(ClusterCodec.encode(w, dict(p, gptq=False), H))
+    gptq_parts = ClusterCodec.encode(w, p, H)
+    gptq = ClusterCodec.decode(gptq_parts)
+    # same codebooks (GPTQ only changes the rounding), lower ‖(W − Ŵ) Xᵀ‖
+    np.testing.assert_array_equal(gptq_parts["codebook"], ClusterCodec.encode(w, dict(p, gptq=False), H)["codebook"])
+    e_near = np.linalg.norm((w - near) @ X.T)
+    e_gptq = np.linalg.norm((w - gptq) @ X.T)
+    assert e_gptq < 0.8 * e_near, (e_gptq, e_near)
+
+
+def test_outliers_are_exact_and_counted():
+    d, n = 37, 1000
+    w = RNG.standard_normal((d, n)).astype(np.float32)
+    spikes = RNG.choice(d * n, 40, replace=False)
+    w.reshape(-1)[spikes] = (RNG.choice([-1, 1], 40) * RNG.uniform(8, 12, 40)).astype(np.float16)
+    base = ClusterCodec.encode(w, {"bits": 3})
+    parts = ClusterCodec.encode(w, {"bits": 3, "outliers": 0.002})
+    nnz = int(round(0.002 * d * n))
+    assert parts["outlier_rowptr"][-1] == nnz == parts["outlier_col"].size
+    assert ClusterCodec.nbytes(parts) == ClusterCodec.nbytes(base) + 4 * (d + 1) + 4 * nnz
+    W = ClusterCodec.decode(parts)
+    # the spikes are the most sensitive weights: stored sparse, they decode (nearly) exactly
+    np.testing.assert_allclose(W.reshape(-1)[spikes], w.reshape(-1)[spikes], rtol=2e-3)
+    assert _rel(W, w) < 0.85 * _rel(ClusterCodec.decode(base), w)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_kernels_add_outliers(bits, threads):
+    d, n = 37, 45
+    w = RNG.standard_normal((d, n)).astype(np.float32)
+    parts = ClusterCodec.encode(w, {"bits": bits, "outliers": 0.05}, _correlated_inputs(n, 256)[1])
+    assert parts["outlier_col"].size > 0
+    W = ClusterCodec.decode(parts).astype(np.float64)
+    L = ClusterCodec.load(parts)
+    x = RNG.standard_normal(n).astype(np.float32)
+    out = np.full(d, np.nan, np.float32)
+    L.matvec(x, out)
+    np.testing.assert_allclose(out, W @ x, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+    X = RNG.standard_normal((5, n)).astype(np.float32)
+    O = np.full((5, d), np.nan, np.float32)
+    L.matmul(X, O)
+    np.testing.assert_allclose(O, X @ W.T, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+    r = np.full(n, np.nan, np.float32)
+    for i in range(d):
+        L.row(i, r)
+        np.testing.assert_allclose(r, W[i], rtol=1e-6, atol=1e-7)

@@ -22,6 +22,7 @@ from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
 from ..kernels import f16_to_f32, get_threads
+from .spqr import _inverse_cholesky       # GPTQ's damped inverse-Hessian Cholesky factor
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
@@ -32,6 +33,9 @@ TILE_ROWS = 4              # rows decoded to f32 per matmul tile (register block
 MATMUL_MIN_T = 2           # below this many tokens a matmul is a loop of matvecs
 LLOYD_ITERS = 40           # stops earlier when the clusters stop moving
 SCRATCH = 256 + BLOCK      # per-thread f32 scratch: codebook table, then one decoded block
+PERCDAMP = 0.01            # GPTQ dampening of H, relative to mean(diag H)
+GPTQ_BLOCK = 128           # columns per GPTQ block (lazy batch updates between blocks)
+OUTLIER_PARTS = ("outlier_rowptr", "outlier_col", "outlier_val")   # CSR, present only with outliers
 
 
 def _planes(bits: int) -> list[int]:
@@ -97,41 +101,70 @@ def _kmeans_group(v, w, K, iters, cent):
 
 
 @njit(**_JIT_PAR)
-def _kmeans_all(W, colw, group_rows, K, iters, cents):
-    # W (d, n) f32, colw (n,) f64 > 0 -> cents (G, K) f64, one weighted k-means per row group
+def _kmeans_all(W, colw, skip, group_rows, K, iters, cents):
+    # W (d, n) f32, colw (n,) f64 > 0, skip (d, n) u8 or (0, 0) -> cents (G, K) f64, one weighted
+    # k-means per row group; weights with skip != 0 (sparse outliers) are left out
     d, n = W.shape
     G = cents.shape[0]
+    masked = skip.shape[0] > 0
     for g in prange(G):
         r0 = g * group_rows
         r1 = min(d, r0 + group_rows)
-        m = (r1 - r0) * n
-        vals = np.empty(m)
-        wts = np.empty(m)
+        m = 0
+        vals = np.empty((r1 - r0) * n)
+        wts = np.empty((r1 - r0) * n)
         for i in range(r0, r1):
             for j in range(n):
-                vals[(i - r0) * n + j] = W[i, j]
-                wts[(i - r0) * n + j] = colw[j]
-        order = np.argsort(vals)
-        _kmeans_group(vals[order], wts[order], K, iters, cents[g])
+                if masked and skip[i, j]:
+                    continue
+                vals[m] = W[i, j]
+                wts[m] = colw[j]
+                m += 1
+        order = np.argsort(vals[:m])
+        _kmeans_group(vals[:m][order], wts[:m][order], K, iters, cents[g])
 
 
 @njit(**_JIT_PAR)
 def _assign_all(W, cents, group_rows, idx):
     # W (d, n) f32, cents (G, K) f32 sorted -> idx (d, n) uint8 nearest centroid
     d, n = W.shape
-    K = cents.shape[1]
     for i in prange(d):
         c = cents[i // group_rows]
         for j in range(n):
-            x = W[i, j]
-            lo, hi = 0, K - 1          # binary search for the nearest of sorted centroids
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if x > 0.5 * (c[mid] + c[mid + 1]):
-                    lo = mid + 1
-                else:
-                    hi = mid
-            idx[i, j] = lo
+            idx[i, j] = _nearest(c, W[i, j])
+
+
+@njit(inline="always", **_JIT)
+def _nearest(c, x):
+    # c (K,) sorted, x scalar -> index of the nearest entry (binary search of the midpoints)
+    lo, hi = 0, c.shape[0] - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if x > 0.5 * (c[mid] + c[mid + 1]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(**_JIT_PAR)
+def _gptq_block(W, U, cents, group_rows, skip, b0, b1, idx, E):
+    # W (d, n) f32 act-ordered columns, updated in place; U (n, n) f32 upper Cholesky factor of
+    # H⁻¹; cents (G, K) f32 sorted; skip (d, n) u8 or (0, 0): outliers, kept exact
+    # -> idx[:, b0:b1] nearest entries, E (d, b1-b0) errors scaled by 1/U[c, c]
+    d = W.shape[0]
+    masked = skip.shape[0] > 0
+    for i in prange(d):
+        c = cents[i // group_rows]
+        for col in range(b0, b1):
+            x = W[i, col]
+            k = _nearest(c, x)
+            idx[i, col] = k
+            e = np.float32(0.0) if masked and skip[i, col] else (x - c[k]) / U[col, col]
+            E[i, col - b0] = e
+            # GPTQ error feedback inside the block: the later columns absorb this one's error
+            for j in range(col + 1, b1):
+                W[i, j] -= e * U[col, j]
 
 
 def pack_indices(idx: np.ndarray, bits: int) -> np.ndarray:
@@ -394,9 +427,25 @@ def _load_table(cb, g, bits, tab):
             tab[k] = f16_to_f32(cb[g, k])
 
 
+@njit(inline="always", **_JIT)
+def _sparse_dot(rp, oc, ov, i, x):
+    # row i of the CSR outliers (rp int32, oc u16 column, ov f16 bits) · x (n,) -> f32
+    acc = np.float32(0.0)
+    for p in range(rp[i], rp[i + 1]):
+        acc += f16_to_f32(ov[p]) * x[oc[p]]
+    return acc
+
+
+@njit(inline="always", **_JIT)
+def _sparse_add(rp, oc, ov, i, out):
+    # out (n,) += row i of the CSR outliers
+    for p in range(rp[i], rp[i + 1]):
+        out[oc[p]] += f16_to_f32(ov[p])
+
+
 @njit(**_JIT)
-def _mv_rows(codes, cb, meta, x, out, r0, r1, scr):
-    # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
+def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr):
+    # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits, CSR outliers @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
     n, bits, group_rows = meta[1], meta[2], meta[3]
     K = cb.shape[1]
     nfull = n // 32
@@ -414,36 +463,37 @@ def _mv_rows(codes, cb, meta, x, out, r0, r1, scr):
             _decode_blocks(codes, i * rowbytes + nfull * 4 * bits, cb, g * K, scr, 1, bits, scr, tb)
             for j in range(tail):
                 acc += scr[tb + j] * x[nfull * 32 + j]
-        out[i] = acc
+        out[i] = acc + _sparse_dot(rp, oc, ov, i, x)
 
 
 @njit(**_JIT)
-def matvec_cluster(codes, cb, meta, x, out, scr):
-    # codes, cb: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
-    _mv_rows(codes, cb, meta, x, out, 0, meta[0], scr[0])
+def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr):
+    # codes, cb, outlier CSR rp/oc/ov: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
+    _mv_rows(codes, cb, meta, rp, oc, ov, x, out, 0, meta[0], scr[0])
 
 
 @njit(**_JIT_PAR)
-def matvec_cluster_par(codes, cb, meta, x, out, scr):
-    # codes, cb: parts; x (n,) -> out (d,); prange over scr.shape[0] row blocks
+def matvec_cluster_par(codes, cb, meta, rp, oc, ov, x, out, scr):
+    # codes, cb, rp/oc/ov: parts; x (n,) -> out (d,); prange over scr.shape[0] row blocks
     d = meta[0]
     nb = scr.shape[0]
     step = (d + nb - 1) // nb
     for b in prange(nb):
-        _mv_rows(codes, cb, meta, x, out, b * step, min(d, (b + 1) * step), scr[b])
+        _mv_rows(codes, cb, meta, rp, oc, ov, x, out, b * step, min(d, (b + 1) * step), scr[b])
 
 
 @njit(**_JIT)
-def _decode_row(codes, cb, meta, i, out, scr):
+def _decode_row(codes, cb, meta, rp, oc, ov, i, out, scr):
     # row i of the parts -> out[:nblk*32] f32 (padding decoded too); scr (SCRATCH,) f32
     g = i // meta[3]
     _load_table(cb, g, meta[2], scr)
     nblk = codes.shape[1] // (4 * meta[2])
     _decode_blocks(codes, i * codes.shape[1], cb, g * cb.shape[1], scr, nblk, meta[2], out, 0)
+    _sparse_add(rp, oc, ov, i, out)
 
 
 @njit(**_JIT)
-def row_cluster(codes, cb, meta, i, out, scr):
+def row_cluster(codes, cb, meta, rp, oc, ov, i, out, scr):
     # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
     n, bits = meta[1], meta[2]
     nfull = n // 32
@@ -455,10 +505,11 @@ def row_cluster(codes, cb, meta, i, out, scr):
         _decode_blocks(codes, i * codes.shape[1] + nfull * 4 * bits, cb, cboff, scr, 1, bits, scr, 256)
         for j in range(n - nfull * 32):
             out[nfull * 32 + j] = scr[256 + j]
+    _sparse_add(rp, oc, ov, i, out)
 
 
 @njit(**_JIT)
-def _mm_rows(codes, cb, meta, X, out, r0, r1, tile, scr):
+def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr):
     # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, nblk*32) f32 scratch
     T = X.shape[0]
     n = meta[1]
@@ -466,7 +517,7 @@ def _mm_rows(codes, cb, meta, X, out, r0, r1, tile, scr):
         nr = min(4, r1 - i0)
         for r in range(4):
             if r < nr:
-                _decode_row(codes, cb, meta, i0 + r, tile[r], scr)
+                _decode_row(codes, cb, meta, rp, oc, ov, i0 + r, tile[r], scr)
             else:
                 tile[r, :] = 0.0
         w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
@@ -489,19 +540,19 @@ def _mm_rows(codes, cb, meta, X, out, r0, r1, tile, scr):
 
 
 @njit(**_JIT)
-def matmul_cluster(codes, cb, meta, X, out, tiles, scr):
+def matmul_cluster(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
     # X (T, n) @ W.T -> out (T, d); tiles (1, 4, nblk*32), scr (1, SCRATCH) f32
-    _mm_rows(codes, cb, meta, X, out, 0, meta[0], tiles[0], scr[0])
+    _mm_rows(codes, cb, meta, rp, oc, ov, X, out, 0, meta[0], tiles[0], scr[0])
 
 
 @njit(**_JIT_PAR)
-def matmul_cluster_par(codes, cb, meta, X, out, tiles, scr):
+def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
     # X (T, n) @ W.T -> out (T, d); prange over tiles.shape[0] row blocks (multiples of 4 rows)
     d = meta[0]
     nb = tiles.shape[0]
     step = ((d + nb - 1) // nb + 3) // 4 * 4
     for b in prange(nb):
-        _mm_rows(codes, cb, meta, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b])
+        _mm_rows(codes, cb, meta, rp, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b])
 
 
 # --- codec -------------------------------------------------------------------------------
@@ -520,7 +571,25 @@ def _check_meta(parts: dict) -> tuple[int, int, int, int]:
         raise UnsupportedModelError(
             f"cluster codec: inconsistent parts (meta {d}x{n} bits={bits} group_rows={g}, "
             f"codes {codes.dtype} {codes.shape}, codebook {cb.dtype} {cb.shape})")
+    sparse = [k for k in OUTLIER_PARTS if k in parts]
+    if sparse:
+        try:
+            rp, oc, ov = (parts[k] for k in OUTLIER_PARTS)
+        except KeyError:
+            raise UnsupportedModelError(f"cluster codec: outlier parts {sparse} without all of {OUTLIER_PARTS}") from None
+        nnz = int(rp[-1]) if rp.shape == (d + 1,) else -1
+        if (rp.dtype != np.int32 or oc.dtype != np.uint16 or ov.dtype != np.uint16 or nnz < 0
+                or rp[0] != 0 or np.any(np.diff(rp) < 0) or oc.shape != (nnz,) or ov.shape != (nnz,)
+                or (nnz and int(oc.max()) >= n)):
+            raise UnsupportedModelError(f"cluster codec: inconsistent outlier parts for a {d}x{n} weight")
     return d, n, bits, g
+
+
+def _outliers(parts: dict, d: int):
+    """(rowptr, col, val) of the sparse outliers; empty (all-zero row pointers) when absent."""
+    if OUTLIER_PARTS[0] in parts:
+        return tuple(np.ascontiguousarray(parts[k]) for k in OUTLIER_PARTS)
+    return np.zeros(d + 1, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.uint16)
 
 
 class ClusterLinear:
@@ -531,6 +600,7 @@ class ClusterLinear:
         self.codes = np.ascontiguousarray(parts["codes"])
         self.codebook = np.ascontiguousarray(parts["codebook"])
         self.meta = np.ascontiguousarray(parts["meta"], dtype=np.int64)
+        self.rp, self.oc, self.ov = _outliers(parts, d)
         self.shape = (d, n)
         self.bits = bits
         self.group_rows = g
@@ -551,9 +621,10 @@ class ClusterLinear:
         """out (d,) = W (d, n) @ x (n,)."""
         threads = get_threads()
         if threads > 1 and self._big:
-            matvec_cluster_par(self.codes, self.codebook, self.meta, x, out, self._scratch(threads))
+            matvec_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out,
+                               self._scratch(threads))
         else:
-            matvec_cluster(self.codes, self.codebook, self.meta, x, out, self._scr)
+            matvec_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out, self._scr)
 
     def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         """out (T, d) = X (T, n) @ W.T: rows decoded 4 at a time into L1, register-blocked dots."""
@@ -567,22 +638,81 @@ class ClusterLinear:
         if self._tiles is None or self._tiles.shape[0] < nb:
             self._tiles = np.zeros((nb, TILE_ROWS, self._ncols), np.float32)
         if nb > 1:
-            matmul_cluster_par(self.codes, self.codebook, self.meta, X, out, self._tiles[:nb], self._scratch(nb))
+            matmul_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
+                               self._tiles[:nb], self._scratch(nb))
         else:
-            matmul_cluster(self.codes, self.codebook, self.meta, X, out, self._tiles, self._scr)
+            matmul_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
+                           self._tiles, self._scr)
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
-        row_cluster(self.codes, self.codebook, self.meta, int(i), out, self._scr[0])
+        row_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0])
+
+
+def _colweights(hessian, n: int) -> np.ndarray:
+    """Per-column k-means weights h_j = H_jj (floored), or 1 without calibration."""
+    if hessian is None:
+        return np.ones(n)
+    colw = np.asarray(np.diagonal(hessian), np.float64).copy()
+    if colw.shape != (n,):
+        raise UnsupportedModelError(f"cluster codec: hessian must be ({n}, {n}), got {np.shape(hessian)}")
+    colw = np.nan_to_num(colw, nan=0.0, posinf=0.0)
+    mean = colw.mean() if colw.size else 1.0
+    # floor: a column never seen active still gets a say, so every weight is assigned sanely
+    return np.maximum(colw, 1e-6 * mean if mean > 0 else 1.0)
+
+
+def _kmeans(w, colw, skip, g, K) -> np.ndarray:
+    """Sorted codebooks (G, K) float16, rounded from the weighted k-means centroids."""
+    cents = np.zeros((-(-w.shape[0] // g), K))
+    _kmeans_all(w, colw, skip, g, K, LLOYD_ITERS, cents)
+    return np.sort(cents.astype(np.float16), axis=1)      # stored values; rounding keeps order
+
+
+def _gptq_round(w, hessian, cb, g, skip, percdamp):
+    """GPTQ rounding to fixed codebooks (GPTQ, Frantar et al. 2022; GPTVQ, van Baalen et al. 2024):
+    columns in act order (decreasing H_jj), each weight to its *nearest* codebook entry, the
+    error fed to the later columns through U, the upper Cholesky factor of (H + damp·I)⁻¹, so
+    Σ_i (w_i−ŵ_i) H (w_i−ŵ_i)ᵀ is minimized greedily. Skipped weights (outliers) are kept exact.
+    -> idx (d, n) uint8 and the weights as updated when their column was rounded (d, n)."""
+    d, n = w.shape
+    perm = np.argsort(-np.diagonal(hessian), kind="stable")
+    U, _ = _inverse_cholesky(np.asarray(hessian, np.float64)[np.ix_(perm, perm)], percdamp)
+    U = U.astype(np.float32)
+    Wp = np.ascontiguousarray(w[:, perm], dtype=np.float32)
+    skipp = np.ascontiguousarray(skip[:, perm]) if skip.shape[0] else skip
+    idx = np.empty((d, n), np.uint8)
+    for b0 in range(0, n, GPTQ_BLOCK):
+        b1 = min(n, b0 + GPTQ_BLOCK)
+        E = np.empty((d, b1 - b0), np.float32)
+        _gptq_block(Wp, U, cb, g, skipp, b0, b1, idx, E)
+        if b1 < n:       # lazy batch update of the columns after the block (one matmul)
+            Wp[:, b1:] -= E @ U[b0:b1, b1:]
+    inv = np.argsort(perm)
+    return np.ascontiguousarray(idx[:, inv]), Wp[:, inv]
+
+
+def _pick_outliers(w, colw, frac) -> np.ndarray:
+    """skip (d, n) uint8: the `frac` of weights with the largest h_j (w_ij − mean_i)², i.e. the
+    sensitive tails that would stretch a codebook (SqueezeLLM's dense-and-sparse split, with its
+    magnitude criterion weighted by the column sensitivity h_j = H_jj)."""
+    d, n = w.shape
+    k = int(round(frac * d * n))
+    skip = np.zeros((d, n), np.uint8)
+    if k > 0:
+        score = colw[None, :].astype(np.float32) * (w - w.mean(1, keepdims=True)) ** 2
+        skip.reshape(-1)[np.argpartition(score.reshape(-1), -k)[-k:]] = 1
+    return skip
 
 
 class ClusterCodec:
-    """k-means palettized weights; params {"bits": 2..8, "group_rows": g, "outliers": 0}."""
+    """k-means palettized weights; params {"bits": 2..8, "group_rows": g, "outliers": fraction,
+    "gptq": True, "percdamp": 0.01}."""
 
     name = "cluster"
 
     @staticmethod
-    def _params(params: dict, n: int) -> tuple[int, int]:
+    def _params(params: dict, n: int) -> tuple[int, int, float]:
         params = params or {}
         bits = int(params.get("bits", 4))
         if not 2 <= bits <= 8:
@@ -590,41 +720,48 @@ class ClusterCodec:
         g = int(params.get("group_rows") or default_group_rows(bits, n))
         if g < 1:
             raise UnsupportedModelError(f"cluster codec: group_rows={g} must be >= 1")
-        if float(params.get("outliers", 0) or 0) != 0:
-            raise UnsupportedModelError("cluster codec: sparse outliers are not implemented (use outliers=0)")
-        return bits, g
+        frac = float(params.get("outliers", 0) or 0)
+        if not 0 <= frac <= 0.1:
+            raise UnsupportedModelError(f"cluster codec: outliers={frac} must be a fraction in [0, 0.1]")
+        if frac and n > 65536:
+            raise UnsupportedModelError(f"cluster codec: outliers need n <= 65536 (16-bit columns), got {n}")
+        return bits, g, frac
 
     @staticmethod
     def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """float32 (d, n) -> {"codes", "codebook", "meta"} (formats/codec-cluster.md).
+        """float32 (d, n) -> {"codes", "codebook", "meta"} + outlier parts (formats/codec-cluster.md).
 
-        `hessian` (n, n) = E[x xᵀ]: its diagonal weights each column in the k-means.
+        `hessian` (n, n) = E[x xᵀ]: its diagonal weights each column in the k-means, and the
+        whole of it drives the GPTQ rounding to the codebook (params "gptq", default on).
+        Without it, every weight goes to its nearest codebook entry.
         """
         w = np.ascontiguousarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise UnsupportedModelError(f"cluster codec: weight must be 2-D, got shape {w.shape}")
         d, n = w.shape
-        bits, g = ClusterCodec._params(params, n)
+        params = params or {}
+        bits, g, frac = ClusterCodec._params(params, n)
         g = min(g, d)
         K = 1 << bits
-        if hessian is None:
-            colw = np.ones(n)
+        colw = _colweights(hessian, n)
+        skip = _pick_outliers(w, colw, frac) if frac else np.zeros((0, 0), np.uint8)
+        cb16 = _kmeans(w, colw, skip, g, K)               # codebooks fit without the outliers
+        cb32 = cb16.astype(np.float32)
+        if hessian is not None and params.get("gptq", True):
+            idx, wq = _gptq_round(w, hessian, cb32, g, skip, float(params.get("percdamp", PERCDAMP)))
         else:
-            colw = np.asarray(np.diagonal(hessian), np.float64).copy()
-            if colw.shape != (n,):
-                raise UnsupportedModelError(f"cluster codec: hessian must be ({n}, {n}), got {hessian.shape}")
-            colw = np.nan_to_num(colw, nan=0.0, posinf=0.0)
-            mean = colw.mean() if colw.size else 1.0
-            # floor: a column never seen active still gets a say, so every weight is assigned sanely
-            colw = np.maximum(colw, 1e-6 * mean if mean > 0 else 1.0)
-        G = -(-d // g)
-        cents = np.zeros((G, K))
-        _kmeans_all(w, colw, g, K, LLOYD_ITERS, cents)
-        cb16 = np.sort(cents.astype(np.float16), axis=1)   # stored values; rounding keeps order
-        idx = np.empty((d, n), np.uint8)
-        _assign_all(w, cb16.astype(np.float32), g, idx)     # nearest *stored* centroid
-        return {"codes": pack_indices(idx, bits), "codebook": cb16.view(np.uint16),
-                "meta": np.array([d, n, bits, g], np.int32)}
+            idx, wq = np.empty((d, n), np.uint8), w
+            _assign_all(w, cb32, g, idx)                   # nearest *stored* centroid
+        parts = {"codes": pack_indices(idx, bits), "codebook": cb16.view(np.uint16),
+                 "meta": np.array([d, n, bits, g], np.int32)}
+        if frac:
+            rows, cols = np.nonzero(skip)                  # row-major: CSR order
+            dense = cb32[rows // g, idx[rows, cols]]
+            # the sparse value is the f16 residual over the dense code, so dense + sparse ≈ w
+            parts["outlier_rowptr"] = np.concatenate([[0], np.cumsum(skip.sum(1, dtype=np.int64))]).astype(np.int32)
+            parts["outlier_col"] = cols.astype(np.uint16)
+            parts["outlier_val"] = (wq[rows, cols] - dense).astype(np.float16).view(np.uint16)
+        return parts
 
     @staticmethod
     def decode(parts: dict, params: dict | None = None) -> np.ndarray:
@@ -632,7 +769,11 @@ class ClusterCodec:
         d, n, bits, g = _check_meta(parts)
         idx = unpack_indices(parts["codes"], bits, n)
         cb = parts["codebook"].view(np.float16).astype(np.float32)
-        return np.take_along_axis(np.repeat(cb, g, axis=0)[:d], idx, axis=1)
+        W = np.take_along_axis(np.repeat(cb, g, axis=0)[:d], idx, axis=1)
+        rp, oc, ov = _outliers(parts, d)
+        rows = np.repeat(np.arange(d), np.diff(rp))
+        W[rows, oc.astype(np.int64)] += ov.view(np.float16).astype(np.float32)
+        return W
 
     @staticmethod
     def load(parts: dict, params: dict | None = None) -> ClusterLinear:
