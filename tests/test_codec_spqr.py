@@ -35,24 +35,33 @@ def _rtn(W, bits):
     return codec.decode(codec.encode(W, params), params)
 
 
+def _spec_code(codes, i, g, t, G, bits):
+    """Code of row i, group g, position t read byte by byte as formats/codec-spqr.md "codes" says."""
+    g0 = g // 16 * 16
+    w = min(16, G - g0)
+    base = 2 * bits * g0 + (g - g0)               # byte of group g in section 0 of its chunk
+    sec = lambda k: int(codes[i, base + k * w])   # noqa: E731
+    if bits == 4:
+        return (sec(t // 2) >> (4 * (t % 2))) & 15
+    q = (sec(t // 4) >> (2 * (t % 4))) & 3
+    if bits == 3:
+        q |= ((sec(4 + t // 8) >> (t % 8)) & 1) << 2
+    return q
+
+
 def _spec_decode(parts, bits, sbits=3, sg=16):
     """Slow decode written from formats/codec-spqr.md, element by element."""
-    lo, hi, stq = parts["codes_lo"], parts["codes_hi"], parts["stat_codes"]
+    codes, stq = parts["codes"], parts["stat_codes"]
     st = parts["stats"].view(np.float16).astype(np.float64)
     perm = parts["perm"]
-    d, G = lo.shape
+    d, G = stq.shape
+    assert codes.shape == (d, 2 * bits * G)
     n = len(perm)
     W = np.zeros((d, n))
     for i in range(d):
         for j in range(n):
             g, t = divmod(j, 16)
-            if bits == 4:
-                word = int(lo[i, g]) if t < 8 else int(hi[i, g])
-                q = (word >> (4 * (t % 8))) & 15
-            else:
-                q = (int(lo[i, g]) >> (2 * t)) & 3
-                if bits == 3:
-                    q |= ((int(hi[i, g]) >> t) & 1) << 2
+            q = _spec_code(codes, i, g, t, G, bits)
             f = int(stq[i, g])
             s = st[i // sg, 0, g] * (f & ((1 << sbits) - 1)) + st[i // sg, 1, g]
             z = st[i // sg, 2, g] * (f >> sbits) + st[i // sg, 3, g]
@@ -87,15 +96,18 @@ def test_no_hessian_falls_back_to_identity():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_decode_matches_spec(bits):
-    W, X, H = _problem(21, 45, seed=bits)
+@pytest.mark.parametrize("n", [45, 300])
+def test_decode_matches_spec(bits, n):
+    W, X, H = _problem(21, n, seed=bits)
     parts = codec.encode(W, {"bits": bits}, H)
     assert parts["outlier_col"].size > 0
     np.testing.assert_allclose(codec.decode(parts, {"bits": bits}), _spec_decode(parts, bits), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("d,n", [(37, 48), (37, 45), (70, 160)])
+# shapes: G < 16 groups (tail chunk only), n not a multiple of 16, exactly one 16-group chunk,
+# full chunks plus a tail chunk (n = 300: 19 groups), d not a multiple of the 16-row stat blocks
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("d,n", [(37, 48), (37, 45), (70, 160), (17, 256), (21, 300)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernels_match_decode(bits, d, n, threads, monkeypatch):
     import edgerun.codecs.spqr as spqr
@@ -136,6 +148,25 @@ def test_bits_per_weight_counts_every_part(bits):
     expect = (bits + 8 / 16 + 64 / 256 + 16 / 64 + 32 * (64 + 1) / W.size
               + 32 * parts["outlier_col"].size / W.size)
     assert lin.bits_per_weight == pytest.approx(expect, rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_roundtrip_and_chunk_layout(bits):
+    import edgerun.codecs.spqr as spqr
+    rng = np.random.default_rng(bits)
+    Q = rng.integers(0, 1 << bits, (5, 16 * 19)).astype(np.uint8)      # one full chunk + 3 groups
+    codes = spqr._pack_codes(Q, bits)
+    assert codes.shape == (5, 2 * bits * 19)                           # exactly `bits` per weight
+    assert np.array_equal(spqr._unpack_codes(codes, bits), Q)
+    # group 17 (tail chunk, lane 1) position 0 lives in byte 2·bits·16 + 1, low bits
+    assert codes[2, 2 * bits * 16 + 1] & 3 == Q[2, 16 * 17] & 3
+
+
+def test_bad_codes_shape_raises():
+    W, X, H = _problem(16, 32)
+    parts = codec.encode(W, {"bits": 4}, H)
+    with pytest.raises(UnsupportedModelError):
+        codec.load(parts, {"bits": 3})
 
 
 def test_bad_params_raise():

@@ -6,7 +6,8 @@ encode: seconds per matrix with a synthetic correlated Hessian (the real one com
 calibration; the cost does not depend on its values). matvec: each shape run over enough
 distinct copies (>= 256 MB) that weights stream from DRAM; GB/s of stored bytes (codes, stats,
 perm, outliers) and ns per weight. token: every matvec of one SmolLM2 token (30 layers + tied
-lm_head, ~134M weights), each matrix distinct. matmul: T=128 prefill, GFLOP/s = 2*T*d*n / time.
+lm_head, ~134M weights), each matrix distinct. matmul: prefill of T tokens (--T, default 64), with
+the dense f16 kernel on the same weights for comparison, GFLOP/s = 2*T*d*n / time.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 import numpy as np
 
 from edgerun import kernels
+from edgerun.codecs.dense import DenseCodec
 from edgerun.codecs.spqr import SpQRCodec
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -106,20 +108,21 @@ def bench_token(bits_list, threads_list, reps, rng):
         del lins
 
 
-def bench_matmul(bits_list, threads_list, reps, rng):
-    print("\n## matmul (prefill T=128)")
-    print(f"{'shape':>12} {'bits':>4} {'thr':>3} {'ms':>8} {'GFLOP/s':>8}")
-    T = 128
+def bench_matmul(bits_list, threads_list, reps, rng, T=64):
+    print(f"\n## matmul (prefill T={T}; dense f16 on the same weights for comparison)")
+    print(f"{'shape':>12} {'codec':>6} {'thr':>3} {'ms':>8} {'GFLOP/s':>8}")
     for shape in SHAPES:
         X = rng.standard_normal((T, shape[1])).astype(np.float32)
         out = np.empty((T, shape[0]), np.float32)
-        for bits in bits_list:
-            lin = SpQRCodec.load(_parts(shape, bits, rng), {"bits": bits})
+        w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        lins = [("f16", DenseCodec.load(DenseCodec.encode(w, {"dtype": "f16"}), {"dtype": "f16"}))]
+        lins += [(f"spqr{b}", SpQRCodec.load(SpQRCodec.encode(w, {"bits": b}), {"bits": b})) for b in bits_list]
+        for name, lin in lins:
             for th in threads_list:
                 kernels.set_threads(th)
                 lin.matmul(X, out)
                 t = _median_time(lambda: lin.matmul(X, out), max(3, reps // 20))
-                print(f"{str(shape):>12} {bits:>4} {th:>3} {t*1e3:8.3f} {2*T*shape[0]*shape[1]/t/1e9:8.1f}")
+                print(f"{str(shape):>12} {name:>6} {th:>3} {t*1e3:8.3f} {2*T*shape[0]*shape[1]/t/1e9:8.1f}")
 
 
 def main():
@@ -127,6 +130,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--only", choices=["encode", "matvec", "token", "matmul"], default=None)
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--T", type=int, default=64, help="prefill tokens for --only matmul")
     args = ap.parse_args()
     reps = 50 if args.quick else 300
     rng = np.random.default_rng(0)
@@ -138,7 +142,7 @@ def main():
     if args.only in (None, "token"):
         bench_token(args.bits, threads, reps, rng)
     if args.only in (None, "matmul"):
-        bench_matmul(args.bits, threads, reps, rng)
+        bench_matmul(args.bits, threads, reps, rng, args.T)
     kernels.set_threads(1)
 
 

@@ -5,11 +5,10 @@ to n_pad (a multiple of 16; padded columns are zero and read zero activations):
 - w[i, j] = s[i, g] * (q[i, j] - z[i, g]) with g = j // group, q a 2-4 bit code; s and z are
   themselves `stat_bits`-bit codes over blocks of `stat_group` rows with fp16 step/min per block;
 - plus sparse outliers (CSR: int32 row pointers, uint16 permuted column, fp16 value = w - dense).
-Codes are stored in units of 8 consecutive permuted columns (one uint32 at 4 bits, a uint16 of
-2-bit low parts plus a uint8 of high bits at 3 bits, a uint16 at 2 bits): the kernels loop flat
-over units, read the 8 activations of a unit from `xt[t, b] = x[perm[8b + t]]` (prepared once per
-call) and stay vectorized (DESIGN §6). Stats are decoded per row inside the kernel, so what is
-resident is exactly what is stored.
+Codes are stored by chunks of 16 groups in byte sections with one byte per group, so a kernel
+vector lane is a group (see "kernels" below): the matvec decodes 16 weights per vector op and
+applies the 16 groups' scales and zeros with a few more, ≈ 2× the speed of a per-group layout.
+Stats are decoded per row block inside the kernel, so what is resident is exactly what is stored.
 
 Encode is the paper's procedure (GPTQ with error feedback through the Cholesky factor of H⁻¹,
 group statistics fit at the group's first column without its likely outliers found by the
@@ -21,10 +20,14 @@ import math
 import threading
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
 from ..kernels import f16_to_f32, get_threads
+from .dense import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
@@ -112,31 +115,46 @@ def _inverse_cholesky(H: np.ndarray, percdamp: float):
     return np.linalg.cholesky(Hinv).T.copy(), dead
 
 
-def _pack_codes(Q: np.ndarray, bits: int):
-    """Codes Q (d, n_pad) uint8 -> (lo, hi), one word per 16-column group (formats/codec-spqr.md)."""
+def _chunks(G: int):
+    """(g0, w) of the 16-group chunks of a row: full chunks, then one tail chunk of G mod 16."""
+    return [(g0, min(16, G - g0)) for g0 in range(0, G, 16)]
+
+
+def _sections(block: np.ndarray, bits: int) -> list:
+    """Codes of one chunk, block (d, w, 16) [row, group, position] -> its 2·bits byte sections (d, w)."""
+    if bits == 4:     # section u: positions 2u (low nibble), 2u+1 (high nibble)
+        return [block[..., 2 * u] | (block[..., 2 * u + 1] << 4) for u in range(8)]
+    lo = [sum((block[..., 4 * u + k] & 3) << (2 * k) for k in range(4)) for u in range(4)]
+    if bits == 2:     # section u: positions 4u..4u+3, two bits each
+        return lo
+    # 3 bits: the 2-bit sections of the low bits, then bit 2 of positions 8h..8h+7 at bits 0..7
+    return lo + [sum(((block[..., 8 * h + k] >> 2) & 1) << k for k in range(8)) for h in range(2)]
+
+
+def _pack_codes(Q: np.ndarray, bits: int) -> np.ndarray:
+    """Codes Q (d, n_pad) uint8 -> codes (d, 2·bits·G) uint8 (formats/codec-spqr.md "codes")."""
     d, n_pad = Q.shape
-    q = Q.reshape(d, n_pad // 16, 16).astype(np.uint32)
-    sh = np.arange(16, dtype=np.uint32)
-    if bits == 4:
-        return ((q[..., :8] << (4 * sh[:8])).sum(-1, dtype=np.uint32),
-                (q[..., 8:] << (4 * sh[:8])).sum(-1, dtype=np.uint32))
-    lo = ((q & 3) << (2 * sh)).sum(-1, dtype=np.uint32)
-    if bits == 2:
-        return lo, np.zeros((d, 0), np.uint8)
-    return lo, (((q >> 2) & 1) << sh).sum(-1, dtype=np.uint32).astype(np.uint16)
+    q = Q.reshape(d, n_pad // 16, 16).astype(np.uint8)
+    out = [s.astype(np.uint8) for g0, w in _chunks(n_pad // 16) for s in _sections(q[:, g0:g0 + w], bits)]
+    return np.ascontiguousarray(np.concatenate(out, axis=1)) if out else np.zeros((d, 0), np.uint8)
 
 
-def _unpack_codes(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of _pack_codes: -> codes (d, n_pad) int64."""
-    d, G = lo.shape
-    sh = np.arange(16)
-    lo = lo.astype(np.int64)[..., None]
-    if bits == 4:
-        q = np.concatenate([(lo >> (4 * sh[:8])) & 15, (hi.astype(np.int64)[..., None] >> (4 * sh[:8])) & 15], -1)
-    else:
-        q = (lo >> (2 * sh)) & 3
-        if bits == 3:
-            q |= ((hi.astype(np.int64)[..., None] >> sh) & 1) << 2
+def _unpack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of _pack_codes: -> codes (d, n_pad) int64 in storage column order."""
+    d = codes.shape[0]
+    G = codes.shape[1] // (2 * bits)
+    q = np.zeros((d, G, 16), np.int64)
+    off = 0
+    for g0, w in _chunks(G):
+        sec = [codes[:, off + k * w: off + (k + 1) * w].astype(np.int64) for k in range(2 * bits)]
+        off += 2 * bits * w
+        for t in range(16):
+            if bits == 4:
+                q[:, g0:g0 + w, t] = (sec[t // 2] >> (4 * (t % 2))) & 15
+            else:
+                q[:, g0:g0 + w, t] = (sec[t // 4] >> (2 * (t % 4))) & 3
+                if bits == 3:
+                    q[:, g0:g0 + w, t] |= ((sec[4 + t // 8] >> (t % 8)) & 1) << 2
     return q.reshape(d, G * 16)
 
 
@@ -224,7 +242,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
         if b1 < n_pad:
             WT[b1:] -= Uc32[b0:b1, b1:].T @ E
 
-    lo, hi = _pack_codes(np.ascontiguousarray(Q.T), bits)
+    codes = _pack_codes(np.ascontiguousarray(Q.T), bits)
     if out_rows:
         rows = np.concatenate(out_rows)
         cols = np.concatenate(out_cols)
@@ -238,8 +256,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
     rowptr = np.zeros(d + 1, np.int32)
     np.cumsum(np.bincount(rows, minlength=d), out=rowptr[1:])
     return {
-        "codes_lo": lo,
-        "codes_hi": hi,
+        "codes": codes,
         "stat_codes": np.ascontiguousarray((qs_all | (qz_all << sb)).T),
         "stats": st2.view(np.uint16),
         "perm": perm.astype(np.uint16 if n <= 65536 else np.int32),
@@ -249,15 +266,24 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
     }
 
 
+def _check_shapes(parts: dict, bits: int) -> tuple[int, int]:
+    """(d, G) of the parts, or UnsupportedModelError when codes do not match bits and stat_codes."""
+    d, G = parts["stat_codes"].shape
+    codes = parts["codes"]
+    if codes.dtype != np.uint8 or codes.shape != (d, 2 * bits * G) or len(parts["perm"]) > 16 * G:
+        raise UnsupportedModelError(f"spqr codec: codes {codes.dtype} {codes.shape} do not match bits={bits} "
+                                    f"and stat_codes {parts['stat_codes'].shape}")
+    return d, G
+
+
 def decode(parts: dict, params: dict | None = None) -> np.ndarray:
     """Reference NumPy decode -> float32 (d, n) in the original column order (tests only)."""
     p = _params(params)
     bits, sb, sg = p["bits"], p["stat_bits"], p["stat_group"]
-    lo = parts["codes_lo"]
-    d, G = lo.shape
+    d, G = _check_shapes(parts, bits)
     perm = parts["perm"].astype(np.int64)
     n = perm.shape[0]
-    q = _unpack_codes(lo, parts["codes_hi"], bits).astype(np.float32)
+    q = _unpack_codes(parts["codes"], bits).astype(np.float32)
     f = parts["stat_codes"].astype(np.int64)
     qs, qz = f & ((1 << sb) - 1), f >> sb
     st = parts["stats"].view(np.float16).astype(np.float32)[np.arange(d) // sg]     # (d, 4, G)
@@ -272,14 +298,213 @@ def decode(parts: dict, params: dict | None = None) -> np.ndarray:
 
 
 # --- kernels -------------------------------------------------------------------------------
-# Layout for the kernels (DESIGN §6): the flat loop runs over the G groups of a row, one packed
-# word (or two) per group, 16 unrolled products with activations xt[t, g] = x[perm[16g + t]];
-# the group's scale and zero are decoded in the same loop from one stat byte and four f32
-# second-level values of the row block (widened from fp16 once per block).
+# Codes are stored in chunks of 16 groups, one byte per group in each of 2·bits byte sections
+# (formats/codec-spqr.md). A vector lane is a group: one <16 x i8> load of a section widens to
+# the codes of 16 groups at 2 (4 bit), 4 (2 bit) positions, and the activations are prepared as
+# xt[t, g] = x[perm[16g + t]], so q_t · xt[t, g0:g0+16] is a plain vector multiply-add and the
+# group's scale and zero (also one lane per group) apply once per 256 weights with no horizontal
+# sum per group. LLVM IR through numba @intrinsic (as cluster.py): DESIGN §6, plain Numba loops
+# stay scalar. The tail chunk (G mod 16 groups) uses the same code with masked loads.
+
+_I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+_V16I8, _V16I32, _V16F32 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+_V16I1 = ir.VectorType(ir.IntType(1), 16)
+_FAST = ("fast",)
+
+
+def _vi(v):
+    return ir.Constant(_V16I32, v if isinstance(v, list) else [v] * 16)
+
+
+def _splat(builder, v):
+    """IR: a scalar broadcast to 16 lanes."""
+    vt = ir.VectorType(v.type, 16)
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(_I32, 0)),
+                                  ir.Constant(vt, ir.Undefined), _vi(0))
+
+
+def _data(context, builder, ty, val):
+    return context.make_array(ty)(context, builder, val).data
+
+
+def _gep(builder, p, idx, ety):
+    return builder.gep(p, [idx], source_etype=ety)
+
+
+def _load_bytes(builder, p, mask):
+    """IR: 16 bytes at p (lanes outside `mask` read as 0, not touched) -> <16 x i32>."""
+    if mask is None:
+        v = builder.load(p, typ=_V16I8, align=1)
+    else:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [ir.PointerType(), _V16I1, _V16I8]),
+                                            "llvm.masked.load.v16i8.p0")
+        v = builder.call(fn, [p, mask, ir.Constant(_V16I8, [0] * 16)])
+    return builder.zext(v, _V16I32)
+
+
+def _codes(builder, pcode, step, bits, mask):
+    """IR: the 16 code vectors q_t <16 x float> (lane k = group g0+k) of the chunk at pcode,
+    whose 2·bits byte sections are `step` bytes apart."""
+    sec = [_load_bytes(builder, _gep(builder, pcode, builder.mul(step, ir.Constant(step.type, k)), _I8), mask)
+           for k in range(2 * bits)]
+    out = []
+    for t in range(16):
+        if bits == 4:
+            v = sec[t // 2]
+            q = builder.and_(v, _vi(15)) if t % 2 == 0 else builder.lshr(v, _vi(4))
+        else:
+            v, s = sec[t // 4], 2 * (t % 4)
+            q = builder.and_(builder.lshr(v, _vi(s)) if s else v, _vi(3))
+            if bits == 3:        # bit 2 of position t: bit t mod 8 of section 4 + t // 8
+                h, k = sec[4 + t // 8], t % 8
+                h = builder.shl(h, _vi(2 - k)) if k < 2 else builder.lshr(h, _vi(k - 2)) if k > 2 else h
+                q = builder.or_(q, builder.and_(h, _vi(4)))
+        out.append(builder.sitofp(q, _V16F32))
+    return out
+
+
+def _chunk_stats(builder, ps, psf, ldsf, g0, smask, sshift, mask):
+    """IR: scale and zero <16 x float> of the 16 groups at g0 (stat bytes at ps, f32 block stats
+    sf (4, ldsf) at psf)."""
+    f = _load_bytes(builder, _gep(builder, ps, g0, _I8), mask)
+    qs = builder.sitofp(builder.and_(f, smask), _V16F32)
+    qz = builder.sitofp(builder.lshr(f, sshift), _V16F32)
+    sf = [builder.load(_gep(builder, psf, builder.add(builder.mul(ldsf, ir.Constant(ldsf.type, k)), g0), _F32),
+                       typ=_V16F32, align=4) for k in range(4)]
+    s = builder.fadd(builder.fmul(sf[0], qs, flags=_FAST), sf[1], flags=_FAST)
+    z = builder.fadd(builder.fmul(sf[2], qz, flags=_FAST), sf[3], flags=_FAST)
+    return s, z
+
+
+def _hsum(builder, v):
+    """IR: horizontal sum of a <16 x float> by halving shuffles."""
+    n = 16
+    while n > 1:
+        n //= 2
+        a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(a, b, flags=_FAST)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _by_bits(builder, bits_val, emit):
+    """IR: switch on the runtime `bits` to straight-line code specialized for 2, 3, 4."""
+    done = builder.append_basic_block("bits_done")
+    sw = builder.switch(bits_val, done)
+    for bits in (2, 3, 4):
+        bb = builder.append_basic_block(f"bits{bits}")
+        sw.add_case(ir.Constant(bits_val.type, bits), bb)
+        builder.position_at_end(bb)
+        emit(bits)
+        builder.branch(done)
+    builder.position_at_end(done)
+
+
+def _chunks_ir(builder, G, bits, body):
+    """IR: body(g0, pcode offset, step, mask) over the full 16-group chunks, then the tail chunk."""
+    i64 = G.type
+    nfull = builder.ashr(G, ir.Constant(i64, 4))
+    w = builder.and_(G, ir.Constant(i64, 15))
+    with cgutils.for_range(builder, nfull) as loop:
+        c = loop.index
+        body(builder.shl(c, ir.Constant(i64, 4)), builder.mul(c, ir.Constant(i64, 32 * bits)),
+             ir.Constant(i64, 16), None)
+    with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
+        mask = builder.icmp_unsigned("<", _vi(list(range(16))), _splat(builder, builder.trunc(w, _I32)))
+        body(builder.shl(nfull, ir.Constant(i64, 4)), builder.mul(nfull, ir.Constant(i64, 32 * bits)), w, mask)
+
+
+def _stat_consts(builder, sbits):
+    sb = builder.trunc(sbits, _I32)
+    return (_splat(builder, builder.sub(builder.shl(ir.Constant(_I32, 1), sb), ir.Constant(_I32, 1))),
+            _splat(builder, sb))
+
+
+@intrinsic
+def _dot_row(typingctx, codes, coff, stq, soff, xt, xs, sf, G, sbits, bits):
+    """float32 Σ_j W'[i, j] x'[j] of one row without outliers: codes at codes.flat[coff:], stat
+    bytes at stq.flat[soff:], G groups; xt (16, Gp), xs (Gp,), sf (4, Gp) zero-padded f32."""
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, stq_v, soff_v, xt_v, xs_v, sf_v, G_v, sbits_v, bits_v = args
+        pc = _gep(builder, _data(context, builder, sig.args[0], codes_v), coff_v, _I8)
+        ps = _gep(builder, _data(context, builder, sig.args[2], stq_v), soff_v, _I8)
+        px = _data(context, builder, sig.args[4], xt_v)
+        pxs = _data(context, builder, sig.args[5], xs_v)
+        psf = _data(context, builder, sig.args[6], sf_v)
+        i64 = G_v.type
+        Gp = builder.shl(builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4)),
+                         ir.Constant(i64, 4))
+        smask, sshift = _stat_consts(builder, sbits_v)
+        res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+        accv = cgutils.alloca_once(builder, _V16F32)
+
+        def emit(bits):
+            builder.store(ir.Constant(_V16F32, [0.0] * 16), accv)
+
+            def body(g0, off, step, mask):
+                q = _codes(builder, _gep(builder, pc, off, _I8), step, bits, mask)
+                a = [None] * 4           # four partial sums: the multiply-add chain is 4 deep
+                for t in range(16):
+                    xv = builder.load(_gep(builder, px, builder.add(builder.mul(Gp, ir.Constant(i64, t)), g0), _F32),
+                                      typ=_V16F32, align=4)
+                    p = builder.fmul(q[t], xv, flags=_FAST)
+                    a[t % 4] = p if a[t % 4] is None else builder.fadd(a[t % 4], p, flags=_FAST)
+                dot = builder.fadd(builder.fadd(a[0], a[1], flags=_FAST), builder.fadd(a[2], a[3], flags=_FAST),
+                                   flags=_FAST)
+                s, z = _chunk_stats(builder, ps, psf, Gp, g0, smask, sshift, mask)
+                xsv = builder.load(_gep(builder, pxs, g0, _F32), typ=_V16F32, align=4)
+                part = builder.fmul(s, builder.fsub(dot, builder.fmul(z, xsv, flags=_FAST), flags=_FAST), flags=_FAST)
+                builder.store(builder.fadd(builder.load(accv), part, flags=_FAST), accv)
+
+            _chunks_ir(builder, G_v, bits, body)
+            builder.store(_hsum(builder, builder.load(accv)), res)
+
+        _by_bits(builder, bits_v, emit)
+        return builder.load(res)
+
+    return types.float32(codes, coff, stq, soff, xt, xs, sf, G, sbits, bits), codegen
+
+
+@intrinsic
+def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff):
+    """out.flat[ooff + t·G + g] = W'[i, 16g + t] without outliers (positions t-major, stride G);
+    codes, stq, sf as in _dot_row."""
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, stq_v, soff_v, sf_v, G_v, sbits_v, bits_v, out_v, ooff_v = args
+        pc = _gep(builder, _data(context, builder, sig.args[0], codes_v), coff_v, _I8)
+        ps = _gep(builder, _data(context, builder, sig.args[2], stq_v), soff_v, _I8)
+        psf = _data(context, builder, sig.args[4], sf_v)
+        po = _gep(builder, _data(context, builder, sig.args[8], out_v), ooff_v, _F32)
+        i64 = G_v.type
+        Gp = builder.shl(builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4)),
+                         ir.Constant(i64, 4))
+        smask, sshift = _stat_consts(builder, sbits_v)
+        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [_V16F32, ir.PointerType(), _V16I1]), "llvm.masked.store.v16f32.p0")
+
+        def emit(bits):
+            def body(g0, off, step, mask):
+                q = _codes(builder, _gep(builder, pc, off, _I8), step, bits, mask)
+                s, z = _chunk_stats(builder, ps, psf, Gp, g0, smask, sshift, mask)
+                sz = builder.fmul(s, z, flags=_FAST)
+                for t in range(16):
+                    v = builder.fsub(builder.fmul(s, q[t], flags=_FAST), sz, flags=_FAST)
+                    p = _gep(builder, po, builder.add(builder.mul(G_v, ir.Constant(i64, t)), g0), _F32)
+                    if mask is None:
+                        builder.store(v, builder.bitcast(p, _V16F32.as_pointer()), align=4)
+                    else:               # the tail must not write into position t + 1
+                        builder.call(store, [v, builder.bitcast(p, ir.PointerType()), mask])
+            _chunks_ir(builder, G_v, bits, body)
+
+        _by_bits(builder, bits_v, emit)
+        return context.get_dummy_value()
+
+    return types.none(codes, coff, stq, soff, sf, G, sbits, bits, out, ooff), codegen
+
 
 @njit(**_JIT)
 def _prep_x(x, perm, xt, xs):
-    # x (n,) -> xt (16, G): xt[t, g] = x[perm[16g+t]] (0 past n); xs (G,) = Σ_t xt[t, g]
+    # x (n,) -> xt (16, Gp): xt[t, g] = x[perm[16g+t]] (0 past n); xs (Gp,) = Σ_t xt[t, g]
     n = perm.shape[0]
     for g in range(xt.shape[1]):
         acc = np.float32(0.0)
@@ -293,110 +518,24 @@ def _prep_x(x, perm, xt, xs):
 
 @njit(**_JIT)
 def _block_stats(st2, rb, sf):
-    # fp16 second-level stats of row block rb, st2 (R, 4, G) -> sf (4, G) float32
+    # fp16 second-level stats of row block rb, st2 (R, 4, G) -> sf[:, :G] float32 (sf (4, Gp))
     for k in range(4):
         for g in range(st2.shape[2]):
             sf[k, g] = f16_to_f32(st2[rb, k, g])
 
 
-@njit(inline="always", **_JIT)
-def _dot4(lo, hi, stq, sf, i, xt, xs, sbits):
-    # row i of 4-bit SpQR · x: Σ_g s_g (q_g · x_g - z_g Σx_g); lo/hi uint32 nibbles, weights 0-7 / 8-15
-    acc = np.float32(0.0)
-    m = np.int32(15)
-    sm = (np.int32(1) << np.int32(sbits)) - np.int32(1)
-    sb = np.int32(sbits)
-    for g in range(lo.shape[1]):
-        v = np.int32(lo[i, g])
-        w = np.int32(hi[i, g])
-        dot = (np.float32(v & m) * xt[0, g] + np.float32((v >> np.int32(4)) & m) * xt[1, g]
-               + np.float32((v >> np.int32(8)) & m) * xt[2, g] + np.float32((v >> np.int32(12)) & m) * xt[3, g]
-               + np.float32((v >> np.int32(16)) & m) * xt[4, g] + np.float32((v >> np.int32(20)) & m) * xt[5, g]
-               + np.float32((v >> np.int32(24)) & m) * xt[6, g] + np.float32((v >> np.int32(28)) & m) * xt[7, g]
-               + np.float32(w & m) * xt[8, g] + np.float32((w >> np.int32(4)) & m) * xt[9, g]
-               + np.float32((w >> np.int32(8)) & m) * xt[10, g] + np.float32((w >> np.int32(12)) & m) * xt[11, g]
-               + np.float32((w >> np.int32(16)) & m) * xt[12, g] + np.float32((w >> np.int32(20)) & m) * xt[13, g]
-               + np.float32((w >> np.int32(24)) & m) * xt[14, g] + np.float32((w >> np.int32(28)) & m) * xt[15, g])
-        f = np.int32(stq[i, g])
-        s = sf[0, g] * np.float32(f & sm) + sf[1, g]
-        z = sf[2, g] * np.float32(f >> sb) + sf[3, g]
-        acc += s * (dot - z * xs[g])
-    return acc
-
-
-@njit(inline="always", **_JIT)
-def _dot3(lo, hi, stq, sf, i, xt, xs, sbits):
-    # as _dot4 for 3-bit codes: low 2 bits of weight t at bit 2t of lo (uint32), bit 2 at bit t of hi (uint16)
-    acc = np.float32(0.0)
-    m = np.int32(3)
-    f4 = np.int32(4)
-    sm = (np.int32(1) << np.int32(sbits)) - np.int32(1)
-    sb = np.int32(sbits)
-    for g in range(lo.shape[1]):
-        v = np.int32(lo[i, g])
-        h = np.int32(hi[i, g])
-        dot = (np.float32((v & m) | ((h << np.int32(2)) & f4)) * xt[0, g]
-               + np.float32(((v >> np.int32(2)) & m) | ((h << np.int32(1)) & f4)) * xt[1, g]
-               + np.float32(((v >> np.int32(4)) & m) | (h & f4)) * xt[2, g]
-               + np.float32(((v >> np.int32(6)) & m) | ((h >> np.int32(1)) & f4)) * xt[3, g]
-               + np.float32(((v >> np.int32(8)) & m) | ((h >> np.int32(2)) & f4)) * xt[4, g]
-               + np.float32(((v >> np.int32(10)) & m) | ((h >> np.int32(3)) & f4)) * xt[5, g]
-               + np.float32(((v >> np.int32(12)) & m) | ((h >> np.int32(4)) & f4)) * xt[6, g]
-               + np.float32(((v >> np.int32(14)) & m) | ((h >> np.int32(5)) & f4)) * xt[7, g]
-               + np.float32(((v >> np.int32(16)) & m) | ((h >> np.int32(6)) & f4)) * xt[8, g]
-               + np.float32(((v >> np.int32(18)) & m) | ((h >> np.int32(7)) & f4)) * xt[9, g]
-               + np.float32(((v >> np.int32(20)) & m) | ((h >> np.int32(8)) & f4)) * xt[10, g]
-               + np.float32(((v >> np.int32(22)) & m) | ((h >> np.int32(9)) & f4)) * xt[11, g]
-               + np.float32(((v >> np.int32(24)) & m) | ((h >> np.int32(10)) & f4)) * xt[12, g]
-               + np.float32(((v >> np.int32(26)) & m) | ((h >> np.int32(11)) & f4)) * xt[13, g]
-               + np.float32(((v >> np.int32(28)) & m) | ((h >> np.int32(12)) & f4)) * xt[14, g]
-               + np.float32(((v >> np.int32(30)) & m) | ((h >> np.int32(13)) & f4)) * xt[15, g])
-        f = np.int32(stq[i, g])
-        s = sf[0, g] * np.float32(f & sm) + sf[1, g]
-        z = sf[2, g] * np.float32(f >> sb) + sf[3, g]
-        acc += s * (dot - z * xs[g])
-    return acc
-
-
-@njit(inline="always", **_JIT)
-def _dot2(lo, stq, sf, i, xt, xs, sbits):
-    # as _dot4 for 2-bit codes: weight t at bit 2t of lo (uint32)
-    acc = np.float32(0.0)
-    m = np.int32(3)
-    sm = (np.int32(1) << np.int32(sbits)) - np.int32(1)
-    sb = np.int32(sbits)
-    for g in range(lo.shape[1]):
-        v = np.int32(lo[i, g])
-        dot = (np.float32(v & m) * xt[0, g] + np.float32((v >> np.int32(2)) & m) * xt[1, g]
-               + np.float32((v >> np.int32(4)) & m) * xt[2, g] + np.float32((v >> np.int32(6)) & m) * xt[3, g]
-               + np.float32((v >> np.int32(8)) & m) * xt[4, g] + np.float32((v >> np.int32(10)) & m) * xt[5, g]
-               + np.float32((v >> np.int32(12)) & m) * xt[6, g] + np.float32((v >> np.int32(14)) & m) * xt[7, g]
-               + np.float32((v >> np.int32(16)) & m) * xt[8, g] + np.float32((v >> np.int32(18)) & m) * xt[9, g]
-               + np.float32((v >> np.int32(20)) & m) * xt[10, g] + np.float32((v >> np.int32(22)) & m) * xt[11, g]
-               + np.float32((v >> np.int32(24)) & m) * xt[12, g] + np.float32((v >> np.int32(26)) & m) * xt[13, g]
-               + np.float32((v >> np.int32(28)) & m) * xt[14, g] + np.float32((v >> np.int32(30)) & m) * xt[15, g])
-        f = np.int32(stq[i, g])
-        s = sf[0, g] * np.float32(f & sm) + sf[1, g]
-        z = sf[2, g] * np.float32(f >> sb) + sf[3, g]
-        acc += s * (dot - z * xs[g])
-    return acc
-
-
 @njit(**_JIT)
-def _mv_rows(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out, r0, r1, sf):
-    # SpQR W (d, n_pad) @ x (prepared as xt (16, G), xs (G,)) -> out[r0:r1]; sf (4, G) scratch
+def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out, r0, r1, sf):
+    # SpQR W (d, n_pad) @ x (prepared as xt (16, Gp), xs (Gp,)) -> out[r0:r1]; sf (4, Gp) scratch
+    G = stq.shape[1]
+    rowb = codes.shape[1]
     cur = -1
     for i in range(r0, r1):
         rb = i // sg
         if rb != cur:
             _block_stats(st2, rb, sf)
             cur = rb
-        if bits == 4:
-            acc = _dot4(lo, hi, stq, sf, i, xt, xs, sbits)
-        elif bits == 3:
-            acc = _dot3(lo, hi, stq, sf, i, xt, xs, sbits)
-        else:
-            acc = _dot2(lo, stq, sf, i, xt, xs, sbits)
+        acc = _dot_row(codes, i * rowb, stq, i * G, xt, xs, sf, G, sbits, bits)
         for k in range(rp[i], rp[i + 1]):
             c = np.int32(oc[k])
             acc += f16_to_f32(ov[k]) * xt[c & 15, c >> 4]
@@ -404,20 +543,21 @@ def _mv_rows(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out, r0, r1,
 
 
 @njit(**_JIT_PAR)
-def _mv_par(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out, sf):
-    # SpQR W (d, n_pad) @ x -> out (d,); prange over sf.shape[0] row blocks, one sf (4, G) each
-    d = lo.shape[0]
+def _mv_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out, sf):
+    # SpQR W (d, n_pad) @ x -> out (d,); prange over sf.shape[0] row blocks, one sf (4, Gp) each
+    d = codes.shape[0]
     nblocks = sf.shape[0]
     step = (d + nblocks - 1) // nblocks
     for blk in prange(nblocks):
-        _mv_rows(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out,
+        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out,
                  blk * step, min(d, (blk + 1) * step), sf[blk])
 
 
 @njit(**_JIT)
-def _decode_rows(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf):
-    # SpQR rows r0:r1 -> tile (>= r1-r0, n_pad) float32 in permuted column order, outliers added
-    sm = (np.int32(1) << np.int32(sbits)) - np.int32(1)
+def _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf):
+    # SpQR rows r0:r1 -> tile (>= r1-r0, 16G) float32, column t·G + g = storage column 16g + t
+    G = stq.shape[1]
+    rowb = codes.shape[1]
     cur = -1
     for i in range(r0, r1):
         rb = i // sg
@@ -425,129 +565,50 @@ def _decode_rows(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf
             _block_stats(st2, rb, sf)
             cur = rb
         r = i - r0
-        for g in range(lo.shape[1]):
-            f = np.int32(stq[i, g])
-            s = sf[0, g] * np.float32(f & sm) + sf[1, g]
-            sz = s * (sf[2, g] * np.float32(f >> np.int32(sbits)) + sf[3, g])
-            v = np.int32(lo[i, g])
-            h = np.int32(hi[i, g]) if bits != 2 else np.int32(0)
-            for t in range(16):
-                if bits == 4:
-                    q = ((v if t < 8 else h) >> np.int32(4 * (t & 7))) & np.int32(15)
-                else:
-                    q = (v >> np.int32(2 * t)) & np.int32(3)
-                    if bits == 3:
-                        q |= ((h >> np.int32(t)) & np.int32(1)) << np.int32(2)
-                tile[r, 16 * g + t] = s * np.float32(q) - sz
+        _decode_row(codes, i * rowb, stq, i * G, sf, G, sbits, bits, tile, r * tile.shape[1])
         for k in range(rp[i], rp[i + 1]):
-            tile[r, np.int32(oc[k])] += f16_to_f32(ov[k])
+            c = np.int32(oc[k])
+            tile[r, (c & 15) * G + (c >> 4)] += f16_to_f32(ov[k])
 
 
 @njit(**_JIT)
-def _prep_X(X, perm, Xp):
-    # X (T, n) -> Xp (T, n_pad) with Xp[t, j] = X[t, perm[j]] (0 past n)
+def _prep_X(X, perm, G, Xp):
+    # X (T, n) -> Xp (T, 16G) in tile column order: Xp[t, (j%16)·G + j//16] = X[t, perm[j]] (0 past n)
     n = perm.shape[0]
     for t in range(X.shape[0]):
-        for j in range(n):
-            Xp[t, j] = X[t, perm[j]]
         for j in range(n, Xp.shape[1]):
-            Xp[t, j] = 0.0
+            Xp[t, (j & 15) * G + (j >> 4)] = 0.0
+        for j in range(n):
+            Xp[t, (j & 15) * G + (j >> 4)] = X[t, perm[j]]
 
 
 @njit(**_JIT)
-def _tile_mm(tile, nr, Xp, out, r0):
-    # tile (nr, n_pad) @ Xp (T, n_pad).T -> out[:, r0:r0+nr]; 4 rows x 4 tokens register blocks
-    T = Xp.shape[0]
-    n = Xp.shape[1]
-    r4 = nr - nr % 4
-    t4 = T - T % 4
-    for r in range(0, r4, 4):
-        for t in range(0, t4, 4):
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
-            for j in range(n):
-                w0 = tile[r, j]
-                w1 = tile[r + 1, j]
-                w2 = tile[r + 2, j]
-                w3 = tile[r + 3, j]
-                x0 = Xp[t, j]
-                x1 = Xp[t + 1, j]
-                x2 = Xp[t + 2, j]
-                x3 = Xp[t + 3, j]
-                a00 += w0 * x0
-                a01 += w0 * x1
-                a02 += w0 * x2
-                a03 += w0 * x3
-                a10 += w1 * x0
-                a11 += w1 * x1
-                a12 += w1 * x2
-                a13 += w1 * x3
-                a20 += w2 * x0
-                a21 += w2 * x1
-                a22 += w2 * x2
-                a23 += w2 * x3
-                a30 += w3 * x0
-                a31 += w3 * x1
-                a32 += w3 * x2
-                a33 += w3 * x3
-            c = r0 + r
-            out[t, c] = a00
-            out[t + 1, c] = a01
-            out[t + 2, c] = a02
-            out[t + 3, c] = a03
-            out[t, c + 1] = a10
-            out[t + 1, c + 1] = a11
-            out[t + 2, c + 1] = a12
-            out[t + 3, c + 1] = a13
-            out[t, c + 2] = a20
-            out[t + 1, c + 2] = a21
-            out[t + 2, c + 2] = a22
-            out[t + 3, c + 2] = a23
-            out[t, c + 3] = a30
-            out[t + 1, c + 3] = a31
-            out[t + 2, c + 3] = a32
-            out[t + 3, c + 3] = a33
-        for t in range(t4, T):
-            for rr in range(r, r + 4):
-                acc = np.float32(0.0)
-                for j in range(n):
-                    acc += tile[rr, j] * Xp[t, j]
-                out[t, r0 + rr] = acc
-    for rr in range(r4, nr):
-        for t in range(T):
-            acc = np.float32(0.0)
-            for j in range(n):
-                acc += tile[rr, j] * Xp[t, j]
-            out[t, r0 + rr] = acc
-
-
-@njit(**_JIT)
-def _mm_rows(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, Xp, out, r0, r1, tile, sf):
+def _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out, r0, r1, tile, sf):
     # SpQR W[r0:r1] @ Xp.T -> out[:, r0:r1], dequantizing tile.shape[0] rows at a time into tile
     tr = tile.shape[0]
     for a in range(r0, r1, tr):
         b = min(r1, a + tr)
-        _decode_rows(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, a, b, tile, sf)
-        _tile_mm(tile, b - a, Xp, out, a)
+        _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, a, b, tile, sf)
+        _dense_mm(Xp, tile, 0, b - a, out, a)
 
 
 @njit(**_JIT_PAR)
-def _mm_par(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, Xp, out, tiles, sf):
+def _mm_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out, tiles, sf):
     # SpQR W (d, n_pad) @ Xp (T, n_pad).T -> out (T, d); prange over tiles.shape[0] row blocks
-    d = lo.shape[0]
+    d = codes.shape[0]
     nblocks = tiles.shape[0]
     tr = tiles.shape[1]
     step = ((d + nblocks - 1) // nblocks + tr - 1) // tr * tr
     for blk in prange(nblocks):
-        _mm_rows(bits, lo, hi, stq, st2, rp, oc, ov, sg, sbits, Xp, out,
+        _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out,
                  min(d, blk * step), min(d, (blk + 1) * step), tiles[blk], sf[blk])
 
 
 @njit(**_JIT)
-def _row_out(perm, tmp, out):
-    # tmp (n_pad,) permuted row -> out (n,) in original order
+def _row_out(perm, tmp, G, out):
+    # tmp (16G,) row in tile column order -> out (n,) in original column order
     for j in range(perm.shape[0]):
-        out[perm[j]] = tmp[j]
+        out[perm[j]] = tmp[(j & 15) * G + (j >> 4)]
 
 
 _tls = threading.local()
@@ -569,25 +630,28 @@ class SpQRLinear:
     def __init__(self, parts: dict, p: dict):
         self.bits, self.sbits, self.sg = p["bits"], p["stat_bits"], p["stat_group"]
         a = {k: np.ascontiguousarray(v) for k, v in parts.items()}
-        self.lo, self.hi, self.stq, self.st2 = a["codes_lo"], a["codes_hi"], a["stat_codes"], a["stats"]
+        d, G = _check_shapes(a, self.bits)
+        self.codes, self.stq, self.st2 = a["codes"], a["stat_codes"], a["stats"]
         self.perm = a["perm"].astype(np.int32)
         self.rp, self.oc, self.ov = a["outlier_rowptr"], a["outlier_col"], a["outlier_val"]
-        d, G = self.lo.shape
         n = self.perm.shape[0]
         self.shape = (d, n)
+        self.G = G
         self.n_pad = G * 16
         # every stored part is resident as is (stats are decoded inside the kernels)
         self.nbytes = int(sum(v.nbytes for v in parts.values()))
         self.bits_per_weight = self.nbytes * 8 / (d * n)
         self._big = d * n >= PAR_MIN_WEIGHTS
-        # per-call scratch, allocated once: prepared activations, per-thread f32 block stats
-        self.xt = np.zeros((16, G), np.float32)
-        self.xs = np.zeros(G, np.float32)
-        self.sf = np.zeros((1, 4, G), np.float32)
+        # per-call scratch, allocated once: prepared activations and per-thread f32 block stats,
+        # zero-padded to whole 16-group chunks (the tail chunk's vector loads read the padding)
+        Gp = -(-G // 16) * 16
+        self.xt = np.zeros((16, Gp), np.float32)
+        self.xs = np.zeros(Gp, np.float32)
+        self.sf = np.zeros((1, 4, Gp), np.float32)
         self.tmp = np.zeros((1, self.n_pad), np.float32)
 
     def _args(self):
-        return (self.bits, self.lo, self.hi, self.stq, self.st2, self.rp, self.oc, self.ov,
+        return (self.bits, self.codes, self.stq, self.st2, self.rp, self.oc, self.ov,
                 self.sg, self.sbits)
 
     def _scratch(self, threads: int) -> np.ndarray:
@@ -612,7 +676,7 @@ class SpQRLinear:
                 self.matvec(X[t], out[t])
             return
         Xp = _buf("xp", (T, self.n_pad))
-        _prep_X(X, self.perm, Xp)
+        _prep_X(X, self.perm, self.G, Xp)
         threads = get_threads()
         nb = threads if threads > 1 and self.shape[0] >= 4 * TILE_ROWS else 1
         tiles = _buf("tiles", (nb, TILE_ROWS, self.n_pad))
@@ -625,7 +689,7 @@ class SpQRLinear:
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
         _decode_rows(*self._args(), i, i + 1, self.tmp, self.sf[0])
-        _row_out(self.perm, self.tmp[0], out)
+        _row_out(self.perm, self.tmp[0], self.G, out)
 
 
 class SpQRCodec:
@@ -651,7 +715,7 @@ class SpQRCodec:
     def load(parts: dict, params: dict | None = None) -> SpQRLinear:
         """A SpQRLinear over the parts (zero-copy for C-contiguous arrays)."""
         p = _params(params)
-        missing = {"codes_lo", "codes_hi", "stat_codes", "stats", "perm", "outlier_rowptr",
+        missing = {"codes", "stat_codes", "stats", "perm", "outlier_rowptr",
                    "outlier_col", "outlier_val"} - set(parts)
         if missing:
             raise UnsupportedModelError(f"spqr codec: missing parts {sorted(missing)}")
