@@ -420,49 +420,69 @@ def _stat_consts(builder, sbits):
             _splat(builder, sb))
 
 
-@intrinsic
-def _dot_row(typingctx, codes, coff, stq, soff, xt, xs, sf, G, sbits, bits):
-    """float32 Σ_j W'[i, j] x'[j] of one row without outliers: codes at codes.flat[coff:], stat
-    bytes at stq.flat[soff:], G groups; xt (16, Gp), xs (Gp,), sf (4, Gp) zero-padded f32."""
+def _dot_codegen(R):
+    """Codegen of _dot_row (R = 1) / _dot_rows2 (R = 2): R consecutive rows share each x load."""
     def codegen(context, builder, sig, args):
         codes_v, coff_v, stq_v, soff_v, xt_v, xs_v, sf_v, G_v, sbits_v, bits_v = args
+        i64 = G_v.type
         pc = _gep(builder, _data(context, builder, sig.args[0], codes_v), coff_v, _I8)
         ps = _gep(builder, _data(context, builder, sig.args[2], stq_v), soff_v, _I8)
         px = _data(context, builder, sig.args[4], xt_v)
         pxs = _data(context, builder, sig.args[5], xs_v)
         psf = _data(context, builder, sig.args[6], sf_v)
-        i64 = G_v.type
         Gp = builder.shl(builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4)),
                          ir.Constant(i64, 4))
         smask, sshift = _stat_consts(builder, sbits_v)
-        res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-        accv = cgutils.alloca_once(builder, _V16F32)
+        res = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(R)]
+        accv = [cgutils.alloca_once(builder, _V16F32) for _ in range(R)]
 
         def emit(bits):
-            builder.store(ir.Constant(_V16F32, [0.0] * 16), accv)
+            rowb = builder.mul(G_v, ir.Constant(i64, 2 * bits))
+            pcs = [pc] + [_gep(builder, pc, builder.mul(rowb, ir.Constant(i64, r)), _I8) for r in range(1, R)]
+            pss = [ps] + [_gep(builder, ps, builder.mul(G_v, ir.Constant(i64, r)), _I8) for r in range(1, R)]
+            for r in range(R):
+                builder.store(ir.Constant(_V16F32, [0.0] * 16), accv[r])
 
             def body(g0, off, step, mask):
-                q = _codes(builder, _gep(builder, pc, off, _I8), step, bits, mask)
-                a = [None] * 4           # four partial sums: the multiply-add chain is 4 deep
+                q = [_codes(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask) for r in range(R)]
+                a = [[None] * 4 for _ in range(R)]     # four partial sums: multiply-add chains 4 deep
                 for t in range(16):
                     xv = builder.load(_gep(builder, px, builder.add(builder.mul(Gp, ir.Constant(i64, t)), g0), _F32),
                                       typ=_V16F32, align=4)
-                    p = builder.fmul(q[t], xv, flags=_FAST)
-                    a[t % 4] = p if a[t % 4] is None else builder.fadd(a[t % 4], p, flags=_FAST)
-                dot = builder.fadd(builder.fadd(a[0], a[1], flags=_FAST), builder.fadd(a[2], a[3], flags=_FAST),
-                                   flags=_FAST)
-                s, z = _chunk_stats(builder, ps, psf, Gp, g0, smask, sshift, mask)
+                    for r in range(R):
+                        p = builder.fmul(q[r][t], xv, flags=_FAST)
+                        a[r][t % 4] = p if a[r][t % 4] is None else builder.fadd(a[r][t % 4], p, flags=_FAST)
                 xsv = builder.load(_gep(builder, pxs, g0, _F32), typ=_V16F32, align=4)
-                part = builder.fmul(s, builder.fsub(dot, builder.fmul(z, xsv, flags=_FAST), flags=_FAST), flags=_FAST)
-                builder.store(builder.fadd(builder.load(accv), part, flags=_FAST), accv)
+                for r in range(R):
+                    dot = builder.fadd(builder.fadd(a[r][0], a[r][1], flags=_FAST),
+                                       builder.fadd(a[r][2], a[r][3], flags=_FAST), flags=_FAST)
+                    s, z = _chunk_stats(builder, pss[r], psf, Gp, g0, smask, sshift, mask)
+                    part = builder.fmul(s, builder.fsub(dot, builder.fmul(z, xsv, flags=_FAST), flags=_FAST),
+                                        flags=_FAST)
+                    builder.store(builder.fadd(builder.load(accv[r]), part, flags=_FAST), accv[r])
 
             _chunks_ir(builder, G_v, bits, body)
-            builder.store(_hsum(builder, builder.load(accv)), res)
+            for r in range(R):
+                builder.store(_hsum(builder, builder.load(accv[r])), res[r])
 
         _by_bits(builder, bits_v, emit)
-        return builder.load(res)
+        vals = [builder.load(r) for r in res]
+        return vals[0] if R == 1 else context.make_tuple(builder, sig.return_type, vals)
+    return codegen
 
-    return types.float32(codes, coff, stq, soff, xt, xs, sf, G, sbits, bits), codegen
+
+@intrinsic
+def _dot_row(typingctx, codes, coff, stq, soff, xt, xs, sf, G, sbits, bits):
+    """float32 Σ_j W'[i, j] x'[j] of one row without outliers: codes at codes.flat[coff:], stat
+    bytes at stq.flat[soff:], G groups; xt (16, Gp), xs (Gp,), sf (4, Gp) zero-padded f32."""
+    return types.float32(codes, coff, stq, soff, xt, xs, sf, G, sbits, bits), _dot_codegen(1)
+
+
+@intrinsic
+def _dot_rows2(typingctx, codes, coff, stq, soff, xt, xs, sf, G, sbits, bits):
+    """(row i, row i + 1) as _dot_row for rows i, i + 1 of the same stat block (x loaded once)."""
+    return (types.UniTuple(types.float32, 2)(codes, coff, stq, soff, xt, xs, sf, G, sbits, bits),
+            _dot_codegen(2))
 
 
 @intrinsic
@@ -530,16 +550,27 @@ def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out, r0, r1, 
     G = stq.shape[1]
     rowb = codes.shape[1]
     cur = -1
-    for i in range(r0, r1):
+    i = r0
+    while i < r1:
         rb = i // sg
         if rb != cur:
             _block_stats(st2, rb, sf)
             cur = rb
-        acc = _dot_row(codes, i * rowb, stq, i * G, xt, xs, sf, G, sbits, bits)
-        for k in range(rp[i], rp[i + 1]):
-            c = np.int32(oc[k])
-            acc += f16_to_f32(ov[k]) * xt[c & 15, c >> 4]
-        out[i] = acc
+        if i + 1 < r1 and (i + 1) // sg == rb:      # two rows of one stat block: x loads shared
+            a0, a1 = _dot_rows2(codes, i * rowb, stq, i * G, xt, xs, sf, G, sbits, bits)
+            out[i] = a0
+            out[i + 1] = a1
+            nr = 2
+        else:
+            out[i] = _dot_row(codes, i * rowb, stq, i * G, xt, xs, sf, G, sbits, bits)
+            nr = 1
+        for r in range(i, i + nr):
+            acc = out[r]
+            for k in range(rp[r], rp[r + 1]):
+                c = np.int32(oc[k])
+                acc += f16_to_f32(ov[k]) * xt[c & 15, c >> 4]
+            out[r] = acc
+        i += nr
 
 
 @njit(**_JIT_PAR)
