@@ -135,6 +135,26 @@ def stored_bits_per_weight(gguf_path) -> dict:
             "block_types": {k: v / mat_n for k, v in types.most_common()}}
 
 
+def identical_tensors(a_gguf, b_gguf) -> tuple[int, int]:
+    """(tensors with the same name, type and bytes in both files, tensors in a): re-quantizing the
+    F32 GGUF to the source's own type should give the source back, byte for byte."""
+    a, b = gguf.GGUFReader(a_gguf), gguf.GGUFReader(b_gguf)
+    theirs = {t.name: t for t in b.tensors}
+    same = sum(1 for t in a.tensors if t.name in theirs and t.tensor_type == theirs[t.name].tensor_type
+               and np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)))
+    return same, len(a.tensors)
+
+
+def tensor_digest(gguf_path) -> str:
+    """sha1 over every tensor's name, type and bytes (metadata such as file_type left out)."""
+    import hashlib
+    h = hashlib.sha1()
+    for t in gguf.GGUFReader(gguf_path).tensors:
+        h.update(f"{t.name}|{t.tensor_type.name}|".encode())
+        h.update(np.ascontiguousarray(t.data).view(np.uint8).tobytes())
+    return h.hexdigest()
+
+
 def block_types_text(info: dict) -> str:
     """'Q5_0 72%, Q8_0 18%, ...' (share of 2-D weights per block type)."""
     return ", ".join(f"{k} {v:.0%}" for k, v in info["block_types"].items())

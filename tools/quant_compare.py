@@ -132,41 +132,52 @@ def make_gguf(type_name: str, f32: Path, workdir: Path, force: bool, threads: in
 
 
 # --- evaluation ------------------------------------------------------------------------------
-def cached_nll(workdir: Path, label: str, model_path: Path, key: str, compute) -> np.ndarray:
-    """Per-token NLLs of one model on the windows, cached by model file (size, mtime) and windows."""
+def window_cache(workdir: Path, label: str, model_path: Path):
+    """Per-window NLL files of one model, keyed by the model file (size, mtime) and the window's ids,
+    so a run with more --chunks evaluates only the new windows and an interrupted run resumes."""
     st = model_path.stat()
-    tag = hashlib.sha1(f"{model_path}|{st.st_size}|{st.st_mtime_ns}|{key}".encode()).hexdigest()[:16]
-    path = workdir / "nll" / f"{re.sub(r'[^A-Za-z0-9]+', '_', label)}.{tag}.npy"
-    if path.exists():
-        return np.load(path)
-    nll = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, nll)
-    return nll
+    model_tag = f"{model_path}|{st.st_size}|{st.st_mtime_ns}"
+    folder = workdir / "nll" / re.sub(r"[^A-Za-z0-9]+", "_", label)
+
+    def path(window: np.ndarray) -> Path:
+        return folder / (hashlib.sha1(model_tag.encode() + window.tobytes()).hexdigest()[:20] + ".npy")
+    return path
 
 
-def per_token_nll(logits_fn, token_windows: np.ndarray, label: str) -> np.ndarray:
-    """edgerun.evaluate.window_nll over every window, concatenated (the protocol's scored tokens)."""
+def per_token_nll(make_fn, token_windows: np.ndarray, label: str, cache) -> np.ndarray:
+    """edgerun.evaluate.window_nll over every window, concatenated (the protocol's scored tokens);
+    the model is opened (`make_fn()`) only when some window is not cached."""
     from edgerun.evaluate import window_nll
-    out, start = [], time.perf_counter()
-    for i, w in enumerate(token_windows):
-        out.append(window_nll(logits_fn(w.tolist()), w))
-        log(f"[{label}] window {i + 1}/{len(token_windows)} ({time.perf_counter() - start:.0f} s)")
+    out, fn, start = [], None, time.perf_counter()
+    try:
+        for i, w in enumerate(token_windows):
+            path = cache(w)
+            if path.exists():
+                out.append(np.load(path))
+                continue
+            fn = fn or make_fn()
+            out.append(window_nll(fn(w.tolist()), w))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, out[-1])
+            log(f"[{label}] window {i + 1}/{len(token_windows)} ({time.perf_counter() - start:.0f} s)")
+    finally:
+        if fn is not None:
+            fn.close()
     return np.concatenate(out)
 
 
-def eval_edgerun(path: Path, token_windows, ctx: int, threads: int, label: str) -> np.ndarray:
-    from edgerun.api import load
-    with load(path, context=ctx, threads=threads) as m:
-        return per_token_nll(m.logits, token_windows, label)
+class _EdgerunFn:
+    """edgerun's Model.logits with a close(), opened lazily by per_token_nll."""
 
+    def __init__(self, path: Path, ctx: int, threads: int):
+        from edgerun.api import load
+        self.model = load(path, context=ctx, threads=threads)
 
-def eval_llamacpp(path: Path, token_windows, ctx: int, threads: int, label: str) -> np.ndarray:
-    fn = llamacpp_ref.llamacpp_logits_fn(path, ctx, threads)
-    try:
-        return per_token_nll(fn, token_windows, label)
-    finally:
-        fn.close()
+    def __call__(self, ids):
+        return self.model.logits(ids)
+
+    def close(self):
+        self.model.close()
 
 
 def tokenization_check(gguf_path: Path, text: str, edgerun_ids: list[int]) -> str:
@@ -252,7 +263,7 @@ def main(argv=None):
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.force:
-        for f in (args.workdir / "nll").glob("*.npy"):
+        for f in (args.workdir / "nll").glob("*/*.npy"):
             f.unlink()
     text = args.text.read_text(encoding="utf-8")
     specs = list(dict.fromkeys(["f16"] + list(args.edgerun)))     # the f16 pack is the baseline
@@ -270,7 +281,6 @@ def main(argv=None):
     with EbinFile(packs["f16"]["path"]) as f:
         tok = tokenizer_from_manifest(f.manifest)
     token_windows = windows(tok, text, args.ctx, args.chunks)
-    key = hashlib.sha1(token_windows.tobytes()).hexdigest()
     notes = []
     if ggufs:
         notes.append(tokenization_check(args.gguf, text, tok.encode(text, add_special_tokens=False)))
@@ -283,15 +293,15 @@ def main(argv=None):
                                   token_windows):
                 log(f"[{label}] skipped: its tokenizer gives different windows")
                 continue
-        nll = cached_nll(args.workdir, label, path, key,
-                         lambda: eval_edgerun(path, token_windows, args.ctx, args.threads, label))
+        nll = per_token_nll(lambda: _EdgerunFn(path, args.ctx, args.threads), token_windows, label,
+                            window_cache(args.workdir, label, path))
         rows.append({"engine": "edgerun", "type": spec, "label": label, "nll": nll,
                      "pack_seconds": meta["pack_seconds"], **ebin_bits(path)})
         log(f"[{label}] perplexity {math.exp(nll.mean()):.4f}")
     for name, meta in ggufs.items():
         path, label = Path(meta["path"]), f"llama.cpp {name}"
-        nll = cached_nll(args.workdir, label, path, key,
-                         lambda: eval_llamacpp(path, token_windows, args.ctx, args.threads, label))
+        nll = per_token_nll(lambda: llamacpp_ref.llamacpp_logits_fn(path, args.ctx, args.threads), token_windows,
+                            label, window_cache(args.workdir, label, path))
         info = llamacpp_ref.stored_bits_per_weight(path)
         rows.append({"engine": "llama.cpp", "type": name, "label": label, "nll": nll,
                      "pack_seconds": meta["pack_seconds"], "blocks": llamacpp_ref.block_types_text(info), **info})
@@ -302,6 +312,24 @@ def main(argv=None):
         a, b = math.exp(by["edgerun f32"]["nll"].mean()), math.exp(by["llama.cpp F32"]["nll"].mean())
         notes.append(f"Same-weights check: edgerun's f32 pack {a:.4f} vs llama.cpp's F32 GGUF {b:.4f} "
                      f"({b / a - 1:+.3%}); both hold the dequantized Q4_1 values in f32.")
+    import gguf
+    src_type = gguf.LlamaFileType(gguf.GGUFReader(args.gguf).fields["general.file_type"].contents()).name
+    src_type = src_type.replace("MOSTLY_", "")
+    if src_type in ggufs:                 # the F32 GGUF must hold the source's values, layout included
+        same, total = llamacpp_ref.identical_tensors(args.gguf, Path(ggufs[src_type]["path"]))
+        notes.append(f"Round trip: llama.cpp {src_type} quantized from the F32 GGUF is byte-identical to the source "
+                     f"GGUF in {same} of {total} tensors (so the row is the original file).")
+        if f"llama.cpp {src_type}" in by and "llama.cpp F32" in by:
+            q, f = (math.exp(by[f"llama.cpp {n}"]["nll"].mean()) for n in (src_type, "F32"))
+            notes.append(f"Same values, different compute: llama.cpp {src_type} {q:.4f} vs its own F32 {f:.4f} "
+                         f"({q / f - 1:+.2%}) although the weights are identical; llama.cpp quantizes the "
+                         "activations (to Q8_0/Q8_1 blocks) for quantized dot products.")
+    digests = {}                           # fallbacks can make two type names store the same tensors
+    for name, meta in ggufs.items():
+        digests.setdefault(llamacpp_ref.tensor_digest(Path(meta["path"])), []).append(name)
+    for same in digests.values():
+        if len(same) > 1:
+            notes.append(f"llama.cpp {' and '.join(same)} store byte-identical tensors on this model (fallbacks).")
     notes.append("llama.cpp types are named by their ftype, but K-quants need rows that are multiples of 256 and "
                  "SmolLM2's are 576 wide except ffn_down (1536), so most matrices fall back (Q2_K/Q3_K → Q4_0, "
                  "Q4_K → Q5_0, ...; the token embedding, tied with the output, takes the output's type, Q8_0 or "
@@ -314,7 +342,7 @@ def main(argv=None):
             notes.append(f"edgerun {spec}: `{meta['command']}` → {meta['summary']}")
     total = time.perf_counter() - started
     notes.append(f"Evaluation on {args.threads} threads; this run took {total / 60:.1f} min "
-                 f"(packs and GGUFs reused from {args.workdir} when present). "
+                 f"(packs, GGUFs and per-window NLLs reused from {args.workdir} when present). "
                  f"llama-cpp-python {__import__('llama_cpp').__version__}.")
 
     command = "python tools/quant_compare.py " + shlex.join(
