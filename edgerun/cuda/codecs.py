@@ -14,7 +14,7 @@ import numpy as np
 from numba import cuda, float32, int32
 
 from ..errors import UnsupportedModelError
-from .kernels import ACCUMULATE, HAS_BIAS, LANES, MAX_WARPS, ROWS, TT, store_rows, warp_barrier
+from .kernels import ACCUMULATE, HAS_BIAS, LANES, MAX_WARPS, ROWS, TT, store_rows, warp_barrier, warp_sum
 
 _F16 = np.float16
 
@@ -35,15 +35,15 @@ _where = cuda.jit(device=True)(_where)
 
 @cuda.jit(device=True)
 def _bf16(b):
-    # bfloat16 bits (uint16) -> float32 by arithmetic (no bit casts in numba-cuda's Python API)
+    # bfloat16 bits (uint16) -> float32 by arithmetic: (1.m) 2^(e-127), exact (no bit casts in numba-cuda)
     e = (int32(b) >> 7) & 0xFF
     m = int32(b) & 0x7F
     if e == 0:
-        v = math.ldexp(float32(m), -133)
+        v = float32(m) * math.pow(float32(2.0), float32(-133.0))
     elif e == 255:
         v = float32(3.0e38) if m == 0 else float32(math.nan)
     else:
-        v = math.ldexp(float32(m | 0x80), e - 134)
+        v = float32(m | 0x80) * math.pow(float32(2.0), float32(e - 134))
     return -v if int32(b) & 0x8000 else v
 
 
