@@ -52,30 +52,37 @@ def load(path, ram=None, context: int | None = None, threads: int | None = None,
 
 
 def warm_up_kernels(manifest: dict) -> None:
-    """Compile (or load from the on-disk cache) every kernel this model uses, on tiny inputs,
-    so the memory they take is measured before planning and the first token is not slowed."""
+    """Compile (or load from the on-disk cache) every kernel this model will run, so their memory
+    is measured before planning and no compiler runs mid-generation (LLVM compiling a kernel can
+    take hundreds of MiB). Every path is exercised: matvec, the batched matmul (T >= 4), row, and
+    with several threads the parallel variants, which only larger shapes select."""
     rng = np.random.default_rng(0)
+    threads = kernels.get_threads()
+    d, n = (1024, 512) if threads > 1 else (32, 64)     # 2^19 weights: over the parallel thresholds
     seen = set()
     for entry in manifest["tensors"].values():
-        key = (entry["codec"], str(sorted(entry["params"].items())), len(entry["shape"]))
+        key = (entry["codec"], str(sorted(entry["params"].items())))
         if key in seen or len(entry["shape"]) != 2:
             continue
         seen.add(key)
         codec = get_codec(entry["codec"])
-        w = codec.load(codec.encode(rng.standard_normal((32, 64), dtype=np.float32), entry["params"]), entry["params"])
-        x = rng.standard_normal((2, 64), dtype=np.float32)
-        out = np.empty((2, 32), np.float32)
+        w = codec.load(codec.encode(rng.standard_normal((d, n), dtype=np.float32), entry["params"]), entry["params"])
+        x = rng.standard_normal((8, n), dtype=np.float32)
+        out = np.empty((8, d), np.float32)
         w.matvec(x[0], out[0])
-        w.matmul(x, out)
+        w.matmul(x[:2], out[:2])            # a few tokens: matvec loop
+        w.matmul(x, out)                    # a prefill chunk: the batched kernel
         w.row(0, x[0])
-    # the ops every model runs, at a decode (T=1) and a prefill (T=2) shape
-    for T in (1, 2):
-        x = rng.standard_normal((T, 2, 8), dtype=np.float32)
-        kernels.rmsnorm_rows(x.reshape(T * 2, 8), np.ones(8, np.float32), 1e-5, x.reshape(T * 2, 8))
-        cos, sin = kernels.rope_tables(8, 4, 10000.0, None)
+    # the ops every layer runs, at a decode (T=1) and a prefill shape; the parallel attention
+    # is chosen for long prefills when threads > 1
+    H, D = 8, 64
+    for T in (1, 8, 64):
+        x = rng.standard_normal((T, H, D), dtype=np.float32)
+        kernels.rmsnorm_rows(x.reshape(T * H, D), np.ones(D, np.float32), 1e-5, x.reshape(T * H, D))
+        cos, sin = kernels.rope_tables(D, T, 10000.0, None)
         kernels.rope(x, np.arange(T, dtype=np.int64), cos, sin)
-        cache = np.zeros((1, 4, 8), np.float32)
-        kernels.attention(x, cache, cache, 0, np.empty_like(x))
+        cache = np.zeros((H, T, D), np.float32)
+        kernels.attention(x, cache, cache, 0, np.empty_like(x), np.empty((H, T), np.float32))
         kernels.silu_mul(x, x, np.empty_like(x))
 
 
