@@ -300,6 +300,10 @@ class CudaLinear:
         """out (T, d) (+)= X (T, n) @ W.T (+ bias (d,)); all device arrays."""
         raise NotImplementedError
 
+    def matvec(self, x, out, bias=None, accumulate: bool = False) -> None:
+        """out (d,) (+)= W @ x (n,) (+ bias): the T = 1 matmul (device arrays)."""
+        self.matmul(x.reshape(1, x.shape[0]), out.reshape(1, out.shape[0]), bias, accumulate)
+
     def _up(self, *arrays):
         dev = [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
         self.nbytes = getattr(self, "nbytes", 0) + sum(int(a.nbytes) for a in arrays)
