@@ -56,7 +56,13 @@ class ModelConfig:
         attention_bias = bool(cfg.get("attention_bias", False))
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
-        rope_scaling = cfg.get("rope_scaling") or None
+        # transformers >= 5 writes `rope_parameters` (theta and scaling together); older, `rope_theta`
+        # plus an optional `rope_scaling`.
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope_theta = float(cfg.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0)
+        rope_scaling = cfg.get("rope_scaling") or rope or None
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+            rope_scaling = None
         if rope_scaling is not None:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             if rope_type not in ROPE_TYPES:
@@ -75,7 +81,7 @@ class ModelConfig:
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             vocab_size=int(cfg["vocab_size"]),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias if flags["qkv_bias"] is None else flags["qkv_bias"],

@@ -51,13 +51,13 @@ def make_tokenizer(directory: Path):
     return fast
 
 
-def make_tiny_checkpoint(arch: str, directory: Path, seed: int = 0) -> Path:
+def make_tiny_checkpoint(arch: str, directory: Path, seed: int = 0, config: dict | None = None) -> Path:
     import torch
     import transformers
     config_cls, model_cls, extra = ARCHS[arch]
     directory.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(directory)
-    config = getattr(transformers, config_cls)(**TINY, **extra, vocab_size=len(tok),
+    config = getattr(transformers, config_cls)(**{**TINY, **(config or {})}, **extra, vocab_size=len(tok),
                                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
