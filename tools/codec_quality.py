@@ -129,7 +129,10 @@ def main(argv=None):
         if group not in groups and not (group == "embed" and "head" in groups and cfg.tie_word_embeddings):
             return tensors[name] if w.ndim == 2 else w
         t0 = time.perf_counter()
-        parts = codec.encode(w, rule["params"]) if h is None else codec.encode(w, rule["params"], hessian=h)
+        if h is None or rule["codec"] == "dense":
+            parts = codec.encode(w, rule["params"])
+        else:
+            parts = codec.encode(w, rule["params"], hessian=h)
         stats["seconds"] += time.perf_counter() - t0
         stats["params"] += w.size
         stats["bytes"] += sum(p.nbytes for p in parts.values())
