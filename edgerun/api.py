@@ -41,14 +41,18 @@ def auto_budget() -> int:
 
 
 def load(path, ram=None, context: int | None = None, threads: int | None = None, verbose: bool = False,
-         on_progress=None, log=None, stream: str | None = None, criterion: str | None = None) -> "Model":
+         on_progress=None, log=None, stream: str | None = None, criterion: str | None = None,
+         device: str = "auto", gpu_layers="all", vram=None) -> "Model":
     """Open an .ebin and load it within `ram` (e.g. "1GB"; None/"auto": the memory available now).
 
     Packs with `--layout flash` stream their feed-forward neurons from the file when the whole
     model does not fit (`stream`: auto | resident | window | layer | naive; `criterion`: off |
-    gate:S | lowrank:S, the neuron-selection rule, default off = exact)."""
+    gate:S | lowrank:S, the neuron-selection rule, default off = exact).
+
+    `device`: auto (a CUDA GPU when numba-cuda finds one, else the CPU, saying why) | cuda | cpu;
+    `gpu_layers`: "all", N (the first N layers) or "auto" (as many as fit `vram`, e.g. "6GB")."""
     return Model(path, ram=ram, context=context, threads=threads, verbose=verbose, on_progress=on_progress, log=log,
-                 stream=stream, criterion=criterion)
+                 stream=stream, criterion=criterion, device=device, gpu_layers=gpu_layers, vram=vram)
 
 
 def warm_up_kernels(manifest: dict) -> None:
@@ -118,7 +122,7 @@ class Model:
     the order they arrive (FIFO), never interleaved; see `_Turns`."""
 
     def __init__(self, path, ram=None, context=None, threads=None, verbose=False, on_progress=None, log=None,
-                 stream=None, criterion=None):
+                 stream=None, criterion=None, device="auto", gpu_layers="all", vram=None):
         self.path = Path(path)
         log = log or (lambda msg: None)
         self._turns = _Turns()
@@ -132,6 +136,7 @@ class Model:
             with EbinFile(self.path) as ebin:
                 manifest = ebin.manifest
                 self.config = ModelConfig.from_dict(manifest["config"])
+                self._arrays = ebin.arrays
                 self.tokenizer = tokenizer_from_manifest(manifest)
                 self.generation_defaults = manifest.get("generation", {})
                 self.manifest = {k: v for k, v in manifest.items() if k != "tokenizer"}
@@ -180,6 +185,7 @@ class Model:
             del weights
             if self.stream_plan is not None:
                 self.stream_plan = streaming.attach(self._transformer, self.path, manifest, ffn_budget, **stream_args)
+            self.device = self._place(device, gpu_layers, vram, manifest, log, verbose)
             report(1.0)
         except Cancelled as e:
             # The traceback's frames hold the tensors read so far; clear them so the memory is
@@ -191,6 +197,29 @@ class Model:
             raise Cancelled("loading was cancelled by on_progress") from None
         self._generator = Generator(self._transformer)
         self.stop_ids = sorted(set(self.tokenizer.eos_token_ids) | {self.tokenizer.token_to_id(t) for t in END_OF_TURN_TEXTS} - {None})
+
+    def _place(self, device, gpu_layers, vram, manifest, log, verbose) -> str:
+        """Offload the first layers (and the head) to a CUDA device when asked and possible."""
+        from . import cuda as ecuda
+        placed, why = ecuda.resolve_device(device)        # "cuda" without a device raises CudaError
+        if placed == "cpu":
+            if device == "auto" and verbose:
+                log(why)
+            return "cpu"
+        if self.stream_plan is not None and self.stream_plan.mode != "resident":
+            raise EdgerunError("CUDA offload of flash-streamed layers is not supported: use --device cpu")
+        cfg, tensors, arrays = self.config, manifest["tensors"], self._arrays
+        size = lambda e: sum(arrays[a].length for a in e["parts"].values())  # noqa: E731
+        layer_bytes = [sum(size(e) for k, e in tensors.items() if k.startswith(f"model.layers.{i}."))
+                       for i in range(cfg.num_layers)]
+        head = tensors.get("lm_head.weight") or tensors["model.embed_tokens.weight"]
+        head_bytes = size(tensors["model.norm.weight"]) + size(head)
+        n, on_head, _ = ecuda.plan(cfg, layer_bytes, head_bytes, self.context, PREFILL_CHUNK, gpu_layers,
+                                   parse_size(vram) if vram else None)
+        info = ecuda.offload(self._transformer, n, head=on_head, release_host=True)
+        log(f"CUDA: {n}/{cfg.num_layers} layers{' + output head' if on_head else ''} on the device, "
+            f"{fmt(info['device_bytes'])} of device memory (compressed weights, KV cache, scratch)")
+        return "cuda"
 
     # --- BitStack: a model whose size follows free RAM ----------------------------------------
     def resize(self, ram=None, weights=None) -> int:

@@ -56,13 +56,14 @@ def resolve_model(model: str | None) -> Path:
     return ebin
 
 
-def load_model(model, ram, context, threads, verbose, stream="auto"):
+def load_model(model, ram, context, threads, verbose, stream="auto", device="auto", gpu_layers="all", vram=None):
     from . import api
     path = resolve_model(model)
     if verbose:
         _err(f"loading {path}")
     start = time.perf_counter()
-    m = api.load(path, ram=ram, context=context, threads=threads, verbose=verbose, stream=stream,
+    m = api.load(path, ram=ram, context=context, threads=threads, verbose=verbose, stream=stream, device=device,
+                 gpu_layers=gpu_layers, vram=vram,
                  on_progress=None, log=_err)
     budget = "available memory" if ram in (None, "auto") else f"--ram {ram}"
     _err(f"loaded {path.name}: {m.config.architecture}, {m.config.parameter_count / 1e6:.0f}M parameters, "
@@ -93,6 +94,12 @@ _MODEL_OPTIONS = [
                  help="CPU threads for the kernels (default 1: a second thread speeds up the large "
                       "matrices on an idle machine but stalls when another process holds a core)."),
     click.option("-v", "--verbose", is_flag=True, help="Print the memory plan and load details."),
+    click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+                 help="Where the layers run: auto uses a CUDA GPU when numba-cuda finds one (pip install "
+                 "'edgerun[cuda]'), else the CPU."),
+    click.option("-ngl", "--gpu-layers", default="all", show_default=True,
+                 help="With a GPU: how many layers to offload: all, N (the first N), or auto (as many as fit --vram)."),
+    click.option("--vram", default=None, help="Device memory budget for -ngl auto, e.g. 6GB."),
     click.option("--stream", type=click.Choice(["auto", "resident", "window", "layer", "naive"]), default="auto",
                  show_default=True, help="For --layout flash packs: auto streams FFN neurons from the file only "
                  "when the model does not fit --ram (window = LLM-in-a-flash windowing; layer, naive = baselines)."),
@@ -188,7 +195,7 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layo
 @click.option("-sys", "--system", default=None, help="System prompt.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
               help="Longest reply in tokens.")
-def chat(model, ram, context, threads, verbose, stream, system, max_tokens, **kw):
+def chat(model, ram, context, threads, verbose, device, gpu_layers, vram, stream, system, max_tokens, **kw):
     """Chat with MODEL (an .ebin; default: SmolLM2-135M-Instruct).
 
     \b
@@ -202,7 +209,7 @@ def chat(model, ram, context, threads, verbose, stream, system, max_tokens, **kw
       printf 'Hi!\\nTell me a joke.\\n' | edgerun chat
     """
     from .chat import ChatSession
-    m = load_model(model, ram, context, threads, verbose, stream)
+    m = load_model(model, ram, context, threads, verbose, stream, device, gpu_layers, vram)
     with m:
         ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling_kwargs(kw),
                     stats=lambda: _err(stats_line(m))).run()
@@ -217,12 +224,13 @@ def chat(model, ram, context, threads, verbose, stream, system, max_tokens, **kw
               help="Read the prompt from a file.")
 @click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(1), default=128, show_default=True,
               help="Tokens to generate.")
-def generate(model, ram, context, threads, verbose, stream, prompt, prompt_file, max_tokens, **kw):
+def generate(model, ram, context, threads, verbose, device, gpu_layers, vram, stream, prompt, prompt_file,
+             max_tokens, **kw):
     """Continue a prompt (no chat template), streaming to stdout."""
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give the prompt with exactly one of -p TEXT or -f FILE")
     text = prompt if prompt is not None else prompt_file.read()
-    m = load_model(model, ram, context, threads, verbose, stream)
+    m = load_model(model, ram, context, threads, verbose, stream, device, gpu_layers, vram)
     with m:
         cancel_on_sigint(m)
         click.echo(text, nl=False)
@@ -289,7 +297,7 @@ def verify(model):
               help="Address to listen on (no authentication: keep loopback unless the network is trusted).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="TCP port (0 picks a free one).")
-def serve(model, ram, context, threads, verbose, stream, host, port):
+def serve(model, ram, context, threads, verbose, device, gpu_layers, vram, stream, host, port):
     """Serve MODEL over an OpenAI-compatible HTTP API.
 
     \b
@@ -300,7 +308,7 @@ def serve(model, ram, context, threads, verbose, stream, host, port):
       curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
     """
     from .server import serve as run_server
-    m = load_model(model, ram, context, threads, verbose, stream)
+    m = load_model(model, ram, context, threads, verbose, stream, device, gpu_layers, vram)
     with m:
         run_server(m, host, port, log=_err)
 

@@ -147,6 +147,7 @@ class Transformer:
         self.cfg, self.w, self.context, self.chunk = cfg, weights, context, chunk
         self.state = RunState(cfg, context, chunk)
         self.layers = layers if layers is not None else [weights.layer(i) for i in range(cfg.num_layers)]
+        self.cuda_head = None     # final norm + output head on a CUDA device (edgerun/cuda), if offloaded
         self.cos, self.sin = kernels.rope_tables(cfg.head_dim, context, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, tokens, start: int, all_logits: bool = False, cancel=None):
@@ -167,6 +168,9 @@ class Transformer:
         return self.state.logits
 
     def _logits(self, hidden, out):
+        if self.cuda_head is not None:
+            self.cuda_head(hidden, out)
+            return
         st, w = self.state, self.w
         normed = st.xb[:len(hidden)]
         kernels.rmsnorm_rows(hidden, w["model.norm.weight"], self.cfg.rms_norm_eps, normed)
@@ -191,6 +195,9 @@ class Transformer:
         """Layer i on hidden states x (T, d) at positions start..start+T-1, in place; fills the
         layer's KV cache."""
         cfg, st, L = self.cfg, self.state, self.layers[i]
+        if hasattr(L, "block"):          # placed on a CUDA device: the whole block runs there
+            L.block(x, start)
+            return
         T, H, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         xb, xb2 = st.xb[:T], st.xb2[:T]
         q, k, v, att = st.q[:T], st.k[:T], st.v[:T], st.att[:T]

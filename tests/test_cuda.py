@@ -224,43 +224,25 @@ def case_ops():
 
 
 def case_model(path, layers):
-    """The tiny model's logits (a 4-token prefill chunk, then 2 decoded tokens) with every layer
-    and the head on the device, or only layer 0, against the CPU run."""
-    from edgerun import cuda as ecuda
-    from edgerun.config import ModelConfig
-    from edgerun.ebin import EbinFile
-    from edgerun.model import Transformer, Weights
-
-    class Offloadable(Transformer):
-        # the delegation the lead adds to model.py (see docs/cuda.md)
-        def block(self, i, x, start):
-            if hasattr(self.layers[i], "block"):
-                return self.layers[i].block(x, start)
-            return super().block(i, x, start)
-
-        def _logits(self, hidden, out):
-            if getattr(self, "cuda_head", None) is not None:
-                return self.cuda_head(hidden, out)
-            return super()._logits(hidden, out)
-
-    def load():
-        with EbinFile(path) as e:
-            cfg = ModelConfig.from_dict(e.manifest["config"])
-            return Offloadable(cfg, Weights.from_ebin(e, cfg), 12, 4)
-
+    """The tiny model's logits (a 4-token prefill chunk, then 2 decoded tokens) loaded through
+    `edgerun.load(device="cuda", gpu_layers=...)` (every layer and the head, or only layer 0),
+    against the CPU run."""
+    import edgerun
     ids = [5, 17, 33, 2, 9, 40]
 
-    def run(tf):
+    def run(m):
+        tf = m._transformer
         out = [tf.forward(ids[:4], 0, all_logits=True)]
         out += [tf.forward([t], 4 + k)[None].copy() for k, t in enumerate(ids[4:])]
         return np.concatenate(out)
 
-    ref = run(load())
-    tf = load()
-    n = None if layers == "all" else int(layers)
-    info = ecuda.offload(tf, n, head=layers == "all", release_host=True)
-    assert info["device_bytes"] > 0
-    got = run(tf)
+    with edgerun.load(path, context=16, device="cpu") as m:
+        ref = run(m)
+    with edgerun.load(path, context=16, device="cuda", gpu_layers=layers) as m:
+        assert m.device == "cuda"
+        on_device = [hasattr(L, "block") for L in m._transformer.layers]
+        assert on_device == ([True] * len(on_device) if layers == "all" else [True] + [False] * (len(on_device) - 1))
+        got = run(m)
     err = float(np.max(np.abs(got - ref)))
     assert err < 1e-4, f"offload {layers}: max |logit diff| {err:.3g}"
     assert np.array_equal(got.argmax(-1), ref.argmax(-1))
