@@ -233,9 +233,12 @@ class Model:
         if weights is not None:
             target = parse_size(weights)
         elif ram in (None, "auto"):
+            # what we hold now plus what is free beyond the headroom; when even the smallest size
+            # is more than that, shrink to the smallest (best effort: the memory is short)
             vm = psutil.virtual_memory()
             target = self._stack.weight_bytes + vm.available - max(AUTO_HEADROOM_MIN,
                                                                    int(vm.total * AUTO_HEADROOM_FRACTION))
+            target = max(target, order.weight_bytes(order.minimum))
         else:
             self.budget = parse_size(ram)
             target = self.budget - other
