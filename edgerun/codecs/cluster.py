@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
 from ..kernels import f16_to_f32, get_threads
-from .spqr import _inverse_cholesky       # GPTQ's damped inverse-Hessian Cholesky factor
+from .llvm_ir import array_data as _data, hsum16 as _hsum, inverse_cholesky as _inverse_cholesky, switch_on_bits
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
@@ -306,37 +306,6 @@ def _lookup_fn(builder, pcb, ptab, bits):
     return look
 
 
-def _hsum(builder, v):
-    """IR: horizontal sum of a <16 x float> by halving shuffles."""
-    n = 16
-    while n > 1:
-        n //= 2
-        a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-        b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
-        v = builder.fadd(a, b, flags=("fast",))
-    return builder.extract_element(v, ir.Constant(_I32, 0))
-
-
-def _data(context, builder, ty, val):
-    return context.make_array(ty)(context, builder, val).data
-
-
-def _by_bits(builder, bits_val, emit):
-    """IR: switch on the runtime `bits` (2..8) to a loop specialized per bit width."""
-    done = builder.append_basic_block("bits_done")
-    bad = builder.append_basic_block("bits_bad")
-    sw = builder.switch(bits_val, bad)
-    for bits in range(2, 9):
-        bb = builder.append_basic_block(f"bits{bits}")
-        sw.add_case(ir.Constant(bits_val.type, bits), bb)
-        builder.position_at_end(bb)
-        emit(bits)
-        builder.branch(done)
-    builder.position_at_end(bad)
-    builder.branch(done)
-    builder.position_at_end(done)
-
-
 def _block_ptrs(builder, pc, px, b, bits):
     """IR: byte pointer of block b's codes and float pointer of its 32 x values."""
     pcb = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
@@ -384,7 +353,7 @@ def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
             s23 = builder.fadd(builder.load(accs[2]), builder.load(accs[3]), flags=fast)
             builder.store(_hsum(builder, builder.fadd(s01, s23, flags=fast)), res)
 
-        _by_bits(builder, bits_v, emit)
+        switch_on_bits(builder, bits_v, range(2, 9), emit)
         return builder.load(res)
 
     sig = types.float32(codes, coff, x, xoff, cb, cboff, tab, nblk, bits)
@@ -410,7 +379,7 @@ def _decode_blocks(typingctx, codes, coff, cb, cboff, tab, nblk, bits, out, ooff
                 builder.store(look(lo), builder.bitcast(ob, _V16F32.as_pointer()), align=4)
                 builder.store(look(hi), builder.bitcast(ob1, _V16F32.as_pointer()), align=4)
 
-        _by_bits(builder, bits_v, emit)
+        switch_on_bits(builder, bits_v, range(2, 9), emit)
         return context.get_dummy_value()
 
     sig = types.none(codes, coff, cb, cboff, tab, nblk, bits, out, ooff)

@@ -28,6 +28,7 @@ from numba.extending import intrinsic
 from ..errors import UnsupportedModelError
 from ..kernels import f16_to_f32, get_threads
 from .dense import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
+from .llvm_ir import array_data as _data, hsum16 as _hsum, inverse_cholesky as _inverse_cholesky, switch_on_bits
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
@@ -102,17 +103,6 @@ def _loo_outlier_mask(Wg: np.ndarray, hd: np.ndarray, maxq: int, thr: float) -> 
     s, z = _minmax(Wg, maxq)
     base = (((_qdq(Wg, s[:, None], z[:, None], maxq) - Wg) / hd) ** 2).sum(-1, keepdims=True)
     return base - loo > thr
-
-
-def _inverse_cholesky(H: np.ndarray, percdamp: float):
-    """Upper Cholesky factor U of (H + damp·I)⁻¹ (GPTQ), after zeroing dead inputs: -> U, dead."""
-    H = np.array(H, dtype=np.float64, copy=True)
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
-    H[np.diag_indices_from(H)] += percdamp * np.mean(np.abs(np.diag(H)))
-    Linv = np.linalg.inv(np.linalg.cholesky(H))
-    Hinv = Linv.T @ Linv
-    return np.linalg.cholesky(Hinv).T.copy(), dead
 
 
 def _chunks(G: int):
@@ -323,10 +313,6 @@ def _splat(builder, v):
                                   ir.Constant(vt, ir.Undefined), _vi(0))
 
 
-def _data(context, builder, ty, val):
-    return context.make_array(ty)(context, builder, val).data
-
-
 def _gep(builder, p, idx, ety):
     return builder.gep(p, [idx], source_etype=ety)
 
@@ -374,30 +360,6 @@ def _chunk_stats(builder, ps, psf, ldsf, g0, smask, sshift, mask):
     s = builder.fadd(builder.fmul(sf[0], qs, flags=_FAST), sf[1], flags=_FAST)
     z = builder.fadd(builder.fmul(sf[2], qz, flags=_FAST), sf[3], flags=_FAST)
     return s, z
-
-
-def _hsum(builder, v):
-    """IR: horizontal sum of a <16 x float> by halving shuffles."""
-    n = 16
-    while n > 1:
-        n //= 2
-        a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-        b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
-        v = builder.fadd(a, b, flags=_FAST)
-    return builder.extract_element(v, ir.Constant(_I32, 0))
-
-
-def _by_bits(builder, bits_val, emit):
-    """IR: switch on the runtime `bits` to straight-line code specialized for 2, 3, 4."""
-    done = builder.append_basic_block("bits_done")
-    sw = builder.switch(bits_val, done)
-    for bits in (2, 3, 4):
-        bb = builder.append_basic_block(f"bits{bits}")
-        sw.add_case(ir.Constant(bits_val.type, bits), bb)
-        builder.position_at_end(bb)
-        emit(bits)
-        builder.branch(done)
-    builder.position_at_end(done)
 
 
 def _chunks_ir(builder, G, bits, body):
@@ -465,7 +427,7 @@ def _dot_codegen(R):
             for r in range(R):
                 builder.store(_hsum(builder, builder.load(accv[r])), res[r])
 
-        _by_bits(builder, bits_v, emit)
+        switch_on_bits(builder, bits_v, (2, 3, 4), emit)
         vals = [builder.load(r) for r in res]
         return vals[0] if R == 1 else context.make_tuple(builder, sig.return_type, vals)
     return codegen
@@ -516,7 +478,7 @@ def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff
                         builder.call(store, [v, builder.bitcast(p, ir.PointerType()), mask])
             _chunks_ir(builder, G_v, bits, body)
 
-        _by_bits(builder, bits_v, emit)
+        switch_on_bits(builder, bits_v, (2, 3, 4), emit)
         return context.get_dummy_value()
 
     return types.none(codes, coff, stq, soff, sf, G, sbits, bits, out, ooff), codegen

@@ -1,0 +1,49 @@
+"""LLVM IR helpers shared by the codecs' `@intrinsic` kernels (cluster, spqr)."""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+
+_I32 = ir.IntType(32)
+
+
+def array_data(context, builder, ty, val):
+    """IR: the data pointer of a Numba array argument."""
+    return context.make_array(ty)(context, builder, val).data
+
+
+def hsum16(builder, v):
+    """IR: horizontal sum of a <16 x float> by halving shuffles."""
+    n = 16
+    while n > 1:
+        n //= 2
+        a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(a, b, flags=("fast",))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def switch_on_bits(builder, bits_val, widths, emit):
+    """IR: switch on a runtime bit width to code specialized by `emit(bits)` for each of
+    `widths`; any other value does nothing."""
+    done = builder.append_basic_block("bits_done")
+    sw = builder.switch(bits_val, done)
+    for bits in widths:
+        bb = builder.append_basic_block(f"bits{bits}")
+        sw.add_case(ir.Constant(bits_val.type, bits), bb)
+        builder.position_at_end(bb)
+        emit(bits)
+        builder.branch(done)
+    builder.position_at_end(done)
+
+
+def inverse_cholesky(H: np.ndarray, percdamp: float):
+    """Upper Cholesky factor U of (H + damp·I)⁻¹ (GPTQ), after zeroing dead inputs: -> U, dead.
+    (NumPy, not IR: shared by the GPTQ passes of spqr and cluster.)"""
+    H = np.array(H, dtype=np.float64, copy=True)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices_from(H)] += percdamp * np.mean(np.abs(np.diag(H)))
+    Linv = np.linalg.inv(np.linalg.cholesky(H))
+    Hinv = Linv.T @ Linv
+    return np.linalg.cholesky(Hinv).T.copy(), dead
