@@ -3,7 +3,6 @@ takes most of the machine's free memory; between replies the model sheds blocks 
 and when that memory is released it loads them back (its RSS grows again)."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys

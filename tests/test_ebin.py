@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgerun import ebin
-from edgerun.ebin import ALIGN, MAGIC, VERSION, ArrayInfo, EbinFile, EbinWriter
+from edgerun.ebin import ALIGN, VERSION, ArrayInfo, EbinFile, EbinWriter
 from edgerun.errors import FormatError
 
 FIXTURE = Path(__file__).resolve().parent.parent / "formats" / "fixtures" / "tiny.ebin"

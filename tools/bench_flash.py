@@ -24,7 +24,6 @@ HELDOUT = ROOT / "tools/data/wikitext2_heldout.txt"
 
 def build(path, context, budget=None, mode="auto", criterion="off", window=4, baseline=None):
     """Load the non-FFN weights, attach the streamed FFN within what the budget leaves for it."""
-    import numpy as np
     from edgerun.api import tokenizer_from_manifest, warm_up_kernels
     from edgerun.config import ModelConfig
     from edgerun.ebin import EbinFile

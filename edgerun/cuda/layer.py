@@ -87,7 +87,7 @@ class CudaLayer:
             raise ValueError(f"{T} tokens at {start} exceed the device buffers ({r.chunk} tokens, "
                              f"context {r.context})")
         H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        xd, xb, xb2 = r.x[:T], r.xb[:T], r.xb2[:T]
+        xd, xb = r.x[:T], r.xb[:T]
         q, k, v, att = r.q[:T], r.k[:T], r.v[:T], r.att[:T]
         if self.first or not r.current:
             xd.copy_to_device(np.ascontiguousarray(x))
