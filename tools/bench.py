@@ -296,6 +296,11 @@ def run(args) -> None:
             packs.append(pk)
             print(f"packed {path}: {pk['seconds']:.1f} s, peak RSS {pk['peak_rss_mib']:.0f} MiB", file=sys.stderr)
         engines.append((f"edgerun {dtype}", "edgerun", path, "warm"))
+    for spec in args.ebin or []:          # other packs of the same model, e.g. spqr:4=/tmp/q4.ebin
+        label, _, path = spec.partition("=")
+        if not Path(path).exists():
+            raise SystemExit(f"--ebin {spec}: no such file")
+        engines.append((f"edgerun {label}", "edgerun", Path(path), "warm"))
     engines.append(("llama.cpp Q4_1", "llama", gguf, None))
     if not args.no_cold:
         engines.append(("edgerun f16, cold JIT cache", "edgerun", engines[0][2], "cold"))
@@ -403,6 +408,8 @@ def main(argv=None) -> None:
                    help="where the packed .ebin files are kept (default: %(default)s)")
     p.add_argument("--repack", action="store_true", help="pack the .ebin files again (and report pack time / RSS)")
     p.add_argument("--f32", action="store_true", help="also benchmark an f32 .ebin")
+    p.add_argument("--ebin", action="append", metavar="LABEL=PATH",
+                   help="also benchmark this .ebin of the same model (repeatable), e.g. spqr:4=q4.ebin")
     p.add_argument("-t", "--threads", type=int, default=2, help="threads for both engines (default: %(default)s)")
     p.add_argument("-c", "--context", type=int, default=2048, help="context length for both (default: %(default)s)")
     p.add_argument("-r", "--reps", type=int, default=5, help="interleaved repetitions (default: %(default)s)")
