@@ -88,6 +88,8 @@ def warm_up_kernels(manifest: dict) -> None:
         cache = np.zeros((H, T, D), np.float32)
         kernels.attention(x, cache, cache, 0, np.empty_like(x), np.empty((H, T), np.float32))
         kernels.silu_mul(x, x, np.empty_like(x))
+        flat = x.reshape(T, H * D)                      # the FFN calls it on (T, ffn) arrays
+        kernels.silu_mul(flat, flat, np.empty_like(flat))
 
 
 def stack_quality(order, n: int) -> str:

@@ -42,7 +42,17 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process's address space so far.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: the latter keeps the high-water mark from before
+    exec(), i.e. the RSS of whatever forked us (a 1 GB pytest or IDE would read as our peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
