@@ -101,6 +101,11 @@ def stack_quality(order, n: int) -> str:
     return f"; calibration perplexity ≈ {nearest[1]:.1f} at this size"
 
 
+def stop_ids(tokenizer) -> list[int]:
+    """Every token that ends generation: the model's EOS ids and the end-of-turn tokens it has."""
+    return sorted(set(tokenizer.eos_token_ids) | {tokenizer.token_to_id(t) for t in END_OF_TURN_TEXTS} - {None})
+
+
 def tokenizer_from_manifest(manifest: dict) -> Tokenizer:
     t = manifest["tokenizer"]
     return Tokenizer(t["json"], bos_token_id=t.get("bos_token_id"), eos_token_ids=t.get("eos_token_ids") or [],
@@ -198,7 +203,7 @@ class Model:
             release_free_memory()
             raise Cancelled("loading was cancelled by on_progress") from None
         self._generator = Generator(self._transformer)
-        self.stop_ids = sorted(set(self.tokenizer.eos_token_ids) | {self.tokenizer.token_to_id(t) for t in END_OF_TURN_TEXTS} - {None})
+        self.stop_ids = stop_ids(self.tokenizer)
 
     def _place(self, device, gpu_layers, vram, manifest, log, verbose) -> str:
         """Offload the first layers (and the head) to a CUDA device when asked and possible."""

@@ -16,7 +16,7 @@ def tensor_group(name: str) -> str:
 
 
 def describe(path, context=None) -> str:
-    from .api import DEFAULT_CONTEXT, plan_memory, tokenizer_from_manifest
+    from .api import DEFAULT_CONTEXT, plan_memory, stop_ids, tokenizer_from_manifest
     with EbinFile(path) as f:
         man = f.manifest
         cfg = ModelConfig.from_dict(man["config"])
@@ -32,6 +32,7 @@ def describe(path, context=None) -> str:
             codecs[g].add(t["codec"] + ("/" + t["params"]["dtype"] if "dtype" in t["params"] else ""))
         tokenizer = tokenizer_from_manifest(man)        # held while measuring, as a loaded model holds it
         plan = plan_memory(f, cfg, context, None)
+        stop_text = ", ".join(f"{i} {tokenizer.id_to_token(i)}" for i in stop_ids(tokenizer))
         del tokenizer
         tok = man["tokenizer"]
         lines = [
@@ -54,7 +55,7 @@ def describe(path, context=None) -> str:
                      f"{total_b * 8 / total_p:5.2f} bits/weight")
         template = tok.get("chat_template")
         lines.append(f"chat template {'yes (' + str(len(template)) + ' chars)' if template else 'none'}")
-        lines.append(f"stop tokens   {tok.get('eos_token_ids')}; BOS {tok.get('bos_token_id')}"
+        lines.append(f"stop tokens   {stop_text}; BOS {tok.get('bos_token_id')}"
                      f" (added: {tok.get('add_bos_token')})")
         stack = man.get("bitstack")
         if stack:
