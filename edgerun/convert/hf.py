@@ -127,12 +127,16 @@ class HFSource(Source):
         path, entry, data_start = self._tensors[name]
         start, end = entry["data_offsets"]
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        # read straight into the array (no intermediate bytes object: peak = the tensor once,
+        # plus its float32 widening for 16-bit sources)
+        raw = np.empty(entry["shape"], dtype=dtype)
         with open(path, "rb") as f:
             f.seek(data_start + start)
-            raw = np.frombuffer(f.read(end - start), dtype=dtype).reshape(entry["shape"])
+            if f.readinto(memoryview(raw.reshape(-1)).cast("B")) != end - start:
+                raise FormatError(f"{path}: truncated while reading tensor {name}")
         if entry["dtype"] == "BF16":                 # bf16 is the high half of a float32
             return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+        return raw if raw.dtype == np.float32 else raw.astype(np.float32)
 
 
 def _token_ids(tokenizer_json: str) -> dict[str, int]:
