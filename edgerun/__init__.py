@@ -7,9 +7,10 @@
 """
 import os
 
-# Prefill calls BLAS while Numba runs its own kernel threads; OpenBLAS's spinning worker threads
-# then fight Numba's for the same cores (measured: a 14-token prefill went from 0.06 s to 1 s).
-# One BLAS thread unless the user chose otherwise; this must happen before NumPy loads OpenBLAS.
+# The dense/cluster/spqr kernels never call BLAS, but calibration, BitStack's prefill and the
+# streamed FFN's prefill do, while Numba runs its own kernel threads; OpenBLAS's spinning worker
+# threads then fight Numba's for the same cores (measured: a 14-token prefill went from 0.06 s to
+# 1 s). One BLAS thread unless the user chose otherwise; set before NumPy loads OpenBLAS.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"

@@ -9,6 +9,8 @@ import signal
 import sys
 import time
 
+from .errors import EdgerunError
+
 HELP = """commands:
   /help          this list
   /clear         start a new conversation (keeps the system prompt)
@@ -126,7 +128,7 @@ class ChatSession:
         before = self.m.weight_bytes
         try:
             after = self.m.resize(ram="auto")
-        except Exception as e:          # too little memory even for the smallest size: say so, go on
+        except EdgerunError as e:       # e.g. the file became unreadable: say so, keep chatting
             sys.stderr.write(f"(memory is short: {e})\n")
             return
         if after != before:
