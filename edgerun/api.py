@@ -1,8 +1,6 @@
 """The Python API a desktop app embeds: load, logits, stream, generate, chat, cancel, close."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import threading
 import traceback
@@ -18,7 +16,7 @@ from .config import ModelConfig
 from .ebin import EbinFile
 from .errors import Cancelled, EdgerunError
 from .generate import Generator, Stats
-from .memory import MemoryPlan, current_rss, fmt, parse_size
+from .memory import MemoryPlan, current_rss, fmt, parse_size, release_free_memory
 from .bitstack_runtime import BlockOrder, BlockStack, prefix_reader
 from .model import RunState, Transformer, Weights
 from .sampling import SamplingParams
@@ -61,8 +59,9 @@ def warm_up_kernels(manifest: dict) -> None:
     take hundreds of MiB). Every path is exercised: matvec, the batched matmul (T >= 4), row, and
     with several threads the parallel variants, which only larger shapes select."""
     rng = np.random.default_rng(0)
-    threads = kernels.get_threads()
-    d, n = (1024, 512) if threads > 1 else (32, 64)     # 2^19 weights: over the parallel thresholds
+    # small matrices run single-threaded kernels; with threads, 2^19 weights is over every
+    # codec's parallel threshold, and a model usually has matrices on both sides of it
+    shapes = [(32, 64)] + ([(1024, 512)] if kernels.get_threads() > 1 else [])
     seen = set()
     for entry in manifest["tensors"].values():
         key = (entry["codec"], str(sorted(entry["params"].items())))
@@ -70,13 +69,15 @@ def warm_up_kernels(manifest: dict) -> None:
             continue
         seen.add(key)
         codec = get_codec(entry["codec"])
-        w = codec.load(codec.encode(rng.standard_normal((d, n), dtype=np.float32), entry["params"]), entry["params"])
-        x = rng.standard_normal((8, n), dtype=np.float32)
-        out = np.empty((8, d), np.float32)
-        w.matvec(x[0], out[0])
-        w.matmul(x[:2], out[:2])            # a few tokens: matvec loop
-        w.matmul(x, out)                    # a prefill chunk: the batched kernel
-        w.row(0, x[0])
+        for d, n in shapes:
+            w = codec.load(codec.encode(rng.standard_normal((d, n), dtype=np.float32), entry["params"]),
+                           entry["params"])
+            x = rng.standard_normal((8, n), dtype=np.float32)
+            out = np.empty((8, d), np.float32)
+            w.matvec(x[0], out[0])
+            w.matmul(x[:2], out[:2])            # a few tokens: matvec loop
+            w.matmul(x, out)                    # a prefill chunk: the batched kernel
+            w.row(0, x[0])
     # the ops every layer runs, at a decode (T=1) and a prefill shape; the parallel attention
     # is chosen for long prefills when threads > 1
     H, D = 8, 64
@@ -117,6 +118,7 @@ def plan_memory(ebin, cfg: ModelConfig, context: int, budget: int | None) -> Mem
     """What loading `ebin` at `context` will take; the runtime's own part is measured after the
     kernels it needs are compiled (or loaded from the JIT cache)."""
     warm_up_kernels(ebin.manifest)
+    release_free_memory()       # what the tokenizer's and the compiler's work left behind
     tensors = ebin.manifest["tensors"].values()
     weight_bytes = sum(ebin.arrays[a].length for e in tensors for a in e["parts"].values())
     scratch, kv = RunState.nbytes(cfg, context, PREFILL_CHUNK)
@@ -193,6 +195,8 @@ class Model:
             if self.stream_plan is not None:
                 self.stream_plan = streaming.attach(self._transformer, self.path, manifest, ffn_budget, **stream_args)
             self.device = self._place(device, gpu_layers, vram, manifest, log, verbose)
+            del manifest
+            release_free_memory()
             report(1.0)
         except Cancelled as e:
             # The traceback's frames hold the tensors read so far; clear them so the memory is
@@ -393,16 +397,6 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def release_free_memory() -> None:
-    """Give freed heap memory back to the OS. glibc raises its mmap threshold after big frees
-    (up to 32 MiB), so many weight arrays live in the heap and stay resident after being freed
-    until malloc_trim (measured: ~200 MiB of SmolLM2's 257 MiB without it)."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass    # not glibc: nothing to do (or nothing we can do)
 
 
 class _Turns:

@@ -15,6 +15,7 @@ from . import kernels
 from .codecs import get_codec
 from .config import ModelConfig
 from .errors import Cancelled
+from .memory import lazy_zeros
 
 
 # Layer field -> HF tensor name under `model.layers.{i}.`
@@ -120,8 +121,9 @@ class RunState:
         self.logits = z(cfg.vocab_size)
         self.positions = np.zeros(chunk, dtype=np.int64)
         self.scores = z(cfg.num_heads, context)          # attention scratch
-        self.key_cache = z(cfg.num_layers, cfg.num_kv_heads, context, hd)
-        self.value_cache = z(cfg.num_layers, cfg.num_kv_heads, context, hd)
+        # resident only as far as the conversation has written it
+        self.key_cache = lazy_zeros((cfg.num_layers, cfg.num_kv_heads, context, hd))
+        self.value_cache = lazy_zeros((cfg.num_layers, cfg.num_kv_heads, context, hd))
 
     @staticmethod
     def nbytes(cfg: ModelConfig, context: int, chunk: int) -> tuple[int, int]:

@@ -10,6 +10,7 @@ imports numba.cuda until asked, so the CPU path never pays for it.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 
@@ -28,10 +29,25 @@ def simulated() -> bool:
     return bool(int(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") or 0))
 
 
+def driver_loads() -> bool:
+    """Whether the CUDA driver library loads. Checked before importing numba.cuda, which alone
+    costs ~40 MiB of RSS: a machine without a GPU should not pay that to learn it has none."""
+    names = [os.environ["NUMBA_CUDA_DRIVER"]] if os.environ.get("NUMBA_CUDA_DRIVER") else []
+    for name in names + ["libcuda.so.1", "libcuda.so", "nvcuda.dll"]:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def status() -> tuple[bool, str]:
     """(usable, reason): whether a CUDA device can run edgerun, and a one-line why/what."""
     if importlib.util.find_spec("numba_cuda") is None:
         return False, f"numba-cuda is not installed: {INSTALL}"
+    if not simulated() and not driver_loads():
+        return False, "no CUDA driver found (libcuda does not load): no NVIDIA GPU, or its driver is not installed"
     try:
         from numba import cuda
     except Exception as e:  # noqa: BLE001 - any import failure means: not usable, say why
