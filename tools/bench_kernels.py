@@ -15,26 +15,15 @@ import argparse
 import ctypes
 import glob
 import os
-import time
 
 import numpy as np
 
 from edgerun import kernels
 from edgerun.codecs import dense, get_codec
 
+from benchlib import TOKEN_SHAPES, median_time, token_of_matvecs  # tools/benchlib.py
+
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
-LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-N_LAYERS = 30
-LM_HEAD = (49152, 576)
-
-
-def _median_time(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def _linears(shape, dtype, total_bytes, rng):
@@ -60,7 +49,7 @@ def bench_matvec(dtypes, threads_list, reps, rng):
 
                 def run():
                     lins[next(it) % len(lins)].matvec(x, out)
-                t = _median_time(run, max(reps, len(lins)))
+                t = median_time(run, max(reps, len(lins)))
                 print(f"{str(shape):>12} {dt:>5} {th:>3} {t*1e6:9.1f} {lins[0].nbytes/t/1e9:7.1f}")
 
 
@@ -70,20 +59,14 @@ def bench_token(dtypes, threads_list, reps, rng):
     codec = get_codec("dense")
     for dt in dtypes:
         lins = []
-        for shape in LAYER * N_LAYERS + [LM_HEAD]:
+        for shape in TOKEN_SHAPES:
             w = rng.standard_normal(shape, dtype=np.float32) * 0.05
             lins.append(codec.load(codec.encode(w, {"dtype": dt}), {"dtype": dt}))
-        xs = {n: rng.standard_normal(n).astype(np.float32) for n in (576, 1536)}
-        outs = {d: np.empty(d, np.float32) for d in (192, 576, 1536, 49152)}
-        nbytes = sum(lin.nbytes for lin in lins)
-
-        def run():
-            for lin in lins:
-                lin.matvec(xs[lin.shape[1]], outs[lin.shape[0]])
+        run, nbytes = token_of_matvecs(lins, rng)
         for th in threads_list:
             kernels.set_threads(th)
             run()
-            t = _median_time(run, max(5, reps // 20))
+            t = median_time(run, max(5, reps // 20))
             print(f"{dt:>5} {th:>3} {nbytes/1e6:6.0f} {t*1e3:7.2f} {nbytes/t/1e9:7.1f}")
         del lins
 
@@ -101,7 +84,7 @@ def bench_attention(threads_list, reps, rng):
         for th in threads_list:
             kernels.set_threads(th)
             kernels.attention(q, k, v, ctx - 1, out, scores)
-            t = _median_time(lambda: kernels.attention(q, k, v, ctx - 1, out, scores), reps)
+            t = median_time(lambda: kernels.attention(q, k, v, ctx - 1, out, scores), reps)
             print(f"{ctx:>5} {th:>3} {t*1e6:8.1f}")
     print("\n## attention prefill chunk (T=128 at start 0, and T=512 at start 0)")
     for T in (128, 512):
@@ -113,7 +96,7 @@ def bench_attention(threads_list, reps, rng):
         for th in threads_list:
             kernels.set_threads(th)
             kernels.attention(q, k, v, 0, out, scores)
-            t = _median_time(lambda: kernels.attention(q, k, v, 0, out, scores), max(3, reps // 50))
+            t = median_time(lambda: kernels.attention(q, k, v, 0, out, scores), max(3, reps // 50))
             print(f"T={T:>4} {th:>3} {t*1e3:8.2f} ms")
 
 
@@ -157,14 +140,14 @@ def bench_matmul(dtypes, threads_list, reps, rng):
                     continue
                 set_blas(bt)
                 np.matmul(X, w.T, out=out)
-                row.append(flops / _median_time(lambda: np.matmul(X, w.T, out=out), n_reps) / 1e9)
+                row.append(flops / median_time(lambda: np.matmul(X, w.T, out=out), n_reps) / 1e9)
             if set_blas is not None:
                 set_blas(1)
             for dt in dtypes:
                 for th in threads_list:
                     kernels.set_threads(th)
                     lins[dt].matmul(X, out)
-                    row.append(flops / _median_time(lambda: lins[dt].matmul(X, out), n_reps) / 1e9)
+                    row.append(flops / median_time(lambda: lins[dt].matmul(X, out), n_reps) / 1e9)
             print(f"{str(shape):>12} {T:>3} " + " ".join(f"{v:8.1f}" for v in row), flush=True)
     print("\n## T < 4: loop of matvecs vs the register-blocked kernel (1 thread, GFLOP/s)")
     print(f"{'shape':>12} {'T':>3} {'dtype':>5} {'matvecs':>8} {'kernel':>8}")
@@ -184,8 +167,8 @@ def bench_matmul(dtypes, threads_list, reps, rng):
                         lin.matvec(X[t], out[t])
                 mv()
                 lin._mm(X, lin.W, out, tiles)
-                a = flops / _median_time(mv, reps) / 1e9
-                b = flops / _median_time(lambda: lin._mm(X, lin.W, out, tiles), reps) / 1e9
+                a = flops / median_time(mv, reps) / 1e9
+                b = flops / median_time(lambda: lin._mm(X, lin.W, out, tiles), reps) / 1e9
                 print(f"{str(shape):>12} {T:>3} {dt:>5} {a:8.1f} {b:8.1f}")
 
 

@@ -20,19 +20,9 @@ from edgerun import kernels
 from edgerun.codecs.dense import DenseCodec
 from edgerun.codecs.spqr import SpQRCodec
 
+from benchlib import LM_HEAD, TOKEN_SHAPES, median_time, token_of_matvecs  # tools/benchlib.py
+
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
-LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-N_LAYERS = 30
-LM_HEAD = (49152, 576)
-
-
-def _median_time(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def _hessian(n, rng):
@@ -82,7 +72,7 @@ def bench_matvec(bits_list, threads_list, reps, rng):
 
                 def run():
                     lins[next(it) % len(lins)].matvec(x, out)
-                t = _median_time(run, max(reps, len(lins)))
+                t = median_time(run, max(reps, len(lins)))
                 print(f"{str(shape):>12} {bits:>4} {th:>3} {t*1e6:8.1f} {one.nbytes/t/1e9:6.1f} "
                       f"{t*1e9/(shape[0]*shape[1]):6.3f}")
 
@@ -91,19 +81,13 @@ def bench_token(bits_list, threads_list, reps, rng):
     print("\n## one SmolLM2 token of matvecs (30 layers + lm_head, all distinct)")
     print(f"{'bits':>4} {'thr':>3} {'MB':>6} {'ms':>7} {'GB/s':>6}")
     for bits in bits_list:
-        proto = {s: _parts(s, bits, rng) for s in set(LAYER + [LM_HEAD])}
-        lins = [_copy(proto[s], bits) for s in LAYER * N_LAYERS + [LM_HEAD]]
-        xs = {n: rng.standard_normal(n).astype(np.float32) for n in (576, 1536)}
-        outs = {d: np.empty(d, np.float32) for d in (192, 576, 1536, 49152)}
-        nbytes = sum(lin.nbytes for lin in lins)
-
-        def run():
-            for lin in lins:
-                lin.matvec(xs[lin.shape[1]], outs[lin.shape[0]])
+        proto = {s: _parts(s, bits, rng) for s in set(TOKEN_SHAPES)}
+        lins = [_copy(proto[s], bits) for s in TOKEN_SHAPES]
+        run, nbytes = token_of_matvecs(lins, rng)
         for th in threads_list:
             kernels.set_threads(th)
             run()
-            t = _median_time(run, max(5, reps // 20))
+            t = median_time(run, max(5, reps // 20))
             print(f"{bits:>4} {th:>3} {nbytes/1e6:6.0f} {t*1e3:7.2f} {nbytes/t/1e9:6.1f}")
         del lins
 
@@ -121,7 +105,7 @@ def bench_matmul(bits_list, threads_list, reps, rng, T=64):
             for th in threads_list:
                 kernels.set_threads(th)
                 lin.matmul(X, out)
-                t = _median_time(lambda: lin.matmul(X, out), max(3, reps // 20))
+                t = median_time(lambda: lin.matmul(X, out), max(3, reps // 20))
                 print(f"{str(shape):>12} {name:>6} {th:>3} {t*1e3:8.3f} {2*T*shape[0]*shape[1]/t/1e9:8.1f}")
 
 
