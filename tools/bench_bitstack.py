@@ -1,12 +1,18 @@
 """Benchmark the bitstack LUT matvec on SmolLM2-135M shapes (DESIGN §6, issue #4 speed target).
 
-    python tools/bench_bitstack.py [--layers 30] [--reps 5] [--blocks 1,2,3,4,8,16] [--encode]
+    python tools/bench_bitstack.py [--layers 30] [--reps 5] [--blocks 1,2,3,4,8,16] [--rank 2] [--encode]
 
 Prints ns per weight per block for each shape, and the whole token's linear matvecs (30 layers
 of q, k, v, o, gate, up, down; lm_head excluded) in ms at each block count, at 1 and 2 threads.
 Blocks are synthesized (random signs and fp16 factors): the kernel's speed does not depend on
 the values, and 30 distinct layers keep the working set out of cache as in a real model.
-With --encode, also times BitStackCodec.encode per shape (16 blocks, --rank k, default 16).
+--rank is the factors' rank (2, as `edgerun pack --codec bitstack` writes). With --encode, also
+times BitStackCodec.encode per shape (16 blocks at --rank).
+
+    python tools/bench_bitstack.py --quality [--gguf PATH] [--layer 5]
+
+instead prints the weight error ‖W − Ŵ‖/‖W‖ of real SmolLM2 matrices at equal bits/weight for
+several ranks and overshoots (formats/codec-bitstack.md, "Choosing rank and overshoot").
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ SHAPES = [("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576),
           ("gate", 1536, 576), ("up", 1536, 576), ("down", 576, 1536)]
 
 
-def synth_parts(d: int, n: int, K: int, rng, k: int = 16) -> dict:
+def synth_parts(d: int, n: int, K: int, rng, k: int = 2) -> dict:
     uo, vo, total = block_layout(d, n, k)
     parts = {"meta": np.array([d, n, k, K], np.int32), "inv_scale": np.ones(n, np.float32)}
     for i in range(K):
@@ -32,6 +38,24 @@ def synth_parts(d: int, n: int, K: int, rng, k: int = 16) -> dict:
         blob[vo: vo + 2 * n * k] = (rng.standard_normal(n * k) * 0.05).astype(np.float16).view(np.uint8)
         parts[f"block.{i}"] = blob
     return parts
+
+
+def quality(gguf: str, layer: int) -> None:
+    """Relative weight error at 3, 4.5, 6 and 8 bits/weight (blocks interpolated in log error)."""
+    from edgerun.convert.pack import open_source
+    with open_source(gguf) as src:
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+            w = src.read(f"model.layers.{layer}.{name}.weight")
+            for k in (1, 2, 4, 8):
+                bpb = block_layout(*w.shape, k)[2] * 8 / w.size
+                for gain in (1.0, 1.25, 1.3):
+                    parts = BitStackCodec.encode(w, {"blocks": int(8 / bpb) + 2, "rank": k, "overshoot": gain})
+                    K = int(parts["meta"][3])
+                    errs = [np.linalg.norm(BitStackCodec.decode(parts, {}, blocks=m) - w) / np.linalg.norm(w)
+                            for m in range(1, K + 1)]
+                    at = [np.exp(np.interp(b, bpb * np.arange(1, K + 1), np.log(errs))) for b in (3, 4.5, 6, 8)]
+                    print(f"{name:17s} {w.shape[0]}x{w.shape[1]} rank {k:2d} overshoot {gain:4.2f}: error at "
+                          f"3/4.5/6/8 bits/weight " + " ".join(f"{e:.3f}" for e in at), flush=True)
 
 
 def time_calls(fn, reps: int) -> float:
@@ -50,9 +74,15 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--blocks", default="1,2,3,4,6,8,12,16")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=2)
     ap.add_argument("--encode", action="store_true")
+    ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--gguf", default=None)
+    ap.add_argument("--layer", type=int, default=5)
     a = ap.parse_args()
+    if a.quality:
+        from edgerun.default_model import default_gguf
+        return quality(a.gguf or str(default_gguf()), a.layer)
     levels = [int(b) for b in a.blocks.split(",")]
     K = max(levels)
     rng = np.random.default_rng(0)

@@ -27,17 +27,20 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
-from ..kernels import f16_to_f32, get_threads
+from ..kernels import get_threads
+from .llvm_ir import inverse_cholesky
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
 
-LANES = 16                 # the kernel's rank width: one AVX-512 register of float32
+MAX_RANK = 16              # rank of a block's factors (the spec's limit)
 PAR_MIN_WEIGHTS = 1 << 19  # matvecs this large split rows over threads (as dense.py measured)
 MATMUL_MIN_T = 4           # below this many tokens a matmul is a loop of LUT matvecs
 TILE_ROWS = 128            # rows rebuilt per matmul tile (tile stays in L2 for the BLAS call)
 POWER_ITERS = 3            # randomized SVD: power iterations ...
 OVERSAMPLE = 8             # ... and extra columns (Halko et al. 2011)
+GPTQ_BLOCK = 128           # sign selection: columns per lazy-update block (GPTQ, Frantar et al. 2022)
+PERCDAMP = 0.01            # ... and the Hessian damping, as the spqr codec
 
 
 # --- encode / decode (NumPy reference) -----------------------------------------------------
@@ -97,6 +100,41 @@ def activation_scale(hessian: np.ndarray | None, n: int) -> np.ndarray:
     return s / np.sqrt(np.mean(s * s))
 
 
+@njit(**_JIT)
+def _gptq_signs_block(R, M, U, neg, j0, j1, E):
+    # columns j0..j1-1: R (d, n) f32 working residual (updated inside the block), M (d, n) f32
+    # magnitudes, U (n, n) f32 upper Cholesky factor of H⁻¹ -> neg (d, n) bool, E (d, j1-j0) f32
+    # the scaled errors that the caller applies to the columns after j1
+    d = R.shape[0]
+    for j in range(j0, j1):
+        ujj = U[j, j]
+        for r in range(d):
+            m = M[r, j]
+            ng = R[r, j] * m < 0                # the sign that brings ±m closest to R[r, j]
+            neg[r, j] = ng
+            e = (R[r, j] - (-m if ng else m)) / ujj
+            E[r, j - j0] = e
+            for c in range(j + 1, j1):
+                R[r, c] -= e * U[j, c]
+
+
+def gptq_signs(R: np.ndarray, M: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Signs S (as `neg`, d x n bool) for the block S ⊙ M, chosen column by column with GPTQ's
+    error feedback (Frantar et al. 2022): each column's error (R - S⊙M)_j is compensated on the
+    later columns through the inverse Hessian, so the block minimizes the output error
+    tr(E H Eᵀ) instead of ‖E‖ entry by entry. Plain signs (neg = R < 0) are the paper's choice."""
+    d, n = R.shape
+    R = R.astype(np.float32, copy=True)
+    neg = np.empty((d, n), np.bool_)
+    E = np.empty((d, GPTQ_BLOCK), np.float32)
+    for j0 in range(0, n, GPTQ_BLOCK):
+        j1 = min(n, j0 + GPTQ_BLOCK)
+        _gptq_signs_block(R, M, U, neg, j0, j1, E)
+        if j1 < n:
+            R[:, j1:] -= E[:, :j1 - j0] @ U[j0:j1, j1:]
+    return neg
+
+
 def block_layout(d: int, n: int, k: int) -> tuple[int, int, int]:
     """(u offset, v offset, total bytes) of one "block.i" byte array (formats/codec-bitstack.md):
     signs (d, ceil(n/8)) | pad to 64 | u (d, k) fp16 | pad to 64 | v (n, k) fp16."""
@@ -149,19 +187,22 @@ def _dense_block(signs, u, v, n):
 
 
 # --- kernels -------------------------------------------------------------------------------
+#
+# Loaded layout (built from the stored block at load time; the file layout is unchanged):
+#   sig (dp/16, nb, 16) u8  the sign bytes of 16 consecutive rows side by side: sig[t, b, i] is
+#                           byte b of row 16t+i (dp = d rounded up to 16, padded rows are 0)
+#   ut  (r, dp) f32         u transposed: the 16 rows of a tile are one vector per rank component
+#   vf  (8nb, r) f32        v widened, zero rows for the padding columns j >= n
+# Per token and block the tables tab[c, q, p] = Σ_t (bit t of p ? -1 : +1) · vf[4c+t, q] · z[4c+t]
+# hold the 16 sign patterns of a 4-column chunk in one 16-float register; a tile of 16 rows then
+# looks up all 16 rows' nibbles at once with vpermps (T-MAC's row-parallel table lookup, in
+# float32 so there is no table quantization error): 128 weights per sign-byte vector.
 
-_I8, _I16, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(64), ir.FloatType()
-WIDTHS = (4, 8, 16)        # kernel lane widths: the rank is zero-padded up to the next one
-
-
-def _width(k: int) -> int:
-    return next(L for L in WIDTHS if k <= L)
-
-
-def _lanes(lanes):
-    """The literal lane count of an intrinsic's last argument (None if not a literal 4/8/16)."""
-    L = getattr(lanes, "literal_value", None)
-    return L if L in WIDTHS else None
+_I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V16F = ir.VectorType(_F32, 16)
+_V16I = ir.VectorType(_I32, 16)
+TILE = 16                  # rows per vpermps lookup (one AVX-512 register of float32)
+GROUPS = (4, 2, 1)         # rank components handled per pass over a tile's sign bytes
 
 
 def _data(context, builder, ty, val):
@@ -176,162 +217,152 @@ def _fast(builder, op, a, b):
     return getattr(builder, op)(a, b, flags=("fast",))
 
 
-def _load_f16(builder, p, L):
-    """IR: L fp16 values at i16* p -> <L x float>."""
-    h = builder.load(p, typ=ir.VectorType(_I16, L), align=2)
-    return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), L)), ir.VectorType(_F32, L))
-
-
-def _hsum(builder, v, L):
-    """IR: horizontal sum of a <L x float> by halving shuffles."""
-    n = L
-    while n > 1:
-        n //= 2
-        a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
-        b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n))))
-        v = _fast(builder, "fadd", a, b)
-    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+def _splat_i32(v):
+    return ir.Constant(_V16I, [v] * 16)
 
 
 @intrinsic(prefer_literal=True)
-def _tables(typingctx, v, z, nchunks, tab, lanes):
-    """tab[c, p, :] = Σ_t (bit t of p ? -1 : +1) · v[4c+t, :L] · z[4c+t] for c < nchunks."""
-    L = _lanes(lanes)
-    if L is None:
+def _tile_lut(typingctx, sig, soff, tab, q0, r, nb, ut, uoff, dp, y, yoff, accumulate, group):
+    """y[yoff:yoff+16] (+)= Σ_{q0 <= q < q0+G} ut[uoff + q·dp : +16] ⊙ Σ_b (T[2b, q][lo(s_b)] + T[2b+1, q][hi(s_b)]),
+    s_b = sig[soff + 16b : +16] (one sign byte of each of the tile's 16 rows), T[c, q] = tab[(c·r + q)·16 : +16],
+    G = group (a literal 1, 2 or 4)."""
+    G = getattr(group, "literal_value", None)
+    if G not in GROUPS:
         return None
-    VF = ir.VectorType(_F32, L)
 
-    def codegen(context, builder, sig, args):
-        v_v, z_v, nc_v, tab_v, _ = args
-        pv = _data(context, builder, sig.args[0], v_v)
-        pz = _data(context, builder, sig.args[1], z_v)
-        pt = _data(context, builder, sig.args[3], tab_v)
-        undef = ir.Constant(VF, ir.Undefined)
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), L), [0] * L)
-        with cgutils.for_range(builder, nc_v) as loop:
-            c = loop.index
-            a = []
-            for t in range(4):
-                j = builder.add(builder.mul(c, _c64(4)), _c64(t))
-                vj = _load_f16(builder, builder.gep(pv, [builder.mul(j, _c64(L))], source_etype=_I16), L)
-                zj = builder.load(builder.gep(pz, [j], source_etype=_F32))
-                zs = builder.shuffle_vector(builder.insert_element(undef, zj, ir.Constant(ir.IntType(32), 0)),
-                                            undef, zeros)
-                a.append(_fast(builder, "fmul", vj, zs))
-            two_a = [_fast(builder, "fadd", x, x) for x in a]
-            e = [None] * 16
-            e[0] = _fast(builder, "fadd", _fast(builder, "fadd", a[0], a[1]), _fast(builder, "fadd", a[2], a[3]))
-            for p in range(1, 16):
-                t = (p & -p).bit_length() - 1          # lowest set bit: flip column t to negative
-                e[p] = _fast(builder, "fsub", e[p & (p - 1)], two_a[t])
-            base = builder.mul(c, _c64(16 * L))
-            for p in range(16):
-                dst = builder.gep(pt, [builder.add(base, _c64(p * L))], source_etype=_F32)
-                builder.store(e[p], builder.bitcast(dst, VF.as_pointer()), align=4)
+    def codegen(context, builder, sig_, args):
+        s_v, soff_v, tab_v, q0_v, r_v, nb_v, ut_v, uoff_v, dp_v, y_v, yoff_v, acc_v, _ = args
+        ps = builder.gep(_data(context, builder, sig_.args[0], s_v), [soff_v], source_etype=_I8)
+        pt = _data(context, builder, sig_.args[2], tab_v)
+        pu = _data(context, builder, sig_.args[6], ut_v)
+        py = builder.gep(_data(context, builder, sig_.args[9], y_v), [yoff_v], source_etype=_F32)
+        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F, _V16I]),
+                                              "llvm.x86.avx512.permvar.sf.512")
+        zero = ir.Constant(_V16F, [0.0] * 16)
+        lo_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(G)]
+        hi_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(G)]
+        stride = builder.mul(r_v, _c64(16))                  # floats per chunk (all rank components)
+        with cgutils.for_range(builder, nb_v) as loop:
+            b = loop.index
+            raw = builder.load(builder.gep(ps, [builder.mul(b, _c64(16))], source_etype=_I8),
+                               typ=ir.VectorType(_I8, 16), align=1)
+            idx = builder.zext(raw, _V16I)
+            lo = builder.and_(idx, _splat_i32(15))
+            hi = builder.lshr(idx, _splat_i32(4))
+            base_lo = builder.mul(builder.mul(b, _c64(2)), stride)
+            base_hi = builder.add(base_lo, stride)
+            for g in range(G):
+                qo = builder.mul(builder.add(q0_v, _c64(g)), _c64(16))
+                t_lo = builder.load(builder.gep(pt, [builder.add(base_lo, qo)], source_etype=_F32), typ=_V16F, align=64)
+                t_hi = builder.load(builder.gep(pt, [builder.add(base_hi, qo)], source_etype=_F32), typ=_V16F, align=64)
+                builder.store(_fast(builder, "fadd", builder.load(lo_acc[g]), builder.call(perm, [t_lo, lo])), lo_acc[g])
+                builder.store(_fast(builder, "fadd", builder.load(hi_acc[g]), builder.call(perm, [t_hi, hi])), hi_acc[g])
+        out = None
+        for g in range(G):
+            uo = builder.add(uoff_v, builder.mul(builder.add(q0_v, _c64(g)), dp_v))
+            ug = builder.load(builder.gep(pu, [uo], source_etype=_F32), typ=_V16F, align=4)
+            term = _fast(builder, "fmul", ug, _fast(builder, "fadd", builder.load(lo_acc[g]), builder.load(hi_acc[g])))
+            out = term if out is None else _fast(builder, "fadd", out, term)
+        py_v = builder.bitcast(py, _V16F.as_pointer())
+        old = builder.select(builder.icmp_unsigned("!=", acc_v, ir.Constant(acc_v.type, 0)),
+                             builder.load(py_v, align=4), zero)
+        builder.store(_fast(builder, "fadd", old, out), py_v, align=4)
         return context.get_dummy_value()
 
-    return types.none(v, z, nchunks, tab, lanes), codegen
-
-
-@intrinsic(prefer_literal=True)
-def _lut_dot(typingctx, signs, soff, tab, nbytes, u, uoff, lanes):
-    """float32 u[uoff:uoff+L] · Σ_j (tab[2j, lo(b_j)] + tab[2j+1, hi(b_j)]), b_j = signs[soff+j]."""
-    L = _lanes(lanes)
-    if L is None:
-        return None
-    VF = ir.VectorType(_F32, L)
-
-    def codegen(context, builder, sig, args):
-        s_v, soff_v, tab_v, nb_v, u_v, uoff_v, _ = args
-        ps = builder.gep(_data(context, builder, sig.args[0], s_v), [soff_v], source_etype=_I8)
-        pt = _data(context, builder, sig.args[2], tab_v)
-        pu = builder.gep(_data(context, builder, sig.args[4], u_v), [uoff_v], source_etype=_I16)
-        acc0 = cgutils.alloca_once_value(builder, ir.Constant(VF, [0.0] * L))
-        acc1 = cgutils.alloca_once_value(builder, ir.Constant(VF, [0.0] * L))
-        with cgutils.for_range(builder, nb_v) as loop:
-            j = loop.index
-            b = builder.zext(builder.load(builder.gep(ps, [j], source_etype=_I8)), _I64)
-            base = builder.mul(j, _c64(32 * L))            # two chunks of 16 entries per byte
-            sh = _c64(L.bit_length() - 1)                   # entry p starts at p * L floats
-            o0 = builder.add(base, builder.shl(builder.and_(b, _c64(15)), sh))
-            o1 = builder.add(builder.add(base, _c64(16 * L)), builder.shl(builder.lshr(b, _c64(4)), sh))
-            t0 = builder.load(builder.gep(pt, [o0], source_etype=_F32), typ=VF, align=4)
-            t1 = builder.load(builder.gep(pt, [o1], source_etype=_F32), typ=VF, align=4)
-            builder.store(_fast(builder, "fadd", builder.load(acc0), t0), acc0)
-            builder.store(_fast(builder, "fadd", builder.load(acc1), t1), acc1)
-        acc = _fast(builder, "fadd", builder.load(acc0), builder.load(acc1))
-        return _hsum(builder, _fast(builder, "fmul", acc, _load_f16(builder, pu, L)), L)
-
-    return types.float32(signs, soff, tab, nbytes, u, uoff, lanes), codegen
+    return types.none(sig, soff, tab, q0, r, nb, ut, uoff, dp, y, yoff, accumulate, group), codegen
 
 
 @njit(**_JIT)
-def build_tables(v, z, tab):
-    # v (n, L) f16 bits, z (n,) f32 -> tab (>= 2*ceil(n/8)*16*L,) f32 sign-pattern sums
-    n, L = v.shape
-    nfull = n // 4
-    if L == 16:      # one literal lane count per call site: three specializations, one branch
-        _tables(v, z, nfull, tab, 16)
-    elif L == 8:
-        _tables(v, z, nfull, tab, 8)
-    else:
-        _tables(v, z, nfull, tab, 4)
-    nchunks = 2 * ((n + 7) // 8)
-    for c in range(nfull, nchunks):     # partial / empty chunks: columns >= n contribute 0
-        for p in range(16):
-            for q in range(L):
-                acc = np.float32(0.0)
-                for t in range(4):
-                    j = 4 * c + t
-                    if j < n:
-                        a = f16_to_f32(v[j, q]) * z[j]
-                        acc += -a if (p >> t) & 1 else a
-                tab[(c * 16 + p) * L + q] = acc
+def build_tables(vf, z, tab):
+    # vf (8nb, r) f32 (zero padding rows), z (8nb,) f32 (zero tail) -> tab (2nb·r·16,) f32:
+    # tab[(c·r + q)·16 + p] = Σ_t (bit t of p ? -1 : +1) · vf[4c+t, q] · z[4c+t]
+    npad, r = vf.shape
+    for c in range(npad // 4):
+        for q in range(r):
+            a0 = vf[4 * c, q] * z[4 * c]
+            a1 = vf[4 * c + 1, q] * z[4 * c + 1]
+            a2 = vf[4 * c + 2, q] * z[4 * c + 2]
+            a3 = vf[4 * c + 3, q] * z[4 * c + 3]
+            base = (c * r + q) * 16
+            for p in range(16):      # fixed trip count: LLVM vectorizes the 16 patterns
+                s0 = np.float32(1 - 2 * (p & 1))
+                s1 = np.float32(1 - 2 * ((p >> 1) & 1))
+                s2 = np.float32(1 - 2 * ((p >> 2) & 1))
+                s3 = np.float32(1 - 2 * ((p >> 3) & 1))
+                tab[base + p] = s0 * a0 + s1 * a1 + s2 * a2 + s3 * a3
 
 
 @njit(**_JIT)
-def _lut_rows(signs, u, tab, out, r0, r1, accumulate):
-    # signs (d, nb) u8, u (d, L) f16 bits, tab (tables) -> out[r0:r1] (+)= u[r]·(S[r] @ A)
-    nb = signs.shape[1]
-    L = u.shape[1]
-    for r in range(r0, r1):
-        if L == 16:
-            y = _lut_dot(signs, r * nb, tab, nb, u, r * 16, 16)
-        elif L == 8:
-            y = _lut_dot(signs, r * nb, tab, nb, u, r * 8, 8)
-        else:
-            y = _lut_dot(signs, r * nb, tab, nb, u, r * 4, 4)
-        if accumulate:
-            out[r] += y
-        else:
-            out[r] = y
+def _tiles(sig, ut, tab, y, t0, t1, accumulate):
+    # sig (dp/16, nb, 16) u8, ut (r, dp) f32, tab (tables) -> y[16t0:16t1] (+)= tiles t0..t1-1
+    nb = sig.shape[1]
+    r, dp = ut.shape
+    flat = sig.reshape(-1)
+    uflat = ut.reshape(-1)
+    for t in range(t0, t1):
+        q = 0
+        while q < r:             # rank components in passes of 4, 2, 1 (one literal group each)
+            acc = accumulate or q > 0
+            if r - q >= 4:
+                _tile_lut(flat, t * nb * 16, tab, q, r, nb, uflat, t * 16, dp, y, t * 16, acc, 4)
+                q += 4
+            elif r - q >= 2:
+                _tile_lut(flat, t * nb * 16, tab, q, r, nb, uflat, t * 16, dp, y, t * 16, acc, 2)
+                q += 2
+            else:
+                _tile_lut(flat, t * nb * 16, tab, q, r, nb, uflat, t * 16, dp, y, t * 16, acc, 1)
+                q += 1
 
 
 @njit(**_JIT)
-def matvec_block(signs, u, v, z, tab, out, accumulate):
-    # one block: signs (d, nb) u8, u (d, L), v (n, L) f16 bits, L in 4/8/16; z (n,) -> out (d,) (+)=
-    build_tables(v, z, tab)
-    _lut_rows(signs, u, tab, out, 0, signs.shape[0], accumulate)
+def _blocks_range(sig, ut, tab, y, t0, t1):
+    # sig (m, nt, nb, 16) u8, ut (m, r, dp) f32, tab (m·per,) tables -> y[16t0:16t1] = Σ_i block i;
+    # blocks outer so that one block's tables stay in L1 across the tiles
+    m = sig.shape[0]
+    per = tab.shape[0] // m
+    for i in range(m):
+        _tiles(sig[i], ut[i], tab[i * per:(i + 1) * per], y, t0, t1, i > 0)
+
+
+@njit(**_JIT)
+def _prepare(x, inv_scale, z, vf, tab):
+    # z[:n] = x ⊙ inv_scale (the tail stays 0), then every block's tables -> tab (m·per,)
+    n = x.shape[0]
+    for j in range(n):
+        z[j] = x[j] * inv_scale[j]
+    m = vf.shape[0]
+    per = tab.shape[0] // m
+    for i in range(m):
+        build_tables(vf[i], z, tab[i * per:(i + 1) * per])
+
+
+@njit(**_JIT)
+def matvec_blocks(x, inv_scale, z, sig, ut, vf, tab, y):
+    # x (n,) -> y (dp,) = Σ_i block i · (x ⊙ inv_scale); m blocks: sig (m, nt, nb, 16) u8,
+    # ut (m, r, dp), vf (m, 8nb, r) f32; z (8nb,) and tab (m·per,) f32 scratch
+    _prepare(x, inv_scale, z, vf, tab)
+    _blocks_range(sig, ut, tab, y, 0, sig.shape[1])
 
 
 @njit(**_JIT_PAR)
-def matvec_block_par(signs, u, v, z, tab, out, accumulate, nthreads):
-    # as matvec_block, rows split into nthreads prange blocks (the table is shared, read-only)
-    build_tables(v, z, tab)
-    d = signs.shape[0]
-    step = (d + nthreads - 1) // nthreads
+def matvec_blocks_par(x, inv_scale, z, sig, ut, vf, tab, y, nthreads):
+    # as matvec_blocks, tiles split into nthreads prange blocks: one parallel region per matrix
+    # (a region costs ~10 us at 2 threads, so not one per block), tables shared read-only
+    _prepare(x, inv_scale, z, vf, tab)
+    nt = sig.shape[1]
+    step = (nt + nthreads - 1) // nthreads
     for b in prange(nthreads):
-        _lut_rows(signs, u, tab, out, b * step, min(d, (b + 1) * step), accumulate)
+        _blocks_range(sig, ut, tab, y, b * step, min(nt, (b + 1) * step))
 
 
 @njit(**_JIT)
-def apply_signs(signs, P, W, r0, accumulate):
-    # signs (d, nb) u8 rows r0.., P (R, n) f32 = |block| tile -> W (R, n) (+)= ±P
+def apply_signs(sig, P, W, r0, accumulate):
+    # sig (dp/16, nb, 16) u8 of rows r0.., P (R, n) f32 = |block| tile -> W (R, n) (+)= ±P
     R, n = P.shape
     for i in range(R):
-        row = signs[r0 + i]
+        r = r0 + i
         for j in range(n):
-            neg = (np.int32(row[j >> 3]) >> np.int32(j & 7)) & np.int32(1)
+            neg = (np.int32(sig[r >> 4, j >> 3, r & 15]) >> np.int32(j & 7)) & np.int32(1)
             val = P[i, j] * np.float32(1 - 2 * neg)
             if accumulate:
                 W[i, j] += val
@@ -340,19 +371,43 @@ def apply_signs(signs, P, W, r0, accumulate):
 
 
 @njit(**_JIT)
-def row_block(signs, u, v, i, out, accumulate):
+def row_block(sig, ut, vf, i, out, accumulate):
     # row i of one block S ⊙ (u vᵀ) -> out (n,) (+)=
-    n, k = v.shape
+    n = out.shape[0]
+    r = ut.shape[0]
     for j in range(n):
         acc = np.float32(0.0)
-        for q in range(k):
-            acc += f16_to_f32(u[i, q]) * f16_to_f32(v[j, q])
-        if (signs[i, j >> 3] >> (j & 7)) & 1:
+        for q in range(r):
+            acc += ut[q, i] * vf[j, q]
+        if (sig[i >> 4, j >> 3, i & 15] >> (j & 7)) & 1:
             acc = -acc
         if accumulate:
             out[j] += acc
         else:
             out[j] = acc
+
+
+def interleave_block(signs: np.ndarray, u: np.ndarray, v: np.ndarray, n: int):
+    """Stored views (signs (d, nb) u8, u (d, k), v (n, k) fp16 bits) -> the kernels' layout
+    (sig (dp/16, nb, 16) u8, ut (k, dp) f32, vf (8nb, k) f32), see the comment above."""
+    d, nb = signs.shape
+    k = u.shape[1]
+    dp = -(-d // TILE) * TILE
+    sig = np.zeros((dp, nb), np.uint8)
+    sig[:d] = signs
+    sig = np.ascontiguousarray(sig.reshape(dp // TILE, TILE, nb).transpose(0, 2, 1))
+    ut = np.zeros((k, dp), np.float32)
+    ut[:, :d] = _from_f16(u).T
+    vf = np.zeros((8 * nb, k), np.float32)
+    vf[:n] = _from_f16(v)
+    return sig, ut, vf
+
+
+def deinterleave_block(sig: np.ndarray, ut: np.ndarray, vf: np.ndarray, d: int, n: int):
+    """The inverse of interleave_block: (signs (d, nb) u8, u (d, k), v (n, k) fp16 bits)."""
+    nt, nb, _ = sig.shape
+    signs = np.ascontiguousarray(sig.transpose(0, 2, 1).reshape(nt * TILE, nb)[:d])
+    return signs, _f16(ut[:, :d].T), _f16(vf[:n])
 
 
 # Scratch shared by every BitStackLinear of a Python thread, grown on demand: the per-token
@@ -364,15 +419,15 @@ def _scratch(name: str, size: int, align: int = 64) -> np.ndarray:
     buf = getattr(_tls, name, None)
     if buf is None or buf.size < size:
         raw = np.empty(size + align // 4, np.float32)
-        off = (-raw.ctypes.data % align) // 4      # 64-byte aligned: one table entry = one line
+        off = (-raw.ctypes.data % align) // 4      # 64-byte aligned: one table = one line
         buf = raw[off: off + size]
         setattr(_tls, name, buf)
     return buf[:size]
 
 
-def table_floats(n: int, lanes: int = LANES) -> int:
-    """float32 count of one block's per-token table: ceil(n/8) bytes x 2 chunks x 16 x lanes."""
-    return 2 * ((n + 7) // 8) * 16 * lanes
+def table_floats(n: int, rank: int) -> int:
+    """float32 count of one block's per-token tables: 2·ceil(n/8) chunks x rank x 16 patterns."""
+    return 2 * ((n + 7) // 8) * rank * 16
 
 
 class BitStackLinear:
@@ -384,71 +439,82 @@ class BitStackLinear:
         self.inv_scale = np.ascontiguousarray(parts["inv_scale"])
         self._meta_bytes = int(parts["meta"].nbytes + self.inv_scale.nbytes)
         self.block_bytes = block_layout(self.d, self.n, self.k)[2]
-        self._views: list = []        # per loaded block: (signs, u, v) views, u/v padded to 16 lanes
-        self._z = np.empty(self.n, np.float32)
+        nb = (self.n + 7) // 8
+        self.dp = -(-self.d // TILE) * TILE
+        # the active blocks in the kernels' layout, stacked: sig (m, dp/16, nb, 16), ut (m, k, dp),
+        # vf (m, 8nb, k); one kernel call per matrix covers every block
+        self._sig = np.zeros((0, self.dp // TILE, nb, TILE), np.uint8)
+        self._ut = np.zeros((0, self.k, self.dp), np.float32)
+        self._vf = np.zeros((0, 8 * nb, self.k), np.float32)
+        self._z = np.zeros(8 * nb, np.float32)      # x / s, zero tail for the padding columns
+        self._per = table_floats(self.n, self.k)    # floats of one block's per-token tables
+        self._y = np.empty(self.dp, np.float32)     # padded rows when d is not a multiple of 16
         self._big = self.d * self.n >= PAR_MIN_WEIGHTS
-        self.lanes = _width(min(self.k, LANES))
-        if self.k > LANES:
-            raise UnsupportedModelError(f"bitstack codec: the kernels support rank <= {LANES}, got {self.k}")
         self.set_blocks(self.K if blocks is None else blocks, parts)
 
     # -- size ---------------------------------------------------------------------------------
     @property
     def blocks(self) -> int:
         """How many blocks are active (the prefix 0..blocks-1)."""
-        return len(self._views)
+        return self._sig.shape[0]
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the loaded blocks + inv_scale + meta."""
+        """Bytes of the loaded blocks + inv_scale + meta (as stored; the kernels' layout of a
+        block takes the same sign bytes plus ~2x its fp16 factors as float32)."""
         return self.blocks * self.block_bytes + self._meta_bytes
 
     @property
     def bits_per_weight(self) -> float:
         return self.nbytes * 8 / (self.d * self.n)
 
+    @property
+    def _views(self) -> list:
+        """The active blocks as stored: [(signs (d, nb) u8, u (d, k), v (n, k) fp16 bits)] (for
+        the CUDA upload, which keeps the stored layout)."""
+        return [deinterleave_block(*blk, self.d, self.n) for blk in zip(self._sig, self._ut, self._vf)]
+
     def set_blocks(self, m: int, parts: dict | None = None) -> None:
-        """Use the first m blocks. Shrinking drops references to the suffix (its memory is freed
-        once the caller drops it too); growing needs parts["block.i"] for every new i."""
+        """Use the first m blocks. Shrinking drops the suffix (its memory is freed at once);
+        growing needs parts["block.i"] for every new i (copied into the kernels' layout, so the
+        caller's block arrays can be dropped)."""
         m = int(m)
         if not 0 <= m <= self.K:
             raise UnsupportedModelError(f"bitstack codec: blocks={m} is out of range 0..{self.K}")
-        if m <= self.blocks:
-            del self._views[m:]
+        if m <= self.blocks:       # copies, so the dropped suffix's memory is freed now
+            self._sig, self._ut, self._vf = (a[:m].copy() for a in (self._sig, self._ut, self._vf))
             return
-        have = self.blocks
-        for i in range(have, m):
+        new = []
+        for i in range(self.blocks, m):
             blob = (parts or {}).get(f"block.{i}")
             if blob is None:
                 raise UnsupportedModelError(f"bitstack codec: block.{i} is not available (asked for {m} blocks)")
-            signs, u, v = _block_views(np.ascontiguousarray(blob), self.d, self.n, self.k)
-            if self.k < self.lanes:   # the kernel reads 4/8/16 lanes: zero rank columns (a copy)
-                u = np.pad(u, ((0, 0), (0, self.lanes - self.k)))
-                v = np.pad(v, ((0, 0), (0, self.lanes - self.k)))
-            self._views.append((signs, u, v))
+            new.append(interleave_block(*_block_views(np.ascontiguousarray(blob), self.d, self.n, self.k), self.n))
+        self._sig, self._ut, self._vf = (np.concatenate([old] + [blk[j][None] for blk in new])
+                                         for j, old in enumerate((self._sig, self._ut, self._vf)))
 
     # -- compute ------------------------------------------------------------------------------
     def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
         """out (d,) = W (d, n) @ x (n,) over the active blocks (LUT kernel, no dense W)."""
-        if not self._views:
+        m = self.blocks
+        if not m:
             out[:] = 0.0
             return
-        z = self._z
-        np.multiply(x, self.inv_scale, out=z)
-        tab = _scratch("tab", table_floats(self.n, self.lanes))
+        tab = _scratch("tab", m * self._per)
+        y = out if self.dp == self.d else self._y
         threads = get_threads()
-        par = threads > 1 and self._big
-        for i, (signs, u, v) in enumerate(self._views):
-            if par:
-                matvec_block_par(signs, u, v, z, tab, out, i > 0, threads)
-            else:
-                matvec_block(signs, u, v, z, tab, out, i > 0)
+        if threads > 1 and self._big:
+            matvec_blocks_par(x, self.inv_scale, self._z, self._sig, self._ut, self._vf, tab, y, threads)
+        else:
+            matvec_blocks(x, self.inv_scale, self._z, self._sig, self._ut, self._vf, tab, y)
+        if y is not out:
+            out[:] = y[:self.d]
 
     def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         """out (T, d) = X (T, n) @ W.T: LUT matvecs for a few tokens, else row tiles of W rebuilt
         by BLAS (|block| = U_tile Vᵀ, then signs) and one BLAS matmul per tile."""
         T = X.shape[0]
-        if T < MATMUL_MIN_T or not self._views:
+        if T < MATMUL_MIN_T or not self.blocks:
             for t in range(T):
                 self.matvec(X[t], out[t])
             return
@@ -456,65 +522,82 @@ class BitStackLinear:
         Z = X * self.inv_scale
         P = _scratch("P", TILE_ROWS * n).reshape(TILE_ROWS, n)
         W = _scratch("W", TILE_ROWS * n).reshape(TILE_ROWS, n)
-        vf = [_from_f16(v).T.copy() for _, _, v in self._views]   # (L, n) per block, once per call
         for r0 in range(0, d, TILE_ROWS):
             r1 = min(d, r0 + TILE_ROWS)
             R = r1 - r0
-            for i, (signs, u, _) in enumerate(self._views):
-                np.matmul(_from_f16(u[r0:r1]), vf[i], out=P[:R])
-                apply_signs(signs, P[:R], W[:R], r0, i > 0)
+            for i, (sig, ut, vf) in enumerate(zip(self._sig, self._ut, self._vf)):
+                np.matmul(ut[:, r0:r1].T, vf[:n].T, out=P[:R])
+                apply_signs(sig, P[:R], W[:R], r0, i > 0)
             np.matmul(Z, W[:R].T, out=out[:, r0:r1])
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
-        if not self._views:
+        if not self.blocks:
             out[:] = 0.0
             return
-        for b, (signs, u, v) in enumerate(self._views):
-            row_block(signs, u, v, int(i), out, b > 0)
+        for b, (sig, ut, vf) in enumerate(zip(self._sig, self._ut, self._vf)):
+            row_block(sig, ut, vf, int(i), out, b > 0)
         out *= self.inv_scale
 
 
 class BitStackCodec:
-    """Residual sign + low-rank blocks; params {"blocks": K (16), "rank": k (16)}."""
+    """Residual sign + low-rank blocks; params {"blocks": K (16), "rank": k (16), "overshoot": 1.0,
+    "signs": "sign" | "gptq"}."""
 
     name = "bitstack"
 
     @staticmethod
-    def _params(params: dict) -> tuple[int, int]:
+    def _params(params: dict) -> tuple[int, int, float]:
         params = params or {}
         K, k = int(params.get("blocks", 16)), int(params.get("rank", 16))
-        if not 1 <= K <= 64 or not 1 <= k <= LANES:
-            raise UnsupportedModelError(f"bitstack codec: blocks={K} (1..64) and rank={k} (1..{LANES}) required")
-        return K, k
+        gain = float(params.get("overshoot", 1.0))
+        signs = params.get("signs", "sign")
+        if not 1 <= K <= 64 or not 1 <= k <= MAX_RANK or not 0.5 <= gain <= 2.0 or signs not in ("sign", "gptq"):
+            raise UnsupportedModelError(f"bitstack codec: blocks={K} (1..64), rank={k} (1..{MAX_RANK}), "
+                                        f"overshoot={gain} (0.5..2) and signs={signs!r} (sign, gptq) required")
+        return K, k, gain, signs
 
     @staticmethod
     def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
         """float32 (d, n) -> {"meta", "inv_scale", "block.0" .. "block.K-1"} (formats/codec-bitstack.md).
 
         `hessian` (n, n) = E[x xᵀ] of the input: s = sqrt(diag H) scales the columns before the
-        decomposition (BitStack's activation-aware scaling); None means s = 1."""
+        decomposition (BitStack's activation-aware scaling); None means s = 1.
+
+        params["overshoot"] (default 1, the paper's greedy step) scales each block's magnitude
+        u vᵀ beyond the least-squares fit of |R|. The greedy step only moves an entry by about
+        the mean |R| of its row/column, and those steps shrink geometrically, so entries a few
+        times larger than their neighbours are never reached: the residual turns heavy-tailed
+        (kurtosis 5 -> 100 in 10 blocks on SmolLM2) and the error stalls. Steps 1.25-1.3x larger
+        cost ~2-5% of error at one block but halve it by 6 bits/weight (formats/codec-bitstack.md).
+
+        params["signs"] = "gptq" (with a hessian) picks each block's signs with GPTQ's error
+        feedback (`gptq_signs`) instead of sign(R): the block then minimizes the output error."""
         w = np.asarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise UnsupportedModelError(f"bitstack codec: weight must be 2-D, got shape {w.shape}")
-        K, k = BitStackCodec._params(params)
+        K, k, gain, signs = BitStackCodec._params(params)
         d, n = w.shape
         s = activation_scale(hessian, n)
         R = w * s.astype(np.float32)[None, :]
         rng = np.random.default_rng(seed)
         uo, vo, total = block_layout(d, n, k)
         parts = {"meta": np.array([d, n, k, K], np.int32), "inv_scale": (1.0 / s).astype(np.float32)}
+        Uh = None
+        if signs == "gptq" and hessian is not None:   # H of the scaled inputs x / s
+            Hs = np.asarray(hessian, np.float64) / np.outer(s, s)
+            Uh = inverse_cholesky(Hs, PERCDAMP)[0].astype(np.float32)
         for i in range(K):
-            neg = R < 0
             U, V = _rsvd(np.abs(R), k, rng)
-            u16, v16 = _f16(U), _f16(V)
+            u16, v16 = _f16(U * gain), _f16(V)
+            A = _from_f16(u16) @ _from_f16(v16).T       # the stored magnitudes
+            neg = R < 0 if Uh is None else gptq_signs(R, A, Uh)
             blob = np.zeros(total, np.uint8)
             blob[: d * ((n + 7) // 8)] = np.packbits(neg, axis=1, bitorder="little").ravel()
             blob[uo: uo + 2 * d * k] = u16.view(np.uint8).ravel()
             blob[vo: vo + 2 * n * k] = v16.view(np.uint8).ravel()
             parts[f"block.{i}"] = blob
             # subtract what is *stored* (fp16 factors), so later blocks correct the rounding too
-            A = _from_f16(u16) @ _from_f16(v16).T
             R -= np.where(neg, -A, A)
         return parts
 

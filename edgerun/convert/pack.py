@@ -27,9 +27,13 @@ DEFAULT_CALIB_TOKENS = 12288
 CALIB_SEQ_LEN = 256
 EMBED_RULE = "cluster:5"
 CLUSTER_OUTLIERS = 0.003
-# Rank of each BitStack block. The paper's 16 suits 4k-wide matrices; on small ones rank 8 gives
-# lower error per byte and finer size steps (measured on SmolLM2, formats/codec-bitstack.md).
-BITSTACK_RANK = 8
+# Rank of each BitStack block, the step overshoot and the sign selection (formats/codec-bitstack.md,
+# "Choosing rank, overshoot and signs"). The paper's rank 16 suits 4k-wide matrices; on SmolLM2's
+# 576-wide ones the factors cost 16k(d+n)/(dn) bits per block and rank 2 buys more per byte;
+# GPTQ-chosen signs lower the output error of every block.
+BITSTACK_RANK = 2
+BITSTACK_OVERSHOOT = 1.05
+BITSTACK_SIGNS = "gptq"
 
 
 def open_source(path: str | Path) -> Source:
@@ -72,7 +76,8 @@ def parse_rule(text: str) -> dict:
     get_codec(codec)                                   # unknown or unavailable -> a clear error
     if codec == "bitstack":                            # bitstack:K = K residual blocks per matrix
         blocks = int(arg) if arg.isdigit() else 16
-        return {"codec": "bitstack", "params": {"blocks": blocks, "rank": BITSTACK_RANK}}
+        return {"codec": "bitstack", "params": {"blocks": blocks, "rank": BITSTACK_RANK,
+                                                "overshoot": BITSTACK_OVERSHOOT, "signs": BITSTACK_SIGNS}}
     try:
         bits = int(arg)
     except ValueError:
