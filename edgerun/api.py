@@ -18,7 +18,7 @@ from .errors import Cancelled, EdgerunError
 from .generate import Generator, Stats
 from .memory import MemoryPlan, current_rss, fmt, parse_size, release_free_memory
 from .bitstack_runtime import BlockOrder, BlockStack, prefix_reader
-from .model import RunState, Transformer, Weights
+from .model import KV_DTYPES, RunState, Transformer, Weights
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -40,7 +40,7 @@ def auto_budget() -> int:
 
 def load(path, ram=None, context: int | None = None, threads: int | None = None, verbose: bool = False,
          on_progress=None, log=None, stream: str | None = None, criterion: str | None = None,
-         device: str = "auto", gpu_layers="all", vram=None) -> "Model":
+         device: str = "auto", gpu_layers="all", vram=None, kv_dtype: str = "f16") -> "Model":
     """Open an .ebin and load it within `ram` (e.g. "1GB"; None/"auto": the memory available now).
 
     Packs with `--layout flash` stream their feed-forward neurons from the file when the whole
@@ -48,9 +48,11 @@ def load(path, ram=None, context: int | None = None, threads: int | None = None,
     gate:S | lowrank:S, the neuron-selection rule, default off = exact).
 
     `device`: auto (a CUDA GPU when numba-cuda finds one, else the CPU, saying why) | cuda | cpu;
-    `gpu_layers`: "all", N (the first N layers) or "auto" (as many as fit `vram`, e.g. "6GB")."""
+    `gpu_layers`: "all", N (the first N layers) or "auto" (as many as fit `vram`, e.g. "6GB").
+    `kv_dtype`: the KV cache's type, "f16" (half the memory, as llama.cpp) or "f32" (exact)."""
     return Model(path, ram=ram, context=context, threads=threads, verbose=verbose, on_progress=on_progress, log=log,
-                 stream=stream, criterion=criterion, device=device, gpu_layers=gpu_layers, vram=vram)
+                 stream=stream, criterion=criterion, device=device, gpu_layers=gpu_layers, vram=vram,
+                 kv_dtype=kv_dtype)
 
 
 def warm_up_kernels(manifest: dict) -> None:
@@ -86,7 +88,7 @@ def warm_up_kernels(manifest: dict) -> None:
         kernels.rmsnorm_rows(x.reshape(T * H, D), np.ones(D, np.float32), 1e-5, x.reshape(T * H, D))
         cos, sin = kernels.rope_tables(D, T, 10000.0, None)
         kernels.rope(x, np.arange(T, dtype=np.int64), cos, sin)
-        cache = np.zeros((H, T, D), np.float32)
+        cache = np.zeros((H, T, D), np.uint16)       # the model's f16 KV cache, as bits
         kernels.attention(x, cache, cache, 0, np.empty_like(x), np.empty((H, T), np.float32))
         kernels.silu_mul(x, x, np.empty_like(x))
         flat = x.reshape(T, H * D)                      # the FFN calls it on (T, ffn) arrays
@@ -114,16 +116,16 @@ def tokenizer_from_manifest(manifest: dict) -> Tokenizer:
                      special_tokens=t.get("special_tokens"))
 
 
-def plan_memory(ebin, cfg: ModelConfig, context: int, budget: int | None) -> MemoryPlan:
+def plan_memory(ebin, cfg: ModelConfig, context: int, budget: int | None, kv_dtype: str = "f16") -> MemoryPlan:
     """What loading `ebin` at `context` will take; the runtime's own part is measured after the
     kernels it needs are compiled (or loaded from the JIT cache)."""
     warm_up_kernels(ebin.manifest)
     release_free_memory()       # what the tokenizer's and the compiler's work left behind
     tensors = ebin.manifest["tensors"].values()
     weight_bytes = sum(ebin.arrays[a].length for e in tensors for a in e["parts"].values())
-    scratch, kv = RunState.nbytes(cfg, context, PREFILL_CHUNK)
+    scratch, kv = RunState.nbytes(cfg, context, PREFILL_CHUNK, kv_dtype)
     return MemoryPlan(runtime=current_rss(), weights=weight_bytes, kv_cache=kv, scratch=scratch,
-                      context=context, budget=budget)
+                      context=context, budget=budget, kv_dtype=kv_dtype)
 
 
 class Model:
@@ -131,7 +133,7 @@ class Model:
     the order they arrive (FIFO), never interleaved; see `_Turns`."""
 
     def __init__(self, path, ram=None, context=None, threads=None, verbose=False, on_progress=None, log=None,
-                 stream=None, criterion=None, device="auto", gpu_layers="all", vram=None):
+                 stream=None, criterion=None, device="auto", gpu_layers="all", vram=None, kv_dtype="f16"):
         self.path = Path(path)
         log = log or (lambda msg: None)
         self._turns = _Turns()
@@ -153,7 +155,9 @@ class Model:
                 self.ram_auto = ram in (None, "auto")
                 if threads:
                     kernels.set_threads(threads)
-                self.plan = plan_memory(ebin, self.config, self.context, None)
+                if kv_dtype not in KV_DTYPES:
+                    raise EdgerunError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+                self.plan = plan_memory(ebin, self.config, self.context, None, kv_dtype)
                 self.budget = auto_budget() if self.ram_auto else parse_size(ram)
                 self.plan.budget = self.budget
                 read_parts, self._stack = None, None
@@ -190,7 +194,7 @@ class Model:
                 if self._stack is not None:
                     self._stack.linears = {name: weights[name] for name in self._stack.order.stacked}
             self.weight_bytes = weights.nbytes
-            self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK)
+            self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK, kv_dtype=kv_dtype)
             del weights
             if self.stream_plan is not None:
                 self.stream_plan = streaming.attach(self._transformer, self.path, manifest, ffn_budget, **stream_args)

@@ -102,9 +102,9 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
-    def kv_cache_bytes(self, context: int) -> int:
-        """float32 K and V for every layer at `context` positions."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * context * 4
+    def kv_cache_bytes(self, context: int, itemsize: int = 2) -> int:
+        """K and V for every layer at `context` positions (float16: itemsize 2)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * context * itemsize
 
 
 def tensor_names(cfg: ModelConfig) -> list[str]:

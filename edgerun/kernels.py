@@ -42,17 +42,27 @@ def get_threads() -> int:
 # 16-bit float widening. np.float16 is not supported in nopython mode, so 16-bit weights are
 # stored as uint16 and widened with LLVM instructions; the f16 form vectorizes to vcvtph2ps.
 
+def _half_to_float(context, builder, sig, args):
+    half = builder.bitcast(args[0], ir.HalfType())
+    return builder.fpext(half, ir.FloatType())
+
+
 @intrinsic
 def f16_to_f32(typingctx, h):
     """uint16 IEEE half bits -> float32 (LLVM `bitcast i16 -> half`, `fpext half -> float`)."""
     if not isinstance(h, types.Integer) or h.bitwidth != 16:
         return None
+    return types.float32(h), _half_to_float
 
-    def codegen(context, builder, sig, args):
-        half = builder.bitcast(args[0], ir.HalfType())
-        return builder.fpext(half, ir.FloatType())
 
-    return types.float32(h), codegen
+@intrinsic
+def kv_f32(typingctx, v):
+    """A KV cache element as float32: float32 as is, uint16 as IEEE half bits (the f16 cache)."""
+    if isinstance(v, types.Float) and v.bitwidth == 32:
+        return types.float32(v), lambda context, builder, sig, args: args[0]
+    if isinstance(v, types.Integer) and v.bitwidth == 16:
+        return types.float32(v), _half_to_float
+    return None
 
 
 @intrinsic
@@ -215,7 +225,8 @@ def rope_tables(head_dim: int, max_pos: int, theta: float, scaling: dict | None 
 
 @njit(**_JIT)
 def _attend_group(q, k_cache, v_cache, start, out, scores, g, group):
-    # q (T, H, D); k/v_cache (Hkv, C, D); out (T, H, D); scores (H, C): kv head g's query heads
+    # q (T, H, D); k/v_cache (Hkv, C, D) f32 or f16 bits; out (T, H, D); scores (H, C): kv head
+    # g's query heads
     T, H, D = q.shape
     scale = np.float32(1.0 / math.sqrt(D))
     h0 = g * group
@@ -226,7 +237,7 @@ def _attend_group(q, k_cache, v_cache, start, out, scores, g, group):
             for hh in range(group):
                 acc = np.float32(0.0)
                 for d in range(D):
-                    acc += q[t, h0 + hh, d] * k_cache[g, p, d]
+                    acc += q[t, h0 + hh, d] * kv_f32(k_cache[g, p, d])
                 scores[h0 + hh, p] = acc * scale
         # stable softmax (max subtracted); normalization folded in before the V sum
         for hh in range(group):
@@ -255,15 +266,15 @@ def _attend_group(q, k_cache, v_cache, start, out, scores, g, group):
                 w2 = scores[h, p + 2]
                 w3 = scores[h, p + 3]
                 for d in range(D):
-                    out[t, h, d] += (w0 * v_cache[g, p, d] + w1 * v_cache[g, p + 1, d]
-                                     + w2 * v_cache[g, p + 2, d] + w3 * v_cache[g, p + 3, d])
+                    out[t, h, d] += (w0 * kv_f32(v_cache[g, p, d]) + w1 * kv_f32(v_cache[g, p + 1, d])
+                                     + w2 * kv_f32(v_cache[g, p + 2, d]) + w3 * kv_f32(v_cache[g, p + 3, d]))
             p += 4
         while p < L:
             for hh in range(group):
                 h = h0 + hh
                 w0 = scores[h, p]
                 for d in range(D):
-                    out[t, h, d] += w0 * v_cache[g, p, d]
+                    out[t, h, d] += w0 * kv_f32(v_cache[g, p, d])
             p += 1
 
 
@@ -292,7 +303,8 @@ ATTN_PAR_MIN = 1 << 20
 def attention(q, k_cache, v_cache, start, out, scores=None):
     """Causal GQA attention: out (T, H, D) = softmax(q k^T / sqrt(D) + mask) v.
 
-    q (T, H, D) holds positions start..start+T-1; k_cache, v_cache (Hkv, C, D) already hold
+    q (T, H, D) holds positions start..start+T-1; k_cache, v_cache (Hkv, C, D), float32 or the
+    uint16 bits of float16 (the model's cache: half the memory, as llama.cpp's default), already hold
     positions 0..start+T-1 (C >= start+T). Query head h uses kv head h // (H // Hkv).
     `scores`: optional float32 scratch of shape (H, C), reused across calls to avoid allocating;
     allocated here when None. Parallel over kv heads when threads > 1 and the work is large.

@@ -90,6 +90,7 @@ class MemoryPlan:
     scratch: int
     context: int
     budget: int | None
+    kv_dtype: str = "f16"
 
     @property
     def total(self) -> int:
@@ -102,7 +103,7 @@ class MemoryPlan:
     def lines(self) -> list[str]:
         rows = [("runtime (measured: interpreter, libraries, JIT code, tokenizer)", self.runtime),
                 ("weights (resident)", self.weights),
-                (f"KV cache (f32, context {self.context})", self.kv_cache),
+                (f"KV cache ({self.kv_dtype}, context {self.context})", self.kv_cache),
                 ("scratch buffers", self.scratch),
                 ("headroom (heap growth)", HEADROOM_BYTES)]
         out = [f"  {name:<66} {fmt(n):>12}" for name, n in rows]

@@ -106,11 +106,14 @@ class Weights:
         return Layer.from_tensors(self.tensors.get, i)
 
 
+KV_DTYPES = {"f16": np.float16, "f32": np.float32}
+
+
 class RunState:
     """Activation buffers for up to `chunk` tokens at once, and the KV cache for `context` positions.
     Allocated once; the forward pass only writes into these."""
 
-    def __init__(self, cfg: ModelConfig, context: int, chunk: int):
+    def __init__(self, cfg: ModelConfig, context: int, chunk: int, kv_dtype: str = "f16"):
         d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
         z = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
@@ -121,17 +124,22 @@ class RunState:
         self.logits = z(cfg.vocab_size)
         self.positions = np.zeros(chunk, dtype=np.int64)
         self.scores = z(cfg.num_heads, context)          # attention scratch
-        # resident only as far as the conversation has written it
-        self.key_cache = lazy_zeros((cfg.num_layers, cfg.num_kv_heads, context, hd))
-        self.value_cache = lazy_zeros((cfg.num_layers, cfg.num_kv_heads, context, hd))
+        # f16 by default (llama.cpp's default too: half the bytes; SmolLM2's logits move by ~0.02
+        # of ~±15), resident only as far as the conversation has written it. The kernels read
+        # an f16 cache as its uint16 bits (np.float16 does not exist in Numba's nopython mode).
+        dtype = KV_DTYPES[kv_dtype]
+        self.key_cache = lazy_zeros((cfg.num_layers, cfg.num_kv_heads, context, hd), dtype)
+        self.value_cache = lazy_zeros((cfg.num_layers, cfg.num_kv_heads, context, hd), dtype)
+        bits = np.uint16 if dtype == np.float16 else dtype
+        self.key_bits, self.value_bits = self.key_cache.view(bits), self.value_cache.view(bits)
 
     @staticmethod
-    def nbytes(cfg: ModelConfig, context: int, chunk: int) -> tuple[int, int]:
+    def nbytes(cfg: ModelConfig, context: int, chunk: int, kv_dtype: str = "f16") -> tuple[int, int]:
         """(activation scratch bytes, KV cache bytes) this state allocates."""
         d, f = cfg.hidden_size, cfg.intermediate_size
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         scratch = 4 * (chunk * (3 * d + 2 * q + 2 * kv + 2 * f) + cfg.vocab_size + cfg.num_heads * context) + 8 * chunk
-        return scratch, cfg.kv_cache_bytes(context)
+        return scratch, cfg.kv_cache_bytes(context, np.dtype(KV_DTYPES[kv_dtype]).itemsize)
 
 
 def _linear(w, x, out, bias=None):
@@ -145,9 +153,10 @@ def _linear(w, x, out, bias=None):
 
 
 class Transformer:
-    def __init__(self, cfg: ModelConfig, weights: Weights, context: int, chunk: int = 64, layers=None):
+    def __init__(self, cfg: ModelConfig, weights: Weights, context: int, chunk: int = 64, layers=None,
+                 kv_dtype: str = "f16"):
         self.cfg, self.w, self.context, self.chunk = cfg, weights, context, chunk
-        self.state = RunState(cfg, context, chunk)
+        self.state = RunState(cfg, context, chunk, kv_dtype)
         self.layers = layers if layers is not None else [weights.layer(i) for i in range(cfg.num_layers)]
         self.cuda_head = None     # final norm + output head on a CUDA device (edgerun/cuda), if offloaded
         self.cos, self.sin = kernels.rope_tables(cfg.head_dim, context, cfg.rope_theta, cfg.rope_scaling)
@@ -218,10 +227,9 @@ class Transformer:
         q3, k3 = q.reshape(T, H, D), k.reshape(T, Hkv, D)
         kernels.rope(q3, pos, self.cos, self.sin)
         kernels.rope(k3, pos, self.cos, self.sin)
-        kc, vc = st.key_cache[i], st.value_cache[i]
-        kc[:, start:start + T] = k3.transpose(1, 0, 2)
-        vc[:, start:start + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
-        kernels.attention(q3, kc, vc, start, att.reshape(T, H, D), st.scores)
+        st.key_cache[i, :, start:start + T] = k3.transpose(1, 0, 2)          # rounded to f16
+        st.value_cache[i, :, start:start + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
+        kernels.attention(q3, st.key_bits[i], st.value_bits[i], start, att.reshape(T, H, D), st.scores)
         _linear(L.o, att, xb2, L.o_bias)
         x += xb2
         # feed-forward (SwiGLU)

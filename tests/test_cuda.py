@@ -236,9 +236,9 @@ def case_model(path, layers):
         out += [tf.forward([t], 4 + k)[None].copy() for k, t in enumerate(ids[4:])]
         return np.concatenate(out)
 
-    with edgerun.load(path, context=16, device="cpu") as m:
+    with edgerun.load(path, context=16, device="cpu", kv_dtype="f32") as m:
         ref = run(m)
-    with edgerun.load(path, context=16, device="cuda", gpu_layers=layers) as m:
+    with edgerun.load(path, context=16, device="cuda", gpu_layers=layers, kv_dtype="f32") as m:
         assert m.device == "cuda"
         on_device = [hasattr(L, "block") for L in m._transformer.layers]
         assert on_device == ([True] * len(on_device) if layers == "all" else [True] + [False] * (len(on_device) - 1))

@@ -48,7 +48,7 @@ def test_tiny_matches_transformers(arch, tiny_dir, tmp_path):
     out = tmp_path / "tiny.ebin"
     pack(src, out, dtype="f32")
     rng = np.random.default_rng(1)
-    with edgerun.load(out) as m:
+    with edgerun.load(out, kv_dtype="f32") as m:
         ids = rng.integers(0, m.config.vocab_size, size=80).tolist()   # 80 > one 64-token prefill chunk
         check_model(m, load_hf(src), ids)
 
@@ -60,7 +60,7 @@ def test_tiny_16bit_close_to_f32(dtype, tiny_dir, tmp_path):
     pack(src, tmp_path / "a.ebin", dtype="f32")
     pack(src, tmp_path / "b.ebin", dtype=dtype)
     ids = list(range(3, 40))
-    with edgerun.load(tmp_path / "a.ebin") as a, edgerun.load(tmp_path / "b.ebin") as b:
+    with edgerun.load(tmp_path / "a.ebin", kv_dtype="f32") as a, edgerun.load(tmp_path / "b.ebin", kv_dtype="f32") as b:
         ref, got = a.logits(ids), b.logits(ids)
     assert np.abs(ref - got).max() < (0.05 if dtype == "f16" else 0.3)
     assert np.abs(ref - got).max() > 0       # the rounding did happen
@@ -97,6 +97,13 @@ def test_smollm2_matches_transformers(source, smollm2_hf, smollm2_gguf, tmp_path
     pack(directory if source == "hf" else smollm2_gguf, out, dtype="f32")
     text = "The history of the city of Paris begins around 250 BC, when a tribe of the Senones"
     ids = tok(text)["input_ids"] * 3 + tok("settled on an island in the river. 1234 café")["input_ids"]
-    with edgerun.load(out) as m:
+    with edgerun.load(out, kv_dtype="f32") as m:
         assert m.tokenizer.encode(text) == tok(text)["input_ids"]
         check_model(m, ref, ids, n_greedy=24)
+    # the default f16 KV cache: only the rounding of K and V (~0.02 of logits of ±15)
+    with edgerun.load(out) as m:
+        assert m._transformer.state.key_cache.dtype == np.float16
+        tf, theirs = m._transformer, hf_logits(ref, ids)
+        step = [tf.forward(ids[:5], 0).copy()] + [tf.forward([i], pos).copy() for pos, i in enumerate(ids[5:], 5)]
+        err = np.abs(np.stack(step) - theirs[4:]).max()
+        assert 0 < err <= 0.1, err
