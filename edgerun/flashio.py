@@ -17,6 +17,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from .errors import EdgerunError
 
 ALIGN = 4096
@@ -31,24 +33,38 @@ def align_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def coalesce(ids, unit: int, base: int = 0, gap: int = 0) -> list[tuple[int, int, int, int]]:
-    """Sorted neuron ids -> runs (first id, count, file offset, bytes) of adjacent ids.
+def address(mv) -> int:
+    """Memory address of a writable buffer's first byte."""
+    return np.frombuffer(mv, np.uint8).ctypes.data if len(mv) else 0
 
-    Ids at most `gap` apart join one run (reading a few unneeded bundles beats another request)."""
-    runs = []
-    start = prev = None
-    for i in ids:
-        i = int(i)
-        if start is None:
-            start = prev = i
-        elif i - prev <= gap + 1:
-            prev = i
-        else:
-            runs.append((start, prev - start + 1, base + start * unit, (prev - start + 1) * unit))
-            start = prev = i
-    if start is not None:
-        runs.append((start, prev - start + 1, base + start * unit, (prev - start + 1) * unit))
-    return runs
+
+def aligned_array(shape, dtype, shift: int = 0) -> np.ndarray:
+    """An array starting `shift` bytes into page-aligned anonymous memory that has at least a page
+    free after its end (so `FlashReader.span_jobs` can read whole pages around it)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = mmap.mmap(-1, align_up(shift + nbytes) + ALIGN)
+    return np.frombuffer(buf, dtype, count=int(np.prod(shape)), offset=shift).reshape(shape)
+
+
+def coalesce(ids, unit: int, base: int = 0, gap: int = 0, limit: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Sorted ids -> runs (first id, count, file offset, bytes) covering them.
+
+    Adjacent ids are one run; ids at most `gap` apart are joined too (reading a few unneeded units
+    costs less than another request), the smallest holes first, as long as the runs hold at most
+    `limit` units in all (the read buffer's size)."""
+    ids = np.asarray(ids, np.int64)
+    if len(ids) == 0:
+        return []
+    holes = np.diff(ids) - 1
+    spare = (1 << 62 if limit is None else limit) - len(ids)
+    order = np.argsort(holes, kind="stable")
+    small = holes[order]
+    fill = (small <= gap) & (np.cumsum(small) <= spare)      # a prefix: holes ascend, sums grow
+    joined = np.zeros(len(holes), bool)
+    joined[order[fill]] = True
+    ends = np.flatnonzero(~joined)
+    firsts, lasts = ids[np.r_[0, ends + 1]], ids[np.r_[ends, len(ids) - 1]]
+    return [(int(a), int(b - a + 1), base + int(a) * unit, int(b - a + 1) * unit) for a, b in zip(firsts, lasts)]
 
 
 class FlashReader:
@@ -105,7 +121,9 @@ class FlashReader:
         return mv
 
     def read_into(self, offset: int, out) -> None:
-        """Fill `out` (a writable bytes-like object) with the file's bytes at [offset, offset+len)."""
+        """Fill `out` (a writable bytes-like object) with the file's bytes at [offset, offset+len).
+        Whole aligned pages into page-aligned memory go straight to `out`; anything else through
+        the thread's bounce buffer (one copy)."""
         out = memoryview(out).cast("B")
         n = len(out)
         if offset < 0 or offset + n > self.size:
@@ -113,6 +131,16 @@ class FlashReader:
                                f"({self.size} bytes)")
         if not self.direct:
             self._plain_into(offset, out)
+            return
+        if offset % ALIGN == 0 and n % ALIGN == 0 and address(out) % ALIGN == 0:
+            done = 0
+            while done < n:
+                got = self._preadv(out[done:], offset + done)
+                if got <= 0:
+                    raise EdgerunError(f"{self.path}: file ended at {offset + done} while reading {offset}+{n}")
+                done += got
+            with self._lock:
+                self.bytes_read += n
             return
         bounce = self._bounce()
         done, total = 0, 0
@@ -129,6 +157,25 @@ class FlashReader:
             total += want
         with self._lock:
             self.bytes_read += total
+
+    def span_jobs(self, offset: int, n: int, arena, pos: int, piece: int = 256 << 10, spill: bool = True) -> list:
+        """Jobs (for `submit`) reading the file's [offset, offset+n) into arena[pos:pos+n], in
+        pieces of about `piece` bytes so every thread gets a share. When `pos` and `offset` sit at
+        the same place within a page (and `arena` is page-aligned), the whole pages around the range
+        are read straight into the arena, no bounce copy: the caller leaves up to a page before
+        and after the range free for that (spill=False: never, every piece is bounced)."""
+        mv = memoryview(arena).cast("B")
+        piece = max(ALIGN, align_down(piece))
+        a0 = align_down(offset)
+        start = pos - (offset - a0)                  # where file offset a0 lands in the arena
+        if not (spill and self.direct) or (pos - offset) % ALIGN or start < 0 or address(mv) % ALIGN:
+            return [(o, mv[pos + o - offset:pos + min(o + piece, offset + n) - offset])
+                    for o in range(offset, offset + n, piece)]
+        a1 = min(align_up(offset + n), align_down(self.size))
+        jobs = [(o, mv[start + o - a0:start + min(o + piece, a1) - a0]) for o in range(a0, a1, piece)]
+        if offset + n > a1:                           # the file's last, partial page: bounced
+            jobs.append((a1, mv[start + a1 - a0:pos + n]))
+        return jobs
 
     def _preadv(self, mv, offset: int) -> int:
         try:

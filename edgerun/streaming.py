@@ -6,11 +6,15 @@ active on calibration text, plus the permutation and a low-rank activation predi
 
 At run time a `FlashFFN` is each layer's `ffn` hook (edgerun/model.py). Modes:
 - resident: the whole bundle array is read once (fit first: nothing streams);
-- window:   a criterion picks the active neurons; the union of those used in the last k tokens
-            stays in a preallocated per-layer buffer; each token reads only the missing bundles,
-            coalesced into runs, on a thread pool, while the kept neurons are computed;
+- window:   a per-layer buffer holds the `capacity` neurons most likely needed (sized from the
+            budget; starts with the most frequent, then LRU over the last k tokens); each token
+            reads only the missing bundles, coalesced into runs across small gaps, on a thread
+            pool. Criterion off: every neuron is needed, so layer l+1's misses are read into the
+            second scratch buffer while layer l computes (the last layer prefetches layer 0);
+            with a criterion the misses are known only from the layer's input, and their read
+            overlaps computing the window's neurons;
 - layer:    every token reads each whole layer, the next layer's read overlapping this one's
-            compute (AirLLM-style baseline);
+            compute (AirLLM-style baseline; a window of capacity 0);
 - naive:    every token re-reads every FFN weight, synchronously (the paper's naive baseline).
 
 Criteria (SwiGLU has no exact zeros, so sparsity is a calibrated threshold, CATS: Lee et al. 2024):
@@ -23,6 +27,7 @@ Selected neurons are computed exactly; the others contribute zero.
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from dataclasses import dataclass, field
 
@@ -33,7 +38,7 @@ from numba.extending import overload
 from . import kernels
 from .codecs import get_codec
 from .errors import BudgetError, EdgerunError, UnsupportedModelError
-from .flashio import BOUNCE, FlashReader, coalesce
+from .flashio import ALIGN, BOUNCE, FlashReader, aligned_array, coalesce
 from .kernels import bf16_to_f32, f16_to_f32
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
@@ -46,6 +51,12 @@ CALIB_SEQ_LEN = 256
 FREQ_SPARSITY = 0.5          # a neuron is "active" for the frequency ordering above this quantile
 MATMUL_MIN_T = 2             # a chunk of this many tokens or more uses the batched (BLAS) path
 TILE = 256                   # bundles widened per BLAS tile
+SLACK = 3 * ALIGN            # a read buffer's pages beyond its bundles (flashio.aligned_array)
+MIN_PIECE = 256 << 10        # a run is split across reader threads in pieces of at least this many bytes
+# Coalescing (flashio.coalesce): this disk's direct reads cost ~GAP_SECONDS per request plus their
+# bytes at ~GAP_BANDWIDTH (tools/bench_flash.py disk), so a gap of up to that many bytes is read through.
+GAP_SECONDS = 45e-6
+GAP_BANDWIDTH = 1.4e9
 STORED = {"f16": np.uint16, "bf16": np.uint16, "f32": np.float32}
 
 
@@ -185,58 +196,48 @@ def ffn_rows(wa, wb, codes, x, out, mask=None, h=None, hit=None, wait=None):
 class NeuronWindow:
     """Which neurons of one layer sit in which slot of the window buffer (LLM in a flash §3.3).
 
-    slot_of[neuron] = slot or -1; neuron_at[slot] = neuron for slots < count; last[slot] = the step
-    the neuron was last used. Eviction swap-removes: the last occupied slot moves into the hole,
-    so occupied slots stay a prefix and the buffer never fragments. `move(src, dst)` is called
-    for every such move so the caller can move the bundle bytes along."""
+    slot_of[neuron] = slot or -1; neuron_at[slot] = neuron; last[slot] = the step the neuron was
+    last used. The window starts full with the most frequent neurons (ids 0..capacity-1: bundles
+    are stored in calibration-frequency order) and stays full: a neuron unused for k tokens is only
+    dropped when a missing one takes its slot (`victims` + `replace`), so no slot is ever empty
+    and a token never misses more than `neurons - capacity` neurons (the read scratch's size)."""
 
-    def __init__(self, neurons: int, capacity: int, move=None):
+    def __init__(self, neurons: int, capacity: int):
         self.capacity = capacity
         self.slot_of = np.full(neurons, -1, np.int64)
-        self.neuron_at = np.full(capacity, -1, np.int64)
+        self.slot_of[:capacity] = np.arange(capacity)
+        self.neuron_at = np.arange(capacity, dtype=np.int64)
         self.last = np.zeros(capacity, np.int64)
-        self.count = 0
-        self.move = move
+
+    def missing(self) -> np.ndarray:
+        """Sorted ids of the neurons not in the window."""
+        return np.flatnonzero(self.slot_of < 0)
 
     def touch(self, slots, step: int) -> None:
         self.last[slots] = step
 
-    def evict_older(self, oldest: int) -> int:
-        """Remove every neuron last used before step `oldest`; returns how many."""
-        stale = np.flatnonzero(self.last[:self.count] < oldest)
-        for s in stale[::-1]:               # descending: a moved-in slot is never stale-checked again
-            self._remove(int(s))
-        return len(stale)
+    def victims(self, oldest: int, n: int) -> np.ndarray:
+        """Up to n slots whose neuron was last used before step `oldest`: least recently used
+        first, and among equals the least frequent (highest id) first."""
+        stale = np.flatnonzero(self.last < oldest)
+        if len(stale) > n:
+            order = np.lexsort((-self.neuron_at[stale], self.last[stale]))
+            stale = np.sort(stale[order[:n]])
+        return stale
 
-    def _remove(self, s: int) -> None:
-        last = self.count - 1
-        self.slot_of[self.neuron_at[s]] = -1
-        if s != last:
-            n = self.neuron_at[last]
-            self.neuron_at[s], self.last[s] = n, self.last[last]
-            self.slot_of[n] = s
-            if self.move is not None:
-                self.move(last, s)
-        self.neuron_at[last] = -1
-        self.count = last
-
-    def insert(self, neurons, step: int) -> np.ndarray:
-        """Give slots to as many of `neurons` (not present) as fit; returns their slots (a prefix)."""
-        k = min(len(neurons), self.capacity - self.count)
-        slots = np.arange(self.count, self.count + k, dtype=np.int64)
-        self.neuron_at[slots] = neurons[:k]
-        self.slot_of[neurons[:k]] = slots
+    def replace(self, slots, neurons, step: int) -> None:
+        """Put `neurons` (absent) into `slots` (their neurons leave the window)."""
+        self.slot_of[self.neuron_at[slots]] = -1
+        self.neuron_at[slots] = neurons
+        self.slot_of[neurons] = slots
         self.last[slots] = step
-        self.count += k
-        return slots
 
     def check(self) -> None:
-        """Invariants (tests): the maps are inverse bijections on the occupied prefix."""
-        occ = self.neuron_at[:self.count]
-        assert (occ >= 0).all() and len(set(occ.tolist())) == self.count
-        assert (self.slot_of[occ] == np.arange(self.count)).all()
-        assert (self.neuron_at[self.count:] == -1).all()
-        assert (self.slot_of >= 0).sum() == self.count
+        """Invariants (tests): the maps are inverse bijections and the window is full."""
+        occ = self.neuron_at
+        assert (occ >= 0).all() and len(set(occ.tolist())) == self.capacity
+        assert (self.slot_of[occ] == np.arange(self.capacity)).all()
+        assert (self.slot_of >= 0).sum() == self.capacity
 
 
 # ------------------------------------------------------------------------------ plan
@@ -244,16 +245,20 @@ class NeuronWindow:
 @dataclass
 class FlashStats:
     tokens: int = 0
-    bytes_read: int = 0
-    read_seconds: float = 0.0
+    bytes_read: int = 0            # requested from the file (incl. gap bundles read by coalescing)
+    reads: int = 0                 # coalesced runs requested
+    read_seconds: float = 0.0      # time the forward pass was blocked waiting for reads
     neurons_used: int = 0          # summed over layers and tokens
-    neurons_loaded: int = 0
+    neurons_loaded: int = 0        # of those, not in the window (read for this token)
+
+    @property
+    def hit_rate(self) -> float:
+        return 1.0 - self.neurons_loaded / max(self.neurons_used, 1)
 
     def line(self) -> str:
         t = max(self.tokens, 1)
-        mbps = self.bytes_read / self.read_seconds / 1e6 if self.read_seconds else 0.0
-        return (f"{self.bytes_read / t / 1e6:.2f} MB read/token, {mbps:.0f} MB/s while waiting, "
-                f"{self.neurons_loaded / max(self.neurons_used, 1):.1%} of used neurons loaded")
+        return (f"{self.bytes_read / t / 1e6:.2f} MB read/token in {self.reads / t:.0f} reads, "
+                f"{self.read_seconds / t * 1e3:.1f} ms/token waiting, window hit rate {self.hit_rate:.1%}")
 
 
 @dataclass
@@ -268,6 +273,9 @@ class StreamingPlan:
     dtype: str
     resident_bytes: dict       # what this module keeps in memory, by kind
     read_per_token: int        # expected bytes read per decoded token (upper bound for window)
+    scratch_rows: int = 0      # bundles per read buffer (the most a token can miss in one layer)
+    gap: int = 0               # coalescing: missing ids at most this many bundles apart are one read
+    prefetch: bool = True      # criterion off: read layer l+1's misses while layer l computes
     stats: FlashStats = field(default_factory=FlashStats)
 
     @property
@@ -276,10 +284,11 @@ class StreamingPlan:
 
     def lines(self) -> list[str]:
         from .memory import fmt
-        out = [f"  FFN {self.mode}: {self.layers} layers x {self.neurons} neurons x {self.bundle_bytes} B bundles "
-               f"({self.dtype}), criterion {self.criterion}"]
+        out = [(f"  FFN {self.mode}: {self.layers} layers x {self.neurons} neurons x {self.bundle_bytes} B bundles "
+                f"({self.dtype}), criterion {self.criterion}")]
         if self.mode == "window":
-            out.append(f"  window: last {self.window} tokens, {self.capacity} of {self.neurons} neurons per layer")
+            out.append(f"  window: {self.capacity} of {self.neurons} neurons per layer (most frequent first; "
+                       f"LRU over the last {self.window} tokens), reads coalesced across gaps of {self.gap}")
         for k, v in self.resident_bytes.items():
             out.append(f"    {k:<62} {fmt(v):>12}")
         out.append(f"  expected reads per token {'(at most) ' if self.mode == 'window' else ''}"
@@ -296,21 +305,50 @@ def _flash(manifest: dict) -> dict:
     return fl
 
 
+def _buffers(mode: str, L: int, f: int, B: int, capacity: int) -> dict:
+    """The bundle buffers of a streaming mode with `capacity` window slots per layer: the window,
+    and the read scratch (window and layer: two buffers, so layer l+1's read lands in one while
+    layer l computes from the other; each holds the most one layer can miss, f - capacity)."""
+    if mode == "naive":
+        return {"FFN read scratch (one layer)": f * B + SLACK}
+    out = {"FFN read scratch (2 x the missing neurons of a layer)": 2 * (max(f - capacity, 1) * B + SLACK)}
+    if mode == "window":
+        out["window buffers"] = L * capacity * B
+    return out
+
+
+def _fit_capacity(left: int, L: int, f: int, B: int) -> int:
+    """The most window slots per layer whose buffers fit `left` bytes (their size is linear in
+    the capacity: each slot adds L bundles of window and removes 2 of scratch), or -1."""
+    size = [sum(_buffers("window", L, f, B, c).values()) for c in (0, f)]
+    if min(size) > left:
+        return -1
+    if size[1] <= left:
+        return f
+    return int((left - size[0]) // ((size[1] - size[0]) / f))
+
+
+def default_gap(bundle_bytes: int) -> int:
+    """Missing bundles this many apart or closer are read as one run. A request costs about
+    GAP_SECONDS more than its bytes at GAP_BANDWIDTH (measured on this machine's disk with
+    `tools/bench_flash.py disk`); reading up to that many bytes of unneeded bundles is cheaper."""
+    return max(0, int(GAP_SECONDS * GAP_BANDWIDTH // bundle_bytes))
+
+
 def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", window: int = 4,
-                   criterion: str = "lowrank:0.5", threads: int = 2) -> StreamingPlan:
+                   criterion: str = "lowrank:0.5", threads: int = 2, gap: int | None = None,
+                   prefetch: bool = True) -> StreamingPlan:
     """How the FFN runs within `ffn_budget` bytes (everything the FFN needs in memory: bundles,
-    window buffers, scratch, predictor, I/O buffers). mode "auto" is fit-first: resident if every
-    bundle fits, else window; "window", "layer", "naive" force that streaming mode (benchmarks)."""
+    window buffers, read scratch, predictor, I/O buffers). mode "auto" is fit-first: resident if
+    every bundle fits, else window; "window", "layer", "naive" force that streaming mode (benchmarks).
+    `gap`: coalescing distance in bundles (None: `default_gap`); `prefetch` False only to measure
+    what overlapping the next layer's reads gains."""
     fl = _flash(manifest)
     kind, sparsity = parse_criterion(criterion)
     L, f, d = cfg.num_layers, fl["intermediate_size"], fl["hidden_size"]
     B = 3 * d * np.dtype(STORED[fl["dtype"]]).itemsize
     full = L * f * B
-    pred = 0
-    if kind == "lowrank":
-        pred = L * (f + d) * fl["predictor_rank"] * 2
-    elif kind == "gate":
-        pred = L * f * d * np.dtype(STORED[fl["dtype"]]).itemsize
+    gap = default_gap(B) if gap is None else int(gap)
     act = 4 * (3 * f + 2 * TILE * 3 * d)          # per-token activations, masks, a BLAS tile
     if mode not in ("auto", "resident", "window", "layer", "naive"):
         raise EdgerunError(f"--stream must be auto, resident, window, layer or naive, not {mode!r}")
@@ -320,38 +358,73 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
     if mode == "resident":
         raise BudgetError(f"the FFN needs {full + act} bytes resident but its budget is {ffn_budget}")
     mode = "window" if mode == "auto" else mode
-    io = (threads + 1) * BOUNCE
-    scratch = (2 if mode == "layer" else 1) * f * B
-    fixed = {"FFN read scratch (one layer" + (", double-buffered)" if mode == "layer" else ")"): scratch,
-             "I/O bounce buffers": io, "FFN activations": act}
-    if pred:
-        fixed["predictor (low-rank, f16)" if kind == "lowrank" else "gate rows (resident)"] = pred
-    need = sum(fixed.values())
+    if mode != "window" and kind != "off":
+        raise EdgerunError(f"--stream {mode} reads every neuron: it takes no criterion ({criterion!r})")
+    fixed = {"I/O bounce buffers": (threads + 1) * BOUNCE, "FFN activations": act}
+    if kind == "lowrank":
+        fixed["predictor (low-rank, f16)"] = L * (f + d) * fl["predictor_rank"] * 2
+    elif kind == "gate":
+        fixed["gate rows (resident)"] = L * f * d * np.dtype(STORED[fl["dtype"]]).itemsize
     capacity = 0
     if mode == "window":
-        capacity = int(min(f, max(0, ffn_budget - need) // (L * B)))
-        fixed["window buffers"] = capacity * L * B
+        capacity = max(0, _fit_capacity(ffn_budget - sum(fixed.values()), L, f, B))
+    fixed.update(_buffers(mode, L, f, B, capacity))
+    need = sum(fixed.values())
     if ffn_budget < need:
         raise BudgetError(f"streaming the FFN ({mode}) needs at least {need / 2**20:.1f} MiB, "
                           f"its budget is {ffn_budget / 2**20:.1f} MiB: raise --ram")
-    per_token = full if mode != "window" else int(math.ceil((1 - sparsity) * f)) * B * L
-    return StreamingPlan(mode, criterion, window, capacity, L, f, B, fl["dtype"], fixed, per_token)
+    missing = f - capacity if kind == "off" else min(f - capacity, math.ceil((1 - sparsity) * f))
+    per_token = L * (f if mode != "window" else missing) * B
+    return StreamingPlan(mode, criterion, window, capacity, L, f, B, fl["dtype"], fixed, per_token,
+                         scratch_rows=max(f - capacity, 1) if mode != "naive" else f, gap=gap, prefetch=prefetch)
+
+
+def minimum_plan(manifest: dict, cfg, criterion: str = "off", threads: int = 2) -> StreamingPlan:
+    """The smallest streaming plan (window mode with the fewest bytes): what `--ram` must leave
+    for the FFN at least (`edgerun info`)."""
+    fl = _flash(manifest)
+    L, f, d = cfg.num_layers, fl["intermediate_size"], fl["hidden_size"]
+    B = 3 * d * np.dtype(STORED[fl["dtype"]]).itemsize
+    probe = plan_streaming(manifest, cfg, 1 << 62, "window", criterion=criterion, threads=threads)
+    other = probe.total_bytes - sum(_buffers("window", L, f, B, probe.capacity).values())
+    least = min(sum(_buffers("window", L, f, B, c).values()) for c in (0, f))
+    return plan_streaming(manifest, cfg, other + least, "window", criterion=criterion, threads=threads)
 
 
 # ------------------------------------------------------------------------------ runtime
 
 class _Shared:
-    """What all layers share: the reader, the read scratch (one or two layers of bundles), stats."""
+    """What all layers share: the reader, the read buffers, the read in flight, stats."""
 
     def __init__(self, reader: FlashReader, plan: StreamingPlan, d: int):
         self.reader, self.plan = reader, plan
-        f, dt = plan.neurons, STORED[plan.dtype]
-        nbuf = 0 if plan.mode == "resident" else (2 if plan.mode == "layer" else 1)
-        self.scratch = [np.empty((f, 3, d), dt) for _ in range(nbuf)]
-        self.pending = [None] * nbuf        # per buffer: (layer, handle) of a read in flight or done
-        self.calls = 0
-        self.h = np.empty(f, np.float32)
+        nbuf = {"resident": 0, "naive": 1}.get(plan.mode, 2)
+        # criterion off reads bundles capacity.. of each layer (one run): start the rows where that
+        # run's file offset sits within a page, so its pages are read straight into the buffer
+        self.shift = plan.capacity * plan.bundle_bytes % ALIGN
+        self.scratch = [aligned_array((plan.scratch_rows, 3, d), STORED[plan.dtype], self.shift)
+                        for _ in range(nbuf)]
+        self.pending = None       # _Read in flight (the next layer's prefetch), at most one
+        self.h = np.empty(plan.neurons, np.float32)
         self.stats = plan.stats
+        self.ffns = []
+
+
+def _arena(a: np.ndarray):
+    """The page-aligned memory (an mmap) an `aligned_array` view lives in."""
+    while not isinstance(a, mmap.mmap):
+        a = a.obj if isinstance(a, memoryview) else a.base
+    return a
+
+
+@dataclass
+class _Read:
+    """Bundles `ids` (sorted; gap bundles included) of `layer` going to rows 0.. of scratch[buf]."""
+    layer: int
+    buf: int
+    ids: np.ndarray
+    handle: list
+    t0: float
 
 
 class FlashFFN:
@@ -368,13 +441,10 @@ class FlashFFN:
         self.predictor, self.gate, self.thr = predictor, gate, thresholds
         self.resident = None
         self.window = None
-        if plan.mode == "window":
-            self.wbuf = np.empty((max(plan.capacity, 1), 3, self.d), STORED[plan.dtype])
-            self.window = NeuronWindow(self.f, plan.capacity, move=self._move)
+        self.wbuf = np.empty((1, 3, self.d), STORED[plan.dtype])
+        if plan.mode in ("window", "layer"):
+            self.window = NeuronWindow(self.f, plan.capacity)
         self.step = 0
-
-    def _move(self, src: int, dst: int) -> None:
-        self.wbuf[dst] = self.wbuf[src]
 
     def _view(self, buf):
         return kernel_view(buf, self.plan.dtype)
@@ -409,102 +479,132 @@ class FlashFFN:
         if mode == "resident":
             r = self._view(self.resident)
             ffn_rows(r, r, ids, x, out, mask, self.sh.h)
-        elif mode == "window":
-            self._window(ids, x, out, mask)
-        else:
-            buf = self._view(self._whole_layer())
+        elif mode == "naive":
+            buf = self._view(self._read_layer_now())
             ffn_rows(buf, buf, ids, x, out, mask, self.sh.h)
+        else:
+            self._streamed(ids, x, out, mask)
 
     def load_resident(self, reader: FlashReader) -> None:
         self.resident = np.empty((self.f, 3, self.d), STORED[self.plan.dtype])
         reader.read_into(self.offset, self.resident.reshape(-1).view(np.uint8))
 
-    def _jobs(self, buf, first: int, count: int, row: int = None):
-        row = first if row is None else row
-        mv = buf[row:row + count].reshape(-1).view(np.uint8)
-        return [(self.offset + first * self.B, mv)]
+    def load_window(self, reader: FlashReader) -> None:
+        """Fill the window with the `capacity` most frequent neurons (stored first)."""
+        c = self.plan.capacity
+        self.wbuf = np.empty((max(c, 1), 3, self.d), STORED[self.plan.dtype])
+        if c:
+            reader.read_into(self.offset, self.wbuf[:c].reshape(-1).view(np.uint8))
 
-    def _whole_layer(self):
-        """layer: this layer was prefetched during the previous layer; start the next one now.
-        naive: read it now, synchronously."""
-        sh, L = self.sh, self.plan.layers
-        st = sh.stats
+    def _read_layer_now(self):
+        """naive: read the whole layer now, synchronously, one request per MiB, as a plain
+        sequential reader would (the paper's baseline)."""
+        sh, st = self.sh, self.sh.stats
+        buf = sh.scratch[0]
         t0 = time.perf_counter()
-        before = sh.reader.bytes_read
-        if self.plan.mode == "naive":
-            buf = sh.scratch[0]
-            # one request per MiB, as a plain sequential reader would issue them
-            step = max(1, (1 << 20) // self.B)
-            for a in range(0, self.f, step):
-                c = min(step, self.f - a)
-                sh.reader.read_into(self.offset + a * self.B, buf[a:a + c].reshape(-1).view(np.uint8))
-        else:
-            k = sh.calls % 2
-            buf = sh.scratch[k]
-            pend = sh.pending[k]
-            if pend is not None:
-                sh.reader.wait(pend[1])
-            if pend is None or pend[0] != self.i:            # not prefetched (first token, cancel)
-                sh.reader.read_many(self._split(buf))
-            other = 1 - k
-            if sh.pending[other] is not None:
-                sh.reader.wait(sh.pending[other][1])
-            nxt = (self.i + 1) % L
-            sh.pending[other] = (nxt, sh.reader.submit(sh.ffns[nxt]._split(sh.scratch[other])))
-            sh.pending[k] = None
-            sh.calls += 1
+        step = max(1, (1 << 20) // self.B)
+        for a in range(0, self.f, step):
+            c = min(step, self.f - a)
+            sh.reader.read_into(self.offset + a * self.B, buf[a:a + c].reshape(-1).view(np.uint8))
+            st.reads += 1
         st.read_seconds += time.perf_counter() - t0
-        st.bytes_read += sh.reader.bytes_read - before if self.plan.mode == "naive" else self.f * self.B
+        st.bytes_read += self.f * self.B
         st.neurons_loaded += self.f
         return buf
 
-    def _split(self, buf, pieces: int = 4):
-        step = -(-self.f // pieces)
-        jobs = []
-        for a in range(0, self.f, step):
-            jobs += self._jobs(buf, a, min(step, self.f - a))
-        return jobs
+    # -- streamed reads (window and layer modes)
+    def _submit(self, ids, buf: int) -> _Read:
+        """Start reading bundles `ids` (sorted) into rows 0.. of scratch[buf], coalesced into runs
+        across holes of up to plan.gap bundles (smallest first, while the buffer has room); a long
+        run is split so every reader thread has a share."""
+        sh, st, rows = self.sh, self.sh.stats, self.plan.scratch_rows
+        runs = coalesce(ids, self.B, gap=self.plan.gap, limit=rows)
+        scratch = sh.scratch[buf]
+        arena = _arena(scratch)
+        jobs, pos, got = [], 0, []
+        for first, count, _, _ in runs:
+            piece = max(MIN_PIECE, -(-count * self.B // sh.reader.threads))
+            jobs += sh.reader.span_jobs(self.offset + first * self.B, count * self.B, arena, sh.shift + pos * self.B,
+                                        piece, spill=len(runs) == 1)
+            got.append(np.arange(first, first + count))
+            pos += count
+        st.reads += len(runs)
+        st.bytes_read += pos * self.B
+        read_ids = np.concatenate(got) if got else np.empty(0, np.int64)
+        return _Read(self.i, buf, read_ids, sh.reader.submit(jobs), time.perf_counter())
 
-    def _window(self, ids, x, out, mask):
+    def _claim(self, miss) -> tuple[_Read, np.ndarray]:
+        """The read holding this layer's missing bundles: the prefetch started during the previous
+        layer when it covers them, else a read started now. Returns it and the rows of `miss`."""
+        sh = self.sh
+        p, sh.pending = sh.pending, None
+        if p is not None and p.layer == self.i:
+            rows = np.searchsorted(p.ids, miss)
+            if len(miss) == 0 or (rows[-1] < len(p.ids) and (p.ids[rows] == miss).all()):
+                return p, rows
+        if p is not None:                    # a stale prefetch (a cancelled forward): let it land
+            sh.reader.wait(p.handle)
+        r = self._submit(miss, 0)
+        return r, np.searchsorted(r.ids, miss)
+
+    def _prefetch_next(self, buf: int) -> None:
+        """Criterion off: the next layer needs every neuron, so its misses are known now: start
+        reading them into the other buffer while this layer computes (the last layer prefetches
+        layer 0 of the next token)."""
+        if self.kind != "off" or not self.plan.prefetch:
+            return
+        nxt = self.sh.ffns[(self.i + 1) % self.plan.layers]
+        self.sh.pending = nxt._submit(nxt.window.missing(), buf)
+
+    def _streamed(self, ids, x, out, mask):
         w, sh, st = self.window, self.sh, self.sh.stats
         slots = w.slot_of[ids]
         hit = slots >= 0
-        miss_ids = ids[~hit]
-        scratch = sh.scratch[0]
-        # the missing bundles go to scratch rows 0.. in id order, read as coalesced runs
-        scratch_rows = np.arange(len(miss_ids), dtype=np.int64)
+        miss = ids[~hit]
+        read, rows = self._claim(miss)
+        self._prefetch_next(1 - read.buf)
         codes = slots.copy()
-        codes[~hit] = -1 - scratch_rows
-        jobs, pos = [], 0
-        for first, count, _, _ in coalesce(miss_ids, self.B):
-            jobs += self._jobs(scratch, first, count, pos)
-            pos += count
-        t0 = time.perf_counter()
-        handle = sh.reader.submit(jobs)
+        codes[~hit] = -1 - rows
 
         def wait():
-            sh.reader.wait(handle)
+            t0 = time.perf_counter()
+            sh.reader.wait(read.handle)
             st.read_seconds += time.perf_counter() - t0
 
-        ffn_rows(self._view(self.wbuf), self._view(scratch), codes, x, out, mask, sh.h, hit, wait)
-        st.bytes_read += len(miss_ids) * self.B
-        st.neurons_loaded += len(miss_ids)
-        # window update: neurons used now are fresh; forget those unused for k tokens; admit misses
+        ffn_rows(self._view(self.wbuf), self._view(sh.scratch[read.buf]), codes, x, out, mask, sh.h, hit, wait)
+        st.neurons_loaded += len(miss)
+        # window update: used neurons are fresh; misses take the slots of neurons unused for k tokens
         self.step += 1
         w.touch(slots[hit], self.step)
-        w.evict_older(self.step - self.plan.window + 1)
-        if len(miss_ids) and w.count < w.capacity:
-            new = w.insert(miss_ids, self.step)
-            copy_rows(scratch, scratch_rows[:len(new)], self.wbuf, new)
+        if len(miss) and self.kind != "off":
+            victims = w.victims(self.step - self.plan.window + 1, len(miss))
+            if len(victims):
+                w.replace(victims, miss[:len(victims)], self.step)   # ids ascending = most frequent first
+                copy_rows(sh.scratch[read.buf], rows[:len(victims)], self.wbuf, victims)
+
+
+def warm_up(manifest: dict) -> None:
+    """Compile (or load from the JIT cache) the bundle kernels for this pack's dtype, at both the
+    decode and the prefill paths, so no compiler runs during the first token."""
+    dt = _flash(manifest)["dtype"]
+    buf = kernel_view(np.zeros((2, 3, 8), STORED[dt]), dt)
+    codes = np.array([0, -1], np.int64)
+    x, out = np.ones((2, 8), np.float32), np.zeros((2, 8), np.float32)
+    for T in (1, MATMUL_MIN_T):
+        ffn_rows(buf, buf, codes, x[:T], out[:T], hit=np.array([True, False]))
+    copy_rows(buf, codes[:1], buf.copy(), codes[:1])
 
 
 def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = "auto", window: int = 4,
-           criterion: str = "lowrank:0.5", threads: int = 2) -> StreamingPlan:
+           criterion: str = "lowrank:0.5", threads: int = 2, gap: int | None = None,
+           prefetch: bool = True) -> StreamingPlan:
     """Give every layer of `transformer` a FlashFFN over the flash-layout bundles of `ebin_path`
     within `ffn_budget` bytes; returns the plan (with live `stats`)."""
     from .ebin import EbinFile
     cfg = transformer.cfg
-    plan = plan_streaming(manifest, cfg, ffn_budget, mode, window, criterion, threads)
+    warm_up(manifest)
+    plan = plan_streaming(manifest, cfg, ffn_budget, mode=mode, window=window, criterion=criterion, threads=threads,
+                          gap=gap, prefetch=prefetch)
     fl = _flash(manifest)
     kind, sparsity = parse_criterion(criterion)
     reader = FlashReader(ebin_path, threads=threads)
@@ -530,6 +630,8 @@ def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = 
             ffn = FlashFFN(i, entry, arrays, plan, shared, pred, gate, thr)
             if plan.mode == "resident":
                 ffn.load_resident(reader)
+            elif plan.mode == "window":
+                ffn.load_window(reader)
             ffns.append(ffn)
     shared.ffns = ffns
     for L, ffn in zip(transformer.layers, ffns):

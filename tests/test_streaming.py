@@ -14,7 +14,7 @@ from edgerun.model import Transformer, Weights
 def load(path, context=64):
     with EbinFile(path) as e:
         cfg = ModelConfig.from_dict(e.manifest["config"])
-        return Transformer(cfg, Weights.from_ebin(e, cfg), context, 16), e.manifest
+        return Transformer(cfg, Weights.from_ebin(e, cfg), context, 16, kv_dtype="f32"), e.manifest
 
 
 def logits(tf, ids, prefill):
@@ -25,10 +25,16 @@ def logits(tf, ids, prefill):
 
 
 def small_window_budget(manifest, cfg, slots, criterion="off"):
-    """An FFN budget whose window holds `slots` neurons per layer."""
-    p = streaming.plan_streaming(manifest, cfg, 1 << 40, mode="window", criterion=criterion)
-    fixed = p.total_bytes - p.resident_bytes["window buffers"]
-    return fixed + slots * p.layers * p.bundle_bytes
+    """The smallest FFN budget whose window holds `slots` neurons per layer (the plan's own sizes)."""
+    lo, hi = 0, 1 << 34
+    while lo < hi:                      # capacity grows with the budget: bisect on the plan itself
+        mid = (lo + hi) // 2
+        try:
+            ok = streaming.plan_streaming(manifest, cfg, mid, mode="window", criterion=criterion).capacity >= slots
+        except streaming.BudgetError:
+            ok = False
+        lo, hi = (lo, mid) if ok else (mid + 1, hi)
+    return lo
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,7 @@ def test_criterion_off_streams_identical_logits(tiny_packs):
         tf, man = load(flash)
         plan = streaming.attach(tf, flash, man, budget if mode == "window" else 1 << 30, mode=mode, window=2,
                                 criterion="off")
-        assert plan.mode == mode and (mode != "window" or plan.capacity == 17)
+        assert plan.mode == mode and (mode != "window" or plan.capacity >= 17)
         np.testing.assert_array_equal(logits(tf, ids, 12), resident)          # memory changes, not math
         assert plan.stats.bytes_read > 0
 
@@ -108,24 +114,81 @@ def test_smollm2_criterion_off_identical(smollm2_gguf, tmp_path):
 
 def test_window_bookkeeping_random():
     rng = np.random.default_rng(0)
-    f, cap, d = 50, 20, 3
-    buf = np.zeros((cap, d), np.int64)
-    w = streaming.NeuronWindow(f, cap, move=lambda s, t: buf.__setitem__(t, buf[s]))
+    f, cap, k = 50, 20, 3
+    buf = np.arange(cap)                                   # the "bundle" of a neuron is its id
+    w = streaming.NeuronWindow(f, cap)
+    w.check()
     for step in range(1, 300):
         used = np.sort(rng.choice(f, rng.integers(0, 15), replace=False))
         slots = w.slot_of[used]
         w.touch(slots[slots >= 0], step)
-        w.evict_older(step - 3 + 1)
-        new = w.insert(used[slots < 0], step)
-        buf[new] = used[slots < 0][:len(new), None]       # the "bundle" of a neuron is its id
+        miss = used[slots < 0]
+        assert len(miss) <= f - cap                          # the read scratch's size suffices
+        old_last = w.last.copy()
+        victims = w.victims(step - k + 1, len(miss))
+        assert (old_last[victims] < step - k + 1).all()      # only neurons unused for k tokens leave
+        w.replace(victims, miss[:len(victims)], step)
+        buf[victims] = miss[:len(victims)]
         w.check()
-        assert (buf[:w.count, 0] == w.neuron_at[:w.count]).all()   # bytes moved with their neuron
-        assert (w.last[:w.count] >= step - 2).all()                  # nothing older than the window
+        assert (buf == w.neuron_at).all()
+        assert (w.slot_of[used] >= 0).sum() == len(used) - len(miss) + len(victims)
+
+
+def test_window_victims_least_recent_then_least_frequent():
+    w = streaming.NeuronWindow(10, 4)                       # holds neurons 0..3
+    w.touch(np.array([1, 3]), 5)
+    w.touch(np.array([0]), 4)
+    assert w.victims(6, 1).tolist() == [2]                   # never used (step 0)
+    assert w.victims(6, 2).tolist() == [0, 2]                # then the least recently used
+    w.touch(np.array([0, 2]), 5)
+    assert w.victims(6, 1).tolist() == [3]                   # a tie: the least frequent (highest id)
+    assert w.victims(5, 4).tolist() == []                    # everything was used within the window
 
 
 def test_coalesce_runs():
     assert coalesce([1, 2, 3, 7, 9, 10], 10, base=100) == [(1, 3, 110, 30), (7, 1, 170, 10), (9, 2, 190, 20)]
     assert coalesce([], 10) == []
+    assert coalesce([1, 2, 3, 7, 9, 10], 10, gap=1) == [(1, 3, 10, 30), (7, 4, 70, 40)]
+    assert coalesce([1, 2, 3, 7, 9, 10], 10, gap=3) == [(1, 10, 10, 100)]
+    # at most `limit` units in all: the smallest holes are filled first
+    assert coalesce([1, 2, 3, 7, 9, 10], 10, gap=3, limit=8) == [(1, 3, 10, 30), (7, 4, 70, 40)]
+    assert coalesce([1, 2, 3, 7, 9, 10], 10, gap=3, limit=6) == coalesce([1, 2, 3, 7, 9, 10], 10)
+
+
+def test_span_jobs_read_pages_straight_into_the_arena(tmp_path):
+    from edgerun.flashio import ALIGN, aligned_array
+    data = np.random.default_rng(2).integers(0, 256, 50 * ALIGN + 77, dtype=np.uint8).tobytes()
+    p = tmp_path / "blob"
+    p.write_bytes(data)
+    with FlashReader(p, threads=2) as r:
+        for offset, n, pos, spill in [(5000, 3 * ALIGN + 10, 5000 % ALIGN, True),     # congruent: direct
+                                      (5000, 3 * ALIGN + 10, 100, True),              # not: bounced
+                                      (5000, 3 * ALIGN + 10, 5000 % ALIGN, False),
+                                      (len(data) - 3000, 3000, (len(data) - 3000) % ALIGN, True)]:   # file end
+            arena = aligned_array((6 * ALIGN,), np.uint8)
+            arena[:] = 7
+            jobs = r.span_jobs(offset, n, arena, pos, piece=ALIGN, spill=spill)
+            assert len(jobs) > 1                                # pieces for both threads
+            r.read_many(jobs)
+            assert arena[pos:pos + n].tobytes() == data[offset:offset + n]
+            direct = spill and (pos - offset) % ALIGN == 0
+            outside = np.r_[arena[:pos - offset % ALIGN], arena[pos + n + ALIGN:]] if direct else \
+                np.r_[arena[:pos], arena[pos + n:]]
+            assert (outside == 7).all()                         # nothing written beyond the slack
+
+
+def test_prefetch_of_a_cancelled_forward_is_discarded(tiny_packs):
+    _, flash, _ = tiny_packs
+    ids = list(range(3, 20))
+    tf, man = load(flash)
+    streaming.attach(tf, flash, man, 1 << 30, criterion="off")
+    resident = logits(tf, ids, 8)
+    tf, man = load(flash)
+    plan = streaming.attach(tf, flash, man, small_window_budget(man, tf.cfg, 20), mode="window", criterion="off")
+    x, out = np.ones((1, tf.cfg.hidden_size), np.float32), np.empty((1, tf.cfg.hidden_size), np.float32)
+    tf.layers[0].ffn(x, out)                   # a forward stopped after layer 0: layer 1's read in flight
+    assert plan.reader is not None
+    np.testing.assert_array_equal(logits(tf, ids, 8), resident)
 
 
 def test_direct_reader_matches_plain_read(tmp_path):
