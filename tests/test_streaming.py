@@ -209,3 +209,21 @@ def test_direct_reader_matches_plain_read(tmp_path):
         out = bytearray(999)
         r.read_into(4001, out)
         assert bytes(out) == data[4001:5000]
+
+
+def test_info_minimum_includes_the_streaming_buffers(tiny_packs):
+    import re
+
+    from click.testing import CliRunner
+
+    import edgerun
+    from edgerun.cli import main
+    _, flash, _ = tiny_packs
+    out = CliRunner().invoke(main, ["info", str(flash), "-c", "64"]).output
+    minimum = int(re.search(r"minimum --ram (\d+)MiB", out).group(1)) * 2**20
+    with EbinFile(flash) as e:
+        least = streaming.minimum_plan(e.manifest, ModelConfig.from_dict(e.manifest["config"]))
+    assert "\n".join(least.lines()) in out                                    # the least streaming plan, listed
+    with edgerun.load(flash, ram=minimum + (8 << 20), context=64) as m:    # + the RSS measurement's noise
+        assert m.stream_plan.mode in ("window", "resident")
+        assert m.generate("a", max_tokens=2, temperature=0) is not None
