@@ -11,6 +11,7 @@ the work is large enough to pay the ~10 µs cost of a 2-thread `prange` region (
 from __future__ import annotations
 
 import math
+import sys
 
 import numba
 import numpy as np
@@ -19,6 +20,24 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .errors import UnsupportedModelError
+
+
+def _import_numba_array_math_without_scipy() -> None:
+    """Numba's array math module, imported at the first compile, imports scipy.linalg when SciPy
+    is installed only to learn whether np.inner may call BLAS; that pulls in numpy.testing,
+    numpy.f2py and every text codec: 16 MiB of RSS and 0.16 s of start-up (measured). No edgerun
+    kernel calls BLAS, so the module is hidden for that one import (np.inner then uses Numba's
+    own loop; np.dot and np.linalg still find SciPy when a kernel uses them)."""
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg.cython_blas" in sys.modules:
+        return
+    sys.modules["scipy.linalg.cython_blas"] = None          # makes `import` raise ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg.cython_blas"]
+
+
+_import_numba_array_math_without_scipy()
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
