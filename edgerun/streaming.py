@@ -424,7 +424,6 @@ class _Read:
     buf: int
     ids: np.ndarray
     handle: list
-    t0: float
 
 
 class FlashFFN:
@@ -531,7 +530,7 @@ class FlashFFN:
         st.reads += len(runs)
         st.bytes_read += pos * self.B
         read_ids = np.concatenate(got) if got else np.empty(0, np.int64)
-        return _Read(self.i, buf, read_ids, sh.reader.submit(jobs), time.perf_counter())
+        return _Read(self.i, buf, read_ids, sh.reader.submit(jobs))
 
     def _claim(self, miss) -> tuple[_Read, np.ndarray]:
         """The read holding this layer's missing bundles: the prefetch started during the previous
