@@ -371,8 +371,9 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
     fixed.update(_buffers(mode, L, f, B, capacity))
     need = sum(fixed.values())
     if ffn_budget < need:
-        raise BudgetError(f"streaming the FFN ({mode}) needs at least {need / 2**20:.1f} MiB, "
-                          f"its budget is {ffn_budget / 2**20:.1f} MiB: raise --ram")
+        short = -(-(need - ffn_budget) // 2**20)
+        raise BudgetError(f"streaming the FFN ({mode}) needs at least {need / 2**20:.1f} MiB, {short} MiB more than "
+                          f"--ram leaves for it: raise --ram by {short} MiB (`edgerun info` prints the minimum)")
     missing = f - capacity if kind == "off" else min(f - capacity, math.ceil((1 - sparsity) * f))
     per_token = L * (f if mode != "window" else missing) * B
     return StreamingPlan(mode, criterion, window, capacity, L, f, B, fl["dtype"], fixed, per_token,
