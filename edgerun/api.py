@@ -80,6 +80,9 @@ def warm_up_kernels(manifest: dict) -> None:
             w.matmul(x[:2], out[:2])            # a few tokens: matvec loop
             w.matmul(x, out)                    # a prefill chunk: the batched kernel
             w.row(0, x[0])
+    if "flash" in manifest:
+        from . import streaming
+        streaming.warm_up(manifest)
     # the ops every layer runs, at a decode (T=1) and a prefill shape; the parallel attention
     # is chosen for long prefills when threads > 1
     H, D = 8, 64
@@ -387,6 +390,8 @@ class Model:
         self._closed.set()
         self._turns.wait_idle()
         t, self._transformer, self._generator = self._transformer, None, None
+        if getattr(self.stream_plan, "reader", None) is not None:
+            self.stream_plan.reader.close()         # its thread pool and file descriptor
         if t is not None:
             # a stream the caller left open still references the transformer: empty it so the
             # arrays are freed now (that stream ends at its next step: the closed flag is set)

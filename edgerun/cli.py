@@ -251,41 +251,8 @@ def cancel_on_sigint(m):
               help="Context length to size the memory estimate for.")
 def info(model, context):
     """Describe MODEL: architecture, size, bits per weight, template, memory at -c."""
-    from unittest import mock
-
-    from . import api, streaming
-    from .ebin import EbinFile
     from .info import describe
-    from .memory import fmt
-    path = resolve_model(model)
-    with EbinFile(path) as f:
-        flash = f.manifest.get("flash")
-    if not flash:
-        click.echo(describe(path, context))
-        return
-    # A flash pack's FFN bundles are not in `tensors`: the minimum needs the smallest streaming
-    # plan on top (as loading adds its streaming plan to the memory plan). describe() takes the
-    # plan from api.plan_memory, so it gets the streamed FFN's part added there.
-    least = {}
-
-    def with_streaming(ebin, cfg, ctx, budget):
-        plan = plan_memory(ebin, cfg, ctx, budget)
-        least["ffn"] = streaming.minimum_plan(ebin.manifest, cfg)
-        least["resident"] = streaming.plan_streaming(ebin.manifest, cfg, 1 << 62, "resident", criterion="off")
-        least["plan"] = plan
-        plan.weights += least["ffn"].total_bytes
-        return plan
-
-    plan_memory = api.plan_memory
-    with mock.patch.object(api, "plan_memory", with_streaming):
-        text = describe(path, context)
-    ffn, resident, plan = least["ffn"], least["resident"], least["plan"]
-    everything = plan.total - ffn.total_bytes + resident.total_bytes
-    click.echo(text)
-    click.echo(f"feed-forward  {ffn.layers} layers x {ffn.neurons} neurons, {fmt(ffn.layers * ffn.neurons * ffn.bundle_bytes)} "
-               f"of {ffn.dtype} bundles (--layout flash); resident from --ram {-(-everything // 2**20)}MiB, else streamed; "
-               f"the weights above include the least streaming needs:")
-    click.echo("\n".join(ffn.lines()))
+    click.echo(describe(resolve_model(model), context))
 
 
 @main.command(name="eval")

@@ -67,6 +67,19 @@ def describe(path, context=None) -> str:
                          f"{fmt(order.weight_bytes(order.total))}; size/quality (calibration perplexity):")
             for size, ppl in stack.get("curve") or []:
                 lines.append(f"  {fmt(size):>12}  {ppl:10.2f}")
+        if man.get("flash"):
+            # the FFN bundles are not in `tensors`: the minimum adds the smallest streaming plan,
+            # as loading adds its streaming plan to the memory plan
+            from . import streaming
+            least = streaming.minimum_plan(man, cfg)
+            resident = streaming.plan_streaming(man, cfg, 1 << 62, "resident", criterion="off")
+            plan.weights += least.total_bytes
+            resident_from = plan.total - least.total_bytes + resident.total_bytes
+            lines.append(f"feed-forward  {least.layers} layers x {least.neurons} neurons, "
+                         f"{fmt(least.layers * least.neurons * least.bundle_bytes)} of {least.dtype} bundles "
+                         f"(--layout flash): resident from --ram {mib_ceil(resident_from)}, else streamed; "
+                         "the least streaming needs (in the weights below):")
+            lines += least.lines()
         lines.append(f"memory at context {context} (minimum --ram {mib_ceil(plan.total)}):")
         lines += plan.lines()[:-1]
         return "\n".join(lines)
