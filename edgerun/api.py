@@ -202,7 +202,7 @@ class Model:
             if self.stream_plan is not None:
                 self.stream_plan = streaming.attach(self._transformer, self.path, manifest, ffn_budget, **stream_args)
             self.device = self._place(device, gpu_layers, vram, manifest, log, verbose)
-            del manifest
+            del manifest, ebin          # the parsed manifest (the tokenizer JSON is ~2 MB of it)
             release_free_memory()
             report(1.0)
         except Cancelled as e:
