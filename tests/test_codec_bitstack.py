@@ -3,8 +3,8 @@ kernels vs decode(parts) @ x, block prefixes, importance and the level-wise glob
 import numpy as np
 import pytest
 
-from edgerun.codecs import get_codec
 from edgerun import kernels
+from edgerun.codecs import get_codec
 from edgerun.codecs.bitstack import (BitStackCodec, _block_views, activation_scale, block_importance, block_layout,
                                      deinterleave_block, interleave_block, order_blocks)
 from edgerun.errors import EdgerunError
