@@ -12,7 +12,13 @@ times BitStackCodec.encode per shape (16 blocks at --rank).
     python tools/bench_bitstack.py --quality [--gguf PATH] [--layer 5]
 
 instead prints the weight error ‖W − Ŵ‖/‖W‖ of real SmolLM2 matrices at equal bits/weight for
-several ranks and overshoots (formats/codec-bitstack.md, "Choosing rank and overshoot").
+several ranks and overshoots (formats/codec-bitstack.md, "Choosing rank, overshoot and signs").
+
+    python tools/bench_bitstack.py --curve model.ebin [--bpw 4.5,5.14,6] [--chunks 8]
+
+instead measures the size/quality curve of a BitStack pack: `m.resize(weights=bpw x parameters / 8)`
+then perplexity on tools/data/wikitext2_heldout.txt under `edgerun eval`'s protocol (windows of
+512, the first --chunks of them) — the numbers tools/QUALITY.md gives for fixed-size packs.
 """
 from __future__ import annotations
 
@@ -58,6 +64,26 @@ def quality(gguf: str, layer: int) -> None:
                           f"3/4.5/6/8 bits/weight " + " ".join(f"{e:.3f}" for e in at), flush=True)
 
 
+def curve(path: str, bpws: list[float], chunks: int, threads: int) -> None:
+    """Perplexity of a BitStack pack resized to each bits/weight (whole-model weight bytes)."""
+    import math
+    from pathlib import Path
+
+    import edgerun
+    from edgerun.evaluate import perplexity, windows
+    text = (Path(__file__).parent / "data" / "wikitext2_heldout.txt").read_text(encoding="utf-8")
+    with edgerun.load(path, ram="64GB", context=512, threads=threads) as m:
+        params = sum(math.prod(e["shape"]) for name, e in m.manifest["tensors"].items()
+                     if name != "lm_head.weight" or not m.config.tie_word_embeddings)
+        token_windows = windows(m.tokenizer, text, 512, chunks)
+        for bpw in bpws:
+            wb = m.resize(weights=int(bpw * params / 8))
+            t = time.perf_counter()
+            r = perplexity(m.logits, token_windows)
+            print(f"{Path(path).name}: {wb * 8 / params:.3f} bits/weight ({wb} bytes of weights, "
+                  f"{m.blocks[0]}/{m.blocks[1]} blocks): {r} [{time.perf_counter() - t:.0f} s]", flush=True)
+
+
 def time_calls(fn, reps: int) -> float:
     fn()
     best = float("inf")
@@ -79,7 +105,12 @@ def main():
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--layer", type=int, default=5)
+    ap.add_argument("--curve", metavar="EBIN", default=None)
+    ap.add_argument("--bpw", default="4.5,5.14,6")
+    ap.add_argument("--chunks", type=int, default=8)
     a = ap.parse_args()
+    if a.curve:
+        return curve(a.curve, [float(b) for b in a.bpw.split(",")], a.chunks, int(a.threads.split(",")[-1]))
     if a.quality:
         from edgerun.default_model import default_gguf
         return quality(a.gguf or str(default_gguf()), a.layer)
