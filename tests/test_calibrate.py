@@ -37,7 +37,7 @@ def test_calibrated_path_with_lossless_codec_equals_plain_pack(tiny_dir, tmp_pat
 
             def recording_store(name, w, hessian):
                 seen[name] = hessian
-                return store(name, w)
+                return store(name, w, hessian)      # dense takes (and ignores) it, as in a recipe
 
             calibrate_and_store(source, cfg, seqs, recording_store)
             from edgerun.ebin import EbinFile

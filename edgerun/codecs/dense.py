@@ -430,8 +430,9 @@ class DenseCodec:
     name = "dense"
 
     @staticmethod
-    def encode(w: np.ndarray, params: dict) -> dict[str, np.ndarray]:
-        """float32 (d, n) or (n,) -> {"weight": float32 | uint16 bits} of the same shape."""
+    def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """float32 (d, n) or (n,) -> {"weight": float32 | uint16 bits} of the same shape
+        (`hessian`, the calibration statistics other codecs use, changes nothing here)."""
         dt = _dtype(params)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if dt == "f32":

@@ -168,7 +168,7 @@ class TensorStore:
         group = tensor_group(name, w.ndim)
         rule = self.recipe[group]
         codec = get_codec(rule["codec"])
-        parts = codec.encode(w, rule["params"]) if hessian is None else codec.encode(w, rule["params"], hessian=hessian)
+        parts = codec.encode(w, rule["params"], hessian=hessian)
         entry = {"codec": rule["codec"], "params": rule["params"], "shape": list(w.shape),
                  "parts": {p: array_name(name, p) for p in parts}}
         for part, arr in parts.items():
