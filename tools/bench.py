@@ -72,7 +72,9 @@ def _worker_edgerun(args) -> dict:
     import edgerun
     import numba
     t_load = time.perf_counter()
-    m = edgerun.load(args.model, threads=args.threads)
+    m = edgerun.load(args.model, threads=args.threads, context=args.context)
+    if args.bits:                       # a BitStack pack, shrunk to this many bits per weight
+        m.resize(weights=int(args.bits * m.config.parameter_count / 8))
     load_s = time.perf_counter() - t_load
     ids = m.tokenizer.encode(PROMPT_TEXT)[:PROMPT_TOKENS]
     m.stop_ids = []                                     # ignore EOS: decode exactly GEN_TOKENS
@@ -88,7 +90,8 @@ def _worker_edgerun(args) -> dict:
         runs.append({"prompt_tokens": s.prompt_tokens, "prompt_tps": s.prompt_tps, "ttft": s.first_token_seconds,
                      "decode_steps": s.decode_steps, "decode_tps": s.generate_tps, "generated": out})
     return {"import_s": t_load - t_import, "load_s": load_s, "first_wall": first_wall, "ids": ids, "runs": runs,
-            "first_token_only": args.first_token_only, "numba": numba.__version__, "threads": numba.get_num_threads()}
+            "first_token_only": args.first_token_only, "numba": numba.__version__, "threads": numba.get_num_threads(),
+            "bits_per_weight": m.weight_bytes * 8 / m.config.parameter_count}
 
 
 def _worker_llama(args) -> dict:
@@ -296,10 +299,14 @@ def run(args) -> None:
             packs.append(pk)
             print(f"packed {path}: {pk['seconds']:.1f} s, peak RSS {pk['peak_rss_mib']:.0f} MiB", file=sys.stderr)
         engines.append((f"edgerun {dtype}", "edgerun", path, "warm"))
+    bits = {}                             # BitStack engines resized to these bits/weight
     for spec in args.ebin or []:          # other packs of the same model, e.g. spqr:4=/tmp/q4.ebin
         label, _, path = spec.partition("=")
+        path, at, bpw = path.rpartition("@") if "@" in path else (path, "", "")
         if not Path(path).exists():
             raise SystemExit(f"--ebin {spec}: no such file")
+        if at:
+            bits[f"edgerun {label}"] = ["--bits", bpw]
         engines.append((f"edgerun {label}", "edgerun", Path(path), "warm"))
     engines.append(("llama.cpp Q4_1", "llama", gguf, None))
     if not args.no_cold:
@@ -310,7 +317,7 @@ def run(args) -> None:
     print(f"priming the Numba cache {warm_cache} ...", file=sys.stderr)
     for name, worker, path, mode in engines:
         if mode == "warm":
-            spawn(worker, path, args, {"NUMBA_CACHE_DIR": str(warm_cache)})
+            spawn(worker, path, args, {"NUMBA_CACHE_DIR": str(warm_cache)}, bits.get(name, []))
     results = {e[0]: [] for e in engines}
     loads = []
     try:
@@ -323,7 +330,7 @@ def run(args) -> None:
                 elif mode == "cold":
                     env["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgerun-bench-cold-")
                 loads.append(os.getloadavg()[0])
-                r = spawn(worker, path, args, env, ["--first-token-only"] if mode == "cold" else [])
+                r = spawn(worker, path, args, env, ["--first-token-only"] if mode == "cold" else bits.get(name, []))
                 if mode == "cold":
                     shutil.rmtree(env["NUMBA_CACHE_DIR"], ignore_errors=True)
                 results[name].append(r)
@@ -335,6 +342,10 @@ def run(args) -> None:
     finally:
         shutil.rmtree(warm_cache, ignore_errors=True)
     notes = check_parity(results)
+    for name in bits:
+        held = results[name][0]["bits_per_weight"]
+        notes.append(f"{name}: BitStack resized after loading to {held:.2f} bits/weight (its peak RSS includes "
+                     "the full load)")
     table = summarize(results)
     end = machine()
     if end["git"] != info["git"] or end["edgerun_dirty"]:
@@ -408,8 +419,10 @@ def main(argv=None) -> None:
                    help="where the packed .ebin files are kept (default: %(default)s)")
     p.add_argument("--repack", action="store_true", help="pack the .ebin files again (and report pack time / RSS)")
     p.add_argument("--f32", action="store_true", help="also benchmark an f32 .ebin")
-    p.add_argument("--ebin", action="append", metavar="LABEL=PATH",
-                   help="also benchmark this .ebin of the same model (repeatable), e.g. spqr:4=q4.ebin")
+    p.add_argument("--ebin", action="append", metavar="LABEL=PATH[@BITS]",
+                   help="also benchmark this .ebin of the same model (repeatable), e.g. spqr:4=q4.ebin; "
+                        "@BITS resizes a BitStack pack to BITS bits/weight after loading (its peak RSS "
+                        "then includes the full load), e.g. bitstack=bs.ebin@5.14")
     p.add_argument("-t", "--threads", type=int, default=2, help="threads for both engines (default: %(default)s)")
     p.add_argument("-c", "--context", type=int, default=2048, help="context length for both (default: %(default)s)")
     p.add_argument("-r", "--reps", type=int, default=5, help="interleaved repetitions (default: %(default)s)")
@@ -425,6 +438,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--first-token-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bits", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         fn = {"edgerun": _worker_edgerun, "llama": _worker_llama, "pack": _worker_pack}[args.worker]
