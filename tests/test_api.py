@@ -55,6 +55,8 @@ def test_errors_are_exceptions(tiny_ebin, tmp_path):
         edgerun.load(bad)
     with pytest.raises(edgerun.BudgetError, match="minimum|need"):
         edgerun.load(tiny_ebin, ram="1MB")
+    with pytest.raises(edgerun.EdgerunError, match="kv_dtype must be one of f16, f32"):
+        edgerun.load(tiny_ebin, kv_dtype="int8")
     # the library never exits the process; only the CLI turns errors into exit codes
     src = Path(edgerun.__file__).parent
     offenders = [p.name for p in src.rglob("*.py") if p.name != "cli.py" and re.search(r"sys\.exit\(|os\._exit\(", p.read_text())]
