@@ -21,7 +21,7 @@ import numpy as np
 from edgerun import kernels
 from edgerun.codecs import dense, get_codec
 
-from benchlib import TOKEN_SHAPES, median_time, token_of_matvecs  # tools/benchlib.py
+from benchlib import TOKEN_SHAPES, matvec_over_copies, median_time, token_of_matvecs  # tools/benchlib.py
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 
@@ -44,12 +44,7 @@ def bench_matvec(dtypes, threads_list, reps, rng):
             out = np.empty(shape[0], np.float32)
             for th in threads_list:
                 kernels.set_threads(th)
-                it = iter(range(1 << 62))
-                lins[0].matvec(x, out)
-
-                def run():
-                    lins[next(it) % len(lins)].matvec(x, out)
-                t = median_time(run, max(reps, len(lins)))
+                t = matvec_over_copies(lins, x, out, reps)
                 print(f"{str(shape):>12} {dt:>5} {th:>3} {t*1e6:9.1f} {lins[0].nbytes/t/1e9:7.1f}")
 
 

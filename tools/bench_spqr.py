@@ -20,7 +20,7 @@ from edgerun import kernels
 from edgerun.codecs.dense import DenseCodec
 from edgerun.codecs.spqr import SpQRCodec
 
-from benchlib import LM_HEAD, TOKEN_SHAPES, median_time, token_of_matvecs  # tools/benchlib.py
+from benchlib import LM_HEAD, TOKEN_SHAPES, matvec_over_copies, median_time, token_of_matvecs  # tools/benchlib.py
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 
@@ -67,12 +67,7 @@ def bench_matvec(bits_list, threads_list, reps, rng):
             out = np.empty(shape[0], np.float32)
             for th in threads_list:
                 kernels.set_threads(th)
-                it = iter(range(1 << 62))
-                lins[0].matvec(x, out)
-
-                def run():
-                    lins[next(it) % len(lins)].matvec(x, out)
-                t = median_time(run, max(reps, len(lins)))
+                t = matvec_over_copies(lins, x, out, reps)
                 print(f"{str(shape):>12} {bits:>4} {th:>3} {t*1e6:8.1f} {one.nbytes/t/1e9:6.1f} "
                       f"{t*1e9/(shape[0]*shape[1]):6.3f}")
 

@@ -33,3 +33,14 @@ def token_of_matvecs(lins, rng):
         for lin in lins:
             lin.matvec(xs[lin.shape[1]], outs[lin.shape[0]])
     return run, sum(lin.nbytes for lin in lins)
+
+
+def matvec_over_copies(lins, x, out, reps: int) -> float:
+    """Median seconds of one matvec, cycling through `lins` (copies of one matrix, together larger
+    than the caches) so the weights stream from DRAM as in a real token."""
+    it = iter(range(1 << 62))
+    lins[0].matvec(x, out)
+
+    def run():
+        lins[next(it) % len(lins)].matvec(x, out)
+    return median_time(run, max(reps, len(lins)))
