@@ -438,6 +438,7 @@ class FlashFFN:
         self.d = info.shape[2]
         self.B = plan.bundle_bytes
         self.kind, self.sparsity = parse_criterion(plan.criterion)
+        self.all_ids = np.arange(self.f, dtype=np.int64)      # criterion off: every neuron, every token
         self.predictor, self.gate, self.thr = predictor, gate, thresholds
         self.resident = None
         self.window = None
@@ -453,7 +454,7 @@ class FlashFFN:
     def select(self, x):
         """(union of active neuron ids sorted, mask (T, n) over the union or None)."""
         if self.kind == "off":
-            return np.arange(self.f, dtype=np.int64), None
+            return self.all_ids, None
         T = x.shape[0]
         g = np.empty((T, self.f), np.float32)
         if self.kind == "gate":
@@ -585,7 +586,8 @@ class FlashFFN:
 
 def warm_up(manifest: dict) -> None:
     """Compile (or load from the JIT cache) the bundle kernels for this pack's dtype, at both the
-    decode and the prefill paths, so no compiler runs during the first token."""
+    decode and the prefill paths, so no compiler runs during the first token (called with the
+    other kernels' warm-up, before the runtime's memory is measured: api.warm_up_kernels)."""
     dt = _flash(manifest)["dtype"]
     buf = kernel_view(np.zeros((2, 3, 8), STORED[dt]), dt)
     codes = np.array([0, -1], np.int64)
@@ -602,7 +604,6 @@ def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = 
     within `ffn_budget` bytes; returns the plan (with live `stats`)."""
     from .ebin import EbinFile
     cfg = transformer.cfg
-    warm_up(manifest)
     plan = plan_streaming(manifest, cfg, ffn_budget, mode=mode, window=window, criterion=criterion, threads=threads,
                           gap=gap, prefetch=prefetch)
     fl = _flash(manifest)
