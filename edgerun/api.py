@@ -390,7 +390,7 @@ class Model:
         self._closed.set()
         self._turns.wait_idle()
         t, self._transformer, self._generator = self._transformer, None, None
-        if getattr(self.stream_plan, "reader", None) is not None:
+        if self.stream_plan is not None and self.stream_plan.reader is not None:
             self.stream_plan.reader.close()         # its thread pool and file descriptor
         if t is not None:
             # a stream the caller left open still references the transformer: empty it so the

@@ -277,6 +277,7 @@ class StreamingPlan:
     gap: int = 0               # coalescing: missing ids at most this many bundles apart are one read
     prefetch: bool = True      # criterion off: read layer l+1's misses while layer l computes
     stats: FlashStats = field(default_factory=FlashStats)
+    reader: FlashReader | None = None      # set by `attach`: the open file the bundles stream from
 
     @property
     def total_bytes(self) -> int:
