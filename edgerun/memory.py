@@ -10,6 +10,7 @@ import ctypes
 import mmap
 import re
 import resource
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,23 @@ def lazy_zeros(shape: tuple, dtype=np.float32) -> np.ndarray:
     count = int(np.prod(shape))
     buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE)
     return np.frombuffer(buf, dtype, count=count).reshape(shape)
+
+
+_scratch = threading.local()
+
+
+def thread_scratch(name: str, shape, align: int = 64) -> np.ndarray:
+    """A float32 work buffer for kernels, one per Python thread and `name`, grown on demand and
+    reused by every matrix (never allocated per call); 64-byte aligned so a 16-float table is
+    one cache line. Two buffers in use at once need two names."""
+    size = int(np.prod(shape))
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.size < size:
+        raw = np.empty(size + align // 4, np.float32)
+        off = (-raw.ctypes.data % align) // 4
+        buf = raw[off:off + size]
+        setattr(_scratch, name, buf)
+    return buf[:size].reshape(shape)
 
 
 def release_free_memory() -> None:

@@ -18,8 +18,6 @@ vs one table walk per token).
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -28,6 +26,7 @@ from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
 from ..kernels import get_threads
+from ..memory import thread_scratch
 from .llvm_ir import inverse_cholesky
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
@@ -411,21 +410,6 @@ def deinterleave_block(sig: np.ndarray, ut: np.ndarray, vf: np.ndarray, d: int, 
     return signs, _f16(ut[:, :d].T), _f16(vf[:n])
 
 
-# Scratch shared by every BitStackLinear of a Python thread, grown on demand: the per-token
-# tables (one block at a time) and the matmul tiles, so scratch is per process, not per matrix.
-_tls = threading.local()
-
-
-def _scratch(name: str, size: int, align: int = 64) -> np.ndarray:
-    buf = getattr(_tls, name, None)
-    if buf is None or buf.size < size:
-        raw = np.empty(size + align // 4, np.float32)
-        off = (-raw.ctypes.data % align) // 4      # 64-byte aligned: one table = one line
-        buf = raw[off: off + size]
-        setattr(_tls, name, buf)
-    return buf[:size]
-
-
 def table_floats(n: int, rank: int) -> int:
     """float32 count of one block's per-token tables: 2·ceil(n/8) chunks x rank x 16 patterns."""
     return 2 * ((n + 7) // 8) * rank * 16
@@ -501,7 +485,7 @@ class BitStackLinear:
         if not m:
             out[:] = 0.0
             return
-        tab = _scratch("tab", m * self._per)
+        tab = thread_scratch("bitstack.tab", m * self._per)
         y = out if self.dp == self.d else self._y
         threads = get_threads()
         if threads > 1 and self._big:
@@ -521,8 +505,8 @@ class BitStackLinear:
             return
         d, n = self.shape
         Z = X * self.inv_scale
-        P = _scratch("P", TILE_ROWS * n).reshape(TILE_ROWS, n)
-        W = _scratch("W", TILE_ROWS * n).reshape(TILE_ROWS, n)
+        P = thread_scratch("bitstack.P", (TILE_ROWS, n))
+        W = thread_scratch("bitstack.W", (TILE_ROWS, n))
         for r0 in range(0, d, TILE_ROWS):
             r1 = min(d, r0 + TILE_ROWS)
             R = r1 - r0

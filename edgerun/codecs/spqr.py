@@ -17,7 +17,6 @@ leave-one-out criterion, outliers chosen column by column inside the pass), vect
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 from llvmlite import ir
@@ -27,6 +26,7 @@ from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
 from ..kernels import f16_to_f32, get_threads
+from ..memory import thread_scratch
 from .dense import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
 from .llvm_ir import array_data as _data, hsum16 as _hsum, inverse_cholesky as _inverse_cholesky, switch_on_bits
 
@@ -604,19 +604,6 @@ def _row_out(perm, tmp, G, out):
         out[perm[j]] = tmp[(j & 15) * G + (j >> 4)]
 
 
-_tls = threading.local()
-
-
-def _buf(name: str, shape: tuple) -> np.ndarray:
-    """A per-Python-thread float32 scratch buffer, grown on demand and shared by every SpQRLinear."""
-    size = int(np.prod(shape))
-    buf = getattr(_tls, name, None)
-    if buf is None or buf.size < size:
-        buf = np.empty(size, np.float32)
-        setattr(_tls, name, buf)
-    return buf[:size].reshape(shape)
-
-
 class SpQRLinear:
     """A loaded SpQR weight W (d, n): matvec / matmul / row straight from the stored parts."""
 
@@ -668,11 +655,11 @@ class SpQRLinear:
             for t in range(T):
                 self.matvec(X[t], out[t])
             return
-        Xp = _buf("xp", (T, self.n_pad))
+        Xp = thread_scratch("spqr.xp", (T, self.n_pad))
         _prep_X(X, self.perm, self.G, Xp)
         threads = get_threads()
         nb = threads if threads > 1 and self.shape[0] >= 4 * TILE_ROWS else 1
-        tiles = _buf("tiles", (nb, TILE_ROWS, self.n_pad))
+        tiles = thread_scratch("spqr.tiles", (nb, TILE_ROWS, self.n_pad))
         sf = self._scratch(nb)
         if nb > 1:
             _mm_par(*self._args(), Xp, out, tiles, sf)
