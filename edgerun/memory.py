@@ -66,14 +66,52 @@ def thread_scratch(name: str, shape, align: int = 64) -> np.ndarray:
 
 
 def release_free_memory() -> None:
-    """Give freed heap memory back to the OS. glibc raises its mmap threshold after big frees
-    (up to 32 MiB), so many weight arrays live in the heap and stay resident after being freed
-    until malloc_trim (measured: ~200 MiB of SmolLM2's 257 MiB without it); the tokenizer's JSON
-    parse leaves ~25 MiB the same way."""
+    """Give memory we no longer use back to the OS: freed heap, and the compiler's code.
+
+    glibc raises its mmap threshold after big frees (up to 32 MiB), so many weight arrays live in
+    the heap and stay resident after being freed until malloc_trim (measured: ~200 MiB of
+    SmolLM2's 257 MiB without it); the tokenizer's JSON parse leaves ~25 MiB the same way."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass    # not glibc: nothing to do (or nothing we can do)
+    release_compiler_code()
+
+
+_MADV_DONTNEED = 4
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) .*?(\S*)$")
+
+
+def release_compiler_code(library: str = "libllvmlite") -> int:
+    """Unmap LLVM's resident code pages; returns the bytes released (0 where unsupported).
+
+    LLVM runs only while Numba compiles a kernel or links one from its cache, but the pages it
+    touched doing so (~65 MiB of libllvmlite.so) stay in our RSS for good. They are clean pages
+    of a file: madvise(DONTNEED) drops them from this process (the page cache keeps the file) and
+    a later compile faults back in what it uses. Only mappings without private (copy-on-write)
+    pages are touched: dropping those would lose the loader's relocations."""
+    try:
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0    # not Linux
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    mapping = None
+    for line in text.splitlines():
+        head = _MAPPING.match(line)
+        if head:
+            start, end, perms, path = head.groups()
+            mapping = (int(start, 16), int(end, 16)) if library in path and "w" not in perms else None
+            rss = 0
+        elif mapping and line.startswith("Rss:"):
+            rss = int(line.split()[1]) * 1024
+        elif mapping and line.startswith("Anonymous:"):
+            if rss and line.split()[1] == "0" and madvise(mapping[0], mapping[1] - mapping[0], _MADV_DONTNEED) == 0:
+                released += rss
+            mapping = None
+    return released
 
 
 def fmt(n: int) -> str:

@@ -57,3 +57,27 @@ def test_cpu_detection_does_not_import_numba_cuda():
     out = _fresh_python("import sys\nfrom edgerun.cuda import resolve_device\n"
                         "print(resolve_device('auto')[0], 'numba.cuda' in sys.modules)\n")
     assert out.split() == ["cpu", "False"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_compiler_code_released_after_kernels_are_ready():
+    # LLVM's code (~65 MiB of libllvmlite.so touched by compiling or linking cached kernels) is
+    # dropped from our RSS once the kernels are ready; a later compile still works
+    out = _fresh_python(
+        "import numpy as np, numba, edgerun.kernels as k\n"
+        "from edgerun.memory import release_free_memory\n"
+        "def llvm_rss():\n"
+        "    total, ours = 0, False\n"
+        "    for line in open('/proc/self/smaps'):\n"
+        "        if line[:1] in '0123456789abcdef' and '-' in line.split()[0]: ours = 'libllvmlite' in line\n"
+        "        elif ours and line.startswith('Rss:'): total += int(line.split()[1])\n"
+        "    return total // 1024\n"
+        "x = np.ones((2, 4), np.float32)\n"
+        "k.rmsnorm_rows(x, np.ones(4, np.float32), 1e-5, x)\n"
+        "before = llvm_rss()\n"
+        "release_free_memory()\n"
+        "after = llvm_rss()\n"
+        "print(before, after, numba.njit(lambda v: v * 2 + 1)(3))\n")
+    before, after, result = map(int, out.split())
+    assert before > 20 and after < 8, f"libllvmlite resident: {before} MiB before, {after} MiB after"
+    assert result == 7
