@@ -290,20 +290,35 @@ def decode(parts: dict, params: dict | None = None) -> np.ndarray:
 # --- kernels -------------------------------------------------------------------------------
 # Codes are stored in chunks of 16 groups, one byte per group in each of 2·bits byte sections
 # (formats/codec-spqr.md). A vector lane is a group: one <16 x i8> load of a section widens to
-# the codes of 16 groups at 2 (4 bit), 4 (2 bit) positions, and the activations are prepared as
-# xt[t, g] = x[perm[16g + t]], so q_t · xt[t, g0:g0+16] is a plain vector multiply-add and the
+# the codes of 16 groups at 2 (4 bit), 4 (2 bit) positions, and the activations are prepared
+# once per matvec chunk-major as xc[c, t, k] = x[perm[16(16c + k) + t]] (and xc[c, 16] = Σ_t), so
+# q_t · xc[c, t] is a plain vector multiply-add at a constant offset from one pointer, and the
 # group's scale and zero (also one lane per group) apply once per 256 weights with no horizontal
 # sum per group. LLVM IR through numba @intrinsic (as cluster.py): DESIGN §6, plain Numba loops
 # stay scalar. The tail chunk (G mod 16 groups) uses the same code with masked loads.
+# Speed (measured, Zen 5): the multiply-adds of a chunk run as 4 independent chains per row with
+# 2 rows sharing each x load; with `fast` (reassoc) flags LLVM folds them into one 16-deep chain
+# and the kernel becomes FMA-latency bound (2x slower in cache).
 
-_I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V16I8, _V16I32, _V16F32 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+_V16I16 = ir.VectorType(_I16, 16)
 _V16I1 = ir.VectorType(ir.IntType(1), 16)
 _FAST = ("fast",)
+_CONTRACT = ("contract", "nnan", "ninf", "nsz", "arcp")     # FMA fusion without reassociation
+XC_ROWS = 17            # xc per chunk: 16 positions + the per-group sums
+ROWS = 2                # rows sharing each x load in the matvec (4: no faster, measured)
+PREFETCH = 4096         # software prefetch distance of the codes, bytes (2048 slower, 8192 same)
 
 
 def _vi(v):
     return ir.Constant(_V16I32, v if isinstance(v, list) else [v] * 16)
+
+
+def _mask(idx):
+    """A shufflevector mask of any length."""
+    idx = list(idx)
+    return ir.Constant(ir.VectorType(_I32, len(idx)), idx)
 
 
 def _splat(builder, v):
@@ -315,6 +330,11 @@ def _splat(builder, v):
 
 def _gep(builder, p, idx, ety):
     return builder.gep(p, [idx], source_etype=ety)
+
+
+def _lanes_below(builder, w):
+    """IR: <16 x i1> mask of lanes k < w (w an i64)."""
+    return builder.icmp_unsigned("<", _vi(list(range(16))), _splat(builder, builder.trunc(w, _I32)))
 
 
 def _load_bytes(builder, p, mask):
@@ -331,8 +351,12 @@ def _load_bytes(builder, p, mask):
 def _codes(builder, pcode, step, bits, mask):
     """IR: the 16 code vectors q_t <16 x float> (lane k = group g0+k) of the chunk at pcode,
     whose 2·bits byte sections are `step` bytes apart."""
-    sec = [_load_bytes(builder, _gep(builder, pcode, builder.mul(step, ir.Constant(step.type, k)), _I8), mask)
-           for k in range(2 * bits)]
+    return _decode_sections(builder, [_load_bytes(builder, _gep(builder, pcode, builder.mul(
+        step, ir.Constant(step.type, k)), _I8), mask) for k in range(2 * bits)], bits)
+
+
+def _decode_sections(builder, sec, bits):
+    """IR: 2·bits byte sections <16 x i32> (one byte per lane) -> the 16 code vectors q_t <16 x float>."""
     out = []
     for t in range(16):
         if bits == 4:
@@ -349,31 +373,35 @@ def _codes(builder, pcode, step, bits, mask):
     return out
 
 
-def _chunk_stats(builder, ps, psf, ldsf, g0, smask, sshift, mask):
-    """IR: scale and zero <16 x float> of the 16 groups at g0 (stat bytes at ps, f32 block stats
-    sf (4, ldsf) at psf)."""
-    f = _load_bytes(builder, _gep(builder, ps, g0, _I8), mask)
+def _vload(builder, p, off):
+    """IR: <16 x float> at p + off floats (off an int)."""
+    return builder.load(_gep(builder, p, ir.Constant(ir.IntType(64), off), _F32), typ=_V16F32, align=4)
+
+
+def _chunk_stats(builder, ps, psf, mask, smask, sshift):
+    """IR: scale and zero <16 x float> of a chunk's 16 groups: stat bytes at ps, the chunk's
+    widened block stats sf[c] (4, 16) at psf."""
+    f = _load_bytes(builder, ps, mask)
     qs = builder.sitofp(builder.and_(f, smask), _V16F32)
     qz = builder.sitofp(builder.lshr(f, sshift), _V16F32)
-    sf = [builder.load(_gep(builder, psf, builder.add(builder.mul(ldsf, ir.Constant(ldsf.type, k)), g0), _F32),
-                       typ=_V16F32, align=4) for k in range(4)]
+    sf = [_vload(builder, psf, 16 * k) for k in range(4)]
     s = builder.fadd(builder.fmul(sf[0], qs, flags=_FAST), sf[1], flags=_FAST)
     z = builder.fadd(builder.fmul(sf[2], qz, flags=_FAST), sf[3], flags=_FAST)
     return s, z
 
 
-def _chunks_ir(builder, G, bits, body):
-    """IR: body(g0, pcode offset, step, mask) over the full 16-group chunks, then the tail chunk."""
+def _chunks_ir(builder, G, bits, body, full=True, tail=True):
+    """IR: body(c, pcode offset, step, mask) over the full 16-group chunks c, then the tail chunk."""
     i64 = G.type
     nfull = builder.ashr(G, ir.Constant(i64, 4))
     w = builder.and_(G, ir.Constant(i64, 15))
-    with cgutils.for_range(builder, nfull) as loop:
-        c = loop.index
-        body(builder.shl(c, ir.Constant(i64, 4)), builder.mul(c, ir.Constant(i64, 32 * bits)),
-             ir.Constant(i64, 16), None)
-    with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
-        mask = builder.icmp_unsigned("<", _vi(list(range(16))), _splat(builder, builder.trunc(w, _I32)))
-        body(builder.shl(nfull, ir.Constant(i64, 4)), builder.mul(nfull, ir.Constant(i64, 32 * bits)), w, mask)
+    if full:
+        with cgutils.for_range(builder, nfull) as loop:
+            c = loop.index
+            body(c, builder.mul(c, ir.Constant(i64, 32 * bits)), ir.Constant(i64, 16), None)
+    if tail:
+        with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
+            body(nfull, builder.mul(nfull, ir.Constant(i64, 32 * bits)), w, _lanes_below(builder, w))
 
 
 def _stat_consts(builder, sbits):
@@ -382,75 +410,194 @@ def _stat_consts(builder, sbits):
             _splat(builder, sb))
 
 
-def _dot_codegen(R):
-    """Codegen of _dot_row (R = 1) / _dot_rows2 (R = 2): R consecutive rows share each x load."""
+def _chunk_dot(builder, q, pxc, R):
+    """IR: Σ_t q[r][t] · xc[c, t] <16 x float> per row r < R (x loads shared), xc[c] at pxc."""
+    a = [[None] * 4 for _ in range(R)]     # four partial sums per row: chains 4 deep, not 16
+    for t in range(16):
+        xv = _vload(builder, pxc, 16 * t)
+        for r in range(R):
+            p = builder.fmul(q[r][t], xv, flags=_CONTRACT)
+            a[r][t % 4] = p if a[r][t % 4] is None else builder.fadd(a[r][t % 4], p, flags=_CONTRACT)
+    return [builder.fadd(builder.fadd(a[r][0], a[r][1], flags=_CONTRACT),
+                         builder.fadd(a[r][2], a[r][3], flags=_CONTRACT), flags=_CONTRACT) for r in range(R)]
+
+
+def _scaled(builder, dot, s, z, xsv):
+    """IR: s·(Σ q x − z·Σ x) = Σ s(q − z)x per lane."""
+    return builder.fmul(s, builder.fsub(dot, builder.fmul(z, xsv, flags=_FAST), flags=_FAST), flags=_FAST)
+
+
+def _rows_ir(builder, R, i, pc0, ps0, px, psf, po, G, bits, smask, sshift, full=True, tail=True):
+    """IR: po[i + r] = Σ_j W'[i + r, j] x'[j] (no outliers) for r < R over the full chunks and/or
+    the tail chunk (without the full chunks, po[i + r] += the tail's part); the R rows share each
+    x load. pc0/ps0: codes / stat bytes of row 0, px: xc, psf: sf of the rows' block."""
+    i64 = G.type
+    rowb = builder.mul(G, ir.Constant(i64, 2 * bits))
+    rows = [builder.add(i, ir.Constant(i64, r)) for r in range(R)]
+    pcs = [_gep(builder, pc0, builder.mul(rowb, ri), _I8) for ri in rows]
+    pss = [_gep(builder, ps0, builder.mul(G, ri), _I8) for ri in rows]
+    acc = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(R)]
+
+    def body(c, off, step, mask):
+        if mask is None:   # stream the codes ahead (measured: rows of 768 bytes read in pairs otherwise
+            for r in range(R):      # lose the hardware prefetcher)
+                for line in range(0, 32 * bits, 64):
+                    _prefetch(builder, _gep(builder, pcs[r], builder.add(off, ir.Constant(i64, PREFETCH + line)), _I8))
+        q = [_codes(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask) for r in range(R)]
+        pxc = _gep(builder, px, builder.mul(c, ir.Constant(i64, 16 * XC_ROWS)), _F32)
+        dots = _chunk_dot(builder, q, pxc, R)
+        xsv = _vload(builder, pxc, 256)
+        pcsf = _gep(builder, psf, builder.mul(c, ir.Constant(i64, 64)), _F32)
+        g0 = builder.shl(c, ir.Constant(i64, 4))
+        for r in range(R):
+            s, z = _chunk_stats(builder, _gep(builder, pss[r], g0, _I8), pcsf, mask, smask, sshift)
+            builder.store(builder.fadd(builder.load(acc[r]), _scaled(builder, dots[r], s, z, xsv), flags=_FAST), acc[r])
+
+    _chunks_ir(builder, G, bits, body, full, tail)
+    for r in range(R):
+        p = _gep(builder, po, rows[r], _F32)
+        v = _hsum(builder, builder.load(acc[r]))
+        builder.store(v if full else builder.fadd(builder.load(p), v, flags=_FAST), p)
+
+
+def _packed_tail_ir(builder, w, i, pc0, ps0, px, psf, po, G, bits, smask, sshift):
+    """IR: po[i + p] += the tail chunk's part of row i + p for p < 16 // w, the rows packed into
+    the lanes (lane p·w + k = row i + p, group g0 + k): one chunk's work for 16 // w rows instead of
+    one each. Tail x and stats replicated per row slot at chunk nfull + 1 of xc and sf."""
+    P = 16 // w
+    i64 = G.type
+    nfull = builder.ashr(G, ir.Constant(i64, 4))
+    rowb = builder.mul(G, ir.Constant(i64, 2 * bits))
+    off = builder.mul(nfull, ir.Constant(i64, 32 * bits))
+    g0 = builder.shl(nfull, ir.Constant(i64, 4))
+    rows = [builder.add(i, ir.Constant(i64, p)) for p in range(P)]
+    nb = 2 * bits * w                   # a row's tail chunk: 2·bits sections of w bytes
+    blobs = [builder.load(_gep(builder, pc0, builder.add(builder.mul(rowb, r), off), _I8),
+                          typ=ir.VectorType(_I8, nb), align=1) for r in rows]
+    while len(blobs) > 1:               # concatenate: <P·nb x i8>
+        blobs = [builder.shuffle_vector(blobs[k], blobs[k + 1], _mask(range(2 * blobs[k].type.count)))
+                 for k in range(0, len(blobs), 2)]
+    cat = blobs[0]
+    sec = [builder.zext(builder.shuffle_vector(cat, cat, _vi([p * nb + sct * w + k for p in range(P) for k in range(w)])),
+                        _V16I32) for sct in range(2 * bits)]
+    q = _decode_sections(builder, sec, bits)
+    pxc = _gep(builder, px, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, 16 * XC_ROWS)), _F32)
+    dot = _chunk_dot(builder, [q], pxc, 1)[0]
+    iw = ir.IntType(8 * w)              # a row's w stat bytes as one integer
+    st = ir.Constant(ir.VectorType(iw, P), ir.Undefined)
+    for p, r in enumerate(rows):
+        v = builder.load(_gep(builder, ps0, builder.add(builder.mul(G, r), g0), _I8), typ=iw, align=1)
+        st = builder.insert_element(st, v, ir.Constant(_I32, p))
+    f = builder.zext(builder.bitcast(st, _V16I8), _V16I32)
+    pcsf = _gep(builder, psf, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, 64)), _F32)
+    sf = [_vload(builder, pcsf, 16 * k) for k in range(4)]
+    s = builder.fadd(builder.fmul(sf[0], builder.sitofp(builder.and_(f, smask), _V16F32), flags=_FAST), sf[1], flags=_FAST)
+    z = builder.fadd(builder.fmul(sf[2], builder.sitofp(builder.lshr(f, sshift), _V16F32), flags=_FAST), sf[3], flags=_FAST)
+    part = _scaled(builder, dot, s, z, _vload(builder, pxc, 256))
+    for p, r in enumerate(rows):
+        v = builder.extract_element(part, ir.Constant(_I32, p * w))
+        for k in range(1, w):
+            v = builder.fadd(v, builder.extract_element(part, ir.Constant(_I32, p * w + k)), flags=_FAST)
+        ptr = _gep(builder, po, r, _F32)
+        builder.store(builder.fadd(builder.load(ptr), v, flags=_FAST), ptr)
+
+
+def _prefetch(builder, p):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        ir.VoidType(), [ir.PointerType(), _I32, _I32, _I32]), "llvm.prefetch.p0")
+    builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+@intrinsic
+def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
+    """out[i] = Σ_j W'[i, j] x'[j] without outliers for rows i0 <= i < i1 of one stat block:
+    codes, stq as stored (G groups), xc (C + 1, 17, 16) prepared x, sf (C + 1, 4, 16) the block's
+    stats widened by _widen_stats. Full chunks ROWS rows at a time; a tail chunk of w = 4 or 8
+    groups packed 16 // w rows per vector, any other tail one row at a time with masked loads."""
     def codegen(context, builder, sig, args):
-        codes_v, coff_v, stq_v, soff_v, xt_v, xs_v, sf_v, G_v, sbits_v, bits_v = args
+        codes_v, stq_v, xc_v, sf_v, out_v, i0_v, i1_v, G_v, sbits_v, bits_v = args
         i64 = G_v.type
-        pc = _gep(builder, _data(context, builder, sig.args[0], codes_v), coff_v, _I8)
-        ps = _gep(builder, _data(context, builder, sig.args[2], stq_v), soff_v, _I8)
-        px = _data(context, builder, sig.args[4], xt_v)
-        pxs = _data(context, builder, sig.args[5], xs_v)
-        psf = _data(context, builder, sig.args[6], sf_v)
-        Gp = builder.shl(builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4)),
-                         ir.Constant(i64, 4))
+        ptrs = [_data(context, builder, sig.args[k], args[k]) for k in range(5)]     # codes stq xc sf out
         smask, sshift = _stat_consts(builder, sbits_v)
-        res = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(R)]
-        accv = [cgutils.alloca_once(builder, _V16F32) for _ in range(R)]
+
+        def row_groups(R, start, fn):
+            """fn(i) for i = start, start + R, ... while i + R <= i1; returns the first row left."""
+            n = builder.sdiv(builder.sub(i1_v, start), ir.Constant(i64, R))
+            with cgutils.for_range(builder, n) as loop:
+                fn(builder.add(start, builder.mul(loop.index, ir.Constant(i64, R))))
+            return builder.add(start, builder.mul(n, ir.Constant(i64, R)))
 
         def emit(bits):
-            rowb = builder.mul(G_v, ir.Constant(i64, 2 * bits))
-            pcs = [pc] + [_gep(builder, pc, builder.mul(rowb, ir.Constant(i64, r)), _I8) for r in range(1, R)]
-            pss = [ps] + [_gep(builder, ps, builder.mul(G_v, ir.Constant(i64, r)), _I8) for r in range(1, R)]
-            for r in range(R):
-                builder.store(ir.Constant(_V16F32, [0.0] * 16), accv[r])
-
-            def body(g0, off, step, mask):
-                q = [_codes(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask) for r in range(R)]
-                a = [[None] * 4 for _ in range(R)]     # four partial sums: multiply-add chains 4 deep
-                for t in range(16):
-                    xv = builder.load(_gep(builder, px, builder.add(builder.mul(Gp, ir.Constant(i64, t)), g0), _F32),
-                                      typ=_V16F32, align=4)
-                    for r in range(R):
-                        p = builder.fmul(q[r][t], xv, flags=_FAST)
-                        a[r][t % 4] = p if a[r][t % 4] is None else builder.fadd(a[r][t % 4], p, flags=_FAST)
-                xsv = builder.load(_gep(builder, pxs, g0, _F32), typ=_V16F32, align=4)
-                for r in range(R):
-                    dot = builder.fadd(builder.fadd(a[r][0], a[r][1], flags=_FAST),
-                                       builder.fadd(a[r][2], a[r][3], flags=_FAST), flags=_FAST)
-                    s, z = _chunk_stats(builder, pss[r], psf, Gp, g0, smask, sshift, mask)
-                    part = builder.fmul(s, builder.fsub(dot, builder.fmul(z, xsv, flags=_FAST), flags=_FAST),
-                                        flags=_FAST)
-                    builder.store(builder.fadd(builder.load(accv[r]), part, flags=_FAST), accv[r])
-
-            _chunks_ir(builder, G_v, bits, body)
-            for r in range(R):
-                builder.store(_hsum(builder, builder.load(accv[r])), res[r])
+            w = builder.and_(G_v, ir.Constant(i64, 15))
+            packed = builder.or_(builder.icmp_signed("==", w, ir.Constant(i64, 4)),
+                                 builder.icmp_signed("==", w, ir.Constant(i64, 8)))
+            with builder.if_else(packed) as (then, otherwise):
+                with then:
+                    rest = row_groups(ROWS, i0_v, lambda i: _rows_ir(builder, ROWS, i, *ptrs, G_v, bits, smask,
+                                                                       sshift, tail=False))
+                    row_groups(1, rest, lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask, sshift,
+                                                           tail=False))
+                    for wc in (4, 8):
+                        with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
+                            rest = row_groups(16 // wc, i0_v, lambda i: _packed_tail_ir(
+                                builder, wc, i, *ptrs, G_v, bits, smask, sshift))
+                            row_groups(1, rest, lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask, sshift,
+                                                                   full=False))
+                with otherwise:
+                    rest = row_groups(ROWS, i0_v, lambda i: _rows_ir(builder, ROWS, i, *ptrs, G_v, bits, smask,
+                                                                       sshift))
+                    row_groups(1, rest, lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask, sshift))
 
         switch_on_bits(builder, bits_v, (2, 3, 4), emit)
-        vals = [builder.load(r) for r in res]
-        return vals[0] if R == 1 else context.make_tuple(builder, sig.return_type, vals)
-    return codegen
+        return context.get_dummy_value()
+
+    return types.none(codes, stq, xc, sf, out, i0, i1, G, sbits, bits), codegen
 
 
 @intrinsic
-def _dot_row(typingctx, codes, coff, stq, soff, xt, xs, sf, G, sbits, bits):
-    """float32 Σ_j W'[i, j] x'[j] of one row without outliers: codes at codes.flat[coff:], stat
-    bytes at stq.flat[soff:], G groups; xt (16, Gp), xs (Gp,), sf (4, Gp) zero-padded f32."""
-    return types.float32(codes, coff, stq, soff, xt, xs, sf, G, sbits, bits), _dot_codegen(1)
+def _widen_stats(typingctx, st2, rb, G, sf):
+    """sf (C + 1, 4, 16) float32 = fp16 stats st2 (R, 4, G) of row block rb, chunk-major (lanes
+    past G are 0), and for a tail of w = 4 or 8 groups its lanes repeated 16 // w times at chunk
+    C (the packed tail's): what the kernels read per chunk, decoded once per stat block."""
+    def codegen(context, builder, sig, args):
+        st_v, rb_v, G_v, sf_v = args
+        i64 = G_v.type
+        pst = _gep(builder, _data(context, builder, sig.args[0], st_v),
+                   builder.mul(rb_v, builder.mul(G_v, ir.Constant(i64, 4))), _I16)
+        psf = _data(context, builder, sig.args[3], sf_v)
+        load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            _V16I16, [ir.PointerType(), _V16I1, _V16I16]), "llvm.masked.load.v16i16.p0")
+        nch = builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4))
+        with cgutils.for_range(builder, nch) as loop:
+            g0 = builder.shl(loop.index, ir.Constant(i64, 4))
+            mask = _lanes_below(builder, builder.sub(G_v, g0))      # lanes >= 16 clamp: all true
+            for k in range(4):
+                p = _gep(builder, pst, builder.add(builder.mul(G_v, ir.Constant(i64, k)), g0), _I16)
+                h = builder.call(load, [p, mask, ir.Constant(_V16I16, [0] * 16)])
+                v = builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+                dst = _gep(builder, psf, builder.add(builder.shl(loop.index, ir.Constant(i64, 6)),
+                                                     ir.Constant(i64, 16 * k)), _F32)
+                builder.store(v, builder.bitcast(dst, _V16F32.as_pointer()), align=4)
+        nfull = builder.ashr(G_v, ir.Constant(i64, 4))
+        w = builder.and_(G_v, ir.Constant(i64, 15))
+        for wc in (4, 8):
+            with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
+                src = _gep(builder, psf, builder.shl(nfull, ir.Constant(i64, 6)), _F32)
+                dst = _gep(builder, src, ir.Constant(i64, 64), _F32)
+                for k in range(4):
+                    v = _vload(builder, src, 16 * k)
+                    v = builder.shuffle_vector(v, v, _vi([lane % wc for lane in range(16)]))
+                    builder.store(v, builder.bitcast(_gep(builder, dst, ir.Constant(i64, 16 * k), _F32),
+                                                     _V16F32.as_pointer()), align=4)
+        return context.get_dummy_value()
 
-
-@intrinsic
-def _dot_rows2(typingctx, codes, coff, stq, soff, xt, xs, sf, G, sbits, bits):
-    """(row i, row i + 1) as _dot_row for rows i, i + 1 of the same stat block (x loaded once)."""
-    return (types.UniTuple(types.float32, 2)(codes, coff, stq, soff, xt, xs, sf, G, sbits, bits),
-            _dot_codegen(2))
+    return types.none(st2, rb, G, sf), codegen
 
 
 @intrinsic
 def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff):
     """out.flat[ooff + t·G + g] = W'[i, 16g + t] without outliers (positions t-major, stride G);
-    codes, stq, sf as in _dot_row."""
+    codes at codes.flat[coff:], stat bytes at stq.flat[soff:], sf (C, 4, 16) as in _dot_block."""
     def codegen(context, builder, sig, args):
         codes_v, coff_v, stq_v, soff_v, sf_v, G_v, sbits_v, bits_v, out_v, ooff_v = args
         pc = _gep(builder, _data(context, builder, sig.args[0], codes_v), coff_v, _I8)
@@ -458,16 +605,17 @@ def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff
         psf = _data(context, builder, sig.args[4], sf_v)
         po = _gep(builder, _data(context, builder, sig.args[8], out_v), ooff_v, _F32)
         i64 = G_v.type
-        Gp = builder.shl(builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4)),
-                         ir.Constant(i64, 4))
         smask, sshift = _stat_consts(builder, sbits_v)
         store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
             ir.VoidType(), [_V16F32, ir.PointerType(), _V16I1]), "llvm.masked.store.v16f32.p0")
 
         def emit(bits):
-            def body(g0, off, step, mask):
+            def body(c, off, step, mask):
+                g0 = builder.shl(c, ir.Constant(i64, 4))
                 q = _codes(builder, _gep(builder, pc, off, _I8), step, bits, mask)
-                s, z = _chunk_stats(builder, ps, psf, Gp, g0, smask, sshift, mask)
+                s, z = _chunk_stats(builder, _gep(builder, ps, g0, _I8),
+                                    _gep(builder, psf, builder.mul(c, ir.Constant(i64, 64)), _F32),
+                                    mask, smask, sshift)
                 sz = builder.fmul(s, z, flags=_FAST)
                 for t in range(16):
                     v = builder.fsub(builder.fmul(s, q[t], flags=_FAST), sz, flags=_FAST)
@@ -485,65 +633,63 @@ def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff
 
 
 @njit(**_JIT)
-def _prep_x(x, perm, xt, xs):
-    # x (n,) -> xt (16, Gp): xt[t, g] = x[perm[16g+t]] (0 past n); xs (Gp,) = Σ_t xt[t, g]
+def _prep_x(x, perm, xc):
+    # x (n,) -> xc (C + 1, 17, 16): xc[c, t, k] = x[perm[16(16c + k) + t]] (0 past n), xc[c, 16, k] = Σ_t;
+    # a tail of w = 4 or 8 groups repeated 16 // w times at chunk C (the packed tail's x)
     n = perm.shape[0]
-    for g in range(xt.shape[1]):
-        acc = np.float32(0.0)
-        for t in range(16):
-            j = 16 * g + t
-            v = x[perm[j]] if j < n else np.float32(0.0)
-            xt[t, g] = v
-            acc += v
-        xs[g] = acc
+    C = xc.shape[0] - 1
+    for c in range(C):
+        for k in range(16):
+            acc = np.float32(0.0)
+            for t in range(16):
+                j = 256 * c + 16 * k + t
+                v = x[perm[j]] if j < n else np.float32(0.0)
+                xc[c, t, k] = v
+                acc += v
+            xc[c, 16, k] = acc
+    w = ((n + 15) // 16) & 15
+    if w == 4 or w == 8:
+        for t in range(XC_ROWS):
+            for k in range(16):
+                xc[C, t, k] = xc[C - 1, t, k % w]
 
 
 @njit(**_JIT)
-def _block_stats(st2, rb, sf):
-    # fp16 second-level stats of row block rb, st2 (R, 4, G) -> sf[:, :G] float32 (sf (4, Gp))
-    for k in range(4):
-        for g in range(st2.shape[2]):
-            sf[k, g] = f16_to_f32(st2[rb, k, g])
-
-
-@njit(**_JIT)
-def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out, r0, r1, sf):
-    # SpQR W (d, n_pad) @ x (prepared as xt (16, Gp), xs (Gp,)) -> out[r0:r1]; sf (4, Gp) scratch
+def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out, r0, r1, sf):
+    # SpQR W (d, n_pad) @ x (prepared in xc (C, 17, 16)) -> out[r0:r1]; sf (C, 4, 16) scratch
     G = stq.shape[1]
-    rowb = codes.shape[1]
-    cur = -1
     i = r0
-    while i < r1:
+    while i < r1:                  # one stat block at a time: stats widened once per block
         rb = i // sg
-        if rb != cur:
-            _block_stats(st2, rb, sf)
-            cur = rb
-        if i + 1 < r1 and (i + 1) // sg == rb:      # two rows of one stat block: x loads shared
-            a0, a1 = _dot_rows2(codes, i * rowb, stq, i * G, xt, xs, sf, G, sbits, bits)
-            out[i] = a0
-            out[i + 1] = a1
-            nr = 2
-        else:
-            out[i] = _dot_row(codes, i * rowb, stq, i * G, xt, xs, sf, G, sbits, bits)
-            nr = 1
-        for r in range(i, i + nr):
-            acc = out[r]
-            for k in range(rp[r], rp[r + 1]):
-                c = np.int32(oc[k])
-                acc += f16_to_f32(ov[k]) * xt[c & 15, c >> 4]
-            out[r] = acc
-        i += nr
+        e = min(r1, (rb + 1) * sg)
+        _widen_stats(st2, rb, G, sf)
+        _dot_block(codes, stq, xc, sf, out, i, e, G, sbits, bits)
+        i = e
+    for r in range(r0, r1):        # outliers (≈0.5 %): storage column c is xc[c >> 8, c & 15, (c >> 4) & 15]
+        acc = out[r]
+        for k in range(rp[r], rp[r + 1]):
+            c = np.int32(oc[k])
+            acc += f16_to_f32(ov[k]) * xc[c >> 8, c & 15, (c >> 4) & 15]
+        out[r] = acc
+
+
+@njit(**_JIT)
+def _matvec(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, perm, xc, out, sf):
+    # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xc (C, 17, 16), sf (1, C, 4, 16) scratch
+    _prep_x(x, perm, xc)
+    _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out, 0, codes.shape[0], sf[0])
 
 
 @njit(**_JIT_PAR)
-def _mv_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out, sf):
-    # SpQR W (d, n_pad) @ x -> out (d,); prange over sf.shape[0] row blocks, one sf (4, Gp) each
+def _matvec_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, perm, xc, out, sf):
+    # SpQR W (d, n) @ x (n,) -> out (d,); prange over sf.shape[0] row ranges of whole stat blocks
+    _prep_x(x, perm, xc)
     d = codes.shape[0]
     nblocks = sf.shape[0]
-    step = (d + nblocks - 1) // nblocks
+    step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
     for blk in prange(nblocks):
-        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xt, xs, out,
-                 blk * step, min(d, (blk + 1) * step), sf[blk])
+        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out,
+                 min(d, blk * step), min(d, (blk + 1) * step), sf[blk])
 
 
 @njit(**_JIT)
@@ -555,7 +701,7 @@ def _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf)
     for i in range(r0, r1):
         rb = i // sg
         if rb != cur:
-            _block_stats(st2, rb, sf)
+            _widen_stats(st2, rb, G, sf)
             cur = rb
         r = i - r0
         _decode_row(codes, i * rowb, stq, i * G, sf, G, sbits, bits, tile, r * tile.shape[1])
@@ -623,11 +769,11 @@ class SpQRLinear:
         self.bits_per_weight = self.nbytes * 8 / (d * n)
         self._big = d * n >= PAR_MIN_WEIGHTS
         # per-call scratch, allocated once: prepared activations and per-thread f32 block stats,
-        # zero-padded to whole 16-group chunks (the tail chunk's vector loads read the padding)
-        Gp = -(-G // 16) * 16
-        self.xt = np.zeros((16, Gp), np.float32)
-        self.xs = np.zeros(Gp, np.float32)
-        self.sf = np.zeros((1, 4, Gp), np.float32)
+        # chunk-major and zero-padded to whole 16-group chunks (the tail chunk's vector loads read
+        # the padding); with the stored parts this is all a matvec touches
+        C = -(-G // 16) + 1          # + the packed tail's chunk (see _dot_block)
+        self.xc = np.zeros((C, XC_ROWS, 16), np.float32)
+        self.sf = np.zeros((1, C, 4, 16), np.float32)
         self.tmp = np.zeros((1, self.n_pad), np.float32)
 
     def _args(self):
@@ -641,12 +787,11 @@ class SpQRLinear:
 
     def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
         """out (d,) = W (d, n) @ x (n,)."""
-        _prep_x(x, self.perm, self.xt, self.xs)
         threads = get_threads()
         if threads > 1 and self._big:
-            _mv_par(*self._args(), self.xt, self.xs, out, self._scratch(threads))
+            _matvec_par(*self._args(), x, self.perm, self.xc, out, self._scratch(threads))
         else:
-            _mv_rows(*self._args(), self.xt, self.xs, out, 0, self.shape[0], self.sf[0])
+            _matvec(*self._args(), x, self.perm, self.xc, out, self.sf)
 
     def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         """out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply."""
