@@ -632,26 +632,60 @@ def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff
     return types.none(codes, coff, stq, soff, sf, G, sbits, bits, out, ooff), codegen
 
 
-@njit(**_JIT)
-def _prep_x(x, perm, xc):
-    # x (n,) -> xc (C + 1, 17, 16): xc[c, t, k] = x[perm[16(16c + k) + t]] (0 past n), xc[c, 16, k] = Σ_t;
-    # a tail of w = 4 or 8 groups repeated 16 // w times at chunk C (the packed tail's x)
+def _x_index(perm: np.ndarray, G: int) -> np.ndarray:
+    """Where each prepared activation comes from: int32 (C + 1, 16, 16), entry [c, t, k] = the
+    input column of xc[c, t, k] (see _prep_x), -1 for zero padding; chunk C is the packed tail's
+    (a tail of w = 4 or 8 groups repeated 16 // w times, else all -1)."""
+    C = -(-G // 16)
+    j = np.arange(C * 256).reshape(C, 16, 16).transpose(0, 2, 1)        # [c, t, k] -> 256c + 16k + t
+    idx = np.full((C + 1, 16, 16), -1, np.int32)
     n = perm.shape[0]
-    C = xc.shape[0] - 1
-    for c in range(C):
-        for k in range(16):
-            acc = np.float32(0.0)
+    idx[:C] = np.where(j < n, perm.astype(np.int64)[np.minimum(j, n - 1)], -1)
+    w = G % 16
+    if w in (4, 8):
+        idx[C] = idx[C - 1][:, np.arange(16) % w]
+    return idx
+
+
+@intrinsic
+def _prep_x(typingctx, x, xidx, xc):
+    """xc (C + 1, 17, 16) float32: xc[c, t] = x[xidx[c, t]] (0 where xidx < 0), xc[c, 16] = Σ_t xc[c, t]:
+    the activations in kernel order, one masked 16-lane gather per position (xidx from _x_index)."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"):
+        return None             # the gather addresses x by its data pointer
+
+    def codegen(context, builder, sig, args):
+        x_v, idx_v, xc_v = args
+        i64 = ir.IntType(64)
+        px = _data(context, builder, sig.args[0], x_v)
+        pidx = _data(context, builder, sig.args[1], idx_v)
+        pxc = _data(context, builder, sig.args[2], xc_v)
+        nch = builder.udiv(context.make_array(sig.args[1])(context, builder, idx_v).nitems, ir.Constant(i64, 256))
+        vptr = ir.VectorType(ir.PointerType(), 16)
+        gather = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            _V16F32, [vptr, _I32, _V16I1, _V16F32]), "llvm.masked.gather.v16f32.v16p0")
+        zero = ir.Constant(_V16F32, [0.0] * 16)
+        v16i64 = ir.VectorType(i64, 16)
+        base = _splat(builder, builder.ptrtoint(px, i64))   # llvmlite's gep takes no vector index
+        with cgutils.for_range(builder, nch) as loop:
+            src = _gep(builder, pidx, builder.shl(loop.index, ir.Constant(i64, 8)), _I32)
+            dst = _gep(builder, pxc, builder.mul(loop.index, ir.Constant(i64, 16 * XC_ROWS)), _F32)
+            xs = zero
             for t in range(16):
-                j = 256 * c + 16 * k + t
-                v = x[perm[j]] if j < n else np.float32(0.0)
-                xc[c, t, k] = v
-                acc += v
-            xc[c, 16, k] = acc
-    w = ((n + 15) // 16) & 15
-    if w == 4 or w == 8:
-        for t in range(XC_ROWS):
-            for k in range(16):
-                xc[C, t, k] = xc[C - 1, t, k % w]
+                idx = builder.load(_gep(builder, src, ir.Constant(i64, 16 * t), _I32), typ=_V16I32, align=4)
+                ok = builder.icmp_signed(">=", idx, _vi(0))
+                off = builder.shl(builder.zext(builder.select(ok, idx, _vi(0)), v16i64),
+                                  ir.Constant(v16i64, [2] * 16))
+                ptrs = builder.inttoptr(builder.add(base, off), vptr)
+                v = builder.call(gather, [ptrs, ir.Constant(_I32, 4), ok, zero])
+                builder.store(v, builder.bitcast(_gep(builder, dst, ir.Constant(i64, 16 * t), _F32),
+                                                 _V16F32.as_pointer()), align=4)
+                xs = builder.fadd(xs, v, flags=_FAST)
+            builder.store(xs, builder.bitcast(_gep(builder, dst, ir.Constant(i64, 256), _F32),
+                                              _V16F32.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(x, xidx, xc), codegen
 
 
 @njit(**_JIT)
@@ -674,16 +708,17 @@ def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out, r0, r1, sf):
 
 
 @njit(**_JIT)
-def _matvec(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, perm, xc, out, sf):
-    # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xc (C, 17, 16), sf (1, C, 4, 16) scratch
-    _prep_x(x, perm, xc)
+def _matvec(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, out, sf):
+    # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xidx from _x_index; xc (C + 1, 17, 16),
+    # sf (1, C + 1, 4, 16) scratch
+    _prep_x(x, xidx, xc)
     _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out, 0, codes.shape[0], sf[0])
 
 
 @njit(**_JIT_PAR)
-def _matvec_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, perm, xc, out, sf):
+def _matvec_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, out, sf):
     # SpQR W (d, n) @ x (n,) -> out (d,); prange over sf.shape[0] row ranges of whole stat blocks
-    _prep_x(x, perm, xc)
+    _prep_x(x, xidx, xc)
     d = codes.shape[0]
     nblocks = sf.shape[0]
     step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
@@ -758,7 +793,7 @@ class SpQRLinear:
         a = {k: np.ascontiguousarray(v) for k, v in parts.items()}
         d, G = _check_shapes(a, self.bits)
         self.codes, self.stq, self.st2 = a["codes"], a["stat_codes"], a["stats"]
-        self.perm = a["perm"].astype(np.int32)
+        self.perm = a["perm"]
         self.rp, self.oc, self.ov = a["outlier_rowptr"], a["outlier_col"], a["outlier_val"]
         n = self.perm.shape[0]
         self.shape = (d, n)
@@ -772,6 +807,7 @@ class SpQRLinear:
         # chunk-major and zero-padded to whole 16-group chunks (the tail chunk's vector loads read
         # the padding); with the stored parts this is all a matvec touches
         C = -(-G // 16) + 1          # + the packed tail's chunk (see _dot_block)
+        self.xidx = _x_index(self.perm, G)
         self.xc = np.zeros((C, XC_ROWS, 16), np.float32)
         self.sf = np.zeros((1, C, 4, 16), np.float32)
         self.tmp = np.zeros((1, self.n_pad), np.float32)
@@ -786,12 +822,14 @@ class SpQRLinear:
         return self.sf[:threads]
 
     def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
-        """out (d,) = W (d, n) @ x (n,)."""
+        """out (d,) = W (d, n) @ x (n,) float32."""
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
         threads = get_threads()
         if threads > 1 and self._big:
-            _matvec_par(*self._args(), x, self.perm, self.xc, out, self._scratch(threads))
+            _matvec_par(*self._args(), x, self.xidx, self.xc, out, self._scratch(threads))
         else:
-            _matvec(*self._args(), x, self.perm, self.xc, out, self.sf)
+            _matvec(*self._args(), x, self.xidx, self.xc, out, self.sf)
 
     def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         """out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply."""
