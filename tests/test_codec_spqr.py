@@ -139,6 +139,19 @@ def test_kernels_match_decode(bits, d, n, threads, monkeypatch):
         kernels.set_threads(1)
 
 
+def test_matvec_strided_input():
+    """The activation gather reads x by pointer: a non-contiguous x must give the same result."""
+    W, X, H = _problem(40, 64)
+    parts = codec.encode(W, {"bits": 4}, H)
+    lin = codec.load(parts, {"bits": 4})
+    xs = np.repeat(X[0], 2)[::2]                              # a strided view equal to X[0]
+    assert not xs.flags.c_contiguous
+    out, ref = np.empty(40, np.float32), np.empty(40, np.float32)
+    lin.matvec(xs, out)
+    lin.matvec(X[0].copy(), ref)
+    np.testing.assert_array_equal(out, ref)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_bits_per_weight_counts_every_part(bits):
     W, X, H = _problem(64, 96)

@@ -307,7 +307,7 @@ _V16I1 = ir.VectorType(ir.IntType(1), 16)
 _FAST = ("fast",)
 _CONTRACT = ("contract", "nnan", "ninf", "nsz", "arcp")     # FMA fusion without reassociation
 XC_ROWS = 17            # xc per chunk: 16 positions + the per-group sums
-ROWS = 2                # rows sharing each x load in the matvec (4: no faster, measured)
+ROWS = 2                # rows sharing each x load in the matvec (4: slower on 576 columns, measured)
 PREFETCH = 4096         # software prefetch distance of the codes, bytes (2048 slower, 8192 same)
 
 
