@@ -1,12 +1,14 @@
 """Time the SpQR codec on SmolLM2-135M shapes: encode, matvec, a whole token, matmul.
 
-    python tools/bench_spqr.py [--quick] [--only encode|matvec|token|matmul] [--bits 3 4]
+    python tools/bench_spqr.py [--quick] [--only encode|matvec|token|matmul|pack] [--bits 3 4]
+    python tools/bench_spqr.py --only pack [--pack /tmp/edgerun-quality/spqr_4.ebin]
 
 encode: seconds per matrix with a synthetic correlated Hessian (the real one comes from
 calibration; the cost does not depend on its values). matvec: each shape run over enough
 distinct copies (>= 256 MB) that weights stream from DRAM; GB/s of stored bytes (codes, stats,
 perm, outliers) and ns per weight. token: every matvec of one SmolLM2 token (30 layers + tied
-lm_head, ~134M weights), each matrix distinct. matmul: prefill of T tokens (--T, default 64), with
+lm_head, ~134M weights), each matrix distinct. pack: the same on a real .ebin's layers (any codec),
+ms per token by kind (q k v o gate up down, 30 layers each). matmul: prefill of T tokens (--T, default 64), with
 the dense f16 kernel on the same weights for comparison, GFLOP/s = 2*T*d*n / time.
 """
 from __future__ import annotations
@@ -87,6 +89,32 @@ def bench_token(bits_list, threads_list, reps, rng):
         del lins
 
 
+def bench_pack(path, threads_list, reps, rng):
+    import edgerun
+    print(f"\n## one token of a real pack's layer matvecs, ms by kind ({path})")
+    kinds = ["q", "k", "v", "o", "gate", "up", "down"]
+    m = edgerun.load(path, context=256)
+    layers = m._transformer.layers
+    xs = {n: rng.standard_normal(n).astype(np.float32) for n in (576, 1536)}
+    print(f"{'thr':>3} " + " ".join(f"{k:>6}" for k in kinds) + f" {'total':>7}")
+    for th in threads_list:
+        kernels.set_threads(th)
+        rows = []
+        for _ in range(max(10, reps // 10)):
+            t = dict.fromkeys(kinds, 0.0)
+            for L in layers:
+                for k in kinds:
+                    w = getattr(L, k)
+                    x, out = xs[w.shape[1]], np.empty(w.shape[0], np.float32)
+                    t0 = time.perf_counter()
+                    w.matvec(x, out)
+                    t[k] += time.perf_counter() - t0
+            rows.append(t)
+        med = {k: np.median([r[k] for r in rows[3:]]) * 1e3 for k in kinds}
+        tot = np.median([sum(r.values()) for r in rows[3:]]) * 1e3
+        print(f"{th:>3} " + " ".join(f"{med[k]:6.3f}" for k in kinds) + f" {tot:7.3f}")
+
+
 def bench_matmul(bits_list, threads_list, reps, rng, T=64):
     print(f"\n## matmul (prefill T={T}; dense f16 on the same weights for comparison)")
     print(f"{'shape':>12} {'codec':>6} {'thr':>3} {'ms':>8} {'GFLOP/s':>8}")
@@ -107,7 +135,8 @@ def bench_matmul(bits_list, threads_list, reps, rng, T=64):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--only", choices=["encode", "matvec", "token", "matmul"], default=None)
+    ap.add_argument("--only", choices=["encode", "matvec", "token", "matmul", "pack"], default=None)
+    ap.add_argument("--pack", default="/tmp/edgerun-quality/spqr_4.ebin", help="the .ebin of --only pack")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--T", type=int, default=64, help="prefill tokens for --only matmul")
     args = ap.parse_args()
@@ -120,6 +149,8 @@ def main():
         bench_matvec(args.bits, threads, reps, rng)
     if args.only in (None, "token"):
         bench_token(args.bits, threads, reps, rng)
+    if args.only == "pack":
+        bench_pack(args.pack, threads, reps, rng)
     if args.only in (None, "matmul"):
         bench_matmul(args.bits, threads, reps, rng, args.T)
     kernels.set_threads(1)

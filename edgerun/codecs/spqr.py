@@ -35,8 +35,10 @@ _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
 
 DEFAULTS = dict(bits=3, group=16, stat_bits=3, stat_group=16, outlier_threshold=0.2,
                 permute="act_order", percdamp=0.01, blocksize=128)
-# prange over rows only for matrices at least this big (a 2-thread region costs ~10 µs, DESIGN §6)
-PAR_MIN_WEIGHTS = 1 << 19
+# prange over rows only for matrices at least this big (a 2-thread region costs ~2-3 µs here with
+# OpenMP, DESIGN §6 says up to 10): 576x576 q/o gain (measured: 15 -> 11 µs a matvec in a real token
+# at 2 threads), 192x576 k/v do not
+PAR_MIN_WEIGHTS = 1 << 18
 TILE_ROWS = 16          # rows dequantized per tile in matmul (16 x n_pad f32 stays in L1/L2)
 MATMUL_MIN_T = 4        # below this many tokens matmul is a loop of matvecs
 
