@@ -514,7 +514,7 @@ def _prefetch(builder, p):
 def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     """out[i] = Σ_j W'[i, j] x'[j] without outliers for rows i0 <= i < i1 of one stat block:
     codes, stq as stored (G groups), xc (C + 1, 17, 16) prepared x, sf (C + 1, 4, 16) the block's
-    stats widened by _widen_stats. Full chunks ROWS rows at a time; a tail chunk of w = 4 or 8
+    stats widened by _widen_stats. Full chunks ROWS rows at a time; then a tail chunk of w = 4 or 8
     groups packed 16 // w rows per vector, any other tail one row at a time with masked loads."""
     def codegen(context, builder, sig, args):
         codes_v, stq_v, xc_v, sf_v, out_v, i0_v, i1_v, G_v, sbits_v, bits_v = args
@@ -530,25 +530,19 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
             return builder.add(start, builder.mul(n, ir.Constant(i64, R)))
 
         def emit(bits):
+            # full chunks, then the tail chunk: packed rows first, single rows for what is left
+            rest = row_groups(ROWS, i0_v, lambda i: _rows_ir(builder, ROWS, i, *ptrs, G_v, bits, smask, sshift,
+                                                               tail=False))
+            row_groups(1, rest, lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask, sshift, tail=False))
             w = builder.and_(G_v, ir.Constant(i64, 15))
-            packed = builder.or_(builder.icmp_signed("==", w, ir.Constant(i64, 4)),
-                                 builder.icmp_signed("==", w, ir.Constant(i64, 8)))
-            with builder.if_else(packed) as (then, otherwise):
-                with then:
-                    rest = row_groups(ROWS, i0_v, lambda i: _rows_ir(builder, ROWS, i, *ptrs, G_v, bits, smask,
-                                                                       sshift, tail=False))
-                    row_groups(1, rest, lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask, sshift,
-                                                           tail=False))
-                    for wc in (4, 8):
-                        with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
-                            rest = row_groups(16 // wc, i0_v, lambda i: _packed_tail_ir(
-                                builder, wc, i, *ptrs, G_v, bits, smask, sshift))
-                            row_groups(1, rest, lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask, sshift,
-                                                                   full=False))
-                with otherwise:
-                    rest = row_groups(ROWS, i0_v, lambda i: _rows_ir(builder, ROWS, i, *ptrs, G_v, bits, smask,
-                                                                       sshift))
-                    row_groups(1, rest, lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask, sshift))
+            start = cgutils.alloca_once_value(builder, i0_v)
+            for wc in (4, 8):
+                with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
+                    builder.store(row_groups(16 // wc, i0_v, lambda i: _packed_tail_ir(
+                        builder, wc, i, *ptrs, G_v, bits, smask, sshift)), start)
+            with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
+                row_groups(1, builder.load(start), lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask,
+                                                                      sshift, full=False))
 
         switch_on_bits(builder, bits_v, (2, 3, 4), emit)
         return context.get_dummy_value()
@@ -635,14 +629,17 @@ def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff
 
 
 def _x_index(perm: np.ndarray, G: int) -> np.ndarray:
-    """Where each prepared activation comes from: int32 (C + 1, 16, 16), entry [c, t, k] = the
-    input column of xc[c, t, k] (see _prep_x), -1 for zero padding; chunk C is the packed tail's
-    (a tail of w = 4 or 8 groups repeated 16 // w times, else all -1)."""
+    """Where each prepared activation comes from: (C + 1, 16, 16), entry [c, t, k] = the input
+    column of xc[c, t, k] (see _prep_x) or PAD_INDEX for zero padding; uint16 (as perm) when
+    n < 65535, else int32. Chunk C is the packed tail's (a tail of w = 4 or 8 groups repeated
+    16 // w times, else all padding)."""
     C = -(-G // 16)
-    j = np.arange(C * 256).reshape(C, 16, 16).transpose(0, 2, 1)        # [c, t, k] -> 256c + 16k + t
-    idx = np.full((C + 1, 16, 16), -1, np.int32)
     n = perm.shape[0]
-    idx[:C] = np.where(j < n, perm.astype(np.int64)[np.minimum(j, n - 1)], -1)
+    dt = np.uint16 if n < 0xFFFF else np.int32
+    pad = np.iinfo(dt).max
+    j = np.arange(C * 256).reshape(C, 16, 16).transpose(0, 2, 1)        # [c, t, k] -> 256c + 16k + t
+    idx = np.full((C + 1, 16, 16), pad, dt)
+    idx[:C] = np.where(j < n, perm.astype(np.int64)[np.minimum(j, n - 1)], pad)
     w = G % 16
     if w in (4, 8):
         idx[C] = idx[C - 1][:, np.arange(16) % w]
@@ -651,10 +648,12 @@ def _x_index(perm: np.ndarray, G: int) -> np.ndarray:
 
 @intrinsic
 def _prep_x(typingctx, x, xidx, xc):
-    """xc (C + 1, 17, 16) float32: xc[c, t] = x[xidx[c, t]] (0 where xidx < 0), xc[c, 16] = Σ_t xc[c, t]:
-    the activations in kernel order, one masked 16-lane gather per position (xidx from _x_index)."""
+    """xc (C + 1, 17, 16) float32: xc[c, t] = x[xidx[c, t]] (0 where xidx is its dtype's max),
+    xc[c, 16] = Σ_t xc[c, t]: the activations in kernel order, one masked 16-lane gather per
+    position (xidx from _x_index)."""
     if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"):
         return None             # the gather addresses x by its data pointer
+    ib = xidx.dtype.bitwidth
 
     def codegen(context, builder, sig, args):
         x_v, idx_v, xc_v = args
@@ -670,13 +669,15 @@ def _prep_x(typingctx, x, xidx, xc):
         v16i64 = ir.VectorType(i64, 16)
         base = _splat(builder, builder.ptrtoint(px, i64))   # llvmlite's gep takes no vector index
         with cgutils.for_range(builder, nch) as loop:
-            src = _gep(builder, pidx, builder.shl(loop.index, ir.Constant(i64, 8)), _I32)
+            ity = ir.IntType(ib)
+            vty = ir.VectorType(ity, 16)
+            src = _gep(builder, pidx, builder.shl(loop.index, ir.Constant(i64, 8)), ity)
             dst = _gep(builder, pxc, builder.mul(loop.index, ir.Constant(i64, 16 * XC_ROWS)), _F32)
             xs = zero
             for t in range(16):
-                idx = builder.load(_gep(builder, src, ir.Constant(i64, 16 * t), _I32), typ=_V16I32, align=4)
-                ok = builder.icmp_signed(">=", idx, _vi(0))
-                off = builder.shl(builder.zext(builder.select(ok, idx, _vi(0)), v16i64),
+                idx = builder.load(_gep(builder, src, ir.Constant(i64, 16 * t), ity), typ=vty, align=ib // 8)
+                ok = builder.icmp_unsigned("!=", idx, ir.Constant(vty, [(1 << (ib - 1 if ib == 32 else ib)) - 1] * 16))
+                off = builder.shl(builder.zext(builder.select(ok, idx, ir.Constant(vty, [0] * 16)), v16i64),
                                   ir.Constant(v16i64, [2] * 16))
                 ptrs = builder.inttoptr(builder.add(base, off), vptr)
                 v = builder.call(gather, [ptrs, ir.Constant(_I32, 4), ok, zero])
@@ -812,7 +813,6 @@ class SpQRLinear:
         self.xidx = _x_index(self.perm, G)
         self.xc = np.zeros((C, XC_ROWS, 16), np.float32)
         self.sf = np.zeros((1, C, 4, 16), np.float32)
-        self.tmp = np.zeros((1, self.n_pad), np.float32)
         # the kernels' leading arguments, built once (a matvec of a small matrix is ~2 µs)
         self._parts_args = (self.bits, self.codes, self.stq, self.st2, self.rp, self.oc, self.ov,
                             self.sg, self.sbits)
@@ -854,8 +854,9 @@ class SpQRLinear:
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
-        _decode_rows(*self._args(), i, i + 1, self.tmp, self.sf[0])
-        _row_out(self.perm, self.tmp[0], self.G, out)
+        tmp = thread_scratch("spqr.row", (1, self.n_pad))
+        _decode_rows(*self._args(), i, i + 1, tmp, self.sf[0])
+        _row_out(self.perm, tmp[0], self.G, out)
 
 
 class SpQRCodec:
