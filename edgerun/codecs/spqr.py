@@ -8,7 +8,8 @@ to n_pad (a multiple of 16; padded columns are zero and read zero activations):
 Codes are stored by chunks of 16 groups in byte sections with one byte per group, so a kernel
 vector lane is a group (see "kernels" below): the matvec decodes 16 weights per vector op and
 applies the 16 groups' scales and zeros with a few more, ≈ 2× the speed of a per-group layout.
-Stats are decoded per row block inside the kernel, so what is resident is exactly what is stored.
+Stats are decoded per row block inside the kernel, so what is resident is exactly what is stored
+(plus, per matrix, an activation index and scratch of a few KiB).
 
 Encode is the paper's procedure (GPTQ with error feedback through the Cholesky factor of H⁻¹,
 group statistics fit at the group's first column without its likely outliers found by the
@@ -297,10 +298,13 @@ def decode(parts: dict, params: dict | None = None) -> np.ndarray:
 # q_t · xc[c, t] is a plain vector multiply-add at a constant offset from one pointer, and the
 # group's scale and zero (also one lane per group) apply once per 256 weights with no horizontal
 # sum per group. LLVM IR through numba @intrinsic (as cluster.py): DESIGN §6, plain Numba loops
-# stay scalar. The tail chunk (G mod 16 groups) uses the same code with masked loads.
-# Speed (measured, Zen 5): the multiply-adds of a chunk run as 4 independent chains per row with
-# 2 rows sharing each x load; with `fast` (reassoc) flags LLVM folds them into one 16-deep chain
-# and the kernel becomes FMA-latency bound (2x slower in cache).
+# stay scalar. The tail chunk (G mod 16 groups) uses the same code with masked loads, except
+# tails of 4 or 8 groups (n = 576: 36 groups), whose rows are packed 4 or 2 to a vector.
+# Measured on Zen 5 (SmolLM2 shapes): the multiply-adds of a chunk must run as 4 independent
+# chains per row, with 2 rows sharing each x load: with `fast` (reassoc) flags LLVM folds them
+# into one 16-deep chain and the kernel is FMA-latency bound (2x slower in cache); a masked tail
+# of 4 groups cost as much as a full chunk (+35 % on 576 columns); rows of 768 bytes read in
+# pairs lost the hardware prefetcher (2x slower from DRAM) without the software prefetch.
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V16I8, _V16I32, _V16F32 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
@@ -517,7 +521,7 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     stats widened by _widen_stats. Full chunks ROWS rows at a time; then a tail chunk of w = 4 or 8
     groups packed 16 // w rows per vector, any other tail one row at a time with masked loads."""
     def codegen(context, builder, sig, args):
-        codes_v, stq_v, xc_v, sf_v, out_v, i0_v, i1_v, G_v, sbits_v, bits_v = args
+        i0_v, i1_v, G_v, sbits_v, bits_v = args[5:]
         i64 = G_v.type
         ptrs = [_data(context, builder, sig.args[k], args[k]) for k in range(5)]     # codes stq xc sf out
         smask, sshift = _stat_consts(builder, sbits_v)
@@ -538,7 +542,7 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
             start = cgutils.alloca_once_value(builder, i0_v)
             for wc in (4, 8):
                 with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
-                    builder.store(row_groups(16 // wc, i0_v, lambda i: _packed_tail_ir(
+                    builder.store(row_groups(16 // wc, i0_v, lambda i, wc=wc: _packed_tail_ir(
                         builder, wc, i, *ptrs, G_v, bits, smask, sshift)), start)
             with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
                 row_groups(1, builder.load(start), lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask,
