@@ -241,3 +241,57 @@ def test_order_blocks_level_invariant():
     dens = [scores[nm][0] / sizes[nm] for nm in lvl0]
     assert dens == sorted(dens, reverse=True)
     assert order_blocks({}, {}) == []
+
+
+@pytest.mark.parametrize("lead", [1, 2])
+def test_order_blocks_lead(lead):
+    rng = np.random.default_rng(5)
+    names = [f"m{i}" for i in range(7)]
+    scores = {nm: list(np.sort(rng.uniform(0, 10, 6))[::-1] * (100.0 if nm == "m3" else 1.0)) for nm in names}
+    sizes = dict.fromkeys(names, 100)
+    order = order_blocks(sizes, scores, lead=lead)
+    assert sorted(order) == sorted((nm, i) for nm in names for i in range(6))
+    assert {nm for nm, i in order[:len(names)]} == set(names)     # block 0 of every matrix first
+    have = dict.fromkeys(names, 0)
+    for nm, i in order:
+        assert i == have[nm]
+        assert i <= min(have[o] for o in names if have[o] < 6) + lead    # at most `lead` ahead
+        have[nm] += 1
+    # the matrix whose blocks matter 100x more runs `lead` blocks ahead of the rest
+    first = order.index(("m3", 1 + lead))
+    assert all(have_i < 2 for have_i in [sum(1 for nm, i in order[:first] if nm == o) for o in names if o != "m3"])
+
+
+def test_measured_sensitivity_matches_the_runtime(tiny_dir, tmp_path):
+    """ΔNLL of one matrix dropping a block, measured on dense decodes from cached layer inputs,
+    equals the loaded (LUT) model's NLL change with that matrix resized."""
+    import edgerun
+    from edgerun.bitstack_runtime import _token_nll, measured_sensitivity, sensitivity_order
+    from edgerun.convert.pack import make_recipe, pack
+    from edgerun.ebin import EbinFile
+    from edgerun.model import Transformer
+    out = tmp_path / "tiny-bs.ebin"
+    pack(tiny_dir("qwen2"), out, recipe=make_recipe("f16", "bitstack", 4), calib_tokens=512)
+    windows = np.random.default_rng(0).integers(3, 200, (2, 24))
+    with edgerun.load(out, context=64) as m, EbinFile(out) as f:
+        tensors, imp = f.manifest["tensors"], f.manifest["bitstack"]["importance"]
+        parts = {n: {p: f.read(a) for p, a in tensors[n]["parts"].items()} for n in imp}
+        sizes = {n: parts[n]["block.0"].nbytes for n in imp}
+        linears = m._stack.linears
+        for n in imp:
+            linears[n].set_blocks(3)
+
+        def nll():
+            return sum(_token_nll(m.logits(w.tolist()), w) for w in windows) / (windows.size - len(windows))
+
+        base = nll()
+        tf = Transformer(m.config, m._transformer.w, 64, chunk=16, layers=m._transformer.layers)
+        got = measured_sensitivity(tf, parts, windows, 3)
+        for name in sorted(imp)[:3] + sorted(imp)[-2:]:
+            linears[name].set_blocks(2)
+            want = nll() - base
+            linears[name].set_blocks(3, parts[name])
+            assert got[name] == pytest.approx(want, abs=2e-4)
+        order, delta = sensitivity_order(tf, parts, imp, sizes, windows, level=3, lead=1)
+        assert delta == pytest.approx(got)
+        assert sorted(order) == sorted((n, i) for n in imp for i in range(4))

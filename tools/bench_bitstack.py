@@ -14,11 +14,18 @@ times BitStackCodec.encode per shape (16 blocks at --rank).
 instead prints the weight error ‖W − Ŵ‖/‖W‖ of real SmolLM2 matrices at equal bits/weight for
 several ranks and overshoots (formats/codec-bitstack.md, "Choosing rank, overshoot and signs").
 
-    python tools/bench_bitstack.py --curve model.ebin [--bpw 4.5,5.14,6] [--chunks 8]
+    python tools/bench_bitstack.py --curve model.ebin [--bpw 4.5,5.14,6] [--chunks 8] [--order order.json]
 
 instead measures the size/quality curve of a BitStack pack: `m.resize(weights=bpw x parameters / 8)`
 then perplexity on tools/data/wikitext2_heldout.txt under `edgerun eval`'s protocol (windows of
 512, the first --chunks of them) — the numbers tools/QUALITY.md gives for fixed-size packs.
+--order replaces the pack's global block order ([[name, block], ...] JSON, as --reorder writes).
+
+    python tools/bench_bitstack.py --reorder model.ebin -o order.json [--windows 4]
+
+instead measures every matrix's sensitivity (bitstack_runtime.sensitivity_order: ΔNLL of its
+5 -> 4 block step on the last --windows windows of 256 tokens of the bundled calibration text)
+and writes the resulting global order, the order `edgerun pack` would store with it.
 """
 from __future__ import annotations
 
@@ -64,7 +71,45 @@ def quality(gguf: str, layer: int) -> None:
                           f"3/4.5/6/8 bits/weight " + " ".join(f"{e:.3f}" for e in at), flush=True)
 
 
-def curve(path: str, bpws: list[float], chunks: int, threads: int) -> None:
+def reorder(path: str, out: str, n_windows: int, threads: int) -> None:
+    """Write the measured-sensitivity global order of a pack's blocks to `out` (JSON)."""
+    import json
+
+    import edgerun
+    from edgerun.bitstack_runtime import sensitivity_order
+    from edgerun.calibrate import default_calibration_text
+    from edgerun.ebin import EbinFile
+    from edgerun.model import Transformer
+    with edgerun.load(path, ram="64GB", context=256, threads=threads) as m, EbinFile(path) as f:
+        tensors, bsec = f.manifest["tensors"], f.manifest["bitstack"]
+        scores = bsec["importance"]
+        parts = {n: {p: f.read(a) for p, a in tensors[n]["parts"].items()} for n in scores}
+        sizes = {n: p["block.0"].nbytes for n, p in parts.items()}
+        ids = m.tokenizer.encode(default_calibration_text(), add_special_tokens=False)
+        token_windows = np.asarray(ids[-n_windows * 256:]).reshape(n_windows, 256)
+        tf = Transformer(m.config, m._transformer.w, 256, chunk=128, layers=m._transformer.layers)
+        t = time.perf_counter()
+        order, delta = sensitivity_order(tf, parts, scores, sizes, token_windows)
+    with open(out, "w") as fh:
+        json.dump({"order": [[n, i] for n, i in order], "delta": delta}, fh)
+    print(f"wrote {out} ({len(order)} blocks, sensitivity measured in {time.perf_counter() - t:.0f} s)")
+
+
+def use_order(m, order_file: str) -> None:
+    """Replace a loaded BitStack model's global order (shrunk to one block per matrix first)."""
+    import json
+
+    from edgerun.bitstack_runtime import BlockOrder
+    from edgerun.ebin import EbinFile
+    with open(order_file) as fh:
+        order = json.load(fh)["order"]
+    stack = m._stack
+    with EbinFile(m.path) as f:
+        stack.resize(f, stack.order.minimum)
+        stack.order = BlockOrder(dict(m.manifest, bitstack=dict(m.manifest["bitstack"], order=order)), f.arrays)
+
+
+def curve(path: str, bpws: list[float], chunks: int, threads: int, order_file: str | None = None) -> None:
     """Perplexity of a BitStack pack resized to each bits/weight (whole-model weight bytes)."""
     import math
     from pathlib import Path
@@ -73,6 +118,8 @@ def curve(path: str, bpws: list[float], chunks: int, threads: int) -> None:
     from edgerun.evaluate import perplexity, windows
     text = (Path(__file__).parent / "data" / "wikitext2_heldout.txt").read_text(encoding="utf-8")
     with edgerun.load(path, ram="64GB", context=512, threads=threads) as m:
+        if order_file:
+            use_order(m, order_file)
         params = sum(math.prod(e["shape"]) for name, e in m.manifest["tensors"].items()
                      if name != "lm_head.weight" or not m.config.tie_word_embeddings)
         token_windows = windows(m.tokenizer, text, 512, chunks)
@@ -108,9 +155,15 @@ def main():
     ap.add_argument("--curve", metavar="EBIN", default=None)
     ap.add_argument("--bpw", default="4.5,5.14,6")
     ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--order", default=None)
+    ap.add_argument("--reorder", metavar="EBIN", default=None)
+    ap.add_argument("-o", "--output", default="order.json")
+    ap.add_argument("--windows", type=int, default=4)
     a = ap.parse_args()
+    if a.reorder:
+        return reorder(a.reorder, a.output, a.windows, int(a.threads.split(",")[-1]))
     if a.curve:
-        return curve(a.curve, [float(b) for b in a.bpw.split(",")], a.chunks, int(a.threads.split(",")[-1]))
+        return curve(a.curve, [float(b) for b in a.bpw.split(",")], a.chunks, int(a.threads.split(",")[-1]), a.order)
     if a.quality:
         from edgerun.default_model import default_gguf
         return quality(a.gguf or str(default_gguf()), a.layer)
