@@ -154,8 +154,8 @@ def measured_sensitivity(transformer, parts: dict[str, dict], token_windows: np.
     measurement restarts from the cached input of the matrix's own layer."""
     from .codecs import get_codec
     from .codecs.bitstack import BitStackCodec
-    from .model import LAYER_TENSORS, _linear
     from .kernels import rmsnorm_rows
+    from .model import LAYER_TENSORS, _linear
     dense = get_codec("dense")
 
     def linear(p, m):
