@@ -234,11 +234,11 @@ def smoothed_sensitivity(delta: dict[str, float], window: int = SENSITIVITY_WIND
 
 
 def sensitivity_order(transformer, parts: dict[str, dict], scores: dict[str, list[float]],
-                      sizes: dict[str, int], token_windows: np.ndarray, level: int = SENSITIVITY_LEVEL,
-                      lead: int = 0) -> tuple[list[tuple[str, int]], dict[str, float]]:
+                      sizes: dict[str, int], token_windows: np.ndarray,
+                      level: int = SENSITIVITY_LEVEL) -> tuple[list[tuple[str, int]], dict[str, float]]:
     """The global block order with the output-error proxy put in loss units per matrix:
     alpha = (smoothed measured ΔNLL of the matrix's block `level`-1) / (its proxy score), then
-    `order_blocks` on alpha x scores (level by level with lead = 0). Returns (order, the raw
+    `order_blocks` on alpha x scores (level by level). Returns (order, the raw
     measured ΔNLL per matrix).
 
     The proxy tr(E H Eᵀ) compares blocks of one matrix, not matrices: how much a layer's output
@@ -255,4 +255,4 @@ def sensitivity_order(transformer, parts: dict[str, dict], scores: dict[str, lis
     for name, s in scores.items():
         alpha = max(smooth[name], floor) / max(s[level - 1], 1e-30)
         scaled[name] = [alpha * v for v in s]
-    return order_blocks(sizes, scaled, lead=lead), delta
+    return order_blocks(sizes, scaled), delta

@@ -243,25 +243,6 @@ def test_order_blocks_level_invariant():
     assert order_blocks({}, {}) == []
 
 
-@pytest.mark.parametrize("lead", [1, 2])
-def test_order_blocks_lead(lead):
-    rng = np.random.default_rng(5)
-    names = [f"m{i}" for i in range(7)]
-    scores = {nm: list(np.sort(rng.uniform(0, 10, 6))[::-1] * (100.0 if nm == "m3" else 1.0)) for nm in names}
-    sizes = dict.fromkeys(names, 100)
-    order = order_blocks(sizes, scores, lead=lead)
-    assert sorted(order) == sorted((nm, i) for nm in names for i in range(6))
-    assert {nm for nm, i in order[:len(names)]} == set(names)     # block 0 of every matrix first
-    have = dict.fromkeys(names, 0)
-    for nm, i in order:
-        assert i == have[nm]
-        assert i <= min(have[o] for o in names if have[o] < 6) + lead    # at most `lead` ahead
-        have[nm] += 1
-    # the matrix whose blocks matter 100x more runs `lead` blocks ahead of the rest
-    first = order.index(("m3", 1 + lead))
-    assert all(have_i < 2 for have_i in [sum(1 for nm, i in order[:first] if nm == o) for o in names if o != "m3"])
-
-
 def test_measured_sensitivity_matches_the_runtime(tiny_dir, tmp_path):
     """ΔNLL of one matrix dropping a block, measured on dense decodes from cached layer inputs,
     equals the loaded (LUT) model's NLL change with that matrix resized."""
@@ -292,6 +273,6 @@ def test_measured_sensitivity_matches_the_runtime(tiny_dir, tmp_path):
             want = nll() - base
             linears[name].set_blocks(3, parts[name])
             assert got[name] == pytest.approx(want, abs=2e-4)
-        order, delta = sensitivity_order(tf, parts, imp, sizes, windows, level=3, lead=1)
+        order, delta = sensitivity_order(tf, parts, imp, sizes, windows, level=3)
         assert delta == pytest.approx(got)
         assert sorted(order) == sorted((n, i) for n in imp for i in range(4))
