@@ -235,7 +235,7 @@ def smoothed_sensitivity(delta: dict[str, float], window: int = SENSITIVITY_WIND
 
 def sensitivity_order(transformer, parts: dict[str, dict], scores: dict[str, list[float]],
                       sizes: dict[str, int], token_windows: np.ndarray,
-                      level: int = SENSITIVITY_LEVEL) -> tuple[list[tuple[str, int]], dict[str, float]]:
+                      level: int = SENSITIVITY_LEVEL, progress=None) -> tuple[list[tuple[str, int]], dict[str, float]]:
     """The global block order with the output-error proxy put in loss units per matrix:
     alpha = (smoothed measured ΔNLL of the matrix's block `level`-1) / (its proxy score), then
     `order_blocks` on alpha x scores (level by level). Returns (order, the raw
@@ -247,7 +247,7 @@ def sensitivity_order(transformer, parts: dict[str, dict], scores: dict[str, lis
     rate instead (formats/codec-bitstack.md, "Global order")."""
     from .codecs.bitstack import order_blocks
     level = min(level, min(len(s) for s in scores.values()))
-    delta = measured_sensitivity(transformer, parts, token_windows, level)
+    delta = measured_sensitivity(transformer, parts, token_windows, level, progress)
     smooth = smoothed_sensitivity(delta)
     positive = [v for v in smooth.values() if v > 0]
     floor = SENSITIVITY_FLOOR * (float(np.median(positive)) if positive else 1.0)

@@ -184,6 +184,8 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layo
     summary = do_pack(src, output, recipe=rules, calib_text=calib_file.read() if calib_file else None,
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, progress=progress_bar("packing"),
                       layer_progress=progress_bar("calibrating and compressing layers", unit="layers"),
+                      order_progress=progress_bar("ordering BitStack blocks (measured loss per matrix)",
+                                                  unit="matrices"),
                       layout=layout)
     _err(str(summary))
 

@@ -191,9 +191,9 @@ class TensorStore:
             self.loaded[name] = loaded
         return loaded
 
-    def finish(self, cfg: ModelConfig, order_windows, curve_windows) -> dict | None:
+    def finish(self, cfg: ModelConfig, order_windows, curve_windows, progress=None) -> dict | None:
         """Write the held-back BitStack blocks in global order, measured on `order_windows`
-        (bitstack_runtime.sensitivity_order); the manifest's `bitstack` section, with the
+        (bitstack_runtime.sensitivity_order, `progress(done, total)` per matrix); the manifest's `bitstack` section, with the
         size/quality curve measured on `curve_windows` (both calibration text)."""
         if not self.stack_parts:
             return None
@@ -202,7 +202,8 @@ class TensorStore:
         sizes = {n: parts["block.0"].nbytes for n, parts in self.stack_parts.items()}
         tf = Transformer(cfg, Weights(self.loaded, cfg),
                          context=max(order_windows.shape[1], curve_windows.shape[1]))
-        order, _ = sensitivity_order(tf, self.stack_parts, self.stack_scores, sizes, order_windows)
+        order, _ = sensitivity_order(tf, self.stack_parts, self.stack_scores, sizes, order_windows,
+                                     progress=progress)
         for name, i in order:
             self.writer.add_array(self.entries[name]["parts"][f"block.{i}"], self.stack_parts[name][f"block.{i}"])
         fixed = sum(self.group_bytes.values()) - sum(
@@ -217,9 +218,10 @@ class TensorStore:
 
 def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | None = None,
          calib_text: str | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS, progress=None,
-         layer_progress=None, layout: str = "standard") -> PackSummary:
+         layer_progress=None, layout: str = "standard", order_progress=None) -> PackSummary:
     """Convert `src` into `out`. `progress(done_bytes, total_bytes)` is called after each tensor
-    of a dense pack; `layer_progress(done, total)` after each calibrated layer. `layout="flash"`
+    of a dense pack; `layer_progress(done, total)` after each calibrated layer; `order_progress`
+    after each BitStack matrix whose sensitivity is measured. `layout="flash"`
     stores the FFN as neuron bundles for streaming (edgerun/streaming.py, formats/flash-layout.md)."""
     start = time.perf_counter()
     recipe = recipe or make_recipe(dtype)
@@ -249,7 +251,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 calibration = {"tokens": int(sequences.size), "sequence_length": CALIB_SEQ_LEN,
                                "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
                 calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
-                stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:])
+                stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:], order_progress)
             else:
                 if layout == "flash":
                     from ..streaming import is_ffn_weight, write_flash
