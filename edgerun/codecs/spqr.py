@@ -387,7 +387,12 @@ def _vload(builder, p, off):
 def _chunk_stats(builder, ps, psf, mask, smask, sshift):
     """IR: scale and zero <16 x float> of a chunk's 16 groups: stat bytes at ps, the chunk's
     widened block stats sf[c] (4, 16) at psf."""
-    f = _load_bytes(builder, ps, mask)
+    return _scale_zero(builder, _load_bytes(builder, ps, mask), psf, smask, sshift)
+
+
+def _scale_zero(builder, f, psf, smask, sshift):
+    """IR: scale and zero <16 x float> from stat bytes f <16 x i32> (quantized scale in the low
+    sbits, zero above) and widened block stats (4, 16) at psf."""
     qs = builder.sitofp(builder.and_(f, smask), _V16F32)
     qz = builder.sitofp(builder.lshr(f, sshift), _V16F32)
     sf = [_vload(builder, psf, 16 * k) for k in range(4)]
@@ -496,9 +501,7 @@ def _packed_tail_ir(builder, w, i, pc0, ps0, px, psf, po, G, bits, smask, sshift
         st = builder.insert_element(st, v, ir.Constant(_I32, p))
     f = builder.zext(builder.bitcast(st, _V16I8), _V16I32)
     pcsf = _gep(builder, psf, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, 64)), _F32)
-    sf = [_vload(builder, pcsf, 16 * k) for k in range(4)]
-    s = builder.fadd(builder.fmul(sf[0], builder.sitofp(builder.and_(f, smask), _V16F32), flags=_FAST), sf[1], flags=_FAST)
-    z = builder.fadd(builder.fmul(sf[2], builder.sitofp(builder.lshr(f, sshift), _V16F32), flags=_FAST), sf[3], flags=_FAST)
+    s, z = _scale_zero(builder, f, pcsf, smask, sshift)
     part = _scaled(builder, dot, s, z, _vload(builder, pxc, 256))
     for p, r in enumerate(rows):
         v = builder.extract_element(part, ir.Constant(_I32, p * w))
