@@ -821,11 +821,7 @@ class SpQRLinear:
         self.xc = np.zeros((C, XC_ROWS, 16), np.float32)
         self.sf = np.zeros((1, C, 4, 16), np.float32)
         # the kernels' leading arguments, built once (a matvec of a small matrix is ~2 µs)
-        self._parts_args = (self.bits, self.codes, self.stq, self.st2, self.rp, self.oc, self.ov,
-                            self.sg, self.sbits)
-
-    def _args(self):
-        return self._parts_args
+        self._args = (self.bits, self.codes, self.stq, self.st2, self.rp, self.oc, self.ov, self.sg, self.sbits)
 
     def _scratch(self, threads: int) -> np.ndarray:
         if self.sf.shape[0] < threads:
@@ -837,9 +833,9 @@ class SpQRLinear:
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         if self._big and get_threads() > 1:
-            _matvec_par(*self._parts_args, x, self.xidx, self.xc, out, self._scratch(get_threads()))
+            _matvec_par(*self._args, x, self.xidx, self.xc, out, self._scratch(get_threads()))
         else:
-            _matvec(*self._parts_args, x, self.xidx, self.xc, out, self.sf)
+            _matvec(*self._args, x, self.xidx, self.xc, out, self.sf)
 
     def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         """out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply."""
@@ -855,14 +851,14 @@ class SpQRLinear:
         tiles = thread_scratch("spqr.tiles", (nb, TILE_ROWS, self.n_pad))
         sf = self._scratch(nb)
         if nb > 1:
-            _mm_par(*self._args(), Xp, out, tiles, sf)
+            _mm_par(*self._args, Xp, out, tiles, sf)
         else:
-            _mm_rows(*self._args(), Xp, out, 0, self.shape[0], tiles[0], sf[0])
+            _mm_rows(*self._args, Xp, out, 0, self.shape[0], tiles[0], sf[0])
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
         tmp = thread_scratch("spqr.row", (1, self.n_pad))
-        _decode_rows(*self._args(), i, i + 1, tmp, self.sf[0])
+        _decode_rows(*self._args, i, i + 1, tmp, self.sf[0])
         _row_out(self.perm, tmp[0], self.G, out)
 
 
