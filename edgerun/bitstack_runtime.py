@@ -234,8 +234,7 @@ def smoothed_sensitivity(delta: dict[str, float], window: int = SENSITIVITY_WIND
 
 
 def sensitivity_order(transformer, parts: dict[str, dict], scores: dict[str, list[float]],
-                      sizes: dict[str, int], token_windows: np.ndarray,
-                      level: int = SENSITIVITY_LEVEL, progress=None) -> tuple[list[tuple[str, int]], dict[str, float]]:
+                      token_windows: np.ndarray, level: int = SENSITIVITY_LEVEL, progress=None) -> tuple[list[tuple[str, int]], dict[str, float]]:
     """The global block order with the output-error proxy put in loss units per matrix:
     alpha = (smoothed measured ΔNLL of the matrix's block `level`-1) / (its proxy score), then
     `order_blocks` on alpha x scores (level by level). Returns (order, the raw
@@ -255,4 +254,5 @@ def sensitivity_order(transformer, parts: dict[str, dict], scores: dict[str, lis
     for name, s in scores.items():
         alpha = max(smooth[name], floor) / max(s[level - 1], 1e-30)
         scaled[name] = [alpha * v for v in s]
+    sizes = {name: p["block.0"].nbytes for name, p in parts.items()}
     return order_blocks(sizes, scaled), delta

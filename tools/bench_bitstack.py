@@ -21,11 +21,11 @@ then perplexity on tools/data/wikitext2_heldout.txt under `edgerun eval`'s proto
 512, the first --chunks of them) — the numbers tools/QUALITY.md gives for fixed-size packs.
 --order replaces the pack's global block order ([[name, block], ...] JSON, as --reorder writes).
 
-    python tools/bench_bitstack.py --reorder model.ebin -o order.json [--windows 4]
+    python tools/bench_bitstack.py --reorder model.ebin -o order.json
 
 instead measures every matrix's sensitivity (bitstack_runtime.sensitivity_order: ΔNLL of its
-5 -> 4 block step on the last --windows windows of 256 tokens of the bundled calibration text)
-and writes the resulting global order, the order `edgerun pack` would store with it.
+5 -> 4 block step on the calibration windows `edgerun pack` uses, default text and tokens) and
+writes the resulting global order: what a current pack stores, for a pack made before.
 """
 from __future__ import annotations
 
@@ -71,25 +71,25 @@ def quality(gguf: str, layer: int) -> None:
                           f"3/4.5/6/8 bits/weight " + " ".join(f"{e:.3f}" for e in at), flush=True)
 
 
-def reorder(path: str, out: str, n_windows: int, threads: int) -> None:
+def reorder(path: str, out: str, threads: int) -> None:
     """Write the measured-sensitivity global order of a pack's blocks to `out` (JSON)."""
     import json
 
     import edgerun
     from edgerun.bitstack_runtime import sensitivity_order
-    from edgerun.calibrate import default_calibration_text
+    from edgerun.calibrate import calibration_sequences, default_calibration_text
+    from edgerun.convert.pack import CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS, ORDER_WINDOWS
     from edgerun.ebin import EbinFile
     from edgerun.model import Transformer
     with edgerun.load(path, ram="64GB", context=256, threads=threads) as m, EbinFile(path) as f:
         tensors, bsec = f.manifest["tensors"], f.manifest["bitstack"]
         scores = bsec["importance"]
         parts = {n: {p: f.read(a) for p, a in tensors[n]["parts"].items()} for n in scores}
-        sizes = {n: p["block.0"].nbytes for n, p in parts.items()}
-        ids = m.tokenizer.encode(default_calibration_text(), add_special_tokens=False)
-        token_windows = np.asarray(ids[-n_windows * 256:]).reshape(n_windows, 256)
-        tf = Transformer(m.config, m._transformer.w, 256, chunk=128, layers=m._transformer.layers)
+        token_windows = calibration_sequences(m.tokenizer, default_calibration_text(), DEFAULT_CALIB_TOKENS,
+                                              CALIB_SEQ_LEN)[-ORDER_WINDOWS:]
+        tf = Transformer(m.config, m._transformer.w, CALIB_SEQ_LEN, chunk=128, layers=m._transformer.layers)
         t = time.perf_counter()
-        order, delta = sensitivity_order(tf, parts, scores, sizes, token_windows)
+        order, delta = sensitivity_order(tf, parts, scores, token_windows)
     with open(out, "w") as fh:
         json.dump({"order": [[n, i] for n, i in order], "delta": delta}, fh)
     print(f"wrote {out} ({len(order)} blocks, sensitivity measured in {time.perf_counter() - t:.0f} s)")
@@ -158,10 +158,9 @@ def main():
     ap.add_argument("--order", default=None)
     ap.add_argument("--reorder", metavar="EBIN", default=None)
     ap.add_argument("-o", "--output", default="order.json")
-    ap.add_argument("--windows", type=int, default=4)
     a = ap.parse_args()
     if a.reorder:
-        return reorder(a.reorder, a.output, a.windows, int(a.threads.split(",")[-1]))
+        return reorder(a.reorder, a.output, int(a.threads.split(",")[-1]))
     if a.curve:
         return curve(a.curve, [float(b) for b in a.bpw.split(",")], a.chunks, int(a.threads.split(",")[-1]), a.order)
     if a.quality:

@@ -193,8 +193,9 @@ class TensorStore:
 
     def finish(self, cfg: ModelConfig, order_windows, curve_windows, progress=None) -> dict | None:
         """Write the held-back BitStack blocks in global order, measured on `order_windows`
-        (bitstack_runtime.sensitivity_order, `progress(done, total)` per matrix); the manifest's `bitstack` section, with the
-        size/quality curve measured on `curve_windows` (both calibration text)."""
+        (bitstack_runtime.sensitivity_order, `progress(done, total)` per matrix); the manifest's
+        `bitstack` section, with the size/quality curve measured on `curve_windows` (both
+        calibration text)."""
         if not self.stack_parts:
             return None
         from ..bitstack_runtime import sensitivity_order, size_quality_curve
@@ -202,8 +203,7 @@ class TensorStore:
         sizes = {n: parts["block.0"].nbytes for n, parts in self.stack_parts.items()}
         tf = Transformer(cfg, Weights(self.loaded, cfg),
                          context=max(order_windows.shape[1], curve_windows.shape[1]))
-        order, _ = sensitivity_order(tf, self.stack_parts, self.stack_scores, sizes, order_windows,
-                                     progress=progress)
+        order, _ = sensitivity_order(tf, self.stack_parts, self.stack_scores, order_windows, progress=progress)
         for name, i in order:
             self.writer.add_array(self.entries[name]["parts"][f"block.{i}"], self.stack_parts[name][f"block.{i}"])
         fixed = sum(self.group_bytes.values()) - sum(
