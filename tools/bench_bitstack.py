@@ -26,6 +26,13 @@ then perplexity on tools/data/wikitext2_heldout.txt under `edgerun eval`'s proto
 instead measures every matrix's sensitivity (bitstack_runtime.sensitivity_order: ΔNLL of its
 5 -> 4 block step on the calibration windows `edgerun pack` uses, default text and tokens) and
 writes the resulting global order: what a current pack stores, for a pack made before.
+
+    python tools/bench_bitstack.py --versus bs.ebin --with spqr:4=spqr_4.ebin --with cluster:4=c4.ebin [--gguf SRC]
+
+instead compares matrix by matrix at equal bits/weight: each pack's output error
+√(tr(E H Eᵀ)/tr(W H Wᵀ)) (E = decoded − source weights, H from 4096 tokens of the calibration
+text) against the BitStack pack's at the same bits (its blocks 2..8, interpolated in log error),
+on layers --layers-at (default 3,8,15,22,29); prints the ratio per matrix type.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import time
 import numpy as np
 
 from edgerun import kernels
+from edgerun.codecs import get_codec
 from edgerun.codecs.bitstack import BitStackCodec, block_layout
 
 # (name, d, n) of one SmolLM2-135M layer
@@ -131,6 +139,57 @@ def curve(path: str, bpws: list[float], chunks: int, threads: int, order_file: s
                   f"{m.blocks[0]}/{m.blocks[1]} blocks): {r} [{time.perf_counter() - t:.0f} s]", flush=True)
 
 
+def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> None:
+    """Per matrix type: BitStack's output error at each other pack's bits/weight, as a ratio to it."""
+    from edgerun.calibrate import calibrate_and_store, calibration_sequences, default_calibration_text, f32_linear
+    from edgerun.config import ModelConfig
+    from edgerun.convert.pack import CALIB_SEQ_LEN, open_source
+    from edgerun.ebin import EbinFile
+    from edgerun.tokenizer import Tokenizer
+    W, H = {}, {}
+
+    def store(name, w, hessian=None):          # the calibration pass on the source weights
+        if name.startswith("model.layers.") and hessian is not None and int(name.split(".")[2]) in layers:
+            W[name], H[name] = w.astype(np.float64), hessian
+        return f32_linear(w) if w.ndim == 2 else w
+
+    with open_source(gguf) as src:
+        meta = src.meta
+        tok = Tokenizer(meta.tokenizer_json, bos_token_id=meta.bos_token_id, eos_token_ids=meta.eos_token_ids,
+                        add_bos_token=meta.add_bos_token, chat_template=None)
+        calibrate_and_store(src, ModelConfig.from_dict(meta.config),
+                            calibration_sequences(tok, default_calibration_text(), 4096, CALIB_SEQ_LEN), store)
+
+    def error(f, name, blocks=None):
+        e = f.manifest["tensors"][name]
+        parts = {p: f.read(a) for p, a in e["parts"].items()}
+        codec = get_codec(e["codec"])
+        E = codec.decode(parts, e["params"], **({} if blocks is None else {"blocks": blocks})) - W[name]
+        bits = (codec.nbytes(parts) if blocks is None else
+                blocks * block_layout(*E.shape, int(parts["meta"][2]))[2] + 4 * E.shape[1] + 16) * 8 / E.size
+        return bits, np.sqrt(np.einsum("ij,jk,ik->", E, H[name], E) / np.einsum("ij,jk,ik->", W[name], H[name], W[name]))
+
+    files = {label: EbinFile(p) for label, p in others.items()}
+    ratios = {}                                 # (type, label) -> [ratio per layer]
+    with EbinFile(path) as bs:
+        for name in W:
+            curve = np.array([error(bs, name, m) for m in range(2, 9)])
+            kind = name.split(".")[-2]
+            for label, f in files.items():
+                bits, e = error(f, name)
+                mine = np.exp(np.interp(bits, curve[:, 0], np.log(curve[:, 1])))
+                ratios.setdefault((kind, label), []).append(mine / e)
+                print(f"{name}: {label} {bits:.2f} bits/weight error {e:.4f}, bitstack {mine:.4f} ({mine / e:.2f}x)",
+                      flush=True)
+    for f in files.values():
+        f.close()
+    print("\nBitStack's output error / the pack's, at the pack's bits/weight (geometric mean over layers "
+          + ",".join(map(str, layers)) + ")")
+    print("| matrix | " + " | ".join(others) + " |\n|---|" + "---:|" * len(others))
+    for kind in dict.fromkeys(k for k, _ in ratios):
+        print(f"| {kind} | " + " | ".join(f"{np.exp(np.mean(np.log(ratios[kind, lb]))):.2f}x" for lb in others) + " |")
+
+
 def time_calls(fn, reps: int) -> float:
     fn()
     best = float("inf")
@@ -158,7 +217,14 @@ def main():
     ap.add_argument("--order", default=None)
     ap.add_argument("--reorder", metavar="EBIN", default=None)
     ap.add_argument("-o", "--output", default="order.json")
+    ap.add_argument("--versus", metavar="EBIN", default=None)
+    ap.add_argument("--with", dest="others", action="append", default=[], metavar="LABEL=EBIN")
+    ap.add_argument("--layers-at", default="3,8,15,22,29")
     a = ap.parse_args()
+    if a.versus:
+        from edgerun.default_model import default_gguf
+        return versus(a.versus, dict(o.split("=", 1) for o in a.others), a.gguf or str(default_gguf()),
+                      [int(i) for i in a.layers_at.split(",")])
     if a.reorder:
         return reorder(a.reorder, a.output, int(a.threads.split(",")[-1]))
     if a.curve:
