@@ -135,6 +135,31 @@ def test_gptq_signs_lower_the_output_error():
         BitStackCodec.encode(w, {"signs": "best"}, H)
 
 
+def test_joint_signs_round_the_first_blocks_as_one_grid():
+    """joint=J: the first J blocks are one binary expansion (block i's magnitude 2^-i x block
+    0's, as stored) whose signs GPTQ chooses together; at J blocks the output error is well below
+    the block-by-block choice, and the greedy blocks after J keep most of the lead."""
+    d, n = 64, 192
+    w = (RNG.standard_normal((d, n)) * RNG.uniform(0.5, 2, (d, 1))).astype(np.float32)
+    mix = RNG.standard_normal((n, n)).astype(np.float32) * 0.3 + np.eye(n, dtype=np.float32)
+    X = RNG.standard_normal((800, n)).astype(np.float32) @ mix
+    H = (X.T @ X / 800).astype(np.float64)
+    params = {"blocks": 6, "rank": 2, "overshoot": 1.15, "signs": "gptq"}
+
+    def errors(parts):
+        return [np.einsum("ij,jk,ik->", E, H, E) for E in
+                ((w - BitStackCodec.decode(parts, {}, blocks=m)).astype(np.float64) for m in range(1, 7))]
+
+    block_by_block, joint = errors(BitStackCodec.encode(w, params, H)), None
+    parts = BitStackCodec.encode(w, dict(params, joint=4), H)
+    joint = errors(parts)
+    u = [_block_views(parts[f"block.{i}"], d, n, 2)[1].view(np.float16).astype(np.float32) for i in range(4)]
+    np.testing.assert_allclose(u[3] * 8, u[0], rtol=1e-3)    # a binary expansion, as stored
+    assert joint[3] < 0.8 * block_by_block[3] and joint[5] < block_by_block[5], (joint, block_by_block)
+    with pytest.raises(EdgerunError, match="joint"):
+        BitStackCodec.encode(w, dict(params, joint=7), H)
+
+
 @pytest.mark.parametrize("d,n,k", [(37, 45, 1), (48, 40, 2), (20, 24, 3), (33, 64, 5), (16, 8, 8), (40, 72, 16)])
 def test_interleaved_layout_round_trip_and_ranks(d, n, k):
     """The kernels' layout (16 rows' sign bytes side by side) round-trips to the stored block, and

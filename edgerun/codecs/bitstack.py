@@ -5,6 +5,7 @@ Models in Variable Memory Environments").
 Encode: scale input column j by the calibration activation norm s_j = sqrt(H_jj) (AWQ-style,
 as BitStack's `get_act_scale`), then for i = 1..K: S_i = sign(R) (0 -> +1), rank-k SVD of |R|
 (sqrt(σ) on both factors), R -= S_i ⊙ (u_i v_iᵀ). Block i = packed sign bits + u_i + v_i (fp16).
+With calibration, signs are chosen by GPTQ instead, the first J blocks' together (`encode`).
 Loading the first m blocks gives W ≈ Σ_{i<m} S_i ⊙ (u_i v_iᵀ) · diag(1/s); the runtime grows or
 shrinks a matrix by changing m.
 
@@ -42,6 +43,10 @@ GPTQ_BLOCK = 128           # sign selection: columns per lazy-update block (GPTQ
 # ... and the Hessian damping. 1-bit signs are far coarser than GPTQ's 3-4 bit grids: strong
 # damping (0.3 x mean diagonal) gave 5-10% lower output error than 0.01 on SmolLM2 layer 0
 PERCDAMP = 0.3
+# Joint signs (params["joint"] = J): the first J blocks form one binary expansion, block i's
+# magnitude 2^-i x block 0's, which is LATTICE_GAIN x the rank-k fit of |R| (the expansion then
+# reaches about 2 x that, the tails of the row).
+LATTICE_GAIN = 2.0
 
 
 # --- encode / decode (NumPy reference) -----------------------------------------------------
@@ -102,35 +107,41 @@ def activation_scale(hessian: np.ndarray | None, n: int) -> np.ndarray:
 
 
 @njit(**_JIT)
-def _gptq_signs_block(R, M, U, neg, j0, j1, E):
-    # columns j0..j1-1: R (d, n) f32 working residual (updated inside the block), M (d, n) f32
-    # magnitudes, U (n, n) f32 upper Cholesky factor of H⁻¹ -> neg (d, n) bool, E (d, j1-j0) f32
-    # the scaled errors that the caller applies to the columns after j1
-    d = R.shape[0]
+def _gptq_signs_block(R, A, U, neg, j0, j1, E):
+    # columns j0..j1-1: R (d, n) f32 working residual (updated inside the block), A (J, d, n) f32
+    # the magnitudes of J blocks, U (n, n) f32 upper Cholesky factor of H⁻¹ -> neg (J, d, n) bool,
+    # E (d, j1-j0) f32 the scaled errors that the caller applies to the columns after j1
+    J, d = A.shape[0], R.shape[0]
     for j in range(j0, j1):
         ujj = U[j, j]
         for r in range(d):
-            m = M[r, j]
-            ng = R[r, j] * m < 0                # the sign that brings ±m closest to R[r, j]
-            neg[r, j] = ng
-            e = (R[r, j] - (-m if ng else m)) / ujj
+            x, q = R[r, j], 0.0
+            for i in range(J):                  # digit by digit: the sign that brings q closest to x
+                m = A[i, r, j]
+                ng = (x - q) * m < 0
+                neg[i, r, j] = ng
+                q += -m if ng else m
+            e = (x - q) / ujj
             E[r, j - j0] = e
             for c in range(j + 1, j1):
                 R[r, c] -= e * U[j, c]
 
 
-def gptq_signs(R: np.ndarray, M: np.ndarray, U: np.ndarray) -> np.ndarray:
-    """Signs S (as `neg`, d x n bool) for the block S ⊙ M, chosen column by column with GPTQ's
-    error feedback (Frantar et al. 2022): each column's error (R - S⊙M)_j is compensated on the
-    later columns through the inverse Hessian, so the block minimizes the output error
-    tr(E H Eᵀ) instead of ‖E‖ entry by entry. Plain signs (neg = R < 0) are the paper's choice."""
-    d, n = R.shape
+def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Signs S_i (as `neg`, J x d x n bool) of J blocks Σ_i S_i ⊙ A_i (A: J x d x n magnitudes)
+    chosen together, column by column, with GPTQ's error feedback (Frantar et al. 2022): an
+    entry's signs pick the point of {Σ_i ±A_i} nearest its running value digit by digit (exact
+    when each A_i halves the previous, a binary expansion), and each column's remaining error is
+    compensated on the later columns through the inverse Hessian, so the J blocks together
+    minimize the output error tr(E H Eᵀ). J = 1 is one block's signs; plain signs (neg = R < 0)
+    are the paper's choice."""
+    J, (d, n) = A.shape[0], R.shape
     R = R.astype(np.float32, copy=True)
-    neg = np.empty((d, n), np.bool_)
+    neg = np.empty((J, d, n), np.bool_)
     E = np.empty((d, GPTQ_BLOCK), np.float32)
     for j0 in range(0, n, GPTQ_BLOCK):
         j1 = min(n, j0 + GPTQ_BLOCK)
-        _gptq_signs_block(R, M, U, neg, j0, j1, E)
+        _gptq_signs_block(R, A, U, neg, j0, j1, E)
         if j1 < n:
             R[:, j1:] -= E[:, :j1 - j0] @ U[j0:j1, j1:]
     return neg
@@ -527,20 +538,23 @@ class BitStackLinear:
 
 class BitStackCodec:
     """Residual sign + low-rank blocks; params {"blocks": K (16), "rank": k (16), "overshoot": 1.0,
-    "signs": "sign" | "gptq"}."""
+    "signs": "sign" | "gptq", "joint": J (0)}."""
 
     name = "bitstack"
 
     @staticmethod
-    def _params(params: dict) -> tuple[int, int, float]:
+    def _params(params: dict) -> tuple[int, int, float, str, int]:
         params = params or {}
         K, k = int(params.get("blocks", 16)), int(params.get("rank", 16))
         gain = float(params.get("overshoot", 1.0))
         signs = params.get("signs", "sign")
-        if not 1 <= K <= 64 or not 1 <= k <= MAX_RANK or not 0.5 <= gain <= 2.0 or signs not in ("sign", "gptq"):
+        joint = int(params.get("joint", 0))
+        if (not 1 <= K <= 64 or not 1 <= k <= MAX_RANK or not 0.5 <= gain <= 2.0 or signs not in ("sign", "gptq")
+                or not 0 <= joint <= K):
             raise UnsupportedModelError(f"bitstack codec: blocks={K} (1..64), rank={k} (1..{MAX_RANK}), "
-                                        f"overshoot={gain} (0.5..2) and signs={signs!r} (sign, gptq) required")
-        return K, k, gain, signs
+                                        f"overshoot={gain} (0.5..2), signs={signs!r} (sign, gptq) and "
+                                        f"joint={joint} (0..blocks) required")
+        return K, k, gain, signs, joint
 
     @staticmethod
     def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -559,11 +573,16 @@ class BitStackCodec:
         blocks, -16% at 5, -28% at 6 vs 1.05).
 
         params["signs"] = "gptq" (with a hessian) picks each block's signs with GPTQ's error
-        feedback (`gptq_signs`) instead of sign(R): the block then minimizes the output error."""
+        feedback (`gptq_signs`) instead of sign(R): the block then minimizes the output error.
+        params["joint"] = J > 0 (with "gptq") makes the first J blocks one binary expansion whose
+        signs GPTQ chooses together, as it rounds to a 2^J-level grid (block by block, each
+        block's feedback only serves the 1-bit model of its own step): 0.53-0.77x the output
+        error at J blocks on SmolLM2, more below J (formats/codec-bitstack.md). Blocks J.. follow
+        one by one."""
         w = np.asarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise UnsupportedModelError(f"bitstack codec: weight must be 2-D, got shape {w.shape}")
-        K, k, gain, signs = BitStackCodec._params(params)
+        K, k, gain, signs, joint = BitStackCodec._params(params)
         d, n = w.shape
         s = activation_scale(hessian, n)
         R = w * s.astype(np.float32)[None, :]
@@ -578,18 +597,31 @@ class BitStackCodec:
             back = np.argsort(perm)
             Hs = np.asarray(hessian, np.float64) / np.outer(s, s)
             Uh = inverse_cholesky(Hs[np.ix_(perm, perm)], PERCDAMP)[0].astype(np.float32)
-        for i in range(K):
-            U, V = _rsvd(np.abs(R), k, rng)
-            u16, v16 = _f16(U * gain), _f16(V)
-            A = _from_f16(u16) @ _from_f16(v16).T       # the stored magnitudes
-            neg = R < 0 if Uh is None else gptq_signs(R[:, perm], A[:, perm], Uh)[:, back]
+
+        def add_block(i, neg, u16, v16, A):
             blob = np.zeros(total, np.uint8)
             blob[: d * ((n + 7) // 8)] = np.packbits(neg, axis=1, bitorder="little").ravel()
             blob[uo: uo + 2 * d * k] = u16.view(np.uint8).ravel()
             blob[vo: vo + 2 * n * k] = v16.view(np.uint8).ravel()
             parts[f"block.{i}"] = blob
             # subtract what is *stored* (fp16 factors), so later blocks correct the rounding too
-            R -= np.where(neg, -A, A)
+            R[:] -= np.where(neg, -A, A)
+
+        J = joint if Uh is not None else 0
+        if J:
+            U, V = _rsvd(np.abs(R), k, rng)
+            v16 = _f16(V)
+            u16s = [_f16(U * (LATTICE_GAIN * 0.5 ** i)) for i in range(J)]
+            A = np.stack([_from_f16(u) @ _from_f16(v16).T for u in u16s])
+            negs = gptq_signs(R[:, perm], A[:, :, perm], Uh)[:, :, back]
+            for i in range(J):
+                add_block(i, negs[i], u16s[i], v16, A[i])
+        for i in range(J, K):
+            U, V = _rsvd(np.abs(R), k, rng)
+            u16, v16 = _f16(U * gain), _f16(V)
+            A = _from_f16(u16) @ _from_f16(v16).T       # the stored magnitudes
+            neg = R < 0 if Uh is None else gptq_signs(R[:, perm], A[None, :, perm], Uh)[0][:, back]
+            add_block(i, neg, u16, v16, A)
         return parts
 
     @staticmethod

@@ -35,6 +35,10 @@ CLUSTER_OUTLIERS = 0.003
 BITSTACK_RANK = 2
 BITSTACK_OVERSHOOT = 1.15
 BITSTACK_SIGNS = "gptq"
+# The first 4 blocks' signs chosen together (one binary expansion GPTQ rounds as a 16-level grid):
+# 0.64-0.77x the output error at 4 blocks and ~0.6-0.9x after, for 1.1-1.7x at 3 blocks
+# (layer 3, all seven matrix types; formats/codec-bitstack.md).
+BITSTACK_JOINT = 4
 # Calibration windows (the last ones) on which each stacked matrix's loss per block is measured
 # to set the global block order (bitstack_runtime.sensitivity_order).
 ORDER_WINDOWS = 4
@@ -81,7 +85,8 @@ def parse_rule(text: str) -> dict:
     if codec == "bitstack":                            # bitstack:K = K residual blocks per matrix
         blocks = int(arg) if arg.isdigit() else 16
         return {"codec": "bitstack", "params": {"blocks": blocks, "rank": BITSTACK_RANK,
-                                                "overshoot": BITSTACK_OVERSHOOT, "signs": BITSTACK_SIGNS}}
+                                                "overshoot": BITSTACK_OVERSHOOT, "signs": BITSTACK_SIGNS,
+                                                "joint": min(BITSTACK_JOINT, blocks)}}
     try:
         bits = int(arg)
     except ValueError:
