@@ -598,30 +598,46 @@ class BitStackCodec:
             Hs = np.asarray(hessian, np.float64) / np.outer(s, s)
             Uh = inverse_cholesky(Hs[np.ix_(perm, perm)], PERCDAMP)[0].astype(np.float32)
 
-        def add_block(i, neg, u16, v16, A):
-            blob = np.zeros(total, np.uint8)
-            blob[: d * ((n + 7) // 8)] = np.packbits(neg, axis=1, bitorder="little").ravel()
-            blob[uo: uo + 2 * d * k] = u16.view(np.uint8).ravel()
-            blob[vo: vo + 2 * n * k] = v16.view(np.uint8).ravel()
-            parts[f"block.{i}"] = blob
-            # subtract what is *stored* (fp16 factors), so later blocks correct the rounding too
-            R[:] -= np.where(neg, -A, A)
+        def one_block(R):
+            """The next block on residual R: (neg, u16, v16); R -= the block."""
+            U, V = _rsvd(np.abs(R), k, rng)
+            u16, v16 = _f16(U * gain), _f16(V)
+            A = _from_f16(u16) @ _from_f16(v16).T
+            neg = R < 0 if Uh is None else gptq_signs(R[:, perm], A[None, :, perm], Uh)[0][:, back]
+            R -= np.where(neg, -A, A)       # what is *stored*: later blocks correct the fp16 rounding
+            return neg, u16, v16
 
-        J = joint if Uh is not None else 0
-        if J:
+        def joint_blocks(R):
+            """Blocks 0..J-1 as one binary expansion with jointly chosen signs; R -= them."""
             U, V = _rsvd(np.abs(R), k, rng)
             v16 = _f16(V)
             u16s = [_f16(U * (LATTICE_GAIN * 0.5 ** i)) for i in range(J)]
             A = np.stack([_from_f16(u) @ _from_f16(v16).T for u in u16s])
             negs = gptq_signs(R[:, perm], A[:, :, perm], Uh)[:, :, back]
             for i in range(J):
-                add_block(i, negs[i], u16s[i], v16, A[i])
-        for i in range(J, K):
-            U, V = _rsvd(np.abs(R), k, rng)
-            u16, v16 = _f16(U * gain), _f16(V)
-            A = _from_f16(u16) @ _from_f16(v16).T       # the stored magnitudes
-            neg = R < 0 if Uh is None else gptq_signs(R[:, perm], A[None, :, perm], Uh)[0][:, back]
-            add_block(i, neg, u16, v16, A)
+                R -= np.where(negs[i], -A[i], A[i])
+            return [(negs[i], u16s[i], v16) for i in range(J)]
+
+        blocks = []
+        J = joint if Uh is not None else 0
+        if J:
+            # The expansion cannot reach entries beyond ~2x the fit of their row and column: on a
+            # matrix whose input has a massive-activation column the greedy blocks, refitted
+            # each step, do far better (SmolLM2 layer 11 down_proj: 18x lower error at 4 blocks).
+            # Keep whichever first J blocks leave the lower output error tr(E H Eᵀ).
+            Rg = R.copy()
+            greedy = [one_block(Rg) for _ in range(J)]
+            blocks = joint_blocks(R)
+            if np.einsum("ij,jk,ik->", Rg, Hs, Rg) < np.einsum("ij,jk,ik->", R, Hs, R):
+                blocks, R = greedy, Rg
+        while len(blocks) < K:
+            blocks.append(one_block(R))
+        for i, (neg, u16, v16) in enumerate(blocks):
+            blob = np.zeros(total, np.uint8)
+            blob[: d * ((n + 7) // 8)] = np.packbits(neg, axis=1, bitorder="little").ravel()
+            blob[uo: uo + 2 * d * k] = u16.view(np.uint8).ravel()
+            blob[vo: vo + 2 * n * k] = v16.view(np.uint8).ravel()
+            parts[f"block.{i}"] = blob
         return parts
 
     @staticmethod
