@@ -138,7 +138,8 @@ def test_gptq_signs_lower_the_output_error():
 def test_joint_signs_round_the_first_blocks_as_one_grid():
     """joint=J: the first J blocks are one binary expansion (block i's magnitude 2^-i x block
     0's, as stored) whose signs GPTQ chooses together; at J blocks the output error is well below
-    the block-by-block choice, and the greedy blocks after J keep most of the lead."""
+    the block-by-block choice, and the greedy blocks after J keep most of the lead. Where the
+    block-by-block blocks are better, the encoder keeps them."""
     d, n = 64, 192
     w = (RNG.standard_normal((d, n)) * RNG.uniform(0.5, 2, (d, 1))).astype(np.float32)
     mix = RNG.standard_normal((n, n)).astype(np.float32) * 0.3 + np.eye(n, dtype=np.float32)
@@ -156,6 +157,12 @@ def test_joint_signs_round_the_first_blocks_as_one_grid():
     u = [_block_views(parts[f"block.{i}"], d, n, 2)[1].view(np.float16).astype(np.float32) for i in range(4)]
     np.testing.assert_allclose(u[3] * 8, u[0], rtol=1e-3)    # a binary expansion, as stored
     assert joint[3] < 0.8 * block_by_block[3] and joint[5] < block_by_block[5], (joint, block_by_block)
+    # one input column 30x the others (a massive activation): the expansion cannot reach that
+    # column's weights, so the encoder keeps the block-by-block blocks
+    X[:, 7] *= 30
+    H = (X.T @ X / 800).astype(np.float64)
+    first = [BitStackCodec.decode(BitStackCodec.encode(w, dict(params, joint=j), H), {}, blocks=4) for j in (0, 4)]
+    assert np.array_equal(*first)
     with pytest.raises(EdgerunError, match="joint"):
         BitStackCodec.encode(w, dict(params, joint=7), H)
 
