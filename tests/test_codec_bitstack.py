@@ -151,7 +151,7 @@ def test_joint_signs_round_the_first_blocks_as_one_grid():
         return [np.einsum("ij,jk,ik->", E, H, E) for E in
                 ((w - BitStackCodec.decode(parts, {}, blocks=m)).astype(np.float64) for m in range(1, 7))]
 
-    block_by_block, joint = errors(BitStackCodec.encode(w, params, H)), None
+    block_by_block = errors(BitStackCodec.encode(w, params, H))
     parts = BitStackCodec.encode(w, dict(params, joint=4), H)
     joint = errors(parts)
     u = [_block_views(parts[f"block.{i}"], d, n, 2)[1].view(np.float16).astype(np.float32) for i in range(4)]
