@@ -234,7 +234,8 @@ def smoothed_sensitivity(delta: dict[str, float], window: int = SENSITIVITY_WIND
 
 
 def sensitivity_order(transformer, parts: dict[str, dict], scores: dict[str, list[float]],
-                      token_windows: np.ndarray, level: int = SENSITIVITY_LEVEL, progress=None) -> tuple[list[tuple[str, int]], dict[str, float]]:
+                      token_windows: np.ndarray, level: int = SENSITIVITY_LEVEL,
+                      progress=None) -> tuple[list[tuple[str, int]], dict[str, float]]:
     """The global block order with the output-error proxy put in loss units per matrix:
     alpha = (smoothed measured ΔNLL of the matrix's block `level`-1) / (its proxy score), then
     `order_blocks` on alpha x scores (level by level). Returns (order, the raw

@@ -38,6 +38,16 @@ def calibration_sequences(tokenizer, text: str, n_tokens: int, seq_len: int) -> 
     return np.asarray(ids[:n_seq * seq_len], dtype=np.int64).reshape(n_seq, seq_len)
 
 
+def source_calibration_sequences(meta, text: str | None, n_tokens: int, seq_len: int) -> np.ndarray:
+    """`calibration_sequences` of `text` (None: the bundled excerpt) with the tokenizer of a
+    checkpoint's metadata (convert/source.py SourceMeta)."""
+    from .tokenizer import Tokenizer
+    tokenizer = Tokenizer(meta.tokenizer_json, bos_token_id=meta.bos_token_id, eos_token_ids=meta.eos_token_ids,
+                          add_bos_token=meta.add_bos_token, chat_template=None)
+    return calibration_sequences(tokenizer, text if text is not None else default_calibration_text(), n_tokens,
+                                 seq_len)
+
+
 class HessianAccumulator:
     """Running sum of X^T X over the rows X fed to a linear layer."""
 

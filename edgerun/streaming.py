@@ -728,14 +728,10 @@ def write_flash(source, cfg, meta, writer, rule: dict, calib_text: str | None = 
     manifest's "flash" section, the FFN parameter count and the bytes written."""
     if rule["codec"] != "dense":
         raise UnsupportedModelError(f"--layout flash stores dense FFN weights for now, not {rule['codec']}")
-    from .calibrate import calibration_sequences, default_calibration_text
-    from .tokenizer import Tokenizer
+    from .calibrate import source_calibration_sequences
     dtype = rule["params"]["dtype"]
-    tok = Tokenizer(meta.tokenizer_json, bos_token_id=meta.bos_token_id, eos_token_ids=meta.eos_token_ids,
-                    add_bos_token=meta.add_bos_token, chat_template=None)
-    text = calib_text if calib_text is not None else default_calibration_text()
     seq_len = CALIB_SEQ_LEN
-    sequences = calibration_sequences(tok, text, calib_tokens, seq_len)
+    sequences = source_calibration_sequences(meta, calib_text, calib_tokens, seq_len)
     layers, params, nbytes = [], 0, 0
     for i, X, gate, up, down in ffn_inputs(source, cfg, sequences):
         st = layer_stats(X, gate)

@@ -141,11 +141,10 @@ def curve(path: str, bpws: list[float], chunks: int, threads: int, order_file: s
 
 def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> None:
     """Per matrix type: BitStack's output error at each other pack's bits/weight, as a ratio to it."""
-    from edgerun.calibrate import calibrate_and_store, calibration_sequences, default_calibration_text, f32_linear
+    from edgerun.calibrate import calibrate_and_store, f32_linear, source_calibration_sequences
     from edgerun.config import ModelConfig
     from edgerun.convert.pack import CALIB_SEQ_LEN, open_source
     from edgerun.ebin import EbinFile
-    from edgerun.tokenizer import Tokenizer
     W, H = {}, {}
 
     def store(name, w, hessian=None):          # the calibration pass on the source weights
@@ -154,11 +153,8 @@ def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> N
         return f32_linear(w) if w.ndim == 2 else w
 
     with open_source(gguf) as src:
-        meta = src.meta
-        tok = Tokenizer(meta.tokenizer_json, bos_token_id=meta.bos_token_id, eos_token_ids=meta.eos_token_ids,
-                        add_bos_token=meta.add_bos_token, chat_template=None)
-        calibrate_and_store(src, ModelConfig.from_dict(meta.config),
-                            calibration_sequences(tok, default_calibration_text(), 4096, CALIB_SEQ_LEN), store)
+        calibrate_and_store(src, ModelConfig.from_dict(src.meta.config),
+                            source_calibration_sequences(src.meta, None, 4096, CALIB_SEQ_LEN), store)
 
     def error(f, name, blocks=None):
         e = f.manifest["tensors"][name]
@@ -167,7 +163,8 @@ def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> N
         E = codec.decode(parts, e["params"], **({} if blocks is None else {"blocks": blocks})) - W[name]
         bits = (codec.nbytes(parts) if blocks is None else
                 blocks * block_layout(*E.shape, int(parts["meta"][2]))[2] + 4 * E.shape[1] + 16) * 8 / E.size
-        return bits, np.sqrt(np.einsum("ij,jk,ik->", E, H[name], E) / np.einsum("ij,jk,ik->", W[name], H[name], W[name]))
+        w, h = W[name], H[name]
+        return bits, np.sqrt(np.einsum("ij,jk,ik->", E, h, E) / np.einsum("ij,jk,ik->", w, h, w))
 
     files = {label: EbinFile(p) for label, p in others.items()}
     ratios = {}                                 # (type, label) -> [ratio per layer]

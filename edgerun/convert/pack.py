@@ -247,13 +247,8 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
         with EbinWriter(out) as writer:
             store = TensorStore(writer, recipe)
             if needs_calibration(recipe):
-                from ..calibrate import calibrate_and_store, calibration_sequences, default_calibration_text
-                from ..tokenizer import Tokenizer
-                tokenizer = Tokenizer(meta.tokenizer_json, bos_token_id=meta.bos_token_id,
-                                      eos_token_ids=meta.eos_token_ids, add_bos_token=meta.add_bos_token,
-                                      chat_template=None)
-                text = calib_text if calib_text is not None else default_calibration_text()
-                sequences = calibration_sequences(tokenizer, text, calib_tokens, CALIB_SEQ_LEN)
+                from ..calibrate import calibrate_and_store, source_calibration_sequences
+                sequences = source_calibration_sequences(meta, calib_text, calib_tokens, CALIB_SEQ_LEN)
                 calibration = {"tokens": int(sequences.size), "sequence_length": CALIB_SEQ_LEN,
                                "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
                 calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
