@@ -33,6 +33,12 @@ instead compares matrix by matrix at equal bits/weight: each pack's output error
 √(tr(E H Eᵀ)/tr(W H Wᵀ)) (E = decoded − source weights, H from 4096 tokens of the calibration
 text) against the BitStack pack's at the same bits (its blocks 2..8, interpolated in log error),
 on layers --layers-at (default 3,8,15,22,29); prints the ratio per matrix type.
+
+    python tools/bench_bitstack.py --attribute bs.ebin --with cluster:4=c4.ebin --bpw 4.57 [--chunks 12]
+
+instead finds which matrices carry BitStack's loss against another pack of the same model: the
+held-out perplexity of the BitStack pack at --bpw with one group of linears (one type in every
+layer, or every type of five layers) taken from the other pack.
 """
 from __future__ import annotations
 
@@ -187,6 +193,40 @@ def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> N
         print(f"| {kind} | " + " | ".join(f"{np.exp(np.mean(np.log(ratios[kind, lb]))):.2f}x" for lb in others) + " |")
 
 
+def attribute(path: str, other: str, bpw: float, chunks: int, threads: int) -> None:
+    """Which matrices carry BitStack's loss: perplexity of the pack at `bpw` with one group of
+    linears (a type in every layer, or every type of 5 layers) taken from another pack instead."""
+    import math
+    from pathlib import Path
+
+    import edgerun
+    from edgerun.evaluate import perplexity, windows
+    from edgerun.model import LAYER_TENSORS
+    text = (Path(__file__).parent / "data" / "wikitext2_heldout.txt").read_text(encoding="utf-8")
+    fields = ["q", "k", "v", "o", "gate", "up", "down"]
+    with edgerun.load(path, ram="64GB", context=512, threads=threads) as bs, \
+            edgerun.load(other, ram="64GB", context=512, threads=threads) as ot:
+        params = sum(math.prod(e["shape"]) for name, e in bs.manifest["tensors"].items()
+                     if name != "lm_head.weight" or not bs.config.tie_word_embeddings)
+        wb = bs.resize(weights=int(bpw * params / 8))
+        print(f"{Path(path).name} at {wb * 8 / params:.3f} bits/weight ({bs.blocks[0]}/{bs.blocks[1]} blocks), "
+              f"groups from {Path(other).name}")
+        token_windows = windows(bs.tokenizer, text, 512, chunks)
+        n = bs.config.num_layers
+        groups = {"none": [], "all": [(i, f) for i in range(n) for f in fields]}
+        groups.update({LAYER_TENSORS[f]: [(i, f) for i in range(n)] for f in fields})
+        groups.update({f"layers {g}-{min(g + 5, n) - 1}": [(i, f) for i in range(g, min(g + 5, n)) for f in fields]
+                       for g in range(0, n, 5)})
+        mine, theirs = bs._transformer.layers, ot._transformer.layers
+        for label, group in groups.items():
+            kept = [(i, f, getattr(mine[i], f)) for i, f in group]
+            for i, f in group:
+                setattr(mine[i], f, getattr(theirs[i], f))
+            print(f"| {label} | {perplexity(bs.logits, token_windows).ppl:.2f} |", flush=True)
+            for i, f, lin in kept:
+                setattr(mine[i], f, lin)
+
+
 def time_calls(fn, reps: int) -> float:
     fn()
     best = float("inf")
@@ -217,7 +257,13 @@ def main():
     ap.add_argument("--versus", metavar="EBIN", default=None)
     ap.add_argument("--with", dest="others", action="append", default=[], metavar="LABEL=EBIN")
     ap.add_argument("--layers-at", default="3,8,15,22,29")
+    ap.add_argument("--attribute", metavar="EBIN", default=None)
     a = ap.parse_args()
+    if a.attribute:
+        if len(a.others) != 1:
+            ap.error("--attribute needs one --with LABEL=EBIN to take linears from")
+        return attribute(a.attribute, a.others[0].split("=", 1)[-1], float(a.bpw.split(",")[0]), a.chunks,
+                         int(a.threads.split(",")[-1]))
     if a.versus:
         from edgerun.default_model import default_gguf
         return versus(a.versus, dict(o.split("=", 1) for o in a.others), a.gguf or str(default_gguf()),
