@@ -43,7 +43,9 @@ layer, or every type of five layers) taken from the other pack.
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +56,13 @@ from edgerun.codecs.bitstack import BitStackCodec, block_layout
 # (name, d, n) of one SmolLM2-135M layer
 SHAPES = [("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576),
           ("gate", 1536, 576), ("up", 1536, 576), ("down", 576, 1536)]
+HELDOUT = Path(__file__).parent / "data" / "wikitext2_heldout.txt"    # tools/QUALITY.md's text
+
+
+def counted_params(m) -> int:
+    """The parameters that bits/weight divides by: every tensor, a tied output head once."""
+    return sum(math.prod(e["shape"]) for name, e in m.manifest["tensors"].items()
+               if name != "lm_head.weight" or not m.config.tie_word_embeddings)
 
 
 def synth_parts(d: int, n: int, K: int, rng, k: int = 2) -> dict:
@@ -125,17 +134,13 @@ def use_order(m, order_file: str) -> None:
 
 def curve(path: str, bpws: list[float], chunks: int, threads: int, order_file: str | None = None) -> None:
     """Perplexity of a BitStack pack resized to each bits/weight (whole-model weight bytes)."""
-    import math
-    from pathlib import Path
-
     import edgerun
     from edgerun.evaluate import perplexity, windows
-    text = (Path(__file__).parent / "data" / "wikitext2_heldout.txt").read_text(encoding="utf-8")
+    text = HELDOUT.read_text(encoding="utf-8")
     with edgerun.load(path, ram="64GB", context=512, threads=threads) as m:
         if order_file:
             use_order(m, order_file)
-        params = sum(math.prod(e["shape"]) for name, e in m.manifest["tensors"].items()
-                     if name != "lm_head.weight" or not m.config.tie_word_embeddings)
+        params = counted_params(m)
         token_windows = windows(m.tokenizer, text, 512, chunks)
         for bpw in bpws:
             wb = m.resize(weights=int(bpw * params / 8))
@@ -196,18 +201,14 @@ def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> N
 def attribute(path: str, other: str, bpw: float, chunks: int, threads: int) -> None:
     """Which matrices carry BitStack's loss: perplexity of the pack at `bpw` with one group of
     linears (a type in every layer, or every type of 5 layers) taken from another pack instead."""
-    import math
-    from pathlib import Path
-
     import edgerun
     from edgerun.evaluate import perplexity, windows
     from edgerun.model import LAYER_TENSORS
-    text = (Path(__file__).parent / "data" / "wikitext2_heldout.txt").read_text(encoding="utf-8")
+    text = HELDOUT.read_text(encoding="utf-8")
     fields = ["q", "k", "v", "o", "gate", "up", "down"]
     with edgerun.load(path, ram="64GB", context=512, threads=threads) as bs, \
             edgerun.load(other, ram="64GB", context=512, threads=threads) as ot:
-        params = sum(math.prod(e["shape"]) for name, e in bs.manifest["tensors"].items()
-                     if name != "lm_head.weight" or not bs.config.tie_word_embeddings)
+        params = counted_params(bs)
         wb = bs.resize(weights=int(bpw * params / 8))
         print(f"{Path(path).name} at {wb * 8 / params:.3f} bits/weight ({bs.blocks[0]}/{bs.blocks[1]} blocks), "
               f"groups from {Path(other).name}")
