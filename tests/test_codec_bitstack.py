@@ -6,7 +6,7 @@ import pytest
 from edgerun import kernels
 from edgerun.codecs import get_codec
 from edgerun.codecs.bitstack import (BitStackCodec, _block_views, activation_scale, block_importance, block_layout,
-                                     deinterleave_block, interleave_block, order_blocks)
+                                     deinterleave_block, fit_digits, gptq_signs, interleave_block, order_blocks)
 from edgerun.errors import EdgerunError
 
 RNG = np.random.default_rng(7)
@@ -136,8 +136,8 @@ def test_gptq_signs_lower_the_output_error():
 
 
 def test_joint_signs_round_the_first_blocks_as_one_grid():
-    """joint=J: the first J blocks are one binary expansion (block i's magnitude 2^-i x block
-    0's, as stored) whose signs GPTQ chooses together; at J blocks the output error is well below
+    """joint=J: the first J blocks are one grid per row (block i's magnitude a_i(r) x one rank-k
+    fit, as stored) whose signs GPTQ chooses together; at J blocks the output error is well below
     the block-by-block choice, and the greedy blocks after J keep most of the lead. Where the
     block-by-block blocks are better, the encoder keeps them."""
     d, n = 64, 192
@@ -154,17 +154,60 @@ def test_joint_signs_round_the_first_blocks_as_one_grid():
     block_by_block = errors(BitStackCodec.encode(w, params, H))
     parts = BitStackCodec.encode(w, dict(params, joint=4), H)
     joint = errors(parts)
-    u = [_block_views(parts[f"block.{i}"], d, n, 2)[1].view(np.float16).astype(np.float32) for i in range(4)]
-    np.testing.assert_allclose(u[3] * 8, u[0], rtol=1e-3)    # a binary expansion, as stored
+    u, v = zip(*(_block_views(parts[f"block.{i}"], d, n, 2)[1:] for i in range(4)))
+    assert all(np.array_equal(v[0], vi) for vi in v)           # one column factor ...
+    u = [ui.view(np.float16).astype(np.float64) for ui in u]
+    for ui in u[1:]:                                          # ... and per-row multiples of one row factor
+        np.testing.assert_allclose(ui[:, 0] * u[0][:, 1], ui[:, 1] * u[0][:, 0], rtol=2e-2, atol=1e-3)
     assert joint[3] < 0.8 * block_by_block[3] and joint[5] < block_by_block[5], (joint, block_by_block)
-    # one input column 30x the others (a massive activation): the expansion cannot reach that
-    # column's weights, so the encoder keeps the block-by-block blocks
-    X[:, 7] *= 30
+    # three input columns 300x the others (massive activations): one grid per row cannot serve
+    # those columns' weights and the rest, so the encoder keeps the block-by-block blocks
+    X[:, 7:10] *= 300
     H = (X.T @ X / 800).astype(np.float64)
     first = [BitStackCodec.decode(BitStackCodec.encode(w, dict(params, joint=j), H), {}, blocks=4) for j in (0, 4)]
     assert np.array_equal(*first)
     with pytest.raises(EdgerunError, match="joint"):
         BitStackCodec.encode(w, dict(params, joint=7), H)
+    with pytest.raises(EdgerunError, match="joint"):
+        BitStackCodec.encode(w, dict(params, blocks=16, joint=9), H)
+
+
+def test_gptq_signs_pick_the_nearest_grid_point():
+    """Without feedback (H = I) every entry takes the nearest of the 2^J points {Σ_i ±A_i},
+    also when the magnitudes are no binary expansion (a greedy digit-by-digit choice is not)."""
+    J, d, n = 3, 9, 40
+    A = np.abs(RNG.standard_normal((J, d, n))).astype(np.float32)
+    R = (RNG.standard_normal((d, n)) * 2).astype(np.float32)
+    neg = gptq_signs(R, A, np.eye(n, dtype=np.float32))
+    chosen = np.where(neg, -A, A).sum(0)
+    points = np.stack([np.where((p >> np.arange(J) & 1)[:, None, None] == 1, -A, A).sum(0) for p in range(1 << J)])
+    np.testing.assert_allclose(np.abs(R - chosen), np.abs(R[None] - points).min(0), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_digits_fits_each_rows_grid():
+    """Lloyd's steps for the per-row grid {Σ_i ±a_i M}: the weighted error never rises; on rows
+    from a coarser grid, a Laplace and a Gaussian distribution it ends well below the binary
+    expansion it starts from (reach 3.75); a Gaussian row's grid tightens, and a row with 1% of
+    its entries at ±8 gets a grid that reaches them."""
+    rng = np.random.default_rng(5)
+    d, n, J = 4, 4000, 4
+    M = rng.uniform(0.5, 2.0, (d, n))
+    signs = 1 - 2 * ((np.arange(1 << J)[:, None] >> np.arange(J)) & 1)          # (16, J)
+    spiky = rng.standard_normal(n)
+    spiky[:40] = 8 * rng.choice([-1, 1], 40)
+    R = M * np.stack([rng.choice([-1, 1], (n, J)) @ [2.4, 1.1, 0.5, 0.2], rng.laplace(0, 1, n),
+                      rng.standard_normal(n), spiky])
+    start = np.tile(2.0 * 0.5 ** np.arange(J), (d, 1))
+
+    def error(a):
+        levels = a @ signs.T                                                      # (d, 16)
+        return (np.min((R[:, :, None] / M[:, :, None] - levels[:, None, :]) ** 2, axis=2) * M * M).sum(1)
+
+    errs = [error(fit_digits(R, M, start, iters=i)) for i in (0, 1, 3, 10)]
+    assert all(np.all(b <= a * (1 + 1e-9)) for a, b in zip(errs, errs[1:])), errs
+    assert np.all(errs[-1][:3] < 0.8 * errs[0][:3]), errs
+    reach = np.abs(fit_digits(R, M, start)).sum(1)
+    assert reach[2] < 3.5 and abs(reach[3] - 8) < 0.4, reach
 
 
 @pytest.mark.parametrize("d,n,k", [(37, 45, 1), (48, 40, 2), (20, 24, 3), (33, 64, 5), (16, 8, 8), (40, 72, 16)])

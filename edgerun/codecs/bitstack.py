@@ -43,10 +43,12 @@ GPTQ_BLOCK = 128           # sign selection: columns per lazy-update block (GPTQ
 # ... and the Hessian damping. 1-bit signs are far coarser than GPTQ's 3-4 bit grids: strong
 # damping (0.3 x mean diagonal) gave 5-10% lower output error than 0.01 on SmolLM2 layer 0
 PERCDAMP = 0.3
-# Joint signs (params["joint"] = J): the first J blocks form one binary expansion, block i's
-# magnitude 2^-i x block 0's, which is LATTICE_GAIN x the rank-k fit of |R| (the expansion then
-# reaches about 2 x that, the tails of the row).
+# Joint signs (params["joint"] = J): the first J blocks' magnitudes are per-row multiples
+# a_i(r) of one rank-k fit of |R| (a 2^J-level grid per row, `fit_digits`). The fit starts from a
+# binary expansion, block i at 2^-i x LATTICE_GAIN x the fit ...
 LATTICE_GAIN = 2.0
+DIGIT_FIT_ITERS = 10       # ... and takes this many Lloyd steps (the error stops falling by ~10)
+MAX_JOINT = 8              # the rounding tries all 2^J sign patterns of an entry
 
 
 # --- encode / decode (NumPy reference) -----------------------------------------------------
@@ -115,12 +117,15 @@ def _gptq_signs_block(R, A, U, neg, j0, j1, E):
     for j in range(j0, j1):
         ujj = U[j, j]
         for r in range(d):
-            x, q = R[r, j], 0.0
-            for i in range(J):                  # digit by digit: the sign that brings q closest to x
-                m = A[i, r, j]
-                ng = (x - q) * m < 0
-                neg[i, r, j] = ng
-                q += -m if ng else m
+            x, q, best = R[r, j], 0.0, np.inf
+            for p in range(1 << J):             # the nearest of the 2^J points: bit i of p = block i negative
+                t = 0.0
+                for i in range(J):
+                    t += -A[i, r, j] if (p >> i) & 1 else A[i, r, j]
+                if abs(x - t) < best:
+                    best, q, bp = abs(x - t), t, p
+            for i in range(J):
+                neg[i, r, j] = (bp >> i) & 1
             e = (x - q) / ujj
             E[r, j - j0] = e
             for c in range(j + 1, j1):
@@ -130,11 +135,10 @@ def _gptq_signs_block(R, A, U, neg, j0, j1, E):
 def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
     """Signs S_i (as `neg`, J x d x n bool) of J blocks Σ_i S_i ⊙ A_i (A: J x d x n magnitudes)
     chosen together, column by column, with GPTQ's error feedback (Frantar et al. 2022): an
-    entry's signs pick the point of {Σ_i ±A_i} nearest its running value digit by digit (exact
-    when each A_i halves the previous, a binary expansion), and each column's remaining error is
-    compensated on the later columns through the inverse Hessian, so the J blocks together
-    minimize the output error tr(E H Eᵀ). J = 1 is one block's signs; plain signs (neg = R < 0)
-    are the paper's choice."""
+    entry's signs pick the point of {Σ_i ±A_i} nearest its running value (all 2^J tried), and
+    each column's remaining error is compensated on the later columns through the inverse
+    Hessian, so the J blocks together minimize the output error tr(E H Eᵀ). J = 1 is one
+    block's signs; plain signs (neg = R < 0) are the paper's choice."""
     J, (d, n) = A.shape[0], R.shape
     R = R.astype(np.float32, copy=True)
     neg = np.empty((J, d, n), np.bool_)
@@ -145,6 +149,39 @@ def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
         if j1 < n:
             R[:, j1:] -= E[:, :j1 - j0] @ U[j0:j1, j1:]
     return neg
+
+
+def fit_digits(R: np.ndarray, M: np.ndarray, a: np.ndarray, iters: int = DIGIT_FIT_ITERS) -> np.ndarray:
+    """Per-row digit weights a (d, J) so that the 2^J-level grid {Σ_i ±a_i(r) M[r, j]} fits R.
+
+    Lloyd's algorithm for this constrained codebook: round every entry to its nearest grid point,
+    then refit the row's J weights by least squares to those sign patterns (the error in R's
+    units, (R/M − Σ ±a_i)² M², never rises). Each row's grid so gets the step and the reach its
+    own distribution needs, as cluster's per-row k-means codebook does, where one binary
+    expansion for all rows (the initial a) stops at 3.75x the fit: on SmolLM2 the fitted grids
+    stay nearly uniform but a_0 ranges 1.6-5.7 over the rows (formats/codec-bitstack.md)."""
+    d, J = a.shape
+    P = 1 << J
+    S = 1.0 - 2.0 * ((np.arange(P)[:, None] >> np.arange(J)[None, :]) & 1)   # (P, J) signs, bit i = negative
+    M = M.astype(np.float64)
+    live = np.abs(M) > 1e-12
+    t = np.where(live, R / np.where(live, M, 1.0), 0.0)
+    w = np.where(live, M * M, 0.0)
+    a = a.astype(np.float64)
+    base = (np.arange(d) * P)[:, None]
+    for _ in range(iters):
+        levels = a @ S.T                                   # (d, P)
+        order = np.argsort(levels, axis=1)
+        sorted_ = np.take_along_axis(levels, order, 1)
+        mids = (sorted_[:, 1:] + sorted_[:, :-1]) / 2
+        nearest = np.stack([order[r, np.searchsorted(mids[r], t[r])] for r in range(d)])
+        cell = (nearest + base).ravel()
+        wsum = np.bincount(cell, w.ravel(), d * P).reshape(d, P)
+        wtsum = np.bincount(cell, (w * t).ravel(), d * P).reshape(d, P)
+        G = np.einsum("rp,pi,pj->rij", wsum, S, S)
+        G += np.eye(J) * (1e-9 * np.trace(G, axis1=1, axis2=2)[:, None, None] + 1e-300)
+        a = np.linalg.solve(G, (wtsum @ S)[:, :, None])[:, :, 0]
+    return a
 
 
 def block_layout(d: int, n: int, k: int) -> tuple[int, int, int]:
@@ -550,10 +587,10 @@ class BitStackCodec:
         signs = params.get("signs", "sign")
         joint = int(params.get("joint", 0))
         if (not 1 <= K <= 64 or not 1 <= k <= MAX_RANK or not 0.5 <= gain <= 2.0 or signs not in ("sign", "gptq")
-                or not 0 <= joint <= K):
+                or not 0 <= joint <= min(K, MAX_JOINT)):
             raise UnsupportedModelError(f"bitstack codec: blocks={K} (1..64), rank={k} (1..{MAX_RANK}), "
                                         f"overshoot={gain} (0.5..2), signs={signs!r} (sign, gptq) and "
-                                        f"joint={joint} (0..blocks) required")
+                                        f"joint={joint} (0..min(blocks, {MAX_JOINT})) required")
         return K, k, gain, signs, joint
 
     @staticmethod
@@ -574,11 +611,12 @@ class BitStackCodec:
 
         params["signs"] = "gptq" (with a hessian) picks each block's signs with GPTQ's error
         feedback (`gptq_signs`) instead of sign(R): the block then minimizes the output error.
-        params["joint"] = J > 0 (with "gptq") makes the first J blocks one binary expansion whose
-        signs GPTQ chooses together, as it rounds to a 2^J-level grid (block by block, each
-        block's feedback only serves the 1-bit model of its own step): 0.53-0.77x the output
-        error at J blocks on SmolLM2, more below J (formats/codec-bitstack.md). Blocks J.. follow
-        one by one."""
+        params["joint"] = J > 0 (with "gptq") makes the first J blocks one 2^J-level grid per row
+        (one rank-k fit of |R| times per-row digit weights a_i(r) fitted to the row, `fit_digits`)
+        whose signs GPTQ chooses together as it rounds to that grid (block by block, each block's
+        feedback only serves the 1-bit model of its own step). On SmolLM2 at 4 blocks the fitted
+        grid cuts the 99th-percentile per-token output error ~2x against a binary expansion, and
+        held-out perplexity by a fifth (formats/codec-bitstack.md). Blocks J.. follow one by one."""
         w = np.asarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise UnsupportedModelError(f"bitstack codec: weight must be 2-D, got shape {w.shape}")
@@ -608,10 +646,12 @@ class BitStackCodec:
             return neg, u16, v16
 
         def joint_blocks(R):
-            """Blocks 0..J-1 as one binary expansion with jointly chosen signs; R -= them."""
+            """Blocks 0..J-1 as one per-row 2^J-level grid with jointly chosen signs; R -= them."""
             U, V = _rsvd(np.abs(R), k, rng)
             v16 = _f16(V)
-            u16s = [_f16(U * (LATTICE_GAIN * 0.5 ** i)) for i in range(J)]
+            fit = _from_f16(_f16(U)) @ _from_f16(v16).T
+            a = fit_digits(R, fit, np.tile(LATTICE_GAIN * 0.5 ** np.arange(J), (d, 1))).astype(np.float32)
+            u16s = [_f16(U * a[:, i:i + 1]) for i in range(J)]
             A = np.stack([_from_f16(u) @ _from_f16(v16).T for u in u16s])
             negs = gptq_signs(R[:, perm], A[:, :, perm], Uh)[:, :, back]
             for i in range(J):
@@ -621,10 +661,10 @@ class BitStackCodec:
         blocks = []
         J = joint if Uh is not None else 0
         if J:
-            # The expansion cannot reach entries beyond ~2x the fit of their row and column: on a
-            # matrix whose input has a massive-activation column the greedy blocks, refitted
-            # each step, do far better (SmolLM2 layer 11 down_proj: 18x lower error at 4 blocks).
-            # Keep whichever first J blocks leave the lower output error tr(E H Eᵀ).
+            # One grid per row (scaled by a rank-k fit) can fail a matrix whose input has a
+            # massive-activation column; there the greedy blocks, refitted each step, do better
+            # (SmolLM2: layer 11's down_proj, the only one of 210 matrices). Keep whichever first
+            # J blocks leave the lower output error tr(E H Eᵀ).
             Rg = R.copy()
             greedy = [one_block(Rg) for _ in range(J)]
             blocks = joint_blocks(R)
