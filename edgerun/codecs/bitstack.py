@@ -49,6 +49,7 @@ PERCDAMP = 0.3
 LATTICE_GAIN = 2.0
 DIGIT_FIT_ITERS = 10       # ... and takes this many Lloyd steps (the error stops falling by ~10)
 MAX_JOINT = 8              # the rounding tries all 2^J sign patterns of an entry
+FIT_ROWS = 256             # rows fitted at once (scratch ~ 60 bytes x FIT_ROWS x n)
 
 
 # --- encode / decode (NumPy reference) -----------------------------------------------------
@@ -163,24 +164,26 @@ def fit_digits(R: np.ndarray, M: np.ndarray, a: np.ndarray, iters: int = DIGIT_F
     d, J = a.shape
     P = 1 << J
     S = 1.0 - 2.0 * ((np.arange(P)[:, None] >> np.arange(J)[None, :]) & 1)   # (P, J) signs, bit i = negative
-    M = M.astype(np.float64)
-    live = np.abs(M) > 1e-12
-    t = np.where(live, R / np.where(live, M, 1.0), 0.0)
-    w = np.where(live, M * M, 0.0)
-    a = a.astype(np.float64)
-    base = (np.arange(d) * P)[:, None]
-    for _ in range(iters):
-        levels = a @ S.T                                   # (d, P)
-        order = np.argsort(levels, axis=1)
-        sorted_ = np.take_along_axis(levels, order, 1)
-        mids = (sorted_[:, 1:] + sorted_[:, :-1]) / 2
-        nearest = np.stack([order[r, np.searchsorted(mids[r], t[r])] for r in range(d)])
-        cell = (nearest + base).ravel()
-        wsum = np.bincount(cell, w.ravel(), d * P).reshape(d, P)
-        wtsum = np.bincount(cell, (w * t).ravel(), d * P).reshape(d, P)
-        G = np.einsum("rp,pi,pj->rij", wsum, S, S)
-        G += np.eye(J) * (1e-9 * np.trace(G, axis1=1, axis2=2)[:, None, None] + 1e-300)
-        a = np.linalg.solve(G, (wtsum @ S)[:, :, None])[:, :, 0]
+    a = a.astype(np.float64, copy=True)
+    for r0 in range(0, d, FIT_ROWS):                       # rows are independent: bounded scratch
+        r1 = min(d, r0 + FIT_ROWS)
+        m = M[r0:r1].astype(np.float64)
+        live = np.abs(m) > 1e-12
+        t = np.where(live, R[r0:r1] / np.where(live, m, 1.0), 0.0)
+        w = np.where(live, m * m, 0.0)
+        base = (np.arange(r1 - r0) * P)[:, None]
+        for _ in range(iters):
+            levels = a[r0:r1] @ S.T                        # (rows, P)
+            order = np.argsort(levels, axis=1)
+            sorted_ = np.take_along_axis(levels, order, 1)
+            mids = (sorted_[:, 1:] + sorted_[:, :-1]) / 2
+            nearest = np.stack([order[r, np.searchsorted(mids[r], t[r])] for r in range(r1 - r0)])
+            cell = (nearest + base).ravel()
+            wsum = np.bincount(cell, w.ravel(), (r1 - r0) * P).reshape(-1, P)
+            wtsum = np.bincount(cell, (w * t).ravel(), (r1 - r0) * P).reshape(-1, P)
+            G = np.einsum("rp,pi,pj->rij", wsum, S, S)
+            G += np.eye(J) * (1e-9 * np.trace(G, axis1=1, axis2=2)[:, None, None] + 1e-300)
+            a[r0:r1] = np.linalg.solve(G, (wtsum @ S)[:, :, None])[:, :, 0]
     return a
 
 
