@@ -20,6 +20,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .errors import UnsupportedModelError
+from .isa import half_to_float
 
 
 def _import_numba_array_math_without_scipy() -> None:
@@ -62,13 +63,12 @@ def get_threads() -> int:
 # stored as uint16 and widened with LLVM instructions; the f16 form vectorizes to vcvtph2ps.
 
 def _half_to_float(context, builder, sig, args):
-    half = builder.bitcast(args[0], ir.HalfType())
-    return builder.fpext(half, ir.FloatType())
+    return half_to_float(builder, args[0])
 
 
 @intrinsic
 def f16_to_f32(typingctx, h):
-    """uint16 IEEE half bits -> float32 (LLVM `bitcast i16 -> half`, `fpext half -> float`)."""
+    """uint16 IEEE half bits -> float32 (`edgerun.isa.half_to_float`: vcvtph2ps where the CPU has it)."""
     if not isinstance(h, types.Integer) or h.bitwidth != 16:
         return None
     return types.float32(h), _half_to_float

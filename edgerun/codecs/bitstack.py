@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
+from ..isa import table_lookup
 from ..kernels import get_threads
 from ..memory import thread_scratch
 from .llvm_ir import inverse_cholesky
@@ -288,8 +289,6 @@ def _tile_lut(typingctx, sig, soff, tab, q0, r, nb, ut, uoff, dp, y, yoff, accum
         pt = _data(context, builder, sig_.args[2], tab_v)
         pu = _data(context, builder, sig_.args[6], ut_v)
         py = builder.gep(_data(context, builder, sig_.args[9], y_v), [yoff_v], source_etype=_F32)
-        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F, _V16I]),
-                                              "llvm.x86.avx512.permvar.sf.512")
         zero = ir.Constant(_V16F, [0.0] * 16)
         lo_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(G)]
         hi_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(G)]
@@ -307,7 +306,7 @@ def _tile_lut(typingctx, sig, soff, tab, q0, r, nb, ut, uoff, dp, y, yoff, accum
                 qo = builder.mul(builder.add(q0_v, _c64(g)), _c64(16))
                 for base, idx_v, acc in ((base_lo, lo, lo_acc[g]), (base_hi, hi, hi_acc[g])):
                     t = builder.load(builder.gep(pt, [builder.add(base, qo)], source_etype=_F32), typ=_V16F, align=4)
-                    builder.store(_fast(builder, "fadd", builder.load(acc), builder.call(perm, [t, idx_v])), acc)
+                    builder.store(_fast(builder, "fadd", builder.load(acc), table_lookup(builder, [t], idx_v)), acc)
         out = None
         for g in range(G):
             uo = builder.add(uoff_v, builder.mul(builder.add(q0_v, _c64(g)), dp_v))

@@ -22,6 +22,7 @@ from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
 from ..kernels import f16_to_f32, get_threads
+from ..isa import half_to_float, table_lookup
 from .llvm_ir import array_data as _data, hsum16 as _hsum, inverse_cholesky as _inverse_cholesky, switch_on_bits
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
@@ -264,27 +265,20 @@ def _f16_table(builder, pcb, first, count):
     if count < 16:   # exact-size load (no read past the codebook), padded with zeros
         v = builder.shuffle_vector(v, ir.Constant(ir.VectorType(i16, count), [0] * count),
                                    ir.Constant(_V16I32, list(range(count)) + [count] * (16 - count)))
-    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+    return half_to_float(builder, v)
 
 
 def _lookup_fn(builder, pcb, ptab, bits):
     """IR: a function idx <16 x i32> -> codebook[idx] <16 x float>.
 
-    K ≤ 32: the codebook row at pcb (f16) is widened into registers once per call; K ≥ 64:
+    K ≤ 32: the codebook row at pcb (f16) is widened into registers once per call and indexed with
+    the target's permute (edgerun.isa.table_lookup); K ≥ 64:
     gathers from ptab, the row already widened to a float32 table in L1 by the caller.
     """
     mod = builder.module
-    if bits <= 4:   # vpermps: the whole 16-entry table sits in one register
-        t0 = _f16_table(builder, pcb, 0, 1 << bits)
-        perm = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16F32, [_V16F32, _V16I32]),
-                                              "llvm.x86.avx512.permvar.sf.512")
-        return lambda idx: builder.call(perm, [t0, idx])
-    if bits == 5:   # vpermi2ps: 32 entries in two registers
-        t0 = _f16_table(builder, pcb, 0, 16)
-        t1 = _f16_table(builder, pcb, 16, 16)
-        perm2 = cgutils.get_or_insert_function(
-            mod, ir.FunctionType(_V16F32, [_V16F32, _V16I32, _V16F32]), "llvm.x86.avx512.vpermi2var.ps.512")
-        return lambda idx: builder.call(perm2, [t0, idx, t1])
+    if bits <= 5:   # the 16 or 32 entries sit in one or two registers
+        tables = [_f16_table(builder, pcb, 16 * t, min(16, 1 << bits)) for t in range((1 << bits) // 16 or 1)]
+        return lambda idx: table_lookup(builder, tables, idx, 1 << bits)
     # 64-256 entries: gather from the L1 table
     vptr = ir.VectorType(ir.PointerType(), 16)
     gather = cgutils.get_or_insert_function(

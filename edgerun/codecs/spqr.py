@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import UnsupportedModelError
+from ..isa import half_to_float
 from ..kernels import f16_to_f32, get_threads
 from ..memory import thread_scratch
 from .dense import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
@@ -577,7 +578,7 @@ def _widen_stats(typingctx, st2, rb, G, sf):
             for k in range(4):
                 p = _gep(builder, pst, builder.add(builder.mul(G_v, ir.Constant(i64, k)), g0), _I16)
                 h = builder.call(load, [p, mask, ir.Constant(_V16I16, [0] * 16)])
-                v = builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+                v = half_to_float(builder, h)
                 dst = _gep(builder, psf, builder.add(builder.shl(loop.index, ir.Constant(i64, 6)),
                                                      ir.Constant(i64, 16 * k)), _F32)
                 builder.store(v, builder.bitcast(dst, _V16F32.as_pointer()), align=4)
