@@ -91,8 +91,8 @@ _MODEL_OPTIONS = [
     click.option("-c", "--ctx-size", "context", type=click.IntRange(16), default=None,
                  help="Context length in tokens (default: 2048, at most the model's own)."),
     click.option("-t", "--threads", type=click.IntRange(1), default=None,
-                 help="CPU threads for the kernels (default 1: a second thread speeds up the large "
-                      "matrices on an idle machine but stalls when another process holds a core)."),
+                 help="CPU threads for the kernels (default: the physical cores, but no more than are idle "
+                      "now, so a busy machine is not slowed by threads waiting for a core)."),
     click.option("-v", "--verbose", is_flag=True, help="Print the memory plan and load details."),
     click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                  help="Where the layers run: auto uses a CUDA GPU when numba-cuda finds one (pip install "

@@ -54,8 +54,26 @@ def set_threads(n: int) -> None:
 
 
 def get_threads() -> int:
-    """The thread count last set with `set_threads` (1 by default: DESIGN §6 prange costs)."""
+    """The thread count last set with `set_threads` (1 until then)."""
     return _threads
+
+
+def default_threads() -> int:
+    """Threads a model uses unless told: the physical cores this process may run on (as llama.cpp),
+    but no more than the cores idle now (usable cores minus the 1-minute load average, rounded).
+    A `prange` region stalls for a whole scheduler slice when another process holds one of its
+    cores (DESIGN §6), so a busy 2-core machine gets 1 thread and a quiet 8-core laptop 8."""
+    import os
+
+    import psutil
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or usable
+    cores = min(usable, physical)
+    try:
+        idle = round(usable - os.getloadavg()[0])
+    except (AttributeError, OSError):          # no load average (Windows)
+        idle = cores
+    return max(1, min(cores, idle, numba.config.NUMBA_NUM_THREADS))
 
 
 # ---------------------------------------------------------------------------------------------
