@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from . import kernels
+from . import isa, kernels
 from .config import ModelConfig
 from .ebin import EbinFile
 from .errors import Cancelled, EdgerunError
@@ -167,6 +167,8 @@ class Model:
                 self.context = self._context(context)
                 self.ram_auto = ram in (None, "auto")
                 kernels.set_threads(threads or kernels.default_threads())
+                if verbose:
+                    log(f"CPU: {isa.target().describe()}, {kernels.get_threads()} threads")
                 if kv_dtype not in KV_DTYPES:
                     raise EdgerunError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
                 self.plan = plan_memory(ebin, self.config, self.context, None, kv_dtype)

@@ -35,7 +35,7 @@ class Target:
 
     def describe(self) -> str:
         conv = "hardware" if self.half else "integer"
-        return f"{self.isa} kernels (Numba target {self.cpu}), {conv} f16 conversion"
+        return f"{self.isa} (Numba target {self.cpu}), {conv} f16 conversion"
 
 
 _PROBE = r"""
