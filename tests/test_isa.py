@@ -143,8 +143,10 @@ def test_every_codec_kernel_compiles_for_avx512(tmp_path):
     assert r.stdout.startswith("avx512 "), r.stdout
 
 
-def test_info_names_the_kernel_variant():
+def test_info_names_the_kernel_variant(tiny_dir, tmp_path):
+    from edgerun.convert.pack import pack
     from edgerun.info import describe
-    text = describe(Path(__file__).parent.parent / "formats" / "fixtures" / "tiny.ebin")
+    pack(tiny_dir("llama"), tmp_path / "t.ebin")
+    text = describe(tmp_path / "t.ebin")
     line = next(l for l in text.splitlines() if l.startswith("kernels"))
     assert isa.target().isa in line and isa.target().cpu in line
