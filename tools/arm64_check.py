@@ -213,11 +213,11 @@ def run_one(directory: Path, unit: str, out: Path) -> None:
 # --- run: every unit in its own child ---------------------------------------------------------------
 
 def machine() -> dict:
-    import llvmlite
-    import numba
-    from llvmlite import binding
+    from importlib.metadata import version
+
+    from llvmlite import binding         # not numba: importing it takes ~10 s under qemu
     return {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "llvmlite": llvmlite.__version__,
+            "numba": version("numba"), "llvmlite": version("llvmlite"),
             "cpu_name": os.environ.get("NUMBA_CPU_NAME") or binding.get_host_cpu_name()}
 
 

@@ -11,6 +11,7 @@
 #   site-packages/  the aarch64 wheels of edgerun's runtime dependencies, unzipped
 #   qemu/           qemu-aarch64-static unpacked from Debian's qemu-user-static, if not on PATH
 #   numba/          NUMBA_CACHE_DIR for `run` unless the caller sets one
+#   apt/            a private apt state, only while setup runs
 #
 # How the root is made: instead of `debootstrap --foreign` (which needs root, unpacks the whole
 # minbase system and makes device nodes) apt-get resolves and downloads just python3.11-minimal,
@@ -21,7 +22,7 @@
 # the versions installed for the host's python3 where aarch64 wheels of them exist.
 #
 # Environment: EDGERUN_ARM64_ROOT (cache dir), EDGERUN_ARM64_MIRROR (Debian mirror,
-# default http://deb.debian.org/debian), PYTHON (the host Python whose pip and versions are used,
+# default http://deb.debian.org/debian), EDGERUN_HOST_PYTHON (the host Python whose pip and versions are used,
 # default python3), QEMU_CPU (qemu's CPU model, default max).
 set -euo pipefail
 
@@ -29,7 +30,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SELF="$REPO/tools/arm64_python.sh"
 CACHE=${EDGERUN_ARM64_ROOT:-$HOME/.cache/edgerun/arm64}
 MIRROR=${EDGERUN_ARM64_MIRROR:-http://deb.debian.org/debian}
-PY=${PYTHON:-python3}
+PY=${EDGERUN_HOST_PYTHON:-python3}
 SUITE=bookworm                 # Debian 12: Python 3.11, glibc 2.36 (manylinux_2_28 wheels run)
 PYVER=3.11
 DEBS="python3.11-minimal libpython3.11-stdlib libstdc++6"
@@ -47,18 +48,21 @@ say() { echo "arm64_python: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 find_qemu() {
-  if [[ -x $CACHE/qemu/usr/bin/qemu-aarch64-static ]]; then echo "$CACHE/qemu/usr/bin/qemu-aarch64-static"
-  elif command -v qemu-aarch64-static >/dev/null; then command -v qemu-aarch64-static
-  else return 1; fi
+  local q
+  for q in "$CACHE/qemu/usr/bin/qemu-aarch64-static" "$(command -v qemu-aarch64-static || true)"; do
+    if [[ -n $q && -f $q && -x $q ]]; then echo "$q"; return; fi
+  done
+  return 1
 }
 
 # apt-get on the private state: arm64 is the "native" architecture, the host's is added when
 # qemu-user-static has to be fetched too. Nothing here reads or writes /var/lib/apt or /var/lib/dpkg.
 ARCHS=arm64
+BUILT=0
 apt_private() {
   local a archopts=(-o APT::Architecture=arm64)
   for a in ${ARCHS//,/ }; do archopts+=(-o "APT::Architectures::=$a"); done
-  apt-get -qq -o Debug::NoLocking=1 "${archopts[@]}" -o Dir::State="$APT/state" -o Dir::State::status="$APT/status" \
+  apt-get -qq -o Debug::NoLocking=1 -o APT::Sandbox::User=root "${archopts[@]}" -o Dir::State="$APT/state" -o Dir::State::status="$APT/status" \
     -o Dir::Cache="$APT/cache" -o Dir::Cache::archives="$APT/debs" -o Dir::Etc::SourceList="$APT/sources.list" \
     -o Dir::Etc::SourceParts="$APT/none" -o Dir::Etc::Preferences="$APT/none" \
     -o Dir::Etc::PreferencesParts="$APT/none" "$@"
@@ -89,9 +93,13 @@ setup_tools() {
     say "qemu: downloading qemu-user-static:$hostarch and unpacking it into $CACHE/qemu"
     rm -rf "$CACHE/qemu.tmp" && mkdir -p "$CACHE/qemu.tmp"
     (cd "$APT/debs" && apt_private download "qemu-user-static:$hostarch" >&2)
+    say "qemu: unpacking $(du -sh "$APT"/debs/qemu-user-static_*_"$hostarch".deb | cut -f1) .deb with dpkg-deb -x"
     dpkg-deb -x "$APT"/debs/qemu-user-static_*_"$hostarch".deb "$CACHE/qemu.tmp"
     rm -f "$APT"/debs/qemu-user-static_*.deb
+    # the package holds every target (370 MB unpacked): keep the aarch64 one (13 MB)
+    find "$CACHE/qemu.tmp" ! -type d ! -name qemu-aarch64-static -delete
     mv "$CACHE/qemu.tmp" "$CACHE/qemu"
+    BUILT=1
   fi
 }
 
@@ -100,6 +108,7 @@ setup_root() {
     say "root: $ROOT (cached)"
     return
   fi
+  BUILT=1
   apt_lists
   say "root: resolving and downloading $DEBS (arm64) with their dependencies"
   apt_private install -y --download-only --no-install-recommends $DEBS >&2
@@ -108,7 +117,12 @@ setup_root() {
   for deb in "$APT"/debs/*.deb; do dpkg-deb -x "$deb" "$ROOT.tmp"; done
   echo "$SUITE $DEBS" >"$ROOT.tmp/.edgerun-root"
   rm -rf "$ROOT" && mv "$ROOT.tmp" "$ROOT"
-  rm -f "$APT"/debs/*.deb
+}
+
+# The package lists are only needed while resolving: dropped, so that a later rebuild fetches
+# current ones (old pool files disappear at each Debian point release).
+apt_cleanup() {
+  rm -rf "$APT"
 }
 
 setup_wheels() {
@@ -129,6 +143,7 @@ EOF
     say "wheels: $SITE (cached: $pins)"
     return
   fi
+  BUILT=1
   local dl=$CACHE/wheels.tmp
   rm -rf "$dl" && mkdir -p "$dl"
   local pipdl=("$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary :all:
@@ -169,7 +184,10 @@ case "${1:-}" in
     setup_tools
     setup_root
     setup_wheels
-    say "checking: $("$SELF" run -c 'import platform, numpy, numba, edgerun.api; print(platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__, "numba", numba.__version__)')"
+    apt_cleanup
+    if ((BUILT)); then
+      say "checking: $("$SELF" run -c 'import platform, numpy, numba, edgerun.api; print(platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__, "numba", numba.__version__)')"
+    fi
     say "ready in $((SECONDS - start)) s: $CACHE ($(du -sh "$CACHE" | cut -f1))"
     ;;
   run) shift; run "$@" ;;
