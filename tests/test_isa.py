@@ -2,7 +2,7 @@
 matches NumPy, and every codec's kernels compile for AVX-512 even on a host without it.
 
 The kernel tests themselves run again under an AVX2 and a baseline target in .ci/run (their own
-NUMBA_CACHE_DIR each), and on arm64 under qemu (tests/test_arm64.py)."""
+NUMBA_CACHE_DIR each), and every codec and a tiny model on each target in tests/test_targets.py."""
 import ctypes
 import os
 import platform
