@@ -22,7 +22,8 @@ only when a model needs them; `codec_names()` lists the packages without importi
 from __future__ import annotations
 
 import importlib
-import pkgutil
+import os
+import sys
 
 from ..errors import EdgerunError, UnsupportedModelError
 
@@ -31,7 +32,9 @@ _NOT_CODECS = ("base", "llvm_ir", "gptq")
 
 def _packages() -> list[str]:
     """The codec packages shipped in edgerun/codecs/ (a directory listing, no import)."""
-    return [m.name for m in pkgutil.iter_modules(__path__) if m.ispkg and m.name not in _NOT_CODECS]
+    here = __path__[0]
+    return sorted(e.name for e in os.scandir(here) if e.is_dir() and e.name.isidentifier()
+                  and e.name not in _NOT_CODECS and os.path.exists(os.path.join(here, e.name, "__init__.py")))
 
 
 def _registry() -> dict:
@@ -42,7 +45,7 @@ def _registry() -> dict:
 def codec_names() -> list[str]:
     """Every codec: the shipped packages and any other registered Codec subclass."""
     names = set(_packages())
-    if "edgerun.codecs.base" in __import__("sys").modules:
+    if f"{__name__}.base" in sys.modules:          # registered by a package of its own
         names |= set(_registry())
     return sorted(names)
 
@@ -72,8 +75,11 @@ def all_codecs() -> dict[str, type]:
     return {name: codec_class(name) for name in codec_names()}
 
 
-# name -> "edgerun.codecs.<name>" for the shipped codecs (kept for callers of the old table)
-CODECS = {name: f"{__name__}.{name}" for name in _packages()}
+def __getattr__(attr):
+    # CODECS: name -> "edgerun.codecs.<name>" of the shipped codecs (the old table's callers)
+    if attr == "CODECS":
+        return {name: f"{__name__}.{name}" for name in _packages()}
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def parse_rule(text: str) -> dict:
