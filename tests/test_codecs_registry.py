@@ -130,3 +130,21 @@ def test_a_new_codec_registers_itself():
                 pass
     finally:
         REGISTRY.pop("test-halve", None)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_every_codec_has_a_cuda_module(name):
+    # the CUDA upload finds the codec's kernels by its registered name (edgerun/codecs/<name>/cuda.py)
+    import importlib.util
+    assert importlib.util.find_spec(f"edgerun.codecs.{name}.cuda") is not None
+
+
+def test_to_device_without_cuda_module():
+    class NoGpu(Codec, name="test-nogpu"):
+        pass
+
+    try:
+        with pytest.raises(EdgerunError, match="no CUDA kernel for the test-nogpu codec"):
+            NoGpu.to_device(None)
+    finally:
+        REGISTRY.pop("test-nogpu", None)

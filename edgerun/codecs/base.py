@@ -33,6 +33,7 @@ class Codec:
     arg_range: tuple = (2, 8)      # valid ARG: (low, high) ints inclusive, or a tuple of strings
     shorthands: tuple = ()         # bare rules that mean this codec, e.g. "f16" for dense:f16
     example_params: tuple = ()     # params the registry tests (tests/test_codecs_registry.py) run
+    calibrated: bool = True        # encode uses the input statistics (pack calibrates first)
     # parts "block.i" form an ordered stack that pack writes last, in a global importance order
     # (`block_importance`), and a model may load any prefix of (BitStack)
     stacked: bool = False
@@ -104,7 +105,7 @@ class Codec:
         try:
             mod = importlib.import_module(cls.__module__ + ".cuda")     # the package's cuda.py
         except ModuleNotFoundError as e:
-            if not e.name or not e.name.endswith(".cuda"):
+            if e.name != cls.__module__ + ".cuda":                      # e.g. numba.cuda itself
                 raise
             mod = None
         if mod is None or not hasattr(mod, "DeviceLinear"):

@@ -90,7 +90,7 @@ def make_recipe(dtype: str = "f16", codec: str | None = None, bits: int | None =
 
 
 def needs_calibration(recipe: dict) -> bool:
-    return any(rule["codec"] != "dense" for rule in recipe.values())
+    return any(codec_class(rule["codec"]).calibrated for rule in recipe.values())
 
 
 def array_name(tensor: str, part: str) -> str:
