@@ -63,7 +63,6 @@ def mm_bitstack(signs, u, v, inv, X, out, bias, flags, m, k, kl):
         out[tok, r] = s
 
 
-
 class CudaBitStack(CudaLinear):
     """The host BitStackLinear's active prefix; `sync()` follows a host resize (set_blocks)."""
 
@@ -100,7 +99,6 @@ class CudaBitStack(CudaLinear):
         mm_bitstack[grid, ROWS * LANES](self.signs, self.u, self.v, self.inv, X, out,
                                          bias if bias is not None else no_bias(), flags_of(bias, accumulate),
                                          int32(self.blocks), int32(self.k), int32(self.kl))
-
 
 
 DeviceLinear = CudaBitStack

@@ -36,7 +36,6 @@ DIGIT_FIT_ITERS = 10       # ... and takes this many Lloyd steps (the error stop
 FIT_ROWS = 256             # rows fitted at once (scratch ~ 60 bytes x FIT_ROWS x n)
 
 
-
 def _orth(Y: np.ndarray) -> np.ndarray:
     """Orthonormal basis of range(Y) (d, r) via the r x r Gram matrix (float64 eigh).
 
@@ -65,7 +64,6 @@ def _rsvd(A: np.ndarray, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
     U[:, :kk] = Q @ (Ub[:, :kk] * root).astype(np.float32)
     V[:, :kk] = (Vt[:kk].T * root).astype(np.float32)
     return U, V
-
 
 
 def activation_scale(hessian: np.ndarray | None, n: int) -> np.ndarray:
@@ -160,7 +158,6 @@ def fit_digits(R: np.ndarray, M: np.ndarray, a: np.ndarray, iters: int = DIGIT_F
             G += np.eye(J) * (1e-9 * np.trace(G, axis1=1, axis2=2)[:, None, None] + 1e-300)
             a[r0:r1] = np.linalg.solve(G, (wtsum @ S)[:, :, None])[:, :, 0]
     return a
-
 
 
 def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:

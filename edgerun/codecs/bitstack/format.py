@@ -20,7 +20,6 @@ def _from_f16(b: np.ndarray) -> np.ndarray:
     return b.view(np.float16).astype(np.float32)
 
 
-
 def block_layout(d: int, n: int, k: int) -> tuple[int, int, int]:
     """(u offset, v offset, total bytes) of one "block.i" byte array (formats/codec-bitstack.md):
     signs (d, ceil(n/8)) | pad to 64 | u (d, k) fp16 | pad to 64 | v (n, k) fp16."""
@@ -63,7 +62,6 @@ def _available(parts: dict, K: int, blocks: int | None) -> int:
     if missing:
         raise UnsupportedModelError(f"bitstack codec: block.{missing[0]} is not loaded (asked for {m} blocks)")
     return m
-
 
 
 def params_of(params: dict | None) -> tuple[int, int, float, str, int]:

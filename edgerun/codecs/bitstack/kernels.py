@@ -361,7 +361,6 @@ class BitStackLinear(Linear):
         out *= self.inv_scale
 
 
-
 def load_linear(parts: dict, params: dict | None = None, blocks: int | None = None) -> BitStackLinear:
     """A BitStackLinear over the first `blocks` blocks (default: every block in parts)."""
     if blocks is None:

@@ -13,7 +13,6 @@ def _dense_block(signs, u, v, n):
     return np.where(neg, -w, w)
 
 
-
 def decode(parts: dict, params: dict | None = None, blocks: int | None = None) -> np.ndarray:
     """Reference NumPy decode of the first `blocks` blocks (default all) to float32 (d, n)."""
     d, n, k, K = _meta(parts)
@@ -22,7 +21,6 @@ def decode(parts: dict, params: dict | None = None, blocks: int | None = None) -
     for i in range(m):
         W += _dense_block(*_block_views(parts[f"block.{i}"], d, n, k), n)
     return W * parts["inv_scale"][None, :]
-
 
 
 def matvec(parts: dict, params: dict | None, x: np.ndarray, blocks: int | None = None) -> np.ndarray:

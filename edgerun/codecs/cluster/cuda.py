@@ -68,7 +68,6 @@ def mm_cluster(codes, cb, rp, oc, ov, X, out, bias, flags, n, bits, group_rows):
     store_rows(acc, out, bias, flags, r, t0, red, w, lane)
 
 
-
 class CudaCluster(CudaLinear):
     def __init__(self, lin):
         self.shape = lin.shape
@@ -82,7 +81,6 @@ class CudaCluster(CudaLinear):
         mm_cluster[grid, block](self.codes, self.cb, self.rp, self.oc, self.ov, X, out,
                                 bias if bias is not None else no_bias(), flags_of(bias, accumulate),
                                 int32(self.shape[1]), int32(self.bits), int32(self.group_rows))
-
 
 
 DeviceLinear = CudaCluster

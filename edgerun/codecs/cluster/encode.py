@@ -196,7 +196,6 @@ def _pick_outliers(w, colw, frac) -> np.ndarray:
     return skip
 
 
-
 def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """float32 (d, n) -> {"codes", "codebook", "meta"} + outlier parts (formats/codec-cluster.md).
 

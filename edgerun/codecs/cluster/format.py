@@ -15,7 +15,6 @@ BLOCK = 32                 # weights per block; a block is 4*bits bytes
 OUTLIER_PARTS = ("outlier_rowptr", "outlier_col", "outlier_val")   # CSR, present only with outliers
 
 
-
 def _planes(bits: int) -> list[int]:
     """Field widths of a block's bit planes, lowest index bits first: 4-bit planes, 2, 1."""
     return [4] * (bits // 4) + [2] * ((bits % 4) // 2) + [1] * (bits % 2)

@@ -337,7 +337,6 @@ def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
         _mm_rows(codes, cb, meta, rp, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b])
 
 
-
 class ClusterLinear(Linear):
     """A loaded cluster weight W (d, n): matvec / matmul / row on the stored parts (zero-copy)."""
 

@@ -64,7 +64,6 @@ def mm_bf16(W, X, out, bias, flags):
     store_rows(acc, out, bias, flags, r, t0, red, w, lane)
 
 
-
 class CudaDense(CudaLinear):
     def __init__(self, lin):
         self.shape = lin.shape
@@ -77,7 +76,6 @@ class CudaDense(CudaLinear):
         grid, block = launch_dims(self.shape[0], X.shape[0])
         self._kernel[grid, block](self.W, X, out, bias if bias is not None else no_bias(),
                                   flags_of(bias, accumulate))
-
 
 
 DeviceLinear = CudaDense

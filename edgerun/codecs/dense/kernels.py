@@ -349,7 +349,6 @@ def _tiles(nblocks: int, n: int) -> np.ndarray:
     return buf[:size].reshape(nblocks, TILE_ROWS, n)
 
 
-
 class DenseLinear(Linear):
     """A loaded dense weight W (d, n): matvec / matmul / row on the stored parts (zero-copy)."""
 

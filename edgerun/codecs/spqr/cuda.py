@@ -82,7 +82,6 @@ def mm_spqr(codes, stq, st2, rp, oc, ov, Xp, out, bias, flags, bits, sbits, sg):
     store_rows(acc, out, bias, flags, r, t0, red, w, lane)
 
 
-
 class CudaSpQR(CudaLinear):
     def __init__(self, lin):
         self.shape = lin.shape
@@ -102,7 +101,6 @@ class CudaSpQR(CudaLinear):
         mm_spqr[grid, block](self.codes, self.stq, self.st2, self.rp, self.oc, self.ov, Xp, out,
                              bias if bias is not None else no_bias(), flags_of(bias, accumulate),
                              int32(self.bits), int32(self.sbits), int32(self.sg))
-
 
 
 DeviceLinear = CudaSpQR

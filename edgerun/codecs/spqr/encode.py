@@ -61,7 +61,6 @@ def _loo_outlier_mask(Wg: np.ndarray, hd: np.ndarray, maxq: int, thr: float) -> 
     return base - loo > thr
 
 
-
 def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None = None) -> dict:
     """SpQR-quantize W (d, n) float32 given H = E[x xᵀ] (n, n) of its input (see SpQRCodec.encode)."""
     p = _params(params)

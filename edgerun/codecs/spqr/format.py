@@ -37,7 +37,6 @@ def params_of(params: dict | None) -> dict:
     return p
 
 
-
 def _chunks(G: int):
     """(g0, w) of the 16-group chunks of a row: full chunks, then one tail chunk of G mod 16."""
     return [(g0, min(16, G - g0)) for g0 in range(0, G, 16)]
@@ -81,7 +80,6 @@ def _unpack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return q.reshape(d, G * 16)
 
 
-
 def _check_shapes(parts: dict, bits: int) -> tuple[int, int]:
     """(d, G) of the parts, or UnsupportedModelError when codes do not match bits and stat_codes."""
     d, G = parts["stat_codes"].shape
@@ -90,7 +88,6 @@ def _check_shapes(parts: dict, bits: int) -> tuple[int, int]:
         raise UnsupportedModelError(f"spqr codec: codes {codes.dtype} {codes.shape} do not match bits={bits} "
                                     f"and stat_codes {parts['stat_codes'].shape}")
     return d, G
-
 
 
 REQUIRED_PARTS = ("codes", "stat_codes", "stats", "perm", "outlier_rowptr", "outlier_col", "outlier_val")

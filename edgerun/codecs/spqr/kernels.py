@@ -533,7 +533,6 @@ def _row_out(perm, tmp, G, out):
         out[perm[j]] = tmp[(j & 15) * G + (j >> 4)]
 
 
-
 class SpQRLinear(Linear):
     """A loaded SpQR weight W (d, n): matvec / matmul / row straight from the stored parts."""
 

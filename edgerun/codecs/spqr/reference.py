@@ -28,7 +28,6 @@ def decode(parts: dict, params: dict | None = None) -> np.ndarray:
     return W
 
 
-
 def matvec(parts: dict, params: dict | None, x: np.ndarray) -> np.ndarray:
     """W @ x (n,) -> (d,) float32, through the decoded W."""
     return decode(parts, params) @ np.asarray(x, np.float32)
