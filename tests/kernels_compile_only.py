@@ -15,7 +15,7 @@ import numpy as np
 from numba.core.dispatcher import Dispatcher
 
 from edgerun import kernels
-from edgerun.codecs import CODECS, get_codec
+from edgerun.codecs import all_codecs, get_codec
 from edgerun.isa import target
 
 _compile = Dispatcher._compile_for_args
@@ -32,22 +32,27 @@ def _compile_only(self, *args, **kws):
     return lambda *a, **k: None
 
 
-PARAMS = {"dense": [{"dtype": t} for t in ("f32", "f16", "bf16")],
-          "spqr": [{"bits": b} for b in (2, 3, 4)],
-          "cluster": [{"bits": b} for b in (2, 3, 4, 5, 8)],
-          "bitstack": [{"blocks": 4, "rank": 2}]}
 D, N = 40, 70
 
 
+def cases() -> list[tuple[str, dict]]:
+    """(codec, params) for every registered codec: its example params and every value of its
+    argument's range (every bit width has its own code path)."""
+    out = []
+    for name, cls in all_codecs().items():
+        out += [(name, dict(p)) for p in cls.example_params]
+        if not isinstance(cls.arg_range[0], str):
+            out += [(name, cls.params_from_arg(a)) for a in range(cls.arg_range[0], cls.arg_range[1] + 1)]
+    return out
+
+
 def save_cases(path) -> None:
-    """Encode a (D, N) matrix with every codec and params of PARAMS into an .npz at `path`."""
-    assert set(PARAMS) == set(CODECS), "a registered codec has no compile-only case"
+    """Encode a (D, N) matrix with every case of `cases()` into an .npz at `path`."""
     w = np.random.default_rng(0).standard_normal((D, N)).astype(np.float32)
     arrays = {}
-    for name, cases in PARAMS.items():
-        for params in cases:
-            for part, a in get_codec(name).encode(w, params, np.eye(N)).items():
-                arrays[f"{name}|{json.dumps(params)}|{part}"] = a
+    for name, params in cases():
+        for part, a in get_codec(name).encode(w, params, np.eye(N)).items():
+            arrays[f"{name}|{json.dumps(params)}|{part}"] = a
     np.savez(path, **arrays)
 
 
