@@ -91,7 +91,7 @@ def target() -> Target:
 # --- IR helpers ------------------------------------------------------------------------------
 
 def _const_like(ty, value):
-    """A constant `value` of integer type `ty`, splatted when `ty` is a vector."""
+    """A constant `value` of type `ty`, splatted when `ty` is a vector."""
     if isinstance(ty, ir.VectorType):
         return ir.Constant(ty, [value] * ty.count)
     return ir.Constant(ty, value)
@@ -116,8 +116,7 @@ def half_to_float(builder, h, hardware=None):
     w = builder.zext(h, i32)
     sign = builder.shl(builder.and_(w, c(0x8000)), c(16))
     em = builder.shl(builder.and_(w, c(0x7FFF)), c(13))
-    scaled = builder.fmul(builder.bitcast(em, f32), ir.Constant(f32, [2.0 ** 112] * h.type.count) if vec
-                          else ir.Constant(_F32, 2.0 ** 112))
+    scaled = builder.fmul(builder.bitcast(em, f32), _const_like(f32, 2.0 ** 112))
     special = builder.icmp_unsigned("==", builder.and_(w, c(0x7C00)), c(0x7C00))
     bits = builder.select(special, builder.or_(em, c(0x7F800000)), builder.bitcast(scaled, i32))
     return builder.bitcast(builder.or_(bits, sign), f32)
