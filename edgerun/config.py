@@ -54,30 +54,30 @@ def is_number(v) -> bool:
 class _Reader:
     """Typed, ranged reads of config keys; FormatError names the key and the value."""
 
-    def __init__(self, cfg: dict):
-        self.cfg = cfg
+    def __init__(self, cfg: dict, prefix: str = ""):
+        self.cfg, self.prefix = cfg, prefix
 
     def int(self, key: str, lo: int, hi: int, default=...) -> int:
         v = self.cfg.get(key)
         if v is None:
             if default is ...:
-                raise FormatError(f"config: {key} is missing")
+                raise FormatError(f"config: {self.prefix}{key} is missing")
             if default is None:
                 return None
             v = default
         if not is_int(v) or not lo <= v <= hi:
-            raise FormatError(f"config: {key} must be an integer in {lo}..{hi}, got {_short(v)}")
+            raise FormatError(f"config: {self.prefix}{key} must be an integer in {lo}..{hi}, got {_short(v)}")
         return int(v)
 
     def float(self, key: str, lo: float, hi: float, default=..., low_open: bool = False) -> float:
         v = self.cfg.get(key)
         if v is None:
             if default is ...:
-                raise FormatError(f"config: {key} is missing")
+                raise FormatError(f"config: {self.prefix}{key} is missing")
             v = default
         if not is_number(v) or not (lo < v if low_open else lo <= v) or v > hi:
             interval = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
-            raise FormatError(f"config: {key} must be a number in {interval}, got {_short(v)}")
+            raise FormatError(f"config: {self.prefix}{key} must be a number in {interval}, got {_short(v)}")
         return float(v)
 
     def flag(self, key: str, default: bool) -> bool:
@@ -85,7 +85,7 @@ class _Reader:
         if v is None:
             return default
         if not isinstance(v, bool):
-            raise FormatError(f"config: {key} must be true or false, got {_short(v)}")
+            raise FormatError(f"config: {self.prefix}{key} must be true or false, got {_short(v)}")
         return v
 
 
@@ -101,7 +101,7 @@ def _rope_scaling(scaling):
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope scaling {_short(rope_type)} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    get = _Reader({k: v for k, v in scaling.items()})
+    get = _Reader(scaling, "rope_scaling.")
     get.float("factor", 0.0, 1e6, low_open=True)
     if rope_type == "llama3":
         low = get.float("low_freq_factor", 0.0, 1e6, low_open=True)
@@ -149,8 +149,11 @@ class ModelConfig:
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
             raise FormatError(f"config: architectures must be a list of names, got {_short(archs)}")
         arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if not archs:
+            raise UnsupportedModelError(f"config names no architecture (model_type {_short(cfg.get('model_type'))}); "
+                                        f"supported: {', '.join(sorted(ARCHITECTURES))}")
         if arch is None:
-            name = archs[0] if archs else cfg.get("model_type", "unknown")
+            name = archs[0]
             raise UnsupportedModelError(
                 f"architecture {_short(name)} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
         flags = ARCHITECTURES[arch]

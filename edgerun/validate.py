@@ -346,18 +346,18 @@ def _check_flash(c: _Check, fl, cfg: ModelConfig, arrays: dict) -> None:
     c.require(isinstance(layers, list) and len(layers) == cfg.num_layers,
               f'manifest "flash.layers" must list the {cfg.num_layers} layers')
     for i, e in enumerate(layers):
-        where = f'manifest "flash.layers[{i}]"'
-        c.require(isinstance(e, dict), f"{where} is not an object")
+        where = f'manifest "flash.layers[{i}]'
+        c.require(isinstance(e, dict), f'{where}" is not an object')
         for key, dtype, shape in (("bundles", FLASH_STORED[dt], (f, 3, d)), ("perm", "int32", (f,)),
                                   ("predictor_a", "uint16", (f, r)), ("predictor_b", "uint16", (r, d))):
-            a = _array(c, arrays, f"{where}.{key}", e.get(key))
-            c.require(a.dtype == dtype and a.shape == shape, f"{where}.{key}: array {a.name} is {a.dtype} "
+            a = _array(c, arrays, f'{where}.{key}"', e.get(key))
+            c.require(a.dtype == dtype and a.shape == shape, f'{where}.{key}": array {a.name} is {a.dtype} '
                                                               f"{list(a.shape)}, expected {dtype} {list(shape)}")
         thr = e.get("thresholds")
         ok = isinstance(thr, dict) and all(
             isinstance(thr.get(k), list) and len(thr[k]) == len(SPARSITY_GRID) and all(is_number(v) for v in thr[k])
             for k in ("gate", "lowrank"))
-        c.require(ok, f"{where}.thresholds must hold {len(SPARSITY_GRID)} numbers for gate and lowrank")
+        c.require(ok, f'{where}.thresholds" must hold {len(SPARSITY_GRID)} numbers for gate and lowrank')
 
 
 # ----------------------------------------------------------------------------- the contents
