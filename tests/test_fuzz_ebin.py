@@ -136,3 +136,21 @@ def test_forward_in_bounds_with_numba_boundscheck(corpus, tmp_path):
                        timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "boundscheck on" in r.stdout and r.stdout.count(" ok ") == len(paths)
+
+
+@pytest.mark.parametrize("mode", ["resident", "window", "layer", "naive"])
+def test_flash_bundles_are_checked_in_every_mode(corpus, tmp_path, mode):
+    """Streamed FFN bundles have no per-bundle checksum: each layer's bundle array is checked once
+    at load (after the resident read, or in one sequential pass when it streams)."""
+    import edgerun
+    from edgerun.errors import FormatError
+    _, bases, _, _ = corpus
+    base = fz.Ebin(bases["flash"].read_bytes())
+    name = base.manifest["flash"]["layers"][1]["bundles"]
+    bad = tmp_path / "bad.ebin"
+    bad.write_bytes(fz.flip(base.arrays[name]["offset"] + 5000, 0x08)(base))
+    with pytest.raises(FormatError, match=f"corrupted.*{name}|{name}' is corrupted"):
+        edgerun.load(bad, context=64, stream=mode)
+    with edgerun.load(bases["flash"], context=64, stream=mode) as m:
+        assert m.stream_plan.mode == mode
+        assert m.generate("Once upon a time", max_tokens=3, temperature=0)
