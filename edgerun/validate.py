@@ -16,7 +16,7 @@ import numpy as np
 
 from .codecs import CODECS
 from .config import ModelConfig, _short, is_int, is_number, tensor_shapes
-from .errors import FormatError, UnsupportedModelError
+from .errors import EdgerunError, FormatError, UnsupportedModelError
 
 # tensor entry keys / parts whose contents `check_parts` reads (small index arrays)
 INDEX_PARTS = {
@@ -418,15 +418,23 @@ def verify_file(path, progress=None) -> str:
         f.verify(progress=progress)
         what = "all checksums match"
         if "tensors" in f.manifest or "config" in f.manifest:
-            check_model(f)
-            from .api import tokenizer_from_manifest
-            tokenizer_from_manifest(f.manifest)             # parses tokenizer.json as loading does
-            for name, entry in f.manifest["tensors"].items():
-                parts = {p: f.read(entry["parts"][p]) for p in index_parts(entry)}
-                parts.update({p: _Shape(f.arrays[a].shape) for p, a in entry["parts"].items() if p not in parts})
-                check_parts(f.path, name, entry, parts)
+            try:
+                _check_loadable(f)
+            except EdgerunError as e:
+                raise type(e)(f"{e} (every checksum matches; loading refuses the file)") from None
             what += ", the model's manifest is consistent"
         return f"{path}: OK ({len(f.arrays)} arrays, {f.file_size / 1e6:.1f} MB, {what})"
+
+
+def _check_loadable(f) -> None:
+    """What loading checks before the weights: the manifest, the tokenizer, the index parts."""
+    check_model(f)
+    from .api import tokenizer_from_manifest
+    tokenizer_from_manifest(f.manifest)             # parses tokenizer.json as loading does
+    for name, entry in f.manifest["tensors"].items():
+        parts = {p: f.read(entry["parts"][p]) for p in index_parts(entry)}
+        parts.update({p: _Shape(f.arrays[a].shape) for p, a in entry["parts"].items() if p not in parts})
+        check_parts(f.path, name, entry, parts)
 
 
 class _Shape:
