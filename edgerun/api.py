@@ -21,6 +21,7 @@ from .bitstack_runtime import BlockOrder, BlockStack, prefix_reader
 from .model import KV_DTYPES, RunState, Transformer, Weights, load_tensor
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .validate import check_model
 
 DEFAULT_CONTEXT = 2048
 PREFILL_CHUNK = 64
@@ -159,7 +160,7 @@ class Model:
             report(0.0)
             with EbinFile(self.path) as ebin:
                 manifest = ebin.manifest
-                self.config = ModelConfig.from_dict(manifest["config"])
+                self.config = check_model(ebin)          # every field, every shape, before any kernel
                 self._arrays = ebin.arrays
                 self.tokenizer = tokenizer_from_manifest(manifest)
                 self.generation_defaults = manifest.get("generation", {})

@@ -287,11 +287,9 @@ def evaluate(model, ppl_file, context, chunks, ram, threads):
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 def verify(model):
-    """Check every checksum of an .ebin file."""
-    from .ebin import EbinFile
-    with EbinFile(model) as f:
-        f.verify(progress=progress_bar("verifying"))
-        click.echo(f"{model}: OK ({len(f.arrays)} arrays, {f.file_size / 1e6:.1f} MB, all checksums match)")
+    """Check every checksum of an .ebin file and that its manifest describes a model edgerun can run."""
+    from .validate import verify_file
+    click.echo(verify_file(model, progress=progress_bar("verifying")))
 
 
 @main.command()

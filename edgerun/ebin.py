@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -31,7 +32,11 @@ _HEADER = struct.Struct("<8sIIQQII20x")
 assert _HEADER.size == HEADER_SIZE - 4  # the last 4 bytes hold the header's own crc32
 
 FEATURES: frozenset[str] = frozenset()   # manifest "format.features" this reader implements
-MAX_MANIFEST = 1 << 30           # sanity bound on the manifest length (tokenizer.json is ~MBs)
+# Bounds on the manifest: its length (the largest tokenizer.json files are ~35 MB; it is read and
+# parsed before any --ram plan exists) and its nesting (edgerun writes at most 5 levels).
+MAX_MANIFEST = 128 << 20
+MAX_DEPTH = 32
+MAX_NDIM = 8                     # dimensions of a stored array
 CHUNK = 64 << 20                 # bytes per preadv/write: large reads, bounded temporary memory
 
 # dtypes an array may have; stored little-endian. bool/complex/object/strings are rejected.
@@ -253,14 +258,23 @@ class EbinFile:
         self.path = Path(path)
         self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self.file_size = os.fstat(self._fd).st_size
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(self._fd)
         except FileNotFoundError:
             raise FormatError(f"{self.path}: no such file") from None
         except IsADirectoryError:
             raise FormatError(f"{self.path} is a directory, not an .ebin file") from None
         except OSError as e:
             raise FormatError(f"cannot open {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            self.close()
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise FormatError(f"{self.path} is {kind}, not an .ebin file")
+        os.set_blocking(self._fd, True)
+        self.file_size = st.st_size
         try:
             self._load()
         except BaseException:
@@ -305,15 +319,26 @@ class EbinFile:
         _drop_cache(self._fd, m_off, m_len)
         if zlib.crc32(body) != m_crc:
             raise self._err("manifest is corrupted (crc32 mismatch)")
+        manifest = self._parse_manifest(body)
+        self._check_format(manifest.get("format", {}))
+        self.manifest = manifest
+        self.arrays = self._parse_arrays(manifest.get("arrays"), align, m_off)
+
+    def _parse_manifest(self, body: bytes) -> dict:
+        """Strict JSON (no NaN/Infinity), an object, nested at most MAX_DEPTH levels."""
+        def no_constant(name):
+            raise ValueError(f"{name} is not allowed (strict JSON)")
         try:
-            manifest = json.loads(body.decode("utf-8"))
+            manifest = json.loads(body.decode("utf-8"), parse_constant=no_constant)
+        except RecursionError:
+            raise self._err(f"manifest is nested too deeply (more than {MAX_DEPTH} levels)") from None
         except (UnicodeDecodeError, ValueError) as e:
             raise self._err(f"manifest is not valid JSON: {e}") from None
         if not isinstance(manifest, dict):
             raise self._err("manifest is not a JSON object")
-        self._check_format(manifest.get("format", {}))
-        self.manifest = manifest
-        self.arrays = self._parse_arrays(manifest.get("arrays"), align, m_off)
+        if _depth_exceeds(manifest, MAX_DEPTH):
+            raise self._err(f"manifest is nested too deeply (more than {MAX_DEPTH} levels)")
+        return manifest
 
     def _truncated(self, need: int, where: str) -> FormatError:
         return self._err(f"is truncated (in the {where}): expected at least {need} bytes, "
@@ -323,10 +348,15 @@ class EbinFile:
         if not isinstance(fmt, dict):
             raise self._err('manifest "format" is not an object')
         need = fmt.get("min_reader_version", 1)
-        if not isinstance(need, int) or need > VERSION:
+        if not _is_int(need):
+            raise self._err(f'manifest "format.min_reader_version" must be an integer, got {need!r:.60}')
+        if need > VERSION:
             raise self._err(f"needs a newer edgerun (min_reader_version {need}); this edgerun "
                             f"reads up to v{VERSION}: upgrade")
-        missing = sorted(set(fmt.get("features", [])) - FEATURES)
+        features = fmt.get("features", [])
+        if not isinstance(features, list) or not all(isinstance(x, str) for x in features):
+            raise self._err(f'manifest "format.features" must be a list of names, got {features!r:.60}')
+        missing = sorted(set(features) - FEATURES)
         if missing:
             raise self._err(f"uses features this edgerun does not know ({', '.join(missing)}): "
                             "upgrade")
@@ -337,14 +367,17 @@ class EbinFile:
         out = {}
         for name, e in table.items():
             try:
-                dtype, shape = e["dtype"], tuple(e["shape"])
+                dtype, shape = e["dtype"], e["shape"]
                 off, length, crc = e["offset"], e["length"], e["crc32"]
-                ok = (dtype in DTYPES and all(isinstance(s, int) and s >= 0 for s in shape)
-                      and all(isinstance(v, int) for v in (off, length, crc)))
+                ok = (isinstance(dtype, str) and dtype in DTYPES and isinstance(shape, list)
+                      and len(shape) <= MAX_NDIM and all(_is_int(s) and s >= 0 for s in shape)
+                      and all(_is_int(v) and v >= 0 for v in (off, length, crc)) and crc < 1 << 32
+                      and name)
             except (TypeError, KeyError):
                 ok = False
             if not ok:
-                raise self._err(f"array {name!r}: malformed entry in the arrays table: {e!r}")
+                raise self._err(f"array {name!r:.80}: malformed entry in the arrays table: {e!r:.200}")
+            shape = tuple(shape)
             if length != math.prod(shape) * np.dtype(dtype).itemsize:
                 raise self._err(f"array {name!r}: length {length} does not match "
                                 f"shape {list(shape)} of {dtype}")
@@ -386,25 +419,28 @@ class EbinFile:
         except KeyError:
             raise FormatError(f"{self.path}: no array named {name!r}") from None
 
-    def read(self, name: str, verify: bool = False) -> np.ndarray:
-        """A new array (anonymous memory, not a mapping) holding array `name`."""
+    def read(self, name: str, verify: bool = True) -> np.ndarray:
+        """A new array (anonymous memory, not a mapping) holding array `name`; its crc32 is
+        checked in the same pass (FormatError naming the array) unless `verify` is False."""
         a = self.info(name)
         out = np.empty(a.shape, dtype=np.dtype(a.dtype).newbyteorder("<"))
         self._read_checked(a, out, verify)
         return out
 
-    def read_into(self, name: str, out: np.ndarray) -> None:
-        """Read array `name` into `out` (same shape and dtype, C-contiguous, writable)."""
+    def read_into(self, name: str, out: np.ndarray, verify: bool = True) -> None:
+        """Read array `name` into `out` (same shape and dtype, C-contiguous, writable), checking
+        its crc32 in the same pass unless `verify` is False."""
         a = self.info(name)
         if out.shape != a.shape or out.dtype != np.dtype(a.dtype).newbyteorder("<"):
             raise ValueError(f"read_into {name!r}: out is {out.dtype}{list(out.shape)}, "
                              f"the array is {a.dtype}{list(a.shape)}")
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(f"read_into {name!r}: out must be C-contiguous and writable")
-        self._read_checked(a, out, verify=False)
+        self._read_checked(a, out, verify)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) along axis 0 as a new array: one contiguous read (streaming)."""
+        """Rows [start, stop) along axis 0 as a new array: one contiguous read (streaming).
+        A part of an array has no checksum of its own: nothing is verified here."""
         a = self.info(name)
         if not a.shape or not 0 <= start <= stop <= a.shape[0]:
             raise ValueError(f"read_rows {name!r}: rows [{start}, {stop}) outside {list(a.shape)}")
@@ -425,15 +461,17 @@ class EbinFile:
         if verify and crc != a.crc32:
             raise self._err(f"array {a.name!r} is corrupted (crc32 mismatch)")
 
-    def verify(self, progress=None) -> None:
-        """Check every array's crc32; raise one FormatError listing all bad arrays.
+    def verify(self, progress=None, names=None, chunk: int = CHUNK) -> None:
+        """Check the crc32 of every array (or of `names`); raise one FormatError listing all bad
+        arrays.
 
         `progress(done_bytes, total_bytes)` is called after each chunk. Reads through one
-        reusable CHUNK buffer, so memory stays flat whatever the model size."""
-        total = sum(a.length for a in self.arrays.values())
-        buf = memoryview(bytearray(min(CHUNK, max(total, 1))))
+        reusable `chunk`-byte buffer, so memory stays flat whatever the model size."""
+        arrays = self.arrays.values() if names is None else [self.info(n) for n in names]
+        total = sum(a.length for a in arrays)
+        buf = memoryview(bytearray(min(chunk, max(total, 1))))
         done, bad = 0, []
-        for a in sorted(self.arrays.values(), key=lambda a: a.offset):
+        for a in sorted(arrays, key=lambda a: a.offset):
             crc, pos = 0, 0
             while pos < a.length:
                 n = min(len(buf), a.length - pos)
@@ -471,6 +509,24 @@ class EbinFile:
 
     def __repr__(self):
         return f"EbinFile({str(self.path)!r}, v{self.version}, {len(self.arrays)} arrays)"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _depth_exceeds(obj, limit: int) -> bool:
+    """Whether parsed JSON nests more than `limit` containers deep (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        children = o.values() if isinstance(o, dict) else o if isinstance(o, list) else ()
+        for c in children:
+            if isinstance(c, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((c, depth + 1))
+    return False
 
 
 def _not_ebin_reason(head: bytes, size: int) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 from . import isa
-from .config import ModelConfig
 from .ebin import EbinFile
 from .memory import fmt, mib_ceil
 
@@ -16,11 +15,19 @@ def tensor_group(name: str) -> str:
     return next((group for group, key in GROUPS if key in name), "other")
 
 
+def _source(source) -> str:
+    """The manifest's free-form "source": a description object (what pack writes) or text."""
+    if isinstance(source, dict):
+        source = source.get("description", "?")
+    return str(source)[:200] if source is not None else "?"
+
+
 def describe(path, context=None) -> str:
     from .api import DEFAULT_CONTEXT, plan_memory, stop_ids, tokenizer_from_manifest
+    from .validate import check_model
     with EbinFile(path) as f:
         man = f.manifest
-        cfg = ModelConfig.from_dict(man["config"])
+        cfg = check_model(f)
         context = context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
         sizes, params, codecs = defaultdict(int), defaultdict(int), defaultdict(set)
         for name, t in man["tensors"].items():
@@ -38,7 +45,7 @@ def describe(path, context=None) -> str:
         tok = man["tokenizer"]
         lines = [
             f"file          {path} ({f.file_size / 1e6:.1f} MB, format v{f.version})",
-            f"source        {man.get('source', {}).get('description', '?')}",
+            f"source        {_source(man.get('source'))}",
             f"architecture  {cfg.architecture}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
             f"ffn {cfg.intermediate_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}, dim {cfg.head_dim}), "
             f"vocab {cfg.vocab_size}",

@@ -14,7 +14,7 @@ import numpy as np
 from . import kernels
 from .codecs import get_codec
 from .config import ModelConfig
-from .errors import Cancelled
+from .errors import Cancelled, EdgerunError
 from .memory import lazy_zeros
 
 
@@ -86,14 +86,19 @@ class Weights:
         entries = ebin.manifest["tensors"]
         if total is None:
             total = sum(ebin.arrays[a].length for e in entries.values() for a in e["parts"].values())
+        from .validate import check_linear, check_parts
         done = 0
         tensors = {}
         for name, entry in entries.items():
+            # every array's crc32 is checked as it is read (EbinFile.read), the index parts'
+            # contents before the codec builds its kernels' view, the result's shape after
             if read_parts is not None:
                 parts = read_parts(name, entry)
             else:
                 parts = {p: ebin.read(a) for p, a in entry["parts"].items()}
+            check_parts(ebin.path, name, entry, parts)
             tensors[name] = load_tensor(entry, parts)
+            check_linear(ebin.path, name, entry, tensors[name])
             done += sum(a.nbytes for a in parts.values())
             if progress is not None:
                 progress(min(done, total), total)
@@ -104,6 +109,14 @@ class Weights:
 
     def layer(self, i: int) -> Layer:
         return Layer.from_tensors(self.tensors.get, i)
+
+
+class NonFiniteError(EdgerunError):
+    """The forward pass produced NaN or infinity: corrupted or overflowing weights."""
+
+    def __init__(self):
+        super().__init__("the model produced non-finite values (NaN or infinity) in the forward pass: its weights "
+                         "are corrupted or overflow float32 (`edgerun verify` checks the file's checksums)")
 
 
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
@@ -166,17 +179,27 @@ class Transformer:
         Returns the last position's logits (V,), or every position's (len, V) with `all_logits`.
         `cancel` (a threading.Event) is checked between chunks and layers."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        out = np.empty((len(tokens), self.cfg.vocab_size), np.float32) if all_logits else None
-        for s in range(0, len(tokens), self.chunk):
-            part = tokens[s:s + self.chunk]
-            hidden = self._layers(part, start + s, cancel)
-            if all_logits:
-                self._logits(hidden, out[s:s + len(part)])
-        if all_logits:
-            return out
-        logits = self.state.logits.reshape(1, -1)
-        self._logits(hidden[-1:], logits)
-        return self.state.logits
+        V = self.cfg.vocab_size
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= V):
+            bad = int(tokens[(tokens < 0) | (tokens >= V)][0])
+            raise EdgerunError(f"token id {bad} is outside the model's vocabulary (0..{V - 1}): the "
+                               "tokenizer and the model's vocab_size disagree")
+        out = np.empty((len(tokens), V), np.float32) if all_logits else None
+        try:
+            for s in range(0, len(tokens), self.chunk):
+                part = tokens[s:s + self.chunk]
+                hidden = self._layers(part, start + s, cancel)
+                if all_logits:
+                    self._logits(hidden, out[s:s + len(part)])
+            if not all_logits:
+                out = self.state.logits
+                self._logits(hidden[-1:], out.reshape(1, -1))
+        except ZeroDivisionError:
+            # a kernel divided by a zero that NaN/inf activations produced (fastmath assumes none)
+            raise NonFiniteError() from None
+        if not np.isfinite(out).all():
+            raise NonFiniteError()
+        return out
 
     def _logits(self, hidden, out):
         if self.cuda_head is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import mmap
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,7 @@ from numba.extending import overload
 
 from . import kernels
 from .codecs import get_codec
-from .errors import BudgetError, EdgerunError, UnsupportedModelError
+from .errors import BudgetError, EdgerunError, FormatError, UnsupportedModelError
 from .flashio import ALIGN, BOUNCE, FlashReader, aligned_array, coalesce
 from .kernels import bf16_to_f32, f16_to_f32
 
@@ -602,14 +603,24 @@ def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = 
            criterion: str = "lowrank:0.5", threads: int = 2, gap: int | None = None,
            prefetch: bool = True) -> StreamingPlan:
     """Give every layer of `transformer` a FlashFFN over the flash-layout bundles of `ebin_path`
-    within `ffn_budget` bytes; returns the plan (with live `stats`)."""
-    from .ebin import EbinFile
+    within `ffn_budget` bytes; returns the plan (with live `stats`). Every bundle array's crc32 is
+    checked once here (FormatError naming the array)."""
     cfg = transformer.cfg
     plan = plan_streaming(manifest, cfg, ffn_budget, mode=mode, window=window, criterion=criterion, threads=threads,
                           gap=gap, prefetch=prefetch)
     fl = _flash(manifest)
     kind, sparsity = parse_criterion(criterion)
     reader = FlashReader(ebin_path, threads=threads)
+    try:
+        return _attach(transformer, ebin_path, fl, plan, reader, kind, sparsity)
+    except BaseException:
+        reader.close()          # its threads and file descriptor
+        raise
+
+
+def _attach(transformer, ebin_path, fl: dict, plan: StreamingPlan, reader: FlashReader, kind: str,
+            sparsity: float) -> StreamingPlan:
+    from .ebin import EbinFile
     d = fl["hidden_size"]
     shared = _Shared(reader, plan, d)
     dense = get_codec("dense")
@@ -630,10 +641,18 @@ def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = 
                 del full
                 thr = threshold(entry["thresholds"]["gate"], sparsity)
             ffn = FlashFFN(i, entry, arrays, plan, shared, pred, gate, thr)
+            info = arrays[entry["bundles"]]
             if plan.mode == "resident":
                 ffn.load_resident(reader)
-            elif plan.mode == "window":
-                ffn.load_window(reader)
+                if zlib.crc32(ffn.resident.reshape(-1).view(np.uint8)) != info.crc32:
+                    raise FormatError(f"{ebin_path}: array {info.name!r} is corrupted (crc32 mismatch)")
+            else:
+                # Streamed bundles are read a few at a time for the whole run, and the format has
+                # one crc32 per array, not per bundle: check each layer's bundles once here, in one
+                # sequential pass through a bounce-sized buffer (page cache dropped as it goes).
+                ebin.verify(names=[info.name], chunk=BOUNCE)
+                if plan.mode == "window":
+                    ffn.load_window(reader)
             ffns.append(ffn)
     shared.ffns = ffns
     for L, ffn in zip(transformer.layers, ffns):

@@ -320,6 +320,50 @@ def test_corrupted_header_and_manifest(good):
         _bad(good, bytes(d), re.escape(match))
 
 
+def test_only_regular_files_and_no_blocking(tmp_path):
+    """A FIFO (opening it for reading would wait for a writer), a device and a directory are
+    refused at once, before anything is read."""
+    fifo = tmp_path / "pipe.ebin"
+    os.mkfifo(fifo)
+    for path, kind in [(fifo, "a FIFO"), (Path("/dev/zero"), "a device"), (tmp_path, "a directory")]:
+        with pytest.raises(FormatError, match=kind):
+            EbinFile(path)
+
+
+def test_manifest_strict_and_bounded(good):
+    """No NaN/Infinity, bounded nesting (a deep manifest is an error, not a RecursionError),
+    typed format section and array entries (JSON true is not a dimension)."""
+    data = good.read_bytes()
+    m_off = struct.unpack_from("<Q", data, 16)[0]
+    manifest = json.loads(data[m_off:])
+    deep = json.dumps(manifest)[:-1] + ', "deep": ' + "[" * 10000 + "]" * 10000 + "}"
+    shallow_enough = json.dumps({**manifest, "deep": json.loads("[" * 30 + "]" * 30)})
+    first = dict(manifest["arrays"]["first"])
+    bodies = {
+        json.dumps(manifest).replace('"hidden_size": 4', '"hidden_size": NaN'): "NaN is not allowed",
+        deep: "nested too deeply",
+        json.dumps({**manifest, "deep": json.loads("[" * 40 + "]" * 40)}): "nested too deeply",
+        json.dumps({**manifest, "format": {"features": "abc"}}): "features.*list of names",
+        json.dumps({**manifest, "format": {"min_reader_version": "1"}}): "min_reader_version.*integer",
+        json.dumps({**manifest, "arrays": {**manifest["arrays"], "first": {**first, "shape": [True] * 1}}}): "malformed",
+        json.dumps({**manifest, "arrays": {**manifest["arrays"], "first": {**first, "crc32": 1 << 32}}}): "malformed",
+        json.dumps({**manifest, "arrays": {**manifest["arrays"], "first": {**first, "offset": -4096}}}): "malformed",
+    }
+    for body, match in bodies.items():
+        raw = body.encode()
+        d = bytearray(data[:m_off]) + raw
+        d[24:36] = struct.pack("<QI", len(raw), zlib.crc32(raw))
+        d[60:64] = struct.pack("<I", zlib.crc32(bytes(d[:60])))
+        _bad(good, bytes(d), match)
+    raw = shallow_enough.encode()
+    d = bytearray(data[:m_off]) + raw
+    d[24:36] = struct.pack("<QI", len(raw), zlib.crc32(raw))
+    d[60:64] = struct.pack("<I", zlib.crc32(bytes(d[:60])))
+    good.write_bytes(bytes(d))
+    with EbinFile(good) as f:
+        assert f.read("first").shape == (3000,)
+
+
 def test_corrupted_data_names_every_bad_array(good):
     with EbinFile(good) as f:
         off1, off3 = f.arrays["first"].offset, f.arrays["third"].offset
@@ -328,11 +372,15 @@ def test_corrupted_data_names_every_bad_array(good):
     d[off3] ^= 0x01
     good.write_bytes(bytes(d))
     with EbinFile(good) as f:                        # opening does not read data
-        f.read("first")                              # no verify: no check
+        f.read("first", verify=False)                # asked not to check: no check
         with pytest.raises(FormatError, match="'first' is corrupted") as e:
-            f.read("first", verify=True)
+            f.read("first")                          # reading checks the crc32 in the same pass
         assert str(good) in str(e.value)
-        f.read("second", verify=True)
+        with pytest.raises(FormatError, match="'third' is corrupted"):
+            f.read_into("third", np.empty((4, 4), np.uint8))
+        f.read_rows("first", 0, 10)                  # a part of an array has no checksum
+        f.read("second")
+        f.verify(names=["second"], chunk=64)
         with pytest.raises(FormatError) as e:
             f.verify()
         msg = str(e.value)
