@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
+from .default_model import REPLY_CAP
 from .errors import EdgerunError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 CHAT_MAX_TOKENS = 1024          # `edgerun chat` reply cap for models that do not set their own
-DEFAULT_CHAT_MAX_TOKENS = 384   # the default model's (edgerun/default_model.py)
 
 
 def _err(msg: str) -> None:
@@ -48,14 +48,8 @@ def resolve_model(model: str | None) -> Path:
             raise EdgerunError(f"{path} is a checkpoint, not an .ebin: convert it first with "
                                f"`edgerun pack {path} -o model.ebin`")
         return path
-    from .default_model import EBIN_NAME, cache_dir, default_gguf
-    ebin = cache_dir() / EBIN_NAME
-    if not ebin.exists():
-        gguf = default_gguf(log=_err)
-        from .convert.pack import pack
-        _err(f"Packing the default model into {ebin} (once) ...")
-        _err(str(pack(gguf, ebin, dtype="f16", progress=progress_bar("packing"))))
-    return ebin
+    from .default_model import default_ebin
+    return default_ebin(log=_err, progress=progress_bar("packing"))
 
 
 def warn_about_machine(ram, threads) -> None:
@@ -234,7 +228,7 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layo
 @click.option("-sys", "--system", default=None, help="System prompt.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=None,
               help=f"Longest reply in tokens (default: the model's own reply cap if it has one — the default "
-                   f"model's is {DEFAULT_CHAT_MAX_TOKENS} — else {CHAT_MAX_TOKENS}).")
+                   f"model's is {REPLY_CAP} — else {CHAT_MAX_TOKENS}).")
 def chat(model, ram, context, threads, verbose, device, gpu_layers, vram, stream, system, max_tokens, **kw):
     """Chat with MODEL (an .ebin; default: SmolLM2-135M-Instruct).
 

