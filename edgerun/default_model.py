@@ -23,11 +23,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EBIN_NAME = "SmolLM2-135M-Instruct.v2.ebin"
 OLD_EBIN_NAMES = ("SmolLM2-135M-Instruct.ebin",)
 # The model card's sampling (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct: temperature 0.2,
-# top-p 0.9), and a reply cap for `edgerun chat`: at 0.7 the model answered "capital of France"
-# right in 3 of 8 runs and ran on to the 1024-token cap in 3 of 8. Its sensible replies to plain
-# questions measured 5-XX tokens (tools/default_chat_quality.py, README "Reliability"); 384
-# leaves room for a long list or a short story and stops a looping reply after ~4 s here
-# (~100 tok/s) instead of ~10 s (minutes on a small board). `edgerun chat -n` overrides it.
+# top-p 0.9) and a reply cap for `edgerun chat` (README "Reliability", tools/default_chat_quality.py:
+# 8 seeds x 5 plain questions). At edgerun's default temperature 0.7 the replies were right 25 of 40
+# times ("capital of France" 2 of 8); with the card's sampling 32 of 40 (5 of 8). Replies that
+# ended by themselves took 6-284 tokens (the longest at 0.7; at 0.2 at most 140), but at 0.2 the
+# model sometimes loops ("la France, la France, ..."): 384 tokens leaves every measured answer
+# room and ends a loop after a few seconds here instead of running to the 1024-token chat
+# default (or the whole context). `edgerun chat -n` overrides it.
 REPLY_CAP = 384
 GENERATION = {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": REPLY_CAP}
 
