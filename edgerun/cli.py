@@ -121,6 +121,7 @@ _MODEL_OPTIONS = [
                  "when the model does not fit --ram (window = LLM-in-a-flash windowing; layer, naive = baselines)."),
 ]
 
+
 def _check_sampling(ctx, param, value):
     """Click callback: the range check the server and the API use too (sampling.check_sampling)."""
     if value is None:

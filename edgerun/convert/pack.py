@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..codecs import get_codec
-from ..config import ModelConfig, tensor_names
+from ..config import ConfigError, ModelConfig, tensor_names
 from ..ebin import EbinWriter
 from ..errors import EdgerunError
 from ..model import load_tensor
@@ -306,7 +306,10 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
     # or signal (Ctrl+C, SIGTERM, SIGHUP) from here on leaves no .tmp behind.
     with signals_interrupt(), EbinWriter(out) as writer, open_source(src) as source:
         meta = source.meta
-        cfg = ModelConfig.from_dict(meta.config)
+        try:
+            cfg = ModelConfig.from_dict(meta.config)
+        except ConfigError as e:
+            raise ConfigError(f"{src}: {e}") from None
         names = tensor_names(cfg)
         available = set(source.tensor_names())
         missing = [n for n in names if n not in available]
