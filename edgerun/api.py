@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import traceback
 from collections import deque
@@ -10,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from . import kernels
-from .codecs import get_codec
+from . import isa, kernels
 from .config import ModelConfig
 from .ebin import EbinFile
 from .errors import Cancelled, EdgerunError
 from .generate import Generator, Stats
 from .memory import MemoryPlan, current_rss, fmt, parse_size, release_free_memory
 from .bitstack_runtime import BlockOrder, BlockStack, prefix_reader
-from .model import KV_DTYPES, RunState, Transformer, Weights
+from .model import KV_DTYPES, RunState, Transformer, Weights, load_tensor
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -55,31 +55,42 @@ def load(path, ram=None, context: int | None = None, threads: int | None = None,
                  kv_dtype=kv_dtype)
 
 
-def warm_up_kernels(manifest: dict) -> None:
+# With threads, the smallest matrix of at least this many weights also warms up the parallel
+# kernels: every codec splits matvecs over threads from 2^19 weights (or fewer) on.
+PARALLEL_WARM_UP_WEIGHTS = 1 << 19
+
+
+def warm_up_kernels(ebin) -> None:
     """Compile (or load from the on-disk cache) every kernel this model will run, so their memory
     is measured before planning and no compiler runs mid-generation (LLVM compiling a kernel can
-    take hundreds of MiB). Every path is exercised: matvec, the batched matmul (T >= 4), row, and
-    with several threads the parallel variants, which only larger shapes select."""
-    rng = np.random.default_rng(0)
-    # small matrices run single-threaded kernels; with threads, 2^19 weights is over every
-    # codec's parallel threshold, and a model usually has matrices on both sides of it
-    shapes = [(32, 64)] + ([(1024, 512)] if kernels.get_threads() > 1 else [])
-    seen = set()
+    take hundreds of MiB). Each kind of matrix (codec and params) runs matvec, a few-token matmul,
+    a prefill-chunk matmul and row on the model's own smallest matrix of that kind (nothing is
+    encoded); with several threads also on its smallest matrix large enough for the parallel
+    kernels."""
+    manifest = ebin.manifest
+    kinds: dict[str, list] = {}
     for entry in manifest["tensors"].values():
-        key = (entry["codec"], str(sorted(entry["params"].items())))
-        if key in seen or len(entry["shape"]) != 2:
-            continue
-        seen.add(key)
-        codec = get_codec(entry["codec"])
-        for d, n in shapes:
-            w = codec.load(codec.encode(rng.standard_normal((d, n), dtype=np.float32), entry["params"]),
-                           entry["params"])
-            x = rng.standard_normal((8, n), dtype=np.float32)
-            out = np.empty((8, d), np.float32)
+        if len(entry["shape"]) == 2:
+            key = entry["codec"] + json.dumps(entry["params"], sort_keys=True)
+            kinds.setdefault(key, []).append(entry)
+    rng = np.random.default_rng(0)
+    for entries in kinds.values():
+        entries.sort(key=lambda e: e["shape"][0] * e["shape"][1])
+        picks = [entries[0]]
+        if kernels.get_threads() > 1:
+            big = [e for e in entries if e["shape"][0] * e["shape"][1] >= PARALLEL_WARM_UP_WEIGHTS]
+            picks += big[:1] if big else entries[-1:]
+        for entry in picks:
+            w = load_tensor(entry, {p: ebin.read(a) for p, a in entry["parts"].items()})
+            d, n = entry["shape"]
+            x = rng.standard_normal((PREFILL_CHUNK, n), dtype=np.float32)
+            out = np.empty((PREFILL_CHUNK, d), np.float32)
             w.matvec(x[0], out[0])
             w.matmul(x[:2], out[:2])            # a few tokens: matvec loop
-            w.matmul(x, out)                    # a prefill chunk: the batched kernel
+            w.matmul(x[:8], out[:8])            # a prefill chunk: the batched kernel
+            w.matmul(x, out)
             w.row(0, x[0])
+            del w
     if "flash" in manifest:
         from . import streaming
         streaming.warm_up(manifest)
@@ -93,7 +104,6 @@ def warm_up_kernels(manifest: dict) -> None:
         kernels.rope(x, np.arange(T, dtype=np.int64), cos, sin)
         cache = np.zeros((H, T, D), np.uint16)       # the model's f16 KV cache, as bits
         kernels.attention(x, cache, cache, 0, np.empty_like(x), np.empty((H, T), np.float32))
-        kernels.silu_mul(x, x, np.empty_like(x))
         flat = x.reshape(T, H * D)                      # the FFN calls it on (T, ffn) arrays
         kernels.silu_mul(flat, flat, np.empty_like(flat))
 
@@ -122,7 +132,7 @@ def tokenizer_from_manifest(manifest: dict) -> Tokenizer:
 def plan_memory(ebin, cfg: ModelConfig, context: int, budget: int | None, kv_dtype: str = "f16") -> MemoryPlan:
     """What loading `ebin` at `context` will take; the runtime's own part is measured after the
     kernels it needs are compiled (or loaded from the JIT cache)."""
-    warm_up_kernels(ebin.manifest)
+    warm_up_kernels(ebin)
     release_free_memory()       # what the tokenizer's and the compiler's work left behind
     tensors = ebin.manifest["tensors"].values()
     weight_bytes = sum(ebin.arrays[a].length for e in tensors for a in e["parts"].values())
@@ -156,8 +166,9 @@ class Model:
                 self.manifest = {k: v for k, v in manifest.items() if k != "tokenizer"}
                 self.context = self._context(context)
                 self.ram_auto = ram in (None, "auto")
-                if threads:
-                    kernels.set_threads(threads)
+                kernels.set_threads(threads or kernels.default_threads())
+                if verbose:
+                    log(f"CPU: {isa.target().describe()}, {kernels.get_threads()} threads")
                 if kv_dtype not in KV_DTYPES:
                     raise EdgerunError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
                 self.plan = plan_memory(ebin, self.config, self.context, None, kv_dtype)

@@ -5,7 +5,7 @@ The pack writes every BitStack block in one global order (level by level, most u
 so the model at any size is a prefix of that order: `counts(n)` says how many blocks each
 matrix has in the first n, and growing from n to n' reads exactly the blocks n..n'-1. Blocks
 are read into their own anonymous mappings and copied into the kernels' layout by the codec
-(edgerun/codecs/bitstack.py); a shrink copies the kept prefix, so the dropped suffix's memory
+(edgerun/codecs/bitstack/); a shrink copies the kept prefix, so the dropped suffix's memory
 goes back to the OS (with the caller's malloc_trim for allocations glibc keeps on its heap).
 """
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .codecs import codec_names
 from .default_model import REPLY_CAP
 from .errors import EdgerunError
 
@@ -107,8 +108,8 @@ _MODEL_OPTIONS = [
     click.option("-c", "--ctx-size", "context", type=click.IntRange(16), default=None,
                  help="Context length in tokens (default: 2048, at most the model's own)."),
     click.option("-t", "--threads", type=click.IntRange(1), default=None,
-                 help="CPU threads for the kernels (default 1: a second thread speeds up the large "
-                      "matrices on an idle machine but stalls when another process holds a core)."),
+                 help="CPU threads for the kernels (default: the physical cores, but no more than are idle "
+                      "now, so a busy machine is not slowed by threads waiting for a core)."),
     click.option("-v", "--verbose", is_flag=True, help="Print the memory plan and load details."),
     click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                  help="Where the layers run: auto uses a CUDA GPU when numba-cuda finds one (pip install "
@@ -182,13 +183,14 @@ def main():
               help="The .ebin file to write (written atomically).")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True,
               help="Storage type of the matrices that are not compressed (norms and biases stay f32).")
-@click.option("--codec", type=click.Choice(["dense", "spqr", "cluster", "bitstack"]), default="dense",
+@click.option("--codec", type=click.Choice(codec_names()), default="dense",
               show_default=True, help="Compress the attention and feed-forward matrices with this codec.")
-@click.option("--bits", type=click.IntRange(1, 8), default=None,
-              help="Bits per weight of --codec (spqr 2-4, cluster 2-8; default 4).")
+@click.option("--bits", type=click.IntRange(1), default=None,
+              help="The argument of --codec, ARG of a recipe rule CODEC:ARG (bits per weight, or blocks per "
+                   "matrix for bitstack); default: the codec's own. An out-of-range value names the valid range.")
 @click.option("--recipe", default=None, metavar="GROUP=RULE,...",
               help="Per tensor group codecs, e.g. 'embed=cluster:8,attention=spqr:4,ffn=spqr:3'. Groups: "
-                   "embed, attention, ffn, head; rules: f32, f16, bf16, CODEC:BITS.")
+                   "embed, attention, ffn, head; rules: f32, f16, bf16, CODEC:ARG.")
 @click.option("--calib", "calib_file", type=click.File("r", encoding="utf-8"), default=None,
               help="Calibration text for compressed codecs (default: a bundled WikiText-2 excerpt).")
 @click.option("--calib-tokens", type=click.IntRange(256), default=None,
@@ -208,10 +210,10 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layo
       edgerun pack model.gguf -o model-q3.ebin --codec spqr --bits 3
       edgerun pack ./model-dir -o mix.ebin --recipe embed=cluster:8,attention=spqr:4,ffn=spqr:3
     """
+    from .codecs import describe_rule
     from .convert.pack import DEFAULT_CALIB_TOKENS, make_recipe, pack as do_pack
     rules = make_recipe(dtype, codec, bits, recipe)
-    described = ", ".join(f"{g} {r['codec']}:{r['params'].get('bits', r['params'].get('dtype', r['params'].get('blocks')))}"
-                          for g, r in rules.items() if g != "vectors")
+    described = ", ".join(f"{g} {describe_rule(r)}" for g, r in rules.items() if g != "vectors")
     _err(f"packing {src} -> {output} ({described})")
     summary = do_pack(src, output, recipe=rules, calib_text=calib_file.read() if calib_file else None,
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, progress=progress_bar("packing"),

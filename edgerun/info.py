@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from . import isa
 from .config import ModelConfig
 from .ebin import EbinFile
 from .memory import fmt, mib_ceil
@@ -53,6 +54,7 @@ def describe(path, context=None) -> str:
         total_p, total_b = sum(params.values()), sum(sizes.values())
         lines.append(f"  {'total':<13} {total_p / 1e6:8.2f}M params {fmt(total_b):>12}  "
                      f"{total_b * 8 / total_p:5.2f} bits/weight")
+        lines.append(f"kernels       {isa.target().describe()}")
         template = tok.get("chat_template")
         lines.append(f"chat template {'yes (' + str(len(template)) + ' chars)' if template else 'none'}")
         lines.append(f"stop tokens   {stop_text}; BOS {tok.get('bos_token_id')}"

@@ -20,6 +20,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .errors import UnsupportedModelError
+from .isa import half_to_float
 
 
 def _import_numba_array_math_without_scipy() -> None:
@@ -53,8 +54,26 @@ def set_threads(n: int) -> None:
 
 
 def get_threads() -> int:
-    """The thread count last set with `set_threads` (1 by default: DESIGN §6 prange costs)."""
+    """The thread count last set with `set_threads` (1 until then)."""
     return _threads
+
+
+def default_threads() -> int:
+    """Threads a model uses unless told: the physical cores this process may run on (as llama.cpp),
+    but no more than the cores idle now (usable cores minus the 1-minute load average, rounded).
+    A `prange` region stalls for a whole scheduler slice when another process holds one of its
+    cores (DESIGN §6), so a busy 2-core machine gets 1 thread and a quiet 8-core laptop 8."""
+    import os
+
+    import psutil
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or usable
+    cores = min(usable, physical)
+    try:
+        idle = round(usable - os.getloadavg()[0])
+    except (AttributeError, OSError):          # no load average (Windows)
+        idle = cores
+    return max(1, min(cores, idle, numba.config.NUMBA_NUM_THREADS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,13 +81,12 @@ def get_threads() -> int:
 # stored as uint16 and widened with LLVM instructions; the f16 form vectorizes to vcvtph2ps.
 
 def _half_to_float(context, builder, sig, args):
-    half = builder.bitcast(args[0], ir.HalfType())
-    return builder.fpext(half, ir.FloatType())
+    return half_to_float(builder, args[0])
 
 
 @intrinsic
 def f16_to_f32(typingctx, h):
-    """uint16 IEEE half bits -> float32 (LLVM `bitcast i16 -> half`, `fpext half -> float`)."""
+    """uint16 IEEE half bits -> float32 (`edgerun.isa.half_to_float`: vcvtph2ps where the CPU has it)."""
     if not isinstance(h, types.Integer) or h.bitwidth != 16:
         return None
     return types.float32(h), _half_to_float

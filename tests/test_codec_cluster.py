@@ -52,7 +52,7 @@ def test_weighted_kmeans_beats_plain_on_weighted_error():
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request, monkeypatch):
     if request.param > 1:
-        monkeypatch.setattr(cluster, "PAR_MIN_WEIGHTS", 0)    # take the prange kernels on small shapes
+        monkeypatch.setattr(cluster.kernels, "PAR_MIN_WEIGHTS", 0)    # take the prange kernels on small shapes
     kernels.set_threads(request.param)
     yield request.param
     kernels.set_threads(1)

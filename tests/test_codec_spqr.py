@@ -114,7 +114,7 @@ def test_decode_matches_spec(bits, n):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernels_match_decode(bits, d, n, threads, monkeypatch):
     import edgerun.codecs.spqr as spqr
-    monkeypatch.setattr(spqr, "PAR_MIN_WEIGHTS", 0)          # exercise the prange path on small shapes
+    monkeypatch.setattr(spqr.kernels, "PAR_MIN_WEIGHTS", 0)          # exercise the prange path on small shapes
     W, X, H = _problem(d, n, seed=d + n)
     params = {"bits": bits}
     parts = codec.encode(W, params, H)

@@ -6,7 +6,7 @@ import pytest
 
 from edgerun import kernels as K
 from edgerun.codecs import CODECS, get_codec
-from edgerun.codecs import dense
+from edgerun.codecs.dense import kernels as dense   # its TILE_ROWS, PAR_MIN_MACS, _tiles
 from edgerun.codecs.dense import bf16_bits_to_f32, f32_to_bf16_bits
 from edgerun.errors import EdgerunError, UnsupportedModelError
 

@@ -1,4 +1,4 @@
-"""Benchmark the cluster codec (edgerun/codecs/cluster.py): encode speed, matvec GB/s of packed
+"""Benchmark the cluster codec (edgerun/codecs/cluster/): encode speed, matvec GB/s of packed
 bytes and ns/weight on SmolLM2-135M shapes at 1 and 2 threads, prefill matmul, and the relative
 reconstruction error on a real SmolLM2 weight.
 

@@ -39,8 +39,7 @@ def build(path, context, budget=None, mode="auto", criterion="off", window=4, ba
     with EbinFile(path) as e:
         man = e.manifest
         cfg = ModelConfig.from_dict(man["config"])
-        warm_up_kernels(man)
-        streaming.warm_up(man)
+        warm_up_kernels(e)             # includes streaming.warm_up for flash packs
         runtime = current_rss() if baseline is None else baseline
         w = Weights.from_ebin(e, cfg)
     scratch, kv = RunState.nbytes(cfg, context, 64)

@@ -19,7 +19,8 @@ import os
 import numpy as np
 
 from edgerun import kernels
-from edgerun.codecs import dense, get_codec
+from edgerun.codecs import get_codec
+from edgerun.codecs.dense import kernels as dense
 
 from benchlib import TOKEN_SHAPES, matvec_over_copies, median_time, token_of_matvecs  # tools/benchlib.py
 

@@ -1,7 +1,6 @@
 """LLVM IR helpers shared by the codecs' `@intrinsic` kernels (cluster, spqr)."""
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 
 _I32 = ir.IntType(32)
@@ -35,15 +34,3 @@ def switch_on_bits(builder, bits_val, widths, emit):
         emit(bits)
         builder.branch(done)
     builder.position_at_end(done)
-
-
-def inverse_cholesky(H: np.ndarray, percdamp: float):
-    """Upper Cholesky factor U of (H + damp·I)⁻¹ (GPTQ), after zeroing dead inputs: -> U, dead.
-    (NumPy, not IR: shared by the GPTQ passes of spqr and cluster.)"""
-    H = np.array(H, dtype=np.float64, copy=True)
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
-    H[np.diag_indices_from(H)] += percdamp * np.mean(np.abs(np.diag(H)))
-    Linv = np.linalg.inv(np.linalg.cholesky(H))
-    Hinv = Linv.T @ Linv
-    return np.linalg.cholesky(Hinv).T.copy(), dead

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..codecs import get_codec
+from ..codecs import codec_class, get_codec, parse_rule as _parse_rule
 from ..config import ConfigError, ModelConfig, tensor_names
 from ..ebin import EbinWriter
 from ..errors import EdgerunError
@@ -30,20 +30,6 @@ GROUPS = ("embed", "attention", "ffn", "head", "vectors")
 DEFAULT_CALIB_TOKENS = 12288
 CALIB_SEQ_LEN = 256
 EMBED_RULE = "cluster:5"
-CLUSTER_OUTLIERS = 0.003
-# Rank of each BitStack block, the step overshoot and the sign selection (formats/codec-bitstack.md,
-# "Choosing rank, overshoot and signs"). The paper's rank 16 suits 4k-wide matrices; on SmolLM2's
-# 576-wide ones the factors cost 16k(d+n)/(dn) bits per block and rank 2 buys more per byte;
-# GPTQ-chosen signs lower the output error of every block; each step 15% past the least-squares
-# fit (screened on layers 3-29, all seven matrix types: 1.05, tuned on layer 0 alone, was worse).
-BITSTACK_RANK = 2
-BITSTACK_OVERSHOOT = 1.15
-BITSTACK_SIGNS = "gptq"
-# The first 4 blocks' signs chosen together (a 16-level grid per row, its step fitted to the row,
-# that GPTQ rounds to) where that leaves the lower output error: held-out perplexity 41.1 at 4.57
-# bits/weight (one binary expansion for every row: 52.6; block by block at 4.50: 60.6, now 43.5)
-# (formats/codec-bitstack.md).
-BITSTACK_JOINT = 4
 # Calibration windows (the last ones) on which each stacked matrix's loss per block is measured
 # to set the global block order (bitstack_runtime.sensitivity_order).
 ORDER_WINDOWS = 4
@@ -99,8 +85,6 @@ def check_output(out: str | Path) -> None:
                            ("is not a directory" if parent.exists() else "does not exist"))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EdgerunError(f"cannot write {out}: the directory {parent} is not writable")
-    if out.exists() and not os.access(out, os.W_OK) and not os.access(parent, os.W_OK):
-        raise EdgerunError(f"cannot replace {out}: it is read-only")
     tmp = out.with_name(out.name + ".tmp")
     if tmp.is_symlink() or tmp.is_file():
         try:
@@ -138,29 +122,9 @@ def tensor_group(name: str, ndim: int) -> str:
 
 
 def parse_rule(text: str) -> dict:
-    """`f16` / `dense:bf16` -> dense; `spqr:3`, `cluster:4` -> that codec at that many bits."""
-    codec, _, arg = text.partition(":")
-    if codec in DTYPES and not arg:
-        codec, arg = "dense", codec
-    if codec == "dense":
-        if arg not in DTYPES:
-            raise EdgerunError(f"recipe rule {text!r}: dense takes one of {', '.join(DTYPES)}")
-        return {"codec": "dense", "params": {"dtype": arg}}
-    get_codec(codec)                                   # unknown or unavailable -> a clear error
-    if codec == "bitstack":                            # bitstack:K = K residual blocks per matrix
-        blocks = int(arg) if arg.isdigit() else 16
-        return {"codec": "bitstack", "params": {"blocks": blocks, "rank": BITSTACK_RANK,
-                                                "overshoot": BITSTACK_OVERSHOOT, "signs": BITSTACK_SIGNS,
-                                                "joint": min(BITSTACK_JOINT, blocks)}}
-    try:
-        bits = int(arg)
-    except ValueError:
-        raise EdgerunError(f"recipe rule {text!r}: expected CODEC:BITS, e.g. spqr:3 or cluster:4") from None
-    if codec == "cluster":
-        # SqueezeLLM's dense-and-sparse: 0.3% of the most sensitive weights kept exact in fp16
-        # (measured on SmolLM2 FFN at 4 bits: perplexity 41.3 -> 38.0 for +0.14 bits/weight)
-        return {"codec": codec, "params": {"bits": bits, "outliers": CLUSTER_OUTLIERS}}
-    return {"codec": codec, "params": {"bits": bits}}
+    """`f16` / `dense:bf16` -> dense; `spqr:3`, `cluster:4`, `bitstack:16` -> that codec with the
+    params its class makes of the argument (edgerun.codecs.parse_rule: the registry decides)."""
+    return _parse_rule(text)
 
 
 def make_recipe(dtype: str = "f16", codec: str | None = None, bits: int | None = None,
@@ -172,8 +136,7 @@ def make_recipe(dtype: str = "f16", codec: str | None = None, bits: int | None =
     rules = {g: {"codec": "dense", "params": {"dtype": dtype}} for g in GROUPS}
     rules["vectors"] = {"codec": "dense", "params": {"dtype": "f32"}}
     if codec and codec != "dense":
-        default = 16 if codec == "bitstack" else 4
-        rule = parse_rule(f"{codec}:{bits if bits is not None else default}")
+        rule = {"codec": codec, "params": codec_class(codec).params_from_arg(bits)}   # None: its default
         rules["attention"] = rules["ffn"] = rule
         # Embeddings (and an untied head) are a fifth of a small model's weights and the head runs every
         # token: 5-bit palettization keeps them accurate at a third of f16 and its kernel is fast
@@ -189,7 +152,7 @@ def make_recipe(dtype: str = "f16", codec: str | None = None, bits: int | None =
 
 
 def needs_calibration(recipe: dict) -> bool:
-    return any(rule["codec"] != "dense" for rule in recipe.values())
+    return any(codec_class(rule["codec"]).calibrated for rule in recipe.values())
 
 
 def array_name(tensor: str, part: str) -> str:
@@ -246,18 +209,17 @@ class TensorStore:
         entry = {"codec": rule["codec"], "params": rule["params"], "shape": list(w.shape),
                  "parts": {p: array_name(name, p) for p in parts}}
         for part, arr in parts.items():
-            if rule["codec"] == "bitstack" and part.startswith("block."):
+            if codec.stacked and part.startswith("block."):
                 continue
             self.writer.add_array(entry["parts"][part], arr)
-        if rule["codec"] == "bitstack":
-            from ..codecs.bitstack import block_importance
+        if codec.stacked:
             self.stack_parts[name] = parts
-            self.stack_scores[name] = block_importance(parts, rule["params"], hessian, w)
-        self.group_bytes[group] += sum(arr.nbytes for arr in parts.values())
+            self.stack_scores[name] = codec.block_importance(parts, rule["params"], hessian, w)
+        self.group_bytes[group] += codec.nbytes(parts)
         self.group_params[group] += w.size
         self.entries[name] = entry
         loaded = load_tensor(entry, parts)
-        if any(r["codec"] == "bitstack" for r in self.recipe.values()):
+        if any(codec_class(r["codec"]).stacked for r in self.recipe.values()):
             self.loaded[name] = loaded
         return loaded
 

@@ -1,10 +1,6 @@
-"""Dense codec: weights stored as float32, float16 or bfloat16 (DESIGN §4 "dense").
-
-Parts: {"weight": array of the weight's shape}, float32 for "f32", uint16 bits for "f16"
-(IEEE half, round-to-nearest-even as np.float16) and "bf16" (high half of the float32, rounded
-to nearest even). Kernels widen 16-bit values in registers (`kernels.f16_to_f32`,
-`kernels.bf16_to_f32`), so decode streams 2 bytes per weight.
-"""
+"""Dense codec, the kernels: f32 / f16 / bf16 matvec, the register-blocked prefill matmul (no
+BLAS) and `DenseLinear`. Kernels widen 16-bit values in registers (`edgerun.kernels.f16_to_f32`,
+`bf16_to_f32`), so decode streams 2 bytes per weight."""
 from __future__ import annotations
 
 import threading
@@ -12,13 +8,13 @@ import threading
 import numpy as np
 from numba import njit, prange
 
-from ..errors import UnsupportedModelError
-from ..kernels import bf16_to_f32, f16_to_f32, get_threads
+from ...errors import UnsupportedModelError
+from ...kernels import bf16_to_f32, f16_to_f32
+from ..base import Linear
+from .format import dtype_of
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
-
-DTYPES = ("f32", "f16", "bf16")
 
 # A matvec with at least this many weights uses the prange kernel when threads > 1. A 2-thread
 # region costs ~10 µs (DESIGN §6); measured in tools/bench_kernels.py, only the FFN-sized
@@ -32,30 +28,6 @@ MATMUL_MIN_T = 4
 # A matmul with at least this many multiply-adds (T * d * n) uses the prange kernel when
 # threads > 1: below it the ~10 µs of a 2-thread region (DESIGN §6) outweighs the gain.
 PAR_MIN_MACS = 1 << 22
-
-
-# --- encode / decode (NumPy reference) -----------------------------------------------------
-
-def f32_to_bf16_bits(w: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), round to nearest even; NaN stays a quiet NaN."""
-    u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    nan = np.isnan(w)
-    out = rounded.astype(np.uint16)
-    out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
-    return out
-
-
-def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
-    """bfloat16 bits (uint16) -> float32 (exact)."""
-    return (b.astype(np.uint32) << 16).view(np.float32)
-
-
-def _dtype(params: dict) -> str:
-    dt = (params or {}).get("dtype", "f32")
-    if dt not in DTYPES:
-        raise UnsupportedModelError(f"dense codec: dtype {dt!r} is not supported (use one of {DTYPES})")
-    return dt
 
 
 # --- kernels -----------------------------------------------------------------------------
@@ -377,39 +349,32 @@ def _tiles(nblocks: int, n: int) -> np.ndarray:
     return buf[:size].reshape(nblocks, TILE_ROWS, n)
 
 
-class DenseLinear:
+class DenseLinear(Linear):
     """A loaded dense weight W (d, n): matvec / matmul / row on the stored parts (zero-copy)."""
 
+    codec = "dense"
+    matmul_min_t = MATMUL_MIN_T
+
     def __init__(self, W: np.ndarray, dtype: str):
+        super().__init__(W.shape, W.nbytes, PAR_MIN_WEIGHTS)
         self.W = W
         self.dtype = dtype
-        self.shape = W.shape
-        self.nbytes = int(W.nbytes)
-        self.bits_per_weight = self.nbytes * 8 / W.size
         self._mv = _SERIAL[dtype]
         self._mv_par = _PARALLEL[dtype]
-        self._big = W.size >= PAR_MIN_WEIGHTS
         self._mm = _MATMUL[dtype]
         self._mm_par = _MATMUL_PAR[dtype]
 
-    def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
-        """out (d,) = W (d, n) @ x (n,)."""
-        threads = get_threads()
-        if threads > 1 and self._big:
+    def _matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
+        # out (d,) = W (d, n) @ x (n,)
+        if threads > 1:
             self._mv_par(self.W, x, out, threads)
         else:
             self._mv(self.W, x, out)
 
-    def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
-        """out (T, d) = X (T, n) @ W.T with the register-blocked Numba kernel (never BLAS)."""
-        T = X.shape[0]
-        if T < MATMUL_MIN_T:
-            for t in range(T):
-                self.matvec(X[t], out[t])
-            return
+    def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
+        # out (T, d) = X (T, n) @ W.T with the register-blocked Numba kernel (never BLAS)
         d, n = self.shape
-        threads = get_threads()
-        nb = threads if threads > 1 and T * d * n >= PAR_MIN_MACS else 1
+        nb = self.threads_for(X.shape[0] * d * n >= PAR_MIN_MACS)
         tiles = _tiles(nb, 0 if self.dtype == "f32" else n)
         if nb > 1:
             self._mm_par(X, self.W, out, tiles)
@@ -424,58 +389,25 @@ class DenseLinear:
             _WIDEN[self.dtype](self.W, i, i + 1, out.reshape(1, -1))
 
 
-class DenseCodec:
-    """f32 / f16 / bf16 weights; params {"dtype": "f32"|"f16"|"bf16"} (default f32)."""
+def as_f32(parts: dict, params: dict) -> np.ndarray:
+    """Whole weight as float32 (norm weights, biases): zero-copy for f32, widened otherwise."""
+    dt = dtype_of(params)
+    w = parts["weight"]
+    if dt == "f32":
+        return np.ascontiguousarray(w, np.float32)
+    flat = np.ascontiguousarray(w).reshape(1, -1)
+    out = np.empty(flat.shape, np.float32)
+    _WIDEN[dt](flat, 0, 1, out)
+    return out.reshape(w.shape)
 
-    name = "dense"
 
-    @staticmethod
-    def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """float32 (d, n) or (n,) -> {"weight": float32 | uint16 bits} of the same shape
-        (`hessian`, the calibration statistics other codecs use, changes nothing here)."""
-        dt = _dtype(params)
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        if dt == "f32":
-            return {"weight": w.copy()}
-        if dt == "f16":
-            return {"weight": w.astype(np.float16).view(np.uint16)}
-        return {"weight": f32_to_bf16_bits(w)}
+def load_linear(parts: dict, params: dict) -> DenseLinear:
+    """A DenseLinear over parts["weight"] (d, n), without copying C-contiguous arrays."""
+    dt = dtype_of(params)
+    W = parts["weight"]
+    want = np.float32 if dt == "f32" else np.uint16
+    if W.ndim != 2 or W.dtype != want:
+        raise UnsupportedModelError(
+            f"dense codec: weight must be 2-D {np.dtype(want).name} for {dt}, got {W.dtype} {W.shape}")
+    return DenseLinear(np.ascontiguousarray(W), dt)
 
-    @staticmethod
-    def decode(parts: dict, params: dict) -> np.ndarray:
-        """Reference NumPy decode to float32 (tests only)."""
-        dt = _dtype(params)
-        w = parts["weight"]
-        if dt == "f32":
-            return np.asarray(w, np.float32).copy()
-        if dt == "f16":
-            return w.view(np.float16).astype(np.float32)
-        return bf16_bits_to_f32(w)
-
-    @staticmethod
-    def as_f32(parts: dict, params: dict) -> np.ndarray:
-        """Whole weight as float32 (norm weights, biases): zero-copy for f32, widened otherwise."""
-        dt = _dtype(params)
-        w = parts["weight"]
-        if dt == "f32":
-            return np.ascontiguousarray(w, np.float32)
-        flat = np.ascontiguousarray(w).reshape(1, -1)
-        out = np.empty(flat.shape, np.float32)
-        _WIDEN[dt](flat, 0, 1, out)
-        return out.reshape(w.shape)
-
-    @staticmethod
-    def load(parts: dict, params: dict) -> DenseLinear:
-        """A DenseLinear over parts["weight"] (d, n), without copying C-contiguous arrays."""
-        dt = _dtype(params)
-        W = parts["weight"]
-        want = np.float32 if dt == "f32" else np.uint16
-        if W.ndim != 2 or W.dtype != want:
-            raise UnsupportedModelError(
-                f"dense codec: weight must be 2-D {np.dtype(want).name} for {dt}, got {W.dtype} {W.shape}")
-        return DenseLinear(np.ascontiguousarray(W), dt)
-
-    @staticmethod
-    def nbytes(parts: dict) -> int:
-        """Bytes of the stored parts."""
-        return int(sum(p.nbytes for p in parts.values()))

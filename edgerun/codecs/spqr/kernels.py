@@ -1,23 +1,6 @@
-"""SpQR codec (Dettmers et al. 2023, "SpQR: A Sparse-Quantized Representation"; DESIGN §4 "spqr").
-
-Byte layout: formats/codec-spqr.md. In short, for W (d, n), columns permuted by `perm` and padded
-to n_pad (a multiple of 16; padded columns are zero and read zero activations):
-- w[i, j] = s[i, g] * (q[i, j] - z[i, g]) with g = j // group, q a 2-4 bit code; s and z are
-  themselves `stat_bits`-bit codes over blocks of `stat_group` rows with fp16 step/min per block;
-- plus sparse outliers (CSR: int32 row pointers, uint16 permuted column, fp16 value = w - dense).
-Codes are stored by chunks of 16 groups in byte sections with one byte per group, so a kernel
-vector lane is a group (see "kernels" below): the matvec decodes 16 weights per vector op and
-applies the 16 groups' scales and zeros with a few more, ≈ 2× the speed of a per-group layout.
-Stats are decoded per row block inside the kernel, so what is resident is exactly what is stored
-(plus, per matrix, an activation index and scratch of a few KiB).
-
-Encode is the paper's procedure (GPTQ with error feedback through the Cholesky factor of H⁻¹,
-group statistics fit at the group's first column without its likely outliers found by the
-leave-one-out criterion, outliers chosen column by column inside the pass), vectorized over rows.
-"""
+"""SpQR codec, the kernels: LLVM IR through numba @intrinsic, the Numba drivers and
+`SpQRLinear` (formats/codec-spqr.md)."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from llvmlite import ir
@@ -25,269 +8,24 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..errors import UnsupportedModelError
-from ..kernels import f16_to_f32, get_threads
-from ..memory import thread_scratch
-from .dense import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
-from .llvm_ir import array_data as _data, hsum16 as _hsum, inverse_cholesky as _inverse_cholesky, switch_on_bits
+from ...errors import UnsupportedModelError
+from ...isa import half_to_float
+from ...kernels import f16_to_f32
+from ...memory import thread_scratch
+from ..base import Linear
+from ..dense.kernels import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
+from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
+from .format import REQUIRED_PARTS, _check_shapes, params_of
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
 
-DEFAULTS = dict(bits=3, group=16, stat_bits=3, stat_group=16, outlier_threshold=0.2,
-                permute="act_order", percdamp=0.01, blocksize=128)
 # prange over rows only for matrices at least this big (a 2-thread region costs ~2-3 µs here with
 # OpenMP, DESIGN §6 says up to 10): 576x576 q/o gain (measured: 15 -> 11 µs a matvec in a real token
 # at 2 threads), 192x576 k/v do not
 PAR_MIN_WEIGHTS = 1 << 18
 TILE_ROWS = 16          # rows dequantized per tile in matmul (16 x n_pad f32 stays in L1/L2)
 MATMUL_MIN_T = 4        # below this many tokens matmul is a loop of matvecs
-
-
-def _params(params: dict | None) -> dict:
-    p = dict(DEFAULTS)
-    p.update(params or {})
-    if p["bits"] not in (2, 3, 4):
-        raise UnsupportedModelError(f"spqr codec: bits must be 2, 3 or 4, got {p['bits']!r}")
-    if p["group"] != 16:
-        raise UnsupportedModelError(f"spqr codec: only group=16 is implemented, got {p['group']!r}")
-    if not 1 <= p["stat_bits"] <= 4:          # scale and zero codes share one byte
-        raise UnsupportedModelError(f"spqr codec: stat_bits must be 1..4, got {p['stat_bits']!r}")
-    if p["stat_group"] < 1:
-        raise UnsupportedModelError(f"spqr codec: stat_group must be >= 1, got {p['stat_group']!r}")
-    if p["permute"] not in ("act_order", None, "identity"):
-        raise UnsupportedModelError(f"spqr codec: permute must be 'act_order' or None, got {p['permute']!r}")
-    return p
-
-
-# --- encode (NumPy) ------------------------------------------------------------------------
-
-def _minmax(x: np.ndarray, maxq: int):
-    """Asymmetric min-max fit over the last axis (range widened to include 0, as GPTQ):
-    scale, fractional zero with x ≈ scale * (q - zero)."""
-    xmin = np.minimum(x.min(-1), 0)
-    xmax = np.maximum(x.max(-1), 0)
-    flat = xmax - xmin <= 1e-12
-    xmin = np.where(flat, -1e-6, xmin)
-    xmax = np.where(flat, 1e-6, xmax)
-    scale = (xmax - xmin) / maxq
-    return scale, -xmin / scale
-
-
-def _qdq(x, scale, zero, maxq):
-    """Quantize-dequantize x with broadcastable scale/zero (reference quant_groups semantics)."""
-    q = np.clip(np.rint(x / np.maximum(scale, 1e-12) + zero), 0, maxq)
-    return scale * (q - zero)
-
-
-def _quant_stat(v: np.ndarray, sg: int, sbits: int):
-    """Second-level quantization of one column group's stat v (d,) over blocks of sg rows:
-    -> codes (d,) uint8, step (R,) fp16, min (R,) fp16, dequantized (d,) float32 exactly as decoded."""
-    d = v.shape[0]
-    R = -(-d // sg)
-    vp = np.concatenate([v, np.repeat(v[-1:], R * sg - d)]).reshape(R, sg)
-    mn, mx = vp.min(1), vp.max(1)
-    step16 = ((mx - mn) / ((1 << sbits) - 1)).astype(np.float16)
-    mn16 = mn.astype(np.float16)
-    step, mn32 = step16.astype(np.float32), mn16.astype(np.float32)
-    q = np.clip(np.rint((vp - mn32[:, None]) / np.maximum(step, 1e-30)[:, None]), 0, (1 << sbits) - 1)
-    deq = (step[:, None] * q.astype(np.float32) + mn32[:, None]).astype(np.float32)
-    return q.reshape(-1)[:d].astype(np.uint8), step16, mn16, deq.reshape(-1)[:d]
-
-
-def _loo_outlier_mask(Wg: np.ndarray, hd: np.ndarray, maxq: int, thr: float) -> np.ndarray:
-    """SpQR leave-one-out criterion for a group Wg (d, k): True where refitting the group's
-    quantizer without that weight lowers the group's H-weighted error by more than thr."""
-    d, k = Wg.shape
-    idx = np.array([[c for c in range(k) if c != j] for j in range(k)])          # (k, k-1)
-    data = Wg[:, idx]                                                             # (d, k, k-1)
-    s, z = _minmax(data, maxq)
-    loo = (((_qdq(data, s[..., None], z[..., None], maxq) - data) / hd[idx]) ** 2).sum(-1)
-    s, z = _minmax(Wg, maxq)
-    base = (((_qdq(Wg, s[:, None], z[:, None], maxq) - Wg) / hd) ** 2).sum(-1, keepdims=True)
-    return base - loo > thr
-
-
-def _chunks(G: int):
-    """(g0, w) of the 16-group chunks of a row: full chunks, then one tail chunk of G mod 16."""
-    return [(g0, min(16, G - g0)) for g0 in range(0, G, 16)]
-
-
-def _sections(block: np.ndarray, bits: int) -> list:
-    """Codes of one chunk, block (d, w, 16) [row, group, position] -> its 2·bits byte sections (d, w)."""
-    if bits == 4:     # section u: positions 2u (low nibble), 2u+1 (high nibble)
-        return [block[..., 2 * u] | (block[..., 2 * u + 1] << 4) for u in range(8)]
-    lo = [sum((block[..., 4 * u + k] & 3) << (2 * k) for k in range(4)) for u in range(4)]
-    if bits == 2:     # section u: positions 4u..4u+3, two bits each
-        return lo
-    # 3 bits: the 2-bit sections of the low bits, then bit 2 of positions 8h..8h+7 at bits 0..7
-    return lo + [sum(((block[..., 8 * h + k] >> 2) & 1) << k for k in range(8)) for h in range(2)]
-
-
-def _pack_codes(Q: np.ndarray, bits: int) -> np.ndarray:
-    """Codes Q (d, n_pad) uint8 -> codes (d, 2·bits·G) uint8 (formats/codec-spqr.md "codes")."""
-    d, n_pad = Q.shape
-    q = Q.reshape(d, n_pad // 16, 16).astype(np.uint8)
-    out = [s.astype(np.uint8) for g0, w in _chunks(n_pad // 16) for s in _sections(q[:, g0:g0 + w], bits)]
-    return np.ascontiguousarray(np.concatenate(out, axis=1)) if out else np.zeros((d, 0), np.uint8)
-
-
-def _unpack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of _pack_codes: -> codes (d, n_pad) int64 in storage column order."""
-    d = codes.shape[0]
-    G = codes.shape[1] // (2 * bits)
-    q = np.zeros((d, G, 16), np.int64)
-    off = 0
-    for g0, w in _chunks(G):
-        sec = [codes[:, off + k * w: off + (k + 1) * w].astype(np.int64) for k in range(2 * bits)]
-        off += 2 * bits * w
-        for t in range(16):
-            if bits == 4:
-                q[:, g0:g0 + w, t] = (sec[t // 2] >> (4 * (t % 2))) & 15
-            else:
-                q[:, g0:g0 + w, t] = (sec[t // 4] >> (2 * (t % 4))) & 3
-                if bits == 3:
-                    q[:, g0:g0 + w, t] |= ((sec[4 + t // 8] >> (t % 8)) & 1) << 2
-    return q.reshape(d, G * 16)
-
-
-def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None = None) -> dict:
-    """SpQR-quantize W (d, n) float32 given H = E[x xᵀ] (n, n) of its input (see SpQRCodec.encode)."""
-    p = _params(params)
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise UnsupportedModelError(f"spqr codec: weight must be 2-D, got shape {w.shape}")
-    d, n = w.shape
-    if n > 65536:
-        raise UnsupportedModelError(f"spqr codec: at most 65536 input columns (16-bit indices), got {n}")
-    bits, gs, sb, sg = p["bits"], p["group"], p["stat_bits"], p["stat_group"]
-    maxq = (1 << bits) - 1
-    H = np.eye(n) if hessian is None else np.asarray(hessian, dtype=np.float64)
-    if H.shape != (n, n):
-        raise UnsupportedModelError(f"spqr codec: hessian must be ({n}, {n}), got {H.shape}")
-
-    perm = (np.argsort(-np.diag(H), kind="stable") if p["permute"] == "act_order"
-            else np.arange(n))
-    n_pad = -(-n // gs) * gs
-    G = n_pad // gs
-    Hp = np.eye(n_pad)
-    Hp[:n, :n] = H[np.ix_(perm, perm)]
-    Hp[n:, n:] = 0.0                                  # padded columns are dead inputs
-    Uc, dead = _inverse_cholesky(Hp, p["percdamp"])
-    udiag = np.diag(Uc).astype(np.float32)
-    Uc32 = Uc.astype(np.float32)
-
-    # Work on Wᵀ so a column is a contiguous row: every step is vectorized over the d rows.
-    WT = np.zeros((n_pad, d), np.float32)
-    WT[:n] = w[:, perm].T
-    WT[dead] = 0.0
-    Q = np.empty((n_pad, d), np.uint8)
-    S = np.empty((G, d), np.float32)
-    Z = np.empty((G, d), np.float32)
-    R = -(-d // sg)
-    qs_all = np.empty((G, d), np.uint8)
-    qz_all = np.empty((G, d), np.uint8)
-    st2 = np.empty((R, 4, G), np.float16)
-    # outlier threshold relative to the mean H-weighted column variance (reference spqr_engine)
-    thr = float(p["outlier_threshold"]) * float(np.mean(WT[:n].var(axis=1) / udiag[:n] ** 2)) \
-        if p["outlier_threshold"] not in (None, float("inf")) else math.inf
-    out_cols, out_rows, out_vals = [], [], []
-
-    bs = max(gs, p["blocksize"] // gs * gs)
-    for b0 in range(0, n_pad, bs):
-        b1 = min(n_pad, b0 + bs)
-        E = np.empty((b1 - b0, d), np.float32)
-        for c in range(b0, b1):
-            if c % gs == 0:
-                g = c // gs
-                Wg = WT[c:c + gs].T                       # (d, gs)
-                if math.isfinite(thr):
-                    likely = _loo_outlier_mask(Wg, udiag[c:c + gs], maxq, thr)
-                    keep = ~likely
-                    mean = (Wg * keep).sum(1, keepdims=True) / np.maximum(keep.sum(1, keepdims=True), 1)
-                    Wg = np.where(keep, Wg, mean)
-                s, z = _minmax(Wg, maxq)
-                qs_all[g], st2[:, 0, g], st2[:, 1, g], S[g] = _quant_stat(s.astype(np.float32), sg, sb)
-                qz_all[g], st2[:, 2, g], st2[:, 3, g], Z[g] = _quant_stat(z.astype(np.float32), sg, sb)
-                s_g, z_g = S[g], Z[g]
-                sdiv = np.maximum(s_g, 1e-12)
-            x = WT[c]
-            q = np.clip(np.rint(x / sdiv + z_g), 0, maxq)
-            rec = s_g * (q - z_g)
-            if math.isfinite(thr):
-                err = (x - rec) / udiag[c]
-                rows = np.nonzero(err * err > thr)[0]
-                if rows.size:
-                    # the dense code at an outlier decodes the weight as 0; the sparse value is the
-                    # fp16 residual w - dense, so dense + sparse reproduces w (DESIGN §4 trap)
-                    q[rows] = np.clip(np.rint(z_g[rows]), 0, maxq)
-                    dense = s_g[rows] * (q[rows] - z_g[rows])
-                    val = (x[rows] - dense).astype(np.float16)
-                    rec[rows] = dense + val.astype(np.float32)
-                    out_cols.append(np.full(rows.size, c, np.uint16))
-                    out_rows.append(rows)
-                    out_vals.append(val)
-            Q[c] = q
-            e = (x - rec) / udiag[c]
-            E[c - b0] = e
-            if c + 1 < b1:
-                WT[c + 1:b1] -= Uc32[c, c + 1:b1, None] * e[None, :]
-        if b1 < n_pad:
-            WT[b1:] -= Uc32[b0:b1, b1:].T @ E
-
-    codes = _pack_codes(np.ascontiguousarray(Q.T), bits)
-    if out_rows:
-        rows = np.concatenate(out_rows)
-        cols = np.concatenate(out_cols)
-        vals = np.concatenate(out_vals)
-        order = np.lexsort((cols, rows))
-        rows, cols, vals = rows[order], cols[order], vals[order]
-    else:
-        rows = np.zeros(0, np.int64)
-        cols = np.zeros(0, np.uint16)
-        vals = np.zeros(0, np.float16)
-    rowptr = np.zeros(d + 1, np.int32)
-    np.cumsum(np.bincount(rows, minlength=d), out=rowptr[1:])
-    return {
-        "codes": codes,
-        "stat_codes": np.ascontiguousarray((qs_all | (qz_all << sb)).T),
-        "stats": st2.view(np.uint16),
-        "perm": perm.astype(np.uint16 if n <= 65536 else np.int32),
-        "outlier_rowptr": rowptr,
-        "outlier_col": cols.astype(np.uint16),
-        "outlier_val": vals.view(np.uint16),
-    }
-
-
-def _check_shapes(parts: dict, bits: int) -> tuple[int, int]:
-    """(d, G) of the parts, or UnsupportedModelError when codes do not match bits and stat_codes."""
-    d, G = parts["stat_codes"].shape
-    codes = parts["codes"]
-    if codes.dtype != np.uint8 or codes.shape != (d, 2 * bits * G) or len(parts["perm"]) > 16 * G:
-        raise UnsupportedModelError(f"spqr codec: codes {codes.dtype} {codes.shape} do not match bits={bits} "
-                                    f"and stat_codes {parts['stat_codes'].shape}")
-    return d, G
-
-
-def decode(parts: dict, params: dict | None = None) -> np.ndarray:
-    """Reference NumPy decode -> float32 (d, n) in the original column order (tests only)."""
-    p = _params(params)
-    bits, sb, sg = p["bits"], p["stat_bits"], p["stat_group"]
-    d, G = _check_shapes(parts, bits)
-    perm = parts["perm"].astype(np.int64)
-    n = perm.shape[0]
-    q = _unpack_codes(parts["codes"], bits).astype(np.float32)
-    f = parts["stat_codes"].astype(np.int64)
-    qs, qz = f & ((1 << sb) - 1), f >> sb
-    st = parts["stats"].view(np.float16).astype(np.float32)[np.arange(d) // sg]     # (d, 4, G)
-    s = st[:, 0] * qs + st[:, 1]
-    z = st[:, 2] * qz + st[:, 3]
-    Wp = (np.repeat(s, 16, axis=1) * q - np.repeat(s * z, 16, axis=1)).astype(np.float32)
-    rows = np.repeat(np.arange(d), np.diff(parts["outlier_rowptr"]))
-    Wp[rows, parts["outlier_col"].astype(np.int64)] += parts["outlier_val"].view(np.float16).astype(np.float32)
-    W = np.empty((d, n), np.float32)
-    W[:, perm] = Wp[:, :n]
-    return W
 
 
 # --- kernels -------------------------------------------------------------------------------
@@ -297,7 +35,7 @@ def decode(parts: dict, params: dict | None = None) -> np.ndarray:
 # once per matvec chunk-major as xc[c, t, k] = x[perm[16(16c + k) + t]] (and xc[c, 16] = Σ_t), so
 # q_t · xc[c, t] is a plain vector multiply-add at a constant offset from one pointer, and the
 # group's scale and zero (also one lane per group) apply once per 256 weights with no horizontal
-# sum per group. LLVM IR through numba @intrinsic (as cluster.py): DESIGN §6, plain Numba loops
+# sum per group. LLVM IR through numba @intrinsic (as cluster/kernels.py): DESIGN §6, plain Numba loops
 # stay scalar. The tail chunk (G mod 16 groups) uses the same code with masked loads, except
 # tails of 4 or 8 groups (n = 576: 36 groups), whose rows are packed 4 or 2 to a vector.
 # Measured on Zen 5 (SmolLM2 shapes): the multiply-adds of a chunk must run as 4 independent
@@ -577,7 +315,7 @@ def _widen_stats(typingctx, st2, rb, G, sf):
             for k in range(4):
                 p = _gep(builder, pst, builder.add(builder.mul(G_v, ir.Constant(i64, k)), g0), _I16)
                 h = builder.call(load, [p, mask, ir.Constant(_V16I16, [0] * 16)])
-                v = builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+                v = half_to_float(builder, h)
                 dst = _gep(builder, psf, builder.add(builder.shl(loop.index, ir.Constant(i64, 6)),
                                                      ir.Constant(i64, 16 * k)), _F32)
                 builder.store(v, builder.bitcast(dst, _V16F32.as_pointer()), align=4)
@@ -795,24 +533,23 @@ def _row_out(perm, tmp, G, out):
         out[perm[j]] = tmp[(j & 15) * G + (j >> 4)]
 
 
-class SpQRLinear:
+class SpQRLinear(Linear):
     """A loaded SpQR weight W (d, n): matvec / matmul / row straight from the stored parts."""
+
+    codec = "spqr"
+    matmul_min_t = MATMUL_MIN_T
 
     def __init__(self, parts: dict, p: dict):
         self.bits, self.sbits, self.sg = p["bits"], p["stat_bits"], p["stat_group"]
         a = {k: np.ascontiguousarray(v) for k, v in parts.items()}
         d, G = _check_shapes(a, self.bits)
+        # every stored part is resident as is (stats are decoded inside the kernels)
+        super().__init__((d, a["perm"].shape[0]), sum(v.nbytes for v in parts.values()), PAR_MIN_WEIGHTS)
         self.codes, self.stq, self.st2 = a["codes"], a["stat_codes"], a["stats"]
         self.perm = a["perm"]
         self.rp, self.oc, self.ov = a["outlier_rowptr"], a["outlier_col"], a["outlier_val"]
-        n = self.perm.shape[0]
-        self.shape = (d, n)
         self.G = G
         self.n_pad = G * 16
-        # every stored part is resident as is (stats are decoded inside the kernels)
-        self.nbytes = int(sum(v.nbytes for v in parts.values()))
-        self.bits_per_weight = self.nbytes * 8 / (d * n)
-        self._big = d * n >= PAR_MIN_WEIGHTS
         # per-call scratch, allocated once: prepared activations and per-thread f32 block stats,
         # chunk-major and zero-padded to whole 16-group chunks (the tail chunk's vector loads read
         # the padding); with the stored parts this is all a matvec touches
@@ -828,26 +565,21 @@ class SpQRLinear:
             self.sf = np.zeros((threads,) + self.sf.shape[1:], np.float32)
         return self.sf[:threads]
 
-    def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
-        """out (d,) = W (d, n) @ x (n,) float32."""
+    def _matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
+        # out (d,) = W (d, n) @ x (n,) float32
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-        if self._big and get_threads() > 1:
-            _matvec_par(*self._args, x, self.xidx, self.xc, out, self._scratch(get_threads()))
+        if threads > 1:
+            _matvec_par(*self._args, x, self.xidx, self.xc, out, self._scratch(threads))
         else:
             _matvec(*self._args, x, self.xidx, self.xc, out, self.sf)
 
-    def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
-        """out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply."""
+    def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
+        # out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply
         T = X.shape[0]
-        if T < MATMUL_MIN_T:
-            for t in range(T):
-                self.matvec(X[t], out[t])
-            return
         Xp = thread_scratch("spqr.xp", (T, self.n_pad))
         _prep_X(X, self.perm, self.G, Xp)
-        threads = get_threads()
-        nb = threads if threads > 1 and self.shape[0] >= 4 * TILE_ROWS else 1
+        nb = self.threads_for(self.shape[0] >= 4 * TILE_ROWS)
         tiles = thread_scratch("spqr.tiles", (nb, TILE_ROWS, self.n_pad))
         sf = self._scratch(nb)
         if nb > 1:
@@ -862,36 +594,10 @@ class SpQRLinear:
         _row_out(self.perm, tmp[0], self.G, out)
 
 
-class SpQRCodec:
-    """SpQR weights; params {"bits": 2..4 (3), "group": 16, "stat_bits": 3, "stat_group": 16,
-    "outlier_threshold": 0.2 (relative, paper's τ; inf or None = no outliers),
-    "permute": "act_order" | None, "percdamp": 0.01, "blocksize": 128}."""
-
-    name = "spqr"
-
-    @staticmethod
-    def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None = None) -> dict:
-        """float32 W (d, n) -> parts (formats/codec-spqr.md). `hessian` is H = E[x xᵀ] (n, n) of
-        the input; the procedure needs it. Without it H = I: no error feedback between columns
-        (GPTQ degenerates to round-to-nearest) and act_order keeps the identity order."""
-        return encode(w, params, hessian)
-
-    @staticmethod
-    def decode(parts: dict, params: dict | None = None) -> np.ndarray:
-        """Reference NumPy decode to float32 (d, n), original column order (tests only)."""
-        return decode(parts, params)
-
-    @staticmethod
-    def load(parts: dict, params: dict | None = None) -> SpQRLinear:
-        """A SpQRLinear over the parts (zero-copy for C-contiguous arrays)."""
-        p = _params(params)
-        missing = {"codes", "stat_codes", "stats", "perm", "outlier_rowptr",
-                   "outlier_col", "outlier_val"} - set(parts)
-        if missing:
-            raise UnsupportedModelError(f"spqr codec: missing parts {sorted(missing)}")
-        return SpQRLinear(parts, p)
-
-    @staticmethod
-    def nbytes(parts: dict) -> int:
-        """Bytes of the stored parts (all of them are resident; nothing is expanded at load)."""
-        return int(sum(v.nbytes for v in parts.values()))
+def load_linear(parts: dict, params: dict | None = None) -> SpQRLinear:
+    """A SpQRLinear over the parts (zero-copy for C-contiguous arrays)."""
+    p = params_of(params)
+    missing = set(REQUIRED_PARTS) - set(parts)
+    if missing:
+        raise UnsupportedModelError(f"spqr codec: missing parts {sorted(missing)}")
+    return SpQRLinear(parts, p)

@@ -1,0 +1,45 @@
+"""Cluster codec: k-means palettization (DESIGN §4 "cluster"; spec formats/codec-cluster.md).
+
+format.py: parts, params, the bit-plane layout · encode.py: weighted k-means and GPTQ rounding ·
+reference.py: NumPy decode · kernels.py: LLVM IR kernels and ClusterLinear · cuda.py: numba-cuda.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..base import Codec
+from . import encode as _encode, reference
+from .format import BLOCK, OUTLIER_PARTS, default_group_rows, pack_indices, params_of, unpack_indices  # noqa: F401
+from .kernels import MATMUL_MIN_T, PAR_MIN_WEIGHTS, TILE_ROWS, ClusterLinear  # noqa: F401
+
+# SqueezeLLM's dense-and-sparse: 0.3% of the most sensitive weights kept exact in fp16 (measured on
+# SmolLM2 FFN at 4 bits: perplexity 41.3 -> 38.0 for +0.14 bits/weight); what `cluster:BITS` packs
+OUTLIERS = 0.003
+
+
+class ClusterCodec(Codec, name="cluster"):
+    """k-means palettized weights; params {"bits": 2..8, "group_rows": g, "outliers": fraction,
+    "gptq": True, "percdamp": 0.01}. Recipe rule `cluster:BITS` (outliers 0.3%)."""
+
+    arg, default_arg, arg_range = "bits", 4, (2, 8)
+    example_params = ({"bits": 3}, {"bits": 4, "outliers": 0.01}, {"bits": 5, "group_rows": 2},
+                      {"bits": 8})
+
+    @classmethod
+    def params_from_arg(cls, arg=None) -> dict:
+        return {**super().params_from_arg(arg), "outliers": OUTLIERS}
+
+    @staticmethod
+    def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """float32 (d, n) -> {"codes", "codebook", "meta"} + outlier parts (encode.encode)."""
+        return _encode.encode(w, params, hessian)
+
+    @staticmethod
+    def decode(parts: dict, params: dict | None = None) -> np.ndarray:
+        """Reference NumPy decode to float32 (tests only)."""
+        return reference.decode(parts, params)
+
+    @staticmethod
+    def load(parts: dict, params: dict | None = None) -> ClusterLinear:
+        """A ClusterLinear over the parts (zero-copy for C-contiguous arrays)."""
+        return ClusterLinear(parts)

@@ -1,0 +1,129 @@
+"""Cluster codec: the format (formats/codec-cluster.md): parts, params, the bit-plane layout.
+
+Parts: "codes" (d, nblk·4·bits) uint8 (32-weight blocks split in 4/2/1-bit planes), "codebook"
+(G, 2^bits) float16 bits (one codebook per `group_rows` rows), "meta" [d, n, bits, group_rows]
+int32, and optionally the CSR outliers "outlier_rowptr" int32, "outlier_col" uint16,
+"outlier_val" float16 bits. Every part is stored and counted (`ClusterCodec.nbytes`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import UnsupportedModelError
+
+BLOCK = 32                 # weights per block; a block is 4*bits bytes
+OUTLIER_PARTS = ("outlier_rowptr", "outlier_col", "outlier_val")   # CSR, present only with outliers
+
+
+def _planes(bits: int) -> list[int]:
+    """Field widths of a block's bit planes, lowest index bits first: 4-bit planes, 2, 1."""
+    return [4] * (bits // 4) + [2] * ((bits % 4) // 2) + [1] * (bits % 2)
+
+
+def default_group_rows(bits: int, n: int) -> int:
+    """Smallest power of two g with codebook overhead K·16 / (g·n) ≤ 0.25 bits/weight.
+
+    On SmolLM2 (weights from its Q4_1 GGUF) per-row codebooks were best at 2-3 bits, while at
+    4 bits sharing a codebook over 2-8 rows gave equal or lower error than per-row at fewer
+    bits (tools/bench_cluster.py). n = 576: 2-3 bits g = 1, 4 bits g = 2, 8 bits g = 32.
+    """
+    g = 1
+    while (1 << bits) * 16 > 0.25 * g * n and g < 1 << 20:
+        g *= 2
+    return g
+
+
+def pack_indices(idx: np.ndarray, bits: int) -> np.ndarray:
+    """Indices (d, n) < 2^bits -> codes (d, nblk·4·bits) uint8 in the block/bit-plane layout."""
+    d, n = idx.shape
+    nblk = -(-n // BLOCK)
+    full = np.zeros((d, nblk * BLOCK), np.uint8)
+    full[:, :n] = idx
+    blk = full.reshape(d, nblk, BLOCK)
+    out, shift = [], 0
+    for width in _planes(bits):
+        f = (blk >> shift) & ((1 << width) - 1)
+        if width == 4:      # byte k: weight k (low nibble), weight k+16 (high)
+            out.append(f[..., :16] | (f[..., 16:] << 4))
+        elif width == 2:    # byte k: weights k, k+8, k+16, k+24 at bits 0, 2, 4, 6
+            out.append(f[..., 0:8] | (f[..., 8:16] << 2) | (f[..., 16:24] << 4) | (f[..., 24:32] << 6))
+        else:               # little-endian uint32: bit j = weight j
+            out.append(np.packbits(f, axis=-1, bitorder="little"))
+        shift += width
+    return np.concatenate(out, axis=-1).reshape(d, nblk * 4 * bits)
+
+
+def unpack_indices(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of pack_indices: codes (d, nblk·4·bits) -> indices (d, n) int64."""
+    d = codes.shape[0]
+    nblk = codes.shape[1] // (4 * bits)
+    blk = codes.reshape(d, nblk, 4 * bits).astype(np.int64)
+    idx = np.zeros((d, nblk, BLOCK), np.int64)
+    off = shift = 0
+    for width in _planes(bits):
+        if width == 4:
+            p = blk[..., off:off + 16]
+            f = np.concatenate([p & 15, p >> 4], axis=-1)
+        elif width == 2:
+            p = blk[..., off:off + 8]
+            f = np.concatenate([(p >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+        else:
+            p = blk[..., off:off + 4].astype(np.uint8)
+            f = np.unpackbits(p, axis=-1, bitorder="little").astype(np.int64)
+        idx |= f << shift
+        off += width * 4
+        shift += width
+    return idx.reshape(d, nblk * BLOCK)[:, :n]
+
+
+def _check_meta(parts: dict) -> tuple[int, int, int, int]:
+    try:
+        d, n, bits, g = (int(v) for v in parts["meta"])
+        codes, cb = parts["codes"], parts["codebook"]
+    except (KeyError, ValueError, TypeError):
+        raise UnsupportedModelError("cluster codec: parts must hold meta [d, n, bits, group_rows], "
+                                    "codes and codebook") from None
+    nblk = -(-n // BLOCK)
+    G = -(-d // g) if g > 0 else -1
+    if (not 2 <= bits <= 8 or codes.dtype != np.uint8 or codes.shape != (d, nblk * 4 * bits)
+            or cb.dtype != np.uint16 or cb.shape != (G, 1 << bits)):
+        raise UnsupportedModelError(
+            f"cluster codec: inconsistent parts (meta {d}x{n} bits={bits} group_rows={g}, "
+            f"codes {codes.dtype} {codes.shape}, codebook {cb.dtype} {cb.shape})")
+    sparse = [k for k in OUTLIER_PARTS if k in parts]
+    if sparse:
+        try:
+            rp, oc, ov = (parts[k] for k in OUTLIER_PARTS)
+        except KeyError:
+            raise UnsupportedModelError(f"cluster codec: outlier parts {sparse} without all of {OUTLIER_PARTS}") from None
+        nnz = int(rp[-1]) if rp.shape == (d + 1,) else -1
+        if (rp.dtype != np.int32 or oc.dtype != np.uint16 or ov.dtype != np.uint16 or nnz < 0
+                or rp[0] != 0 or np.any(np.diff(rp) < 0) or oc.shape != (nnz,) or ov.shape != (nnz,)
+                or (nnz and int(oc.max()) >= n)):
+            raise UnsupportedModelError(f"cluster codec: inconsistent outlier parts for a {d}x{n} weight")
+    return d, n, bits, g
+
+
+def _outliers(parts: dict, d: int):
+    """(rowptr, col, val) of the sparse outliers; empty (all-zero row pointers) when absent."""
+    if OUTLIER_PARTS[0] in parts:
+        return tuple(np.ascontiguousarray(parts[k]) for k in OUTLIER_PARTS)
+    return np.zeros(d + 1, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.uint16)
+
+
+def params_of(params: dict | None, n: int) -> tuple[int, int, float]:
+    """(bits, group_rows, outlier fraction) of `params` for a weight of n columns, checked."""
+    params = params or {}
+    bits = int(params.get("bits", 4))
+    if not 2 <= bits <= 8:
+        raise UnsupportedModelError(f"cluster codec: bits={bits} is not supported (use 2..8)")
+    g = int(params.get("group_rows") or default_group_rows(bits, n))
+    if g < 1:
+        raise UnsupportedModelError(f"cluster codec: group_rows={g} must be >= 1")
+    frac = float(params.get("outliers", 0) or 0)
+    if not 0 <= frac <= 0.1:
+        raise UnsupportedModelError(f"cluster codec: outliers={frac} must be a fraction in [0, 0.1]")
+    if frac and n > 65536:
+        raise UnsupportedModelError(f"cluster codec: outliers need n <= 65536 (16-bit columns), got {n}")
+    return bits, g, frac
+

@@ -1,0 +1,388 @@
+"""Cluster codec, the kernels: LLVM IR block decode through numba @intrinsic, the Numba drivers
+and `ClusterLinear` (formats/codec-cluster.md).
+
+Storage is by 32-weight blocks of 4·bits bytes, split into bit planes (4-, 2- and 1-bit fields)
+so the kernel widens a whole block into two 16-lane index vectors with shifts and masks. The
+lookup is one AVX-512 permute for K ≤ 16 (`vpermps`, DESIGN §6), a two-table permute for K = 32
+(`vpermi2ps`) and a gather from an L1 float32 table for K ≥ 64 (edgerun/isa.py picks the
+variant the target CPU has).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ...isa import half_to_float, table_lookup
+from ...kernels import f16_to_f32
+from ..base import Linear
+from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
+from .format import BLOCK, _check_meta, _outliers, _planes
+
+_JIT = dict(cache=True, nogil=True, fastmath=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+
+PAR_MIN_WEIGHTS = 1 << 19  # matvecs this large use both threads (dense.py measured the same)
+TILE_ROWS = 4              # rows decoded to f32 per matmul tile (register block of 4 rows)
+MATMUL_MIN_T = 2           # below this many tokens a matmul is a loop of matvecs
+SCRATCH = 256 + BLOCK      # per-thread f32 scratch: codebook table, then one decoded block
+
+
+# --- the block kernel (LLVM IR through numba @intrinsic) -------------------------------------
+
+_I32, _F32, _I8 = ir.IntType(32), ir.FloatType(), ir.IntType(8)
+_V16I32, _V16F32 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+
+
+def _splat(v, n=16):
+    return ir.Constant(ir.VectorType(v.type, n), [v] * n)
+
+
+def _block_index_vectors(builder, pblock, bits):
+    """IR: the 32 indices of the block at byte pointer `pblock` as two <16 x i32> (lo, hi)."""
+    lo = hi = ir.Constant(_V16I32, [0] * 16)
+    off = shift = 0
+    for width in _planes(bits):
+        p = builder.gep(pblock, [ir.Constant(_I32, off)], source_etype=_I8)
+        if width == 4:
+            v = builder.zext(builder.load(p, typ=ir.VectorType(_I8, 16), align=1), _V16I32)
+            flo = builder.and_(v, _splat(ir.Constant(_I32, 15)))
+            fhi = builder.lshr(v, _splat(ir.Constant(_I32, 4)))
+        elif width == 2:
+            v8 = builder.zext(builder.load(p, typ=ir.VectorType(_I8, 8), align=1), ir.VectorType(_I32, 8))
+            three = ir.Constant(ir.VectorType(_I32, 8), [3] * 8)
+            f = [builder.and_(builder.lshr(v8, ir.Constant(ir.VectorType(_I32, 8), [s] * 8)), three)
+                 for s in (0, 2, 4, 6)]
+            cat = ir.Constant(ir.VectorType(_I32, 16), list(range(16)))
+            flo = builder.shuffle_vector(f[0], f[1], cat)
+            fhi = builder.shuffle_vector(f[2], f[3], cat)
+        else:
+            u = builder.load(p, typ=_I32, align=1)
+            uv = builder.shuffle_vector(builder.insert_element(ir.Constant(_V16I32, ir.Undefined), u,
+                                                               ir.Constant(_I32, 0)),
+                                        ir.Constant(_V16I32, ir.Undefined), ir.Constant(_V16I32, [0] * 16))
+            one = _splat(ir.Constant(_I32, 1))
+            flo = builder.and_(builder.lshr(uv, ir.Constant(_V16I32, list(range(16)))), one)
+            fhi = builder.and_(builder.lshr(uv, ir.Constant(_V16I32, list(range(16, 32)))), one)
+        if shift:
+            flo = builder.shl(flo, _splat(ir.Constant(_I32, shift)))
+            fhi = builder.shl(fhi, _splat(ir.Constant(_I32, shift)))
+        lo = builder.or_(lo, flo)
+        hi = builder.or_(hi, fhi)
+        off += width * 4
+        shift += width
+    return lo, hi
+
+
+def _f16_table(builder, pcb, first, count):
+    """IR: `count` (≤ 16) f16 codebook entries from pcb[first] widened to <16 x float> (rest 0)."""
+    i16 = ir.IntType(16)
+    p = builder.gep(pcb, [ir.Constant(_I32, first)], source_etype=i16)
+    v = builder.load(p, typ=ir.VectorType(i16, count), align=2)
+    if count < 16:   # exact-size load (no read past the codebook), padded with zeros
+        v = builder.shuffle_vector(v, ir.Constant(ir.VectorType(i16, count), [0] * count),
+                                   ir.Constant(_V16I32, list(range(count)) + [count] * (16 - count)))
+    return half_to_float(builder, v)
+
+
+def _lookup_fn(builder, pcb, ptab, bits):
+    """IR: a function idx <16 x i32> -> codebook[idx] <16 x float>.
+
+    K ≤ 32: the codebook row at pcb (f16) is widened into registers once per call and indexed with
+    the target's permute (edgerun.isa.table_lookup); K ≥ 64:
+    gathers from ptab, the row already widened to a float32 table in L1 by the caller.
+    """
+    mod = builder.module
+    if bits <= 5:   # the 16 or 32 entries sit in one or two registers
+        tables = [_f16_table(builder, pcb, 16 * t, min(16, 1 << bits)) for t in range((1 << bits) // 16 or 1)]
+        return lambda idx: table_lookup(builder, tables, idx, 1 << bits)
+    # 64-256 entries: gather from the L1 table
+    vptr = ir.VectorType(ir.PointerType(), 16)
+    gather = cgutils.get_or_insert_function(
+        mod, ir.FunctionType(_V16F32, [vptr, _I32, ir.VectorType(ir.IntType(1), 16), _V16F32]),
+        "llvm.masked.gather.v16f32.v16p0")
+    mask = ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16)
+    zero = ir.Constant(_V16F32, [0.0] * 16)
+    i64, v16i64 = ir.IntType(64), ir.VectorType(ir.IntType(64), 16)
+    base = builder.ptrtoint(ptab, i64)
+    vbase = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i64, ir.Undefined), base,
+                                                          ir.Constant(_I32, 0)),
+                                   ir.Constant(v16i64, ir.Undefined), ir.Constant(_V16I32, [0] * 16))
+
+    def look(idx):
+        # vector of addresses base + 4*idx (llvmlite's gep cannot take a vector index)
+        off = builder.shl(builder.zext(idx, v16i64), _splat(ir.Constant(i64, 2)))
+        ptrs = builder.inttoptr(builder.add(vbase, off), vptr)
+        return builder.call(gather, [ptrs, ir.Constant(_I32, 4), mask, zero])
+    return look
+
+
+def _block_ptrs(builder, pc, px, b, bits):
+    """IR: byte pointer of block b's codes and float pointer of its 32 x values."""
+    pcb = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
+    return pcb, builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_F32)
+
+
+@intrinsic
+def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
+    """float32 Σ decode(codes[coff:] blocks)·x[xoff:] over `nblk` 32-weight blocks.
+
+    Codebook: f16 cb.flat[cboff:] for bits ≤ 5, float32 tab (widened by the caller) above.
+    """
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, x_v, xoff_v, cb_v, cboff_v, tab_v, nblk_v, bits_v = args
+        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
+        px = builder.gep(_data(context, builder, sig.args[2], x_v), [xoff_v], source_etype=_F32)
+        pcb = builder.gep(_data(context, builder, sig.args[4], cb_v), [cboff_v], source_etype=ir.IntType(16))
+        ptab = _data(context, builder, sig.args[6], tab_v)
+        res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+        accs = [cgutils.alloca_once(builder, _V16F32) for _ in range(4)]
+        fast = ("fast",)
+
+        def block(look, b, a0, a1, bits):
+            pcode, xb = _block_ptrs(builder, pc, px, b, bits)
+            lo, hi = _block_index_vectors(builder, pcode, bits)
+            x0 = builder.load(xb, typ=_V16F32, align=4)
+            x1 = builder.load(builder.gep(xb, [ir.Constant(_I32, 16)], source_etype=_F32), typ=_V16F32, align=4)
+            builder.store(builder.fadd(builder.load(a0), builder.fmul(look(lo), x0, flags=fast), flags=fast), a0)
+            builder.store(builder.fadd(builder.load(a1), builder.fmul(look(hi), x1, flags=fast), flags=fast), a1)
+
+        def emit(bits):
+            look = _lookup_fn(builder, pcb, ptab, bits)
+            for a in accs:
+                builder.store(ir.Constant(_V16F32, [0.0] * 16), a)
+            # two blocks per iteration into four accumulators: hides the add latency
+            one = ir.Constant(nblk_v.type, 1)
+            with cgutils.for_range(builder, builder.ashr(nblk_v, one)) as loop:
+                b = builder.shl(loop.index, one)
+                block(look, b, accs[0], accs[1], bits)
+                block(look, builder.add(b, one), accs[2], accs[3], bits)
+            odd = builder.icmp_signed("!=", builder.and_(nblk_v, one), ir.Constant(nblk_v.type, 0))
+            with builder.if_then(odd):
+                block(look, builder.sub(nblk_v, one), accs[0], accs[1], bits)
+            s01 = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=fast)
+            s23 = builder.fadd(builder.load(accs[2]), builder.load(accs[3]), flags=fast)
+            builder.store(_hsum(builder, builder.fadd(s01, s23, flags=fast)), res)
+
+        switch_on_bits(builder, bits_v, range(2, 9), emit)
+        return builder.load(res)
+
+    sig = types.float32(codes, coff, x, xoff, cb, cboff, tab, nblk, bits)
+    return sig, codegen
+
+
+@intrinsic
+def _decode_blocks(typingctx, codes, coff, cb, cboff, tab, nblk, bits, out, ooff):
+    """out[ooff : ooff + 32·nblk] = decode(codes[coff:] blocks) as float32 (codebook as above)."""
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, cb_v, cboff_v, tab_v, nblk_v, bits_v, out_v, ooff_v = args
+        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
+        pcb = builder.gep(_data(context, builder, sig.args[2], cb_v), [cboff_v], source_etype=ir.IntType(16))
+        ptab = _data(context, builder, sig.args[4], tab_v)
+        po = builder.gep(_data(context, builder, sig.args[7], out_v), [ooff_v], source_etype=_F32)
+
+        def emit(bits):
+            look = _lookup_fn(builder, pcb, ptab, bits)
+            with cgutils.for_range(builder, nblk_v) as loop:
+                pcode, ob = _block_ptrs(builder, pc, po, loop.index, bits)
+                lo, hi = _block_index_vectors(builder, pcode, bits)
+                ob1 = builder.gep(ob, [ir.Constant(_I32, 16)], source_etype=_F32)
+                builder.store(look(lo), builder.bitcast(ob, _V16F32.as_pointer()), align=4)
+                builder.store(look(hi), builder.bitcast(ob1, _V16F32.as_pointer()), align=4)
+
+        switch_on_bits(builder, bits_v, range(2, 9), emit)
+        return context.get_dummy_value()
+
+    sig = types.none(codes, coff, cb, cboff, tab, nblk, bits, out, ooff)
+    return sig, codegen
+
+
+# --- kernels -----------------------------------------------------------------------------
+
+@njit(inline="always", **_JIT)
+def _load_table(cb, g, bits, tab):
+    # cb (G, K) f16 bits -> tab[:K] f32, only for the gather path (bits ≥ 6; lower bits read cb)
+    if bits >= 6:
+        for k in range(cb.shape[1]):
+            tab[k] = f16_to_f32(cb[g, k])
+
+
+@njit(inline="always", **_JIT)
+def _sparse_dot(rp, oc, ov, i, x):
+    # row i of the CSR outliers (rp int32, oc u16 column, ov f16 bits) · x (n,) -> f32
+    acc = np.float32(0.0)
+    for p in range(rp[i], rp[i + 1]):
+        acc += f16_to_f32(ov[p]) * x[oc[p]]
+    return acc
+
+
+@njit(inline="always", **_JIT)
+def _sparse_add(rp, oc, ov, i, out):
+    # out (n,) += row i of the CSR outliers
+    for p in range(rp[i], rp[i + 1]):
+        out[oc[p]] += f16_to_f32(ov[p])
+
+
+@njit(**_JIT)
+def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr):
+    # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits, CSR outliers @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
+    n, bits, group_rows = meta[1], meta[2], meta[3]
+    K = cb.shape[1]
+    nfull = n // 32
+    tail = n - nfull * 32
+    rowbytes = codes.shape[1]
+    tb = 256                      # scr[256:288] holds a decoded tail block
+    cur = -1
+    for i in range(r0, r1):
+        g = i // group_rows
+        if g != cur:
+            _load_table(cb, g, bits, scr)
+            cur = g
+        acc = _dot_blocks(codes, i * rowbytes, x, 0, cb, g * K, scr, nfull, bits)
+        if tail:
+            _decode_blocks(codes, i * rowbytes + nfull * 4 * bits, cb, g * K, scr, 1, bits, scr, tb)
+            for j in range(tail):
+                acc += scr[tb + j] * x[nfull * 32 + j]
+        out[i] = acc + _sparse_dot(rp, oc, ov, i, x)
+
+
+@njit(**_JIT)
+def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr):
+    # codes, cb, outlier CSR rp/oc/ov: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
+    _mv_rows(codes, cb, meta, rp, oc, ov, x, out, 0, meta[0], scr[0])
+
+
+@njit(**_JIT_PAR)
+def matvec_cluster_par(codes, cb, meta, rp, oc, ov, x, out, scr):
+    # codes, cb, rp/oc/ov: parts; x (n,) -> out (d,); prange over scr.shape[0] row blocks
+    d = meta[0]
+    nb = scr.shape[0]
+    step = (d + nb - 1) // nb
+    for b in prange(nb):
+        _mv_rows(codes, cb, meta, rp, oc, ov, x, out, b * step, min(d, (b + 1) * step), scr[b])
+
+
+@njit(**_JIT)
+def _decode_row(codes, cb, meta, rp, oc, ov, i, out, scr):
+    # row i of the parts -> out[:nblk*32] f32 (padding decoded too); scr (SCRATCH,) f32
+    g = i // meta[3]
+    _load_table(cb, g, meta[2], scr)
+    nblk = codes.shape[1] // (4 * meta[2])
+    _decode_blocks(codes, i * codes.shape[1], cb, g * cb.shape[1], scr, nblk, meta[2], out, 0)
+    _sparse_add(rp, oc, ov, i, out)
+
+
+@njit(**_JIT)
+def row_cluster(codes, cb, meta, rp, oc, ov, i, out, scr):
+    # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
+    n, bits = meta[1], meta[2]
+    nfull = n // 32
+    g = i // meta[3]
+    cboff = g * cb.shape[1]
+    _load_table(cb, g, bits, scr)
+    _decode_blocks(codes, i * codes.shape[1], cb, cboff, scr, nfull, bits, out, 0)
+    if n > nfull * 32:
+        _decode_blocks(codes, i * codes.shape[1] + nfull * 4 * bits, cb, cboff, scr, 1, bits, scr, 256)
+        for j in range(n - nfull * 32):
+            out[nfull * 32 + j] = scr[256 + j]
+    _sparse_add(rp, oc, ov, i, out)
+
+
+@njit(**_JIT)
+def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr):
+    # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, nblk*32) f32 scratch
+    T = X.shape[0]
+    n = meta[1]
+    for i0 in range(r0, r1, 4):
+        nr = min(4, r1 - i0)
+        for r in range(4):
+            if r < nr:
+                _decode_row(codes, cb, meta, rp, oc, ov, i0 + r, tile[r], scr)
+            else:
+                tile[r, :] = 0.0
+        w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
+        for t in range(T):
+            # 4 rows per pass: each X element loaded once feeds 4 multiply-adds
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(n):
+                xv = X[t, j]
+                a0 += w0[j] * xv
+                a1 += w1[j] * xv
+                a2 += w2[j] * xv
+                a3 += w3[j] * xv
+            out[t, i0] = a0
+            if nr > 1:
+                out[t, i0 + 1] = a1
+            if nr > 2:
+                out[t, i0 + 2] = a2
+            if nr > 3:
+                out[t, i0 + 3] = a3
+
+
+@njit(**_JIT)
+def matmul_cluster(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
+    # X (T, n) @ W.T -> out (T, d); tiles (1, 4, nblk*32), scr (1, SCRATCH) f32
+    _mm_rows(codes, cb, meta, rp, oc, ov, X, out, 0, meta[0], tiles[0], scr[0])
+
+
+@njit(**_JIT_PAR)
+def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
+    # X (T, n) @ W.T -> out (T, d); prange over tiles.shape[0] row blocks (multiples of 4 rows)
+    d = meta[0]
+    nb = tiles.shape[0]
+    step = ((d + nb - 1) // nb + 3) // 4 * 4
+    for b in prange(nb):
+        _mm_rows(codes, cb, meta, rp, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b])
+
+
+class ClusterLinear(Linear):
+    """A loaded cluster weight W (d, n): matvec / matmul / row on the stored parts (zero-copy)."""
+
+    codec = "cluster"
+    matmul_min_t = MATMUL_MIN_T
+
+    def __init__(self, parts: dict):
+        d, n, bits, g = _check_meta(parts)
+        super().__init__((d, n), sum(p.nbytes for p in parts.values()), PAR_MIN_WEIGHTS)
+        self.codes = np.ascontiguousarray(parts["codes"])
+        self.codebook = np.ascontiguousarray(parts["codebook"])
+        self.meta = np.ascontiguousarray(parts["meta"], dtype=np.int64)
+        self.rp, self.oc, self.ov = _outliers(parts, d)
+        self.bits = bits
+        self.group_rows = g
+        self._ncols = self.codes.shape[1] // (4 * bits) * BLOCK
+        self._scr = np.zeros((1, SCRATCH), np.float32)
+        self._tiles = None
+
+    def _scratch(self, threads: int) -> np.ndarray:
+        # per-thread scratch, grown once (a few KiB), never per call
+        if self._scr.shape[0] < threads:
+            self._scr = np.zeros((threads, SCRATCH), np.float32)
+        return self._scr[:threads]
+
+    def _matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
+        # out (d,) = W (d, n) @ x (n,)
+        if threads > 1:
+            matvec_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out,
+                               self._scratch(threads))
+        else:
+            matvec_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out, self._scr)
+
+    def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
+        # out (T, d) = X (T, n) @ W.T: rows decoded 4 at a time into L1, register-blocked dots
+        T = X.shape[0]
+        nb = self.threads_for(self.shape[0] * T * self.shape[1] >= PAR_MIN_WEIGHTS)
+        if self._tiles is None or self._tiles.shape[0] < nb:
+            self._tiles = np.zeros((nb, TILE_ROWS, self._ncols), np.float32)
+        if nb > 1:
+            matmul_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
+                               self._tiles[:nb], self._scratch(nb))
+        else:
+            matmul_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
+                           self._tiles, self._scr)
+
+    def row(self, i: int, out: np.ndarray) -> None:
+        """out (n,) = W[i] as float32 (embedding lookup)."""
+        row_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0])

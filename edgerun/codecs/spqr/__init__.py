@@ -1,0 +1,43 @@
+"""SpQR codec (Dettmers et al. 2023, "SpQR: A Sparse-Quantized Representation"; DESIGN §4 "spqr";
+spec formats/codec-spqr.md).
+
+format.py: parts, params, the code sections · encode.py: the GPTQ-style procedure ·
+reference.py: NumPy decode · kernels.py: LLVM IR kernels and SpQRLinear · cuda.py: numba-cuda.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..base import Codec
+from . import kernels, reference
+from .encode import encode
+from .format import DEFAULTS, _pack_codes, _unpack_codes, params_of  # noqa: F401
+from .kernels import MATMUL_MIN_T, PAR_MIN_WEIGHTS, TILE_ROWS, SpQRLinear  # noqa: F401
+from .reference import decode  # noqa: F401
+
+
+class SpQRCodec(Codec, name="spqr"):
+    """SpQR weights; params {"bits": 2..4 (3), "group": 16, "stat_bits": 3, "stat_group": 16,
+    "outlier_threshold": 0.2 (relative, paper's τ; inf or None = no outliers),
+    "permute": "act_order" | None, "percdamp": 0.01, "blocksize": 128}. Recipe rule `spqr:BITS`."""
+
+    arg, default_arg, arg_range = "bits", 4, (2, 4)
+    example_params = ({"bits": 2}, {"bits": 3}, {"bits": 4, "outlier_threshold": 0.05},
+                      {"bits": 3, "permute": None, "stat_group": 8})
+
+    @staticmethod
+    def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None = None) -> dict:
+        """float32 W (d, n) -> parts (formats/codec-spqr.md). `hessian` is H = E[x xᵀ] (n, n) of
+        the input; the procedure needs it. Without it H = I: no error feedback between columns
+        (GPTQ degenerates to round-to-nearest) and act_order keeps the identity order."""
+        return encode(w, params, hessian)
+
+    @staticmethod
+    def decode(parts: dict, params: dict | None = None) -> np.ndarray:
+        """Reference NumPy decode to float32 (d, n), original column order (tests only)."""
+        return reference.decode(parts, params)
+
+    @staticmethod
+    def load(parts: dict, params: dict | None = None) -> SpQRLinear:
+        """A SpQRLinear over the parts (zero-copy for C-contiguous arrays)."""
+        return kernels.load_linear(parts, params)

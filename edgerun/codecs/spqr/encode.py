@@ -1,0 +1,171 @@
+"""SpQR codec, pack time.
+
+Encode is the paper's procedure (GPTQ with error feedback through the Cholesky factor of H⁻¹,
+group statistics fit at the group's first column without its likely outliers found by the
+leave-one-out criterion, outliers chosen column by column inside the pass), vectorized over rows.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...errors import UnsupportedModelError
+from ..gptq import inverse_cholesky as _inverse_cholesky
+from .format import _pack_codes, params_of as _params
+
+
+def _minmax(x: np.ndarray, maxq: int):
+    """Asymmetric min-max fit over the last axis (range widened to include 0, as GPTQ):
+    scale, fractional zero with x ≈ scale * (q - zero)."""
+    xmin = np.minimum(x.min(-1), 0)
+    xmax = np.maximum(x.max(-1), 0)
+    flat = xmax - xmin <= 1e-12
+    xmin = np.where(flat, -1e-6, xmin)
+    xmax = np.where(flat, 1e-6, xmax)
+    scale = (xmax - xmin) / maxq
+    return scale, -xmin / scale
+
+
+def _qdq(x, scale, zero, maxq):
+    """Quantize-dequantize x with broadcastable scale/zero (reference quant_groups semantics)."""
+    q = np.clip(np.rint(x / np.maximum(scale, 1e-12) + zero), 0, maxq)
+    return scale * (q - zero)
+
+
+def _quant_stat(v: np.ndarray, sg: int, sbits: int):
+    """Second-level quantization of one column group's stat v (d,) over blocks of sg rows:
+    -> codes (d,) uint8, step (R,) fp16, min (R,) fp16, dequantized (d,) float32 exactly as decoded."""
+    d = v.shape[0]
+    R = -(-d // sg)
+    vp = np.concatenate([v, np.repeat(v[-1:], R * sg - d)]).reshape(R, sg)
+    mn, mx = vp.min(1), vp.max(1)
+    step16 = ((mx - mn) / ((1 << sbits) - 1)).astype(np.float16)
+    mn16 = mn.astype(np.float16)
+    step, mn32 = step16.astype(np.float32), mn16.astype(np.float32)
+    q = np.clip(np.rint((vp - mn32[:, None]) / np.maximum(step, 1e-30)[:, None]), 0, (1 << sbits) - 1)
+    deq = (step[:, None] * q.astype(np.float32) + mn32[:, None]).astype(np.float32)
+    return q.reshape(-1)[:d].astype(np.uint8), step16, mn16, deq.reshape(-1)[:d]
+
+
+def _loo_outlier_mask(Wg: np.ndarray, hd: np.ndarray, maxq: int, thr: float) -> np.ndarray:
+    """SpQR leave-one-out criterion for a group Wg (d, k): True where refitting the group's
+    quantizer without that weight lowers the group's H-weighted error by more than thr."""
+    d, k = Wg.shape
+    idx = np.array([[c for c in range(k) if c != j] for j in range(k)])          # (k, k-1)
+    data = Wg[:, idx]                                                             # (d, k, k-1)
+    s, z = _minmax(data, maxq)
+    loo = (((_qdq(data, s[..., None], z[..., None], maxq) - data) / hd[idx]) ** 2).sum(-1)
+    s, z = _minmax(Wg, maxq)
+    base = (((_qdq(Wg, s[:, None], z[:, None], maxq) - Wg) / hd) ** 2).sum(-1, keepdims=True)
+    return base - loo > thr
+
+
+def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None = None) -> dict:
+    """SpQR-quantize W (d, n) float32 given H = E[x xᵀ] (n, n) of its input (see SpQRCodec.encode)."""
+    p = _params(params)
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise UnsupportedModelError(f"spqr codec: weight must be 2-D, got shape {w.shape}")
+    d, n = w.shape
+    if n > 65536:
+        raise UnsupportedModelError(f"spqr codec: at most 65536 input columns (16-bit indices), got {n}")
+    bits, gs, sb, sg = p["bits"], p["group"], p["stat_bits"], p["stat_group"]
+    maxq = (1 << bits) - 1
+    H = np.eye(n) if hessian is None else np.asarray(hessian, dtype=np.float64)
+    if H.shape != (n, n):
+        raise UnsupportedModelError(f"spqr codec: hessian must be ({n}, {n}), got {H.shape}")
+
+    perm = (np.argsort(-np.diag(H), kind="stable") if p["permute"] == "act_order"
+            else np.arange(n))
+    n_pad = -(-n // gs) * gs
+    G = n_pad // gs
+    Hp = np.eye(n_pad)
+    Hp[:n, :n] = H[np.ix_(perm, perm)]
+    Hp[n:, n:] = 0.0                                  # padded columns are dead inputs
+    Uc, dead = _inverse_cholesky(Hp, p["percdamp"])
+    udiag = np.diag(Uc).astype(np.float32)
+    Uc32 = Uc.astype(np.float32)
+
+    # Work on Wᵀ so a column is a contiguous row: every step is vectorized over the d rows.
+    WT = np.zeros((n_pad, d), np.float32)
+    WT[:n] = w[:, perm].T
+    WT[dead] = 0.0
+    Q = np.empty((n_pad, d), np.uint8)
+    S = np.empty((G, d), np.float32)
+    Z = np.empty((G, d), np.float32)
+    R = -(-d // sg)
+    qs_all = np.empty((G, d), np.uint8)
+    qz_all = np.empty((G, d), np.uint8)
+    st2 = np.empty((R, 4, G), np.float16)
+    # outlier threshold relative to the mean H-weighted column variance (reference spqr_engine)
+    thr = float(p["outlier_threshold"]) * float(np.mean(WT[:n].var(axis=1) / udiag[:n] ** 2)) \
+        if p["outlier_threshold"] not in (None, float("inf")) else math.inf
+    out_cols, out_rows, out_vals = [], [], []
+
+    bs = max(gs, p["blocksize"] // gs * gs)
+    for b0 in range(0, n_pad, bs):
+        b1 = min(n_pad, b0 + bs)
+        E = np.empty((b1 - b0, d), np.float32)
+        for c in range(b0, b1):
+            if c % gs == 0:
+                g = c // gs
+                Wg = WT[c:c + gs].T                       # (d, gs)
+                if math.isfinite(thr):
+                    likely = _loo_outlier_mask(Wg, udiag[c:c + gs], maxq, thr)
+                    keep = ~likely
+                    mean = (Wg * keep).sum(1, keepdims=True) / np.maximum(keep.sum(1, keepdims=True), 1)
+                    Wg = np.where(keep, Wg, mean)
+                s, z = _minmax(Wg, maxq)
+                qs_all[g], st2[:, 0, g], st2[:, 1, g], S[g] = _quant_stat(s.astype(np.float32), sg, sb)
+                qz_all[g], st2[:, 2, g], st2[:, 3, g], Z[g] = _quant_stat(z.astype(np.float32), sg, sb)
+                s_g, z_g = S[g], Z[g]
+                sdiv = np.maximum(s_g, 1e-12)
+            x = WT[c]
+            q = np.clip(np.rint(x / sdiv + z_g), 0, maxq)
+            rec = s_g * (q - z_g)
+            if math.isfinite(thr):
+                err = (x - rec) / udiag[c]
+                rows = np.nonzero(err * err > thr)[0]
+                if rows.size:
+                    # the dense code at an outlier decodes the weight as 0; the sparse value is the
+                    # fp16 residual w - dense, so dense + sparse reproduces w (DESIGN §4 trap)
+                    q[rows] = np.clip(np.rint(z_g[rows]), 0, maxq)
+                    dense = s_g[rows] * (q[rows] - z_g[rows])
+                    val = (x[rows] - dense).astype(np.float16)
+                    rec[rows] = dense + val.astype(np.float32)
+                    out_cols.append(np.full(rows.size, c, np.uint16))
+                    out_rows.append(rows)
+                    out_vals.append(val)
+            Q[c] = q
+            e = (x - rec) / udiag[c]
+            E[c - b0] = e
+            if c + 1 < b1:
+                WT[c + 1:b1] -= Uc32[c, c + 1:b1, None] * e[None, :]
+        if b1 < n_pad:
+            WT[b1:] -= Uc32[b0:b1, b1:].T @ E
+
+    codes = _pack_codes(np.ascontiguousarray(Q.T), bits)
+    if out_rows:
+        rows = np.concatenate(out_rows)
+        cols = np.concatenate(out_cols)
+        vals = np.concatenate(out_vals)
+        order = np.lexsort((cols, rows))
+        rows, cols, vals = rows[order], cols[order], vals[order]
+    else:
+        rows = np.zeros(0, np.int64)
+        cols = np.zeros(0, np.uint16)
+        vals = np.zeros(0, np.float16)
+    rowptr = np.zeros(d + 1, np.int32)
+    np.cumsum(np.bincount(rows, minlength=d), out=rowptr[1:])
+    return {
+        "codes": codes,
+        "stat_codes": np.ascontiguousarray((qs_all | (qz_all << sb)).T),
+        "stats": st2.view(np.uint16),
+        "perm": perm.astype(np.uint16 if n <= 65536 else np.int32),
+        "outlier_rowptr": rowptr,
+        "outlier_col": cols.astype(np.uint16),
+        "outlier_val": vals.view(np.uint16),
+    }
+
+

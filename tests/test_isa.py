@@ -1,0 +1,152 @@
+"""edgerun.isa: the instruction set is read off LLVM's code for Numba's target, each IR variant
+matches NumPy, and every codec's kernels compile for AVX-512 even on a host without it.
+
+The kernel tests themselves run again under an AVX2 and a baseline target in .ci/run (their own
+NUMBA_CACHE_DIR each), and every codec and a tiny model on each target in tests/test_targets.py."""
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import llvmlite.binding as llvm
+import numpy as np
+import pytest
+from llvmlite import ir
+from numba.core import cgutils
+
+from edgerun import isa
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+lzcnt,+mmx,+movbe,+pclmul,"
+           "+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
+x86_only = pytest.mark.skipif(not X86, reason="x86 CPU names")
+
+
+@x86_only
+@pytest.mark.parametrize("cpu,features,expect", [
+    ("haswell", HASWELL, ("avx2", True)),
+    ("generic", "", ("portable", False)),          # baseline x86-64: SSE2, no F16C
+    ("x86-64-v2", "", ("portable", False)),
+    ("skylake-avx512", "", ("avx512", True)),
+    ("haswell", HASWELL.replace("+avx2", "-avx2").replace("+f16c", "-f16c"), ("portable", False)),
+])
+def test_probe_reads_the_instruction_set(cpu, features, expect):
+    t = isa.probe(cpu, features)
+    assert (t.isa, t.half) == expect
+    assert t.isa in isa.ISAS and cpu in t.describe()
+
+
+def _host_runs(variant: str) -> bool:
+    host = isa.probe(llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()).isa
+    return variant == "portable" or variant == host or (variant == "avx2" and host == "avx512")
+
+
+def _jit(build, cpu=None, features=None):
+    """Compile an IR module made by build(module) for (cpu, features) (default: the host) ->
+    (engine, asm); keep the engine alive while calling into it."""
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    mod = ir.Module()
+    build(mod)
+    tm = llvm.Target.from_default_triple().create_target_machine(
+        cpu=cpu or llvm.get_host_cpu_name(),
+        features=llvm.get_host_cpu_features().flatten() if features is None else features, opt=2)
+    parsed = llvm.parse_assembly(str(mod))
+    engine = llvm.create_mcjit_compiler(parsed, tm)
+    engine.finalize_object()
+    return engine, tm.emit_assembly(parsed)
+
+
+@pytest.mark.parametrize("hardware", [False, True])
+def test_half_to_float_every_bit_pattern(hardware):
+    """All 65536 halves (zeros, subnormals, normals, infinities, NaNs) widen as NumPy does."""
+    if hardware and not isa.target().half:
+        pytest.skip("the host converts halves in software")
+
+    def build(mod):
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType(), ir.PointerType()]), "widen")
+        b = ir.IRBuilder(fn.append_basic_block())
+        v16h, v16f = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.FloatType(), 16)
+        with cgutils.for_range(b, ir.Constant(ir.IntType(64), 65536 // 16)) as loop:
+            off = b.mul(loop.index, ir.Constant(ir.IntType(64), 16))
+            h = b.load(b.gep(fn.args[0], [off], source_etype=ir.IntType(16)), typ=v16h, align=2)
+            b.store(isa.half_to_float(b, h, hardware=hardware),
+                    b.gep(fn.args[1], [off], source_etype=ir.FloatType()), align=4)
+        b.ret_void()
+
+    engine, asm = _jit(build)
+    assert ("__extendhfsf2" in asm) is False
+    bits = np.arange(65536, dtype=np.uint16)
+    out = np.empty(65536, np.float32)
+    ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(engine.get_function_address("widen"))(
+        bits.ctypes.data, out.ctypes.data)
+    ref = bits.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    np.testing.assert_array_equal(out[ok].view(np.uint32), ref[ok].view(np.uint32))
+
+
+@pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("size", [4, 8, 16, 32])
+def test_table_lookup_matches_numpy(variant, size):
+    """Each variant's lookup runs where the host can run it; elsewhere it must compile for a CPU
+    that has the instructions (skylake-avx512 / haswell)."""
+    if not X86 and variant != "portable":
+        pytest.skip("x86 variants")
+    v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.IntType(32), 16)
+
+    def build(mod):
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 3), "look")
+        b = ir.IRBuilder(fn.append_basic_block())
+        tab, idx, out = fn.args
+        tables = [b.load(b.gep(tab, [ir.Constant(ir.IntType(32), 16 * k)], source_etype=ir.FloatType()),
+                         typ=v16f, align=4) for k in range(max(1, size // 16))]
+        b.store(isa.table_lookup(b, tables, b.load(idx, typ=v16i, align=4), size, isa=variant), out, align=4)
+        b.ret_void()
+
+    if not _host_runs(variant):
+        cpu = {"avx512": "skylake-avx512", "avx2": "haswell"}[variant]
+        _, asm = _jit(build, cpu, "")
+        assert "vperm" in asm
+        return
+    engine, _ = _jit(build)
+    rng = np.random.default_rng(size)
+    tab = rng.standard_normal(32).astype(np.float32)
+    look = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(
+        engine.get_function_address("look"))
+    for _ in range(20):
+        idx = rng.integers(0, size, 16).astype(np.int32)
+        out = np.empty(16, np.float32)
+        look(tab.ctypes.data, idx.ctypes.data, out.ctypes.data)
+        np.testing.assert_array_equal(out, tab[idx])
+
+
+@x86_only
+def test_every_codec_kernel_compiles_for_avx512(tmp_path):
+    """On any x86 host: LLVM compiles each codec's matvec/matmul/row (1 and 2 threads) and the
+    attention kernel for an AVX-512 CPU without aborting (nothing is run: see the script)."""
+    here = Path(__file__).parent
+    sys.path.insert(0, str(here))
+    try:
+        import kernels_compile_only
+    finally:
+        sys.path.remove(str(here))
+    cases = tmp_path / "cases.npz"
+    kernels_compile_only.save_cases(cases)
+    env = {**os.environ, "NUMBA_CPU_NAME": "x86-64-v4", "NUMBA_CPU_FEATURES": "",
+           "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    r = subprocess.run([sys.executable, str(here / "kernels_compile_only.py"), str(cases)], env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("avx512 "), r.stdout
+
+
+def test_info_names_the_kernel_variant(tiny_dir, tmp_path):
+    from edgerun.convert.pack import pack
+    from edgerun.info import describe
+    pack(tiny_dir("llama"), tmp_path / "t.ebin")
+    text = describe(tmp_path / "t.ebin")
+    line = next(l for l in text.splitlines() if l.startswith("kernels"))
+    assert isa.target().isa in line and isa.target().cpu in line
