@@ -20,6 +20,14 @@ HELP = """commands:
 Ctrl+C stops a reply; pressing it twice in a row quits."""
 
 
+def reply_cap(model, fallback: int) -> int:
+    """The model's own per-reply token cap (`max_new_tokens` in its generation defaults, which the
+    default model sets), else `fallback`."""
+    defaults = getattr(model, "generation_defaults", None)
+    cap = defaults.get("max_new_tokens") if isinstance(defaults, dict) else None
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else fallback
+
+
 class ChatSession:
     def __init__(self, model, system=None, max_tokens=1024, sampling=None, stats=None,
                  stdin=None, stdout=None):

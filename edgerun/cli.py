@@ -9,9 +9,11 @@ from pathlib import Path
 import click
 
 from .codecs import codec_names
+from .default_model import REPLY_CAP
 from .errors import EdgerunError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+CHAT_MAX_TOKENS = 1024          # `edgerun chat` reply cap for models that do not set their own
 
 
 def _err(msg: str) -> None:
@@ -47,18 +49,32 @@ def resolve_model(model: str | None) -> Path:
             raise EdgerunError(f"{path} is a checkpoint, not an .ebin: convert it first with "
                                f"`edgerun pack {path} -o model.ebin`")
         return path
-    from .default_model import EBIN_NAME, cache_dir, default_gguf
-    ebin = cache_dir() / EBIN_NAME
-    if not ebin.exists():
-        gguf = default_gguf(log=_err)
-        from .convert.pack import pack
-        _err(f"Packing the default model into {ebin} (once) ...")
-        _err(str(pack(gguf, ebin, dtype="f16", progress=progress_bar("packing"))))
-    return ebin
+    from .default_model import default_ebin
+    return default_ebin(log=_err, progress=progress_bar("packing"))
+
+
+def warn_about_machine(ram, threads) -> None:
+    """A --ram above the physical memory cannot protect anything, and more threads than cores
+    only add contention: both are allowed (the model may be meant for another machine), with a word."""
+    import os
+
+    import psutil
+
+    from .memory import fmt, parse_size
+    if ram not in (None, "auto"):
+        total = psutil.virtual_memory().total
+        if parse_size(ram) > total:
+            _err(f"warning: --ram {ram} is more than this machine's physical memory ({fmt(total)}); "
+                 f"the budget cannot keep the process from swapping or being killed")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads and cores and threads > cores:
+        _err(f"warning: -t {threads} is more than the {cores} CPU cores this process may use; "
+             f"the extra threads only wait for a core")
 
 
 def load_model(model, ram, context, threads, verbose, stream="auto", device="auto", gpu_layers="all", vram=None):
     from . import api
+    warn_about_machine(ram, threads)
     path = resolve_model(model)
     if verbose:
         _err(f"loading {path}")
@@ -106,15 +122,31 @@ _MODEL_OPTIONS = [
                  "when the model does not fit --ram (window = LLM-in-a-flash windowing; layer, naive = baselines)."),
 ]
 
+
+def _check_sampling(ctx, param, value):
+    """Click callback: the range check the server and the API use too (sampling.check_sampling)."""
+    if value is None:
+        return None
+    from .sampling import SamplingError, check_sampling
+    try:
+        return check_sampling(param.name, value)
+    except SamplingError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 _SAMPLING_OPTIONS = [
-    click.option("--temp", "temperature", type=float, default=None,
-                 help="Sampling temperature; 0 = greedy (default: the model's generation_config, else 0.7)."),
-    click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0 = off; default 40)."),
-    click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (1.0 = off; default 0.95)."),
-    click.option("--min-p", type=float, default=None,
-                 help="Drop tokens below min-p × the top probability (0 = off; default 0.05)."),
-    click.option("--repeat-penalty", type=float, default=None, help="Penalty for repeated tokens (1.0 = off)."),
-    click.option("-s", "--seed", type=int, default=None, help="Random seed for reproducible sampling."),
+    click.option("--temp", "temperature", type=float, default=None, callback=_check_sampling,
+                 help="Sampling temperature >= 0; 0 = greedy (default: the model's generation_config, else 0.7)."),
+    click.option("--top-k", type=int, default=None, callback=_check_sampling,
+                 help="Keep the k most likely tokens, k >= 0 (0 = off; default 40)."),
+    click.option("--top-p", type=float, default=None, callback=_check_sampling,
+                 help="Nucleus sampling mass in (0, 1] (1.0 = off; default 0.95)."),
+    click.option("--min-p", type=float, default=None, callback=_check_sampling,
+                 help="Drop tokens below min-p × the top probability, min-p in [0, 1] (0 = off; default 0.05)."),
+    click.option("--repeat-penalty", type=float, default=None, callback=_check_sampling,
+                 help="Penalty for repeated tokens, > 0 (1.0 = off)."),
+    click.option("-s", "--seed", type=int, default=None, callback=_check_sampling,
+                 help="Random seed for reproducible sampling, >= 0."),
 ]
 
 
@@ -197,8 +229,9 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layo
 @model_options
 @sampling_options
 @click.option("-sys", "--system", default=None, help="System prompt.")
-@click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
-              help="Longest reply in tokens.")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=None,
+              help=f"Longest reply in tokens (default: the model's own reply cap if it has one — the default "
+                   f"model's is {REPLY_CAP} — else {CHAT_MAX_TOKENS}).")
 def chat(model, ram, context, threads, verbose, device, gpu_layers, vram, stream, system, max_tokens, **kw):
     """Chat with MODEL (an .ebin; default: SmolLM2-135M-Instruct).
 
@@ -212,10 +245,11 @@ def chat(model, ram, context, threads, verbose, device, gpu_layers, vram, stream
     Ctrl+C stops a reply; pressing it twice quits. Works with piped input too:
       printf 'Hi!\\nTell me a joke.\\n' | edgerun chat
     """
-    from .chat import ChatSession
+    from .chat import ChatSession, reply_cap
     m = load_model(model, ram, context, threads, verbose, stream, device, gpu_layers, vram)
     with m:
-        ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling_kwargs(kw),
+        ChatSession(m, system=system, max_tokens=max_tokens or reply_cap(m, CHAT_MAX_TOKENS),
+                    sampling=sampling_kwargs(kw),
                     stats=lambda: _err(stats_line(m))).run()
 
 
@@ -299,7 +333,9 @@ def verify(model):
               help="Address to listen on (no authentication: keep loopback unless the network is trusted).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="TCP port (0 picks a free one).")
-def serve(model, ram, context, threads, verbose, device, gpu_layers, vram, stream, host, port):
+@click.option("--max-body", default="1MiB", show_default=True,
+              help="Largest request body accepted (larger ones get a 413 unread), e.g. 256KiB, 4MB.")
+def serve(model, ram, context, threads, verbose, device, gpu_layers, vram, stream, host, port, max_body):
     """Serve MODEL over an OpenAI-compatible HTTP API.
 
     \b
@@ -309,25 +345,34 @@ def serve(model, ram, context, threads, verbose, device, gpu_layers, vram, strea
       edgerun serve model.ebin --ram 2GB --port 8080
       curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
     """
+    from .memory import parse_size
     from .server import serve as run_server
+    body_limit = parse_size(max_body)
+    if body_limit < 1024:
+        raise click.BadParameter(f"{max_body} is under 1 KiB: too small for any request", param_hint="--max-body")
     m = load_model(model, ram, context, threads, verbose, stream, device, gpu_layers, vram)
     with m:
-        run_server(m, host, port, log=_err)
+        run_server(m, host, port, log=_err, max_body=body_limit)
+
+
+def _interrupted(exc) -> None:
+    """Ctrl+C exits 130; SIGTERM/SIGHUP during a pack (PackInterrupted) exit 128 + the signal."""
+    signum = getattr(exc, "signum", None)
+    _err(str(exc) if signum else "interrupted")       # "interrupted by SIGTERM"
+    sys.exit(128 + signum if signum else 130)
 
 
 def run():
     """Entry point: EdgerunErrors become one line on stderr and exit code 1."""
     try:
         main.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        _err("interrupted")
-        sys.exit(130)
+    except click.exceptions.Abort as e:
+        _interrupted(e.__cause__ or e)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except EdgerunError as e:
         _err(f"error: {e}")
         sys.exit(1)
-    except KeyboardInterrupt:
-        _err("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _interrupted(e)

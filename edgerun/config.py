@@ -22,7 +22,7 @@ ARCHITECTURES = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 
-# Ranges a config value must lie in (FormatError otherwise). Generous for real models (the largest
+# Ranges a config value must lie in (ConfigError otherwise). Generous for real models (the largest
 # open ones: hidden 16384-25600, FFN 53248-131072, 126 layers, 128 heads, vocab 256000, 1M context);
 # what bounds memory is that every dimension must also match the arrays stored in the file.
 MAX_HIDDEN = 1 << 17
@@ -51,8 +51,13 @@ def is_number(v) -> bool:
             and math.isfinite(v))
 
 
+class ConfigError(FormatError):
+    """A config (a checkpoint's config.json or an .ebin's manifest) lacks a key the model needs, or
+    holds a value of the wrong type or range; the message names the key."""
+
+
 class _Reader:
-    """Typed, ranged reads of config keys; FormatError names the key and the value."""
+    """Typed, ranged reads of config keys; ConfigError names the key and the value."""
 
     def __init__(self, cfg: dict, prefix: str = ""):
         self.cfg, self.prefix = cfg, prefix
@@ -61,23 +66,23 @@ class _Reader:
         v = self.cfg.get(key)
         if v is None:
             if default is ...:
-                raise FormatError(f"config: {self.prefix}{key} is missing")
+                raise ConfigError(f"config: '{self.prefix}{key}' is missing")
             if default is None:
                 return None
             v = default
         if not is_int(v) or not lo <= v <= hi:
-            raise FormatError(f"config: {self.prefix}{key} must be an integer in {lo}..{hi}, got {_short(v)}")
+            raise ConfigError(f"config: '{self.prefix}{key}' must be an integer in {lo}..{hi}, got {_short(v)}")
         return int(v)
 
     def float(self, key: str, lo: float, hi: float, default=..., low_open: bool = False) -> float:
         v = self.cfg.get(key)
         if v is None:
             if default is ...:
-                raise FormatError(f"config: {self.prefix}{key} is missing")
+                raise ConfigError(f"config: '{self.prefix}{key}' is missing")
             v = default
         if not is_number(v) or not (lo < v if low_open else lo <= v) or v > hi:
             interval = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
-            raise FormatError(f"config: {self.prefix}{key} must be a number in {interval}, got {_short(v)}")
+            raise ConfigError(f"config: '{self.prefix}{key}' must be a number in {interval}, got {_short(v)}")
         return float(v)
 
     def flag(self, key: str, default: bool) -> bool:
@@ -85,7 +90,7 @@ class _Reader:
         if v is None:
             return default
         if not isinstance(v, bool):
-            raise FormatError(f"config: {self.prefix}{key} must be true or false, got {_short(v)}")
+            raise ConfigError(f"config: '{self.prefix}{key}' must be true or false, got {_short(v)}")
         return v
 
 
@@ -94,7 +99,7 @@ def _rope_scaling(scaling):
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
-        raise FormatError(f"config: rope_scaling must be an object, got {_short(scaling)}")
+        raise ConfigError(f"config: rope_scaling must be an object, got {_short(scaling)}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return None
@@ -108,7 +113,7 @@ def _rope_scaling(scaling):
         high = get.float("high_freq_factor", 0.0, 1e6, low_open=True)
         get.float("original_max_position_embeddings", 0.0, MAX_POSITIONS, low_open=True)
         if high <= low:
-            raise FormatError(f"config: rope_scaling high_freq_factor {high:g} must exceed "
+            raise ConfigError(f"config: rope_scaling high_freq_factor {high:g} must exceed "
                               f"low_freq_factor {low:g}")
     return scaling
 
@@ -139,15 +144,15 @@ class ModelConfig:
     def from_dict(cls, cfg: dict) -> "ModelConfig":
         """Validate an HF config dict; unknown keys are ignored, unsupported features are errors.
 
-        Every value the forward pass uses is typed and ranged here (FormatError otherwise), so
+        Every value the forward pass uses is typed and ranged here (ConfigError otherwise), so
         a crafted config cannot reach the kernels with a zero, negative or absurd dimension."""
         if not isinstance(cfg, dict):
-            raise FormatError(f"config is not an object: {_short(cfg)}")
+            raise ConfigError(f"config is not an object: {_short(cfg)}")
         archs = cfg.get("architectures") or []
         if isinstance(archs, str):
             archs = [archs]
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise FormatError(f"config: architectures must be a list of names, got {_short(archs)}")
+            raise ConfigError(f"config: 'architectures' must be a list of names, got {_short(archs)}")
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if not archs:
             raise UnsupportedModelError(f"config names no architecture (model_type {_short(cfg.get('model_type'))}); "
@@ -163,16 +168,16 @@ class ModelConfig:
         heads = get.int("num_attention_heads", 1, MAX_HEADS)
         kv_heads = get.int("num_key_value_heads", 1, heads, default=heads)
         if heads % kv_heads:
-            raise FormatError(f"config: num_attention_heads {heads} is not a multiple of "
+            raise ConfigError(f"config: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {kv_heads}")
         head_dim = get.int("head_dim", 2, MAX_HEAD_DIM, default=hidden // heads)
         if head_dim % 2:
-            raise FormatError(f"config: head_dim {head_dim} must be even (RoPE rotates pairs)")
+            raise ConfigError(f"config: head_dim {head_dim} must be even (RoPE rotates pairs)")
         # transformers >= 5 writes `rope_parameters` (theta and scaling together); older, `rope_theta`
         # plus an optional `rope_scaling`.
         rope = cfg.get("rope_parameters") or {}
         if not isinstance(rope, dict):
-            raise FormatError(f"config: rope_parameters must be an object, got {_short(rope)}")
+            raise ConfigError(f"config: rope_parameters must be an object, got {_short(rope)}")
         rope = dict(rope)
         theta = rope.pop("rope_theta", None)
         if cfg.get("rope_theta") is not None:

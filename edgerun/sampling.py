@@ -10,6 +10,7 @@ and negative ones multiplied.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -19,6 +20,41 @@ from .errors import EdgerunError
 # When top-k is disabled, top-p looks at the best few hundred tokens first and widens only if they
 # hold less than top_p of the mass, so a full-vocabulary sort is rare (llama.cpp does the same).
 _TOP_P_FIRST_WINDOW = 256
+
+
+# The valid range of every user-settable sampling parameter: (integer?, low, high, low
+# inclusive?, what the user is told). One table, checked by `check_sampling`, which the CLI flags,
+# the server's request fields and SamplingParams all call.
+SAMPLING_RANGES = {
+    "temperature": (False, 0.0, None, True, "a number >= 0 (0 = greedy)"),
+    "top_k": (True, 0, 2**31 - 1, True, "an integer in [0, 2147483647] (0 = off)"),
+    "top_p": (False, 0.0, 1.0, False, "a number in (0, 1] (1 = off)"),
+    "min_p": (False, 0.0, 1.0, True, "a number in [0, 1] (0 = off)"),
+    "repeat_penalty": (False, 0.0, None, False, "a number > 0 (1 = off)"),
+    "seed": (True, 0, 2**64 - 1, True, "an integer in [0, 2**64 - 1] (leave it out for a random seed)"),
+}
+
+
+class SamplingError(EdgerunError):
+    """A sampling parameter of the wrong type or out of its range; `name` says which."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def check_sampling(name: str, value):
+    """`value` as the type `name` takes (int or float), or SamplingError naming the valid range.
+    Booleans, strings, NaN and infinities are refused; an integer parameter takes only integers."""
+    integer, low, high, low_inclusive, valid = SAMPLING_RANGES[name]
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Integral if integer else numbers.Real)
+    if ok:
+        value = int(value) if integer else float(value)
+        ok = (math.isfinite(value) and (value >= low if low_inclusive else value > low)
+              and (high is None or value <= high))
+    if not ok:
+        raise SamplingError(name, f"{name} must be {valid}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -33,32 +69,36 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+        for name in SAMPLING_RANGES:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise EdgerunError(f"sampling parameter {name} must be a finite number, got {value!r}")
-        if self.repeat_penalty <= 0:
-            raise EdgerunError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
-        if self.top_p < 0 or self.min_p < 0 or self.min_p > 1:
-            raise EdgerunError(f"need top_p >= 0 and 0 <= min_p <= 1, got top_p={self.top_p} min_p={self.min_p}")
+            if value is not None or name != "seed":
+                setattr(self, name, check_sampling(name, value))
+        if isinstance(self.repeat_last_n, bool) or not isinstance(self.repeat_last_n, numbers.Integral):
+            raise SamplingError("repeat_last_n", f"repeat_last_n must be an integer, got {self.repeat_last_n!r}")
 
     @classmethod
     def from_generation_config(cls, gen: dict | None, **overrides) -> "SamplingParams":
         """Defaults, then an HF generation_config dict, then the non-None `overrides`.
         `do_sample: false` in the config means greedy (temperature 0)."""
         params = cls()
-        gen = gen or {}
-        mapping = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                   "min_p": "min_p", "repetition_penalty": "repeat_penalty"}
-        values = {ours: gen[theirs] for theirs, ours in mapping.items() if gen.get(theirs) is not None}
-        if "do_sample" in gen and gen["do_sample"] is not None and not gen["do_sample"]:
-            values["temperature"] = 0.0
+        gen = gen if isinstance(gen, dict) else {}
         names = {f.name for f in fields(cls)}
-        for key, value in overrides.items():
+        for key in overrides:
             if key not in names:
                 raise TypeError(f"unknown sampling parameter {key!r}")
-            if value is not None:
-                values[key] = value
+        mapping = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                   "min_p": "min_p", "repetition_penalty": "repeat_penalty"}
+        values = {}
+        for theirs, ours in mapping.items():
+            if gen.get(theirs) is not None and overrides.get(ours) is None:
+                try:
+                    values[ours] = check_sampling(ours, gen[theirs])
+                except SamplingError as e:
+                    raise SamplingError(ours, f"the model's default sampling is invalid: {e}; "
+                                              f"give {ours} explicitly") from None
+        if "do_sample" in gen and gen["do_sample"] is not None and not gen["do_sample"]:
+            values["temperature"] = 0.0
+        values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(params, **values)
 
 

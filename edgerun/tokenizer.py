@@ -5,20 +5,42 @@ Encoding and decoding delegate to the Rust `tokenizers` implementation loaded fr
 are rendered exactly like `transformers.utils.chat_template_utils.render_jinja_template`
 (transformers 5.x): a jinja2 ImmutableSandboxedEnvironment with trim_blocks/lstrip_blocks,
 loopcontrols, `raise_exception`, `strftime_now`, an HTML-unescaped `tojson`.
+
+A template is code from the model file, so rendering is bounded (`_render_bounded`): in time (a
+trace function checks a deadline while the template's Python code runs), in output, and in what
+one step may build (string/list repetition and concatenation, `**`, format widths, padding and
+replacement are checked before they allocate). `include`/`import`/`extends` are refused: a
+template cannot read files.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import sys
+import time
 from collections.abc import Mapping
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache, wraps
 
 from .errors import EdgerunError
 
 
 class ChatTemplateError(EdgerunError):
     """The model has no chat template, or the template rejected the messages."""
+
+
+class TemplateLimitError(ChatTemplateError):
+    """The chat template ran too long or built too much (see TEMPLATE_SECONDS and friends)."""
+
+
+# What rendering a chat template may take. Real templates render in milliseconds and their output
+# is the prompt, which the context bounds far below these.
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_MAX_CHARS = 4 * 2**20        # the rendered text, and any one string built while rendering
+TEMPLATE_MAX_ITEMS = 2**20            # any one list or tuple built while rendering
+TEMPLATE_MAX_POWER_BITS = 2**16       # `a ** b` on integers
 
 
 class TokenizerError(EdgerunError):
@@ -90,6 +112,16 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(int(token_id))
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound of the UTF-8 bytes of text one token stands for, so a text of n bytes
+        needs at least n / max_token_bytes tokens (no need to tokenize it to know it is too long).
+        The longest decoded token, +1 for the space SentencePiece decoding drops, doubled when a
+        normalizer might shrink the text first. Computed once (a decode per vocabulary entry)."""
+        longest = max((len(self._tk.decode([i]).encode("utf-8", "surrogatepass"))
+                       for i in range(self.vocab_size)), default=1)
+        return (longest + 1) * (2 if self._tk.normalizer is not None else 1)
+
     def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         """A fresh incremental detokenizer for one generated sequence."""
         return StreamDecoder(self, skip_special_tokens)
@@ -131,10 +163,16 @@ class Tokenizer:
         chat = _alias_reasoning(chat)
         context = {**self.special_tokens, **_plain(kwargs)}
         try:
-            return template.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                                   add_generation_prompt=add_generation_prompt, **context)
+            return _render_bounded(template, dict(messages=chat, tools=_plain(tools), documents=_plain(documents),
+                                                  add_generation_prompt=add_generation_prompt, **context))
+        except ChatTemplateError:
+            raise
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template error: {exc}") from exc
+        except RecursionError:
+            raise ChatTemplateError("chat template error: recursion too deep") from None
+        except Exception as exc:     # the template's own Python errors: 1/0, 'a' + 1, ...
+            raise ChatTemplateError(f"chat template error: {type(exc).__name__}: {exc}") from None
 
     def encode_chat(self, messages, add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """The rendered template encoded without adding another BOS (HF tokenize=True semantics)."""
@@ -244,17 +282,232 @@ def _compile_template(source: str):
                 raise jinja2.exceptions.SecurityError(
                     f"chat templates cannot store underscore-prefixed attributes on a namespace: {name!r}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=[_Generation, jinja2.ext.loopcontrols])
+    class NoFiles(jinja2.BaseLoader):
+        def get_source(self, environment, name):
+            # SecurityError, not TemplateNotFound: `ignore missing` must not turn it into a no-op
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot include, import or extend other templates (asked for {name!r})")
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+", "**", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return _check_built(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own convention)
+            _check_call(__obj, args, kwargs)
+            return _check_built(super().call(__context, __obj, *args, **kwargs))
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, loader=NoFiles(), finalize=_check_text,
+                         extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    for name, f in list(env.filters.items()):
+        env.filters[name] = _bounded_filter(name, f)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     env.globals["dict"] = TemplateDict()
     env.globals["namespace"] = TemplateNamespace
     try:
-        return env.from_string(source)
+        template = env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(f"the model's chat template does not parse: {exc}") from exc
+    except RecursionError:
+        raise ChatTemplateError("the model's chat template is nested too deeply to compile") from None
+    # `a ~ b` compiles to calls of these two, looked up in the compiled module's globals
+    names = template.root_render_func.__globals__
+    for name in ("str_join", "markup_join"):
+        if name in names:
+            names[name] = _bounded_join(names[name])
+    return template
+
+
+# ---- bounds on what a template may do (module doc) -------------------------------------------
+def _render_bounded(template, context: dict) -> str:
+    """template.render(**context) within TEMPLATE_SECONDS and TEMPLATE_MAX_CHARS of output.
+
+    Time: a trace function runs on every line of Python executed while rendering (the compiled
+    template, its macros, the filters) and raises once the deadline has passed, so even a loop
+    that outputs nothing stops, in the thread that ran it. Tracing costs a few times the render
+    time, which is milliseconds; a debugger's or coverage's tracer is restored afterwards."""
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+    ticks = 0
+
+    def tracer(frame, event, arg):
+        nonlocal ticks
+        ticks += 1
+        if not ticks & 255 and time.monotonic() > deadline:
+            raise TemplateLimitError(f"the chat template ran for more than {TEMPLATE_SECONDS:g} s "
+                                     "(a loop that does not end?)")
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        pieces, size = [], 0
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise TemplateLimitError(f"the chat template's output passed {TEMPLATE_MAX_CHARS} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    finally:
+        sys.settrace(previous)
+
+
+def _refuse(what: str, size: int, limit: int):
+    raise TemplateLimitError(f"the chat template builds {what} of {size} (the limit is {limit})")
+
+
+def _check_size(value, size: int) -> None:
+    """A string or sequence of `size` characters/items may be built; else TemplateLimitError."""
+    if isinstance(value, str) and size > TEMPLATE_MAX_CHARS:
+        _refuse("a string", size, TEMPLATE_MAX_CHARS)
+    if isinstance(value, (list, tuple)) and size > TEMPLATE_MAX_ITEMS:
+        _refuse("a list", size, TEMPLATE_MAX_ITEMS)
+
+
+def _text_size(value, limit: int = TEMPLATE_MAX_CHARS, depth: int = 0) -> int:
+    """About how many characters str(value) has, counted only up to just past `limit` (a list
+    holding one long string many times is small but prints huge)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple, dict)):
+        if depth > 32:
+            return limit + 1
+        items = value.items() if isinstance(value, dict) else value
+        total = 2
+        for item in items:
+            total += 2 + (_text_size(item[0], limit, depth + 1) + _text_size(item[1], limit, depth + 1)
+                          if isinstance(value, dict) else _text_size(item, limit, depth + 1))
+            if total > limit:
+                break
+        return total
+    if _is_int(value):
+        return 24 if abs(value) < 2**64 else int(value.bit_length() * 0.302) + 2   # 0.302 = log10(2)
+    return 24
+
+
+def _check_text(value):
+    """What a template is about to turn into text (output, `~`, format arguments)."""
+    size = _text_size(value)
+    if size > TEMPLATE_MAX_CHARS:
+        _refuse("a text", size, TEMPLATE_MAX_CHARS)
+    return value
+
+
+def _bounded_join(join):
+    """jinja's `~` (str_join / markup_join), refusing a result over TEMPLATE_MAX_CHARS."""
+    @wraps(join)
+    def bounded(seq):
+        seq = tuple(seq)
+        size = 0
+        for item in seq:
+            size += _text_size(item)
+            if size > TEMPLATE_MAX_CHARS:
+                _refuse("a string", size, TEMPLATE_MAX_CHARS)
+        return join(seq)
+
+    return bounded
+
+
+def _check_built(value):
+    if isinstance(value, (str, list, tuple)):
+        _check_size(value, len(value))
+    return value
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# a width or precision of 7+ digits, or one taken from the arguments (`*`, nested `{}`)
+_BIG_FORMAT = re.compile(r"%[-+ #0]*(?:\*|\d{7,}|\d*\.(?:\*|\d{7,}))|\{[^{}]*:[^{}]*(?:\d{7,}|\{)")
+
+
+def _check_format(fmt: str, args=()) -> None:
+    if _BIG_FORMAT.search(fmt) or any(_is_int(a) and abs(a) > TEMPLATE_MAX_CHARS for a in args):
+        raise TemplateLimitError("the chat template formats with a width or precision over the limit "
+                                 f"({TEMPLATE_MAX_CHARS})")
+    _check_size(fmt, len(fmt) + sum(_text_size(a) for a in args))
+
+
+def _check_binop(op: str, left, right) -> None:
+    if op == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and _is_int(n):
+                _check_size(seq, len(seq) * n)
+    elif op == "+":
+        if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            _check_size(left, len(left) + len(right))
+    elif op == "**":
+        if _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
+            bits = right * math.log2(abs(left))
+            if bits > TEMPLATE_MAX_POWER_BITS:
+                _refuse("a number", int(bits), TEMPLATE_MAX_POWER_BITS)
+    elif op == "%" and isinstance(left, str):
+        _check_format(left, right if isinstance(right, (tuple, list)) else (right,))
+
+
+def _check_call(func, args, kwargs) -> None:
+    """String methods that can build much more than they are given."""
+    name = getattr(func, "__name__", "")
+    target = getattr(getattr(func, "__wrapped__", func), "__self__", None)
+    if not isinstance(target, str):
+        return
+    if name in ("format", "format_map"):
+        _check_format(target, list(args) + list(kwargs.values()))
+    elif name in ("center", "ljust", "rjust", "zfill") and args and _is_int(args[0]):
+        _check_size(target, args[0])
+    elif name == "expandtabs":
+        tab = args[0] if args else kwargs.get("tabsize", 8)
+        if _is_int(tab):
+            _check_size(target, len(target) + target.count("\t") * tab)
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        _check_replace(target, args[0], args[1])
+    elif name == "join" and args and isinstance(args[0], (list, tuple)):
+        _check_size(target, sum(len(x) for x in args[0] if isinstance(x, str)) + len(target) * len(args[0]))
+
+
+def _check_replace(s: str, old: str, new: str) -> None:
+    count = s.count(old) if old else len(s) + 1
+    _check_size(s, len(s) + count * (len(new) - len(old)))
+
+
+def _bounded_filter(name: str, f):
+    """A filter checked for what it is about to build (padding, replacement, joining, formatting,
+    indenting) and for what it built."""
+    skip = 0 if getattr(f, "jinja_pass_arg", None) is None else 1     # a context/environment first
+
+    @wraps(f)
+    def bounded(*args, **kwargs):
+        values = args[skip:]
+        value = values[0] if values else None
+        if isinstance(value, (list, tuple, dict)):
+            _check_text(value)          # most filters print or copy their input
+        if name == "center" and len(values) > 1 and _is_int(values[1]):
+            _check_size("", values[1])
+        elif name == "indent" and isinstance(value, str):
+            width = values[1] if len(values) > 1 else kwargs.get("width", 4)
+            if _is_int(width):
+                _check_size(value, len(value) + (value.count("\n") + 1) * width)
+            elif isinstance(width, str):
+                _check_size(value, len(value) + (value.count("\n") + 1) * len(width))
+        elif name == "format" and isinstance(value, str):
+            _check_format(value, list(values[1:]) + list(kwargs.values()))
+        elif name == "replace" and isinstance(value, str) and len(values) > 2:
+            if isinstance(values[1], str) and isinstance(values[2], str):
+                _check_replace(value, values[1], values[2])
+        elif name == "join" and isinstance(value, (list, tuple)):
+            sep = values[1] if len(values) > 1 and isinstance(values[1], str) else kwargs.get("d", "")
+            _check_size("", sum(len(x) for x in value if isinstance(x, str)) + len(str(sep)) * len(value))
+        elif name == "tojson":
+            indent = values[1] if len(values) > 1 else kwargs.get("indent")
+            if _is_int(indent) and indent > 64:
+                _refuse("a JSON indent", indent, 64)
+        return _check_built(f(*args, **kwargs))
+
+    return bounded
 
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")

@@ -124,3 +124,166 @@ def test_interrupted_pack_leaves_no_file(tiny_dir, tmp_path, monkeypatch):
         pack(tiny_dir("llama"), out)
     assert out.read_bytes() == b"previous contents"
     assert [p.name for p in tmp_path.iterdir()] == ["out.ebin"]
+
+
+@pytest.mark.parametrize("flag, value, valid", [
+    ("--temp", "-1", "a number >= 0"),
+    ("--temp", "nan", "a number >= 0"),
+    ("--top-p", "2", "(0, 1]"),
+    ("--top-p", "0", "(0, 1]"),
+    ("--top-k", "-3", "[0, 2147483647]"),
+    ("--min-p", "1.5", "[0, 1]"),
+    ("--min-p", "-0.1", "[0, 1]"),
+    ("--repeat-penalty", "0", "> 0"),
+    ("--repeat-penalty", "-1", "> 0"),
+    ("-s", "-1", "[0, 2**64 - 1]"),
+])
+def test_out_of_range_sampling_flags_name_the_range(tiny_ebin, flag, value, valid):
+    """Refused by click before the model loads, with the range sampling.check_sampling (the
+    server's check too) states."""
+    for command in ("generate", "chat"):
+        args = ["-p", "x"] if command == "generate" else []
+        r = edgerun(command, tiny_ebin, *args, flag, value, stdin="")
+        assert r.returncode == 2, r.stderr
+        assert valid in r.stderr and flag in r.stderr and "Traceback" not in r.stderr
+
+
+def test_machine_warnings_for_ram_and_threads(tiny_ebin):
+    r = edgerun("generate", tiny_ebin, "-p", "x", "-n", "2", "--temp", "0", "--ram", "100TB", "-t", "4096")
+    assert r.returncode == 0, r.stderr
+    assert "--ram 100TB is more than this machine's physical memory" in r.stderr
+    assert "-t 4096 is more than the" in r.stderr
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda c: c.pop("hidden_size"), "'hidden_size' is missing"),
+    (lambda c: c.update(hidden_size="64"), "'hidden_size' must be an integer > 0, got '64'"),
+    (lambda c: c.update(num_hidden_layers=-2), "'num_hidden_layers' must be an integer > 0"),
+    (lambda c: c.update(rms_norm_eps="small"), "'rms_norm_eps' must be a number > 0"),
+    (lambda c: c.update(tie_word_embeddings="false"), "'tie_word_embeddings' must be true or false"),
+    (lambda c: c.update(rope_scaling={"rope_type": "linear"}), "'rope_scaling.factor' is missing"),
+    (lambda c: c.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (lambda c: c.update(architectures=7), "'architectures' must be a list of names"),
+    (None, "expected a JSON object, got a list"),
+])
+def test_pack_bad_config_names_the_key(tiny_dir, tmp_path, change, key):
+    import shutil
+    src = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir("llama"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    if change is None:
+        cfg = [cfg]
+    else:
+        change(cfg)
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = edgerun("pack", src, "-o", tmp_path / "out.ebin")
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert key in lines[-1] and "config.json" in lines[-1] and lines[-1].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.glob("*.ebin*"))
+
+
+def test_pack_checks_the_output_before_reading(tiny_dir, tmp_path, monkeypatch):
+    """A missing or unwritable output directory fails before the source is opened."""
+    from edgerun.convert import pack as pack_module
+    from edgerun.errors import EdgerunError
+
+    def never(path):
+        raise AssertionError("the source was opened")
+
+    monkeypatch.setattr(pack_module, "open_source", never)
+    with pytest.raises(EdgerunError, match="does not exist"):
+        pack_module.pack(tiny_dir("llama"), tmp_path / "missing" / "out.ebin")
+    with pytest.raises(EdgerunError, match="is a directory"):
+        pack_module.pack(tiny_dir("llama"), tmp_path)
+    if os.geteuid() != 0:                         # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(EdgerunError, match="not writable"):
+            pack_module.pack(tiny_dir("llama"), ro / "out.ebin")
+
+
+def test_stale_tmp_is_replaced(tiny_dir, tmp_path):
+    from edgerun.convert.pack import pack
+    out = tmp_path / "out.ebin"
+    stale = tmp_path / "out.ebin.tmp"
+    stale.write_bytes(b"left by a killed pack")
+    stale.chmod(0o444)
+    pack(tiny_dir("llama"), out)
+    assert out.exists() and not stale.exists()
+    target = tmp_path / "victim"                 # a stale symlink is removed, not written through
+    target.write_bytes(b"keep")
+    stale.symlink_to(target)
+    pack(tiny_dir("llama"), out)
+    assert target.read_bytes() == b"keep" and not stale.exists() and not stale.is_symlink()
+
+
+PACK_AND_WAIT = """
+import signal, sys, threading, time
+from edgerun.convert import hf
+from edgerun.convert.pack import pack
+real_read = hf.HFSource.read
+def slow_read(self, name):            # a pack that takes a while: each tensor waits a little
+    time.sleep(0.05)
+    return real_read(self, name)
+hf.HFSource.read = slow_read
+before = signal.getsignal(signal.SIGTERM)
+try:
+    pack(sys.argv[1], sys.argv[2])
+finally:
+    assert signal.getsignal(signal.SIGTERM) is before     # the previous handler is back
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_pack_killed_by_signal_leaves_no_tmp(tiny_dir, tmp_path, signame):
+    """A real signal to a real pack: once its .tmp exists, the signal removes it and the pack
+    exits 128 + signal. Synchronized by polling for the file, not by sleeping a guessed time."""
+    import signal
+    import time
+    out = tmp_path / "out.ebin"
+    tmp = tmp_path / "out.ebin.tmp"
+    script = tmp_path / "pack_and_wait.py"
+    script.write_text(PACK_AND_WAIT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dir("llama")), str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not tmp.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the pack never created its .tmp"
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and f"interrupted by {signame}" in err, err
+    assert not tmp.exists() and not out.exists()
+    assert list(tmp_path.iterdir()) == [script]
+
+
+def test_cli_pack_signal_exit_code(tiny_dir, tmp_path):
+    """`edgerun pack` itself: SIGTERM -> "interrupted by SIGTERM", exit 143, no .tmp."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-c", CLI_SLOW_PACK, str(tiny_dir("llama")), str(tmp_path / "o.ebin")],
+                            stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / "o.ebin.tmp"
+    deadline = time.monotonic() + 120
+    while not tmp.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    assert not tmp.exists()
+
+
+CLI_SLOW_PACK = """
+import sys, time                      # `edgerun pack` with each tensor read 50 ms late
+from edgerun.convert import hf
+real_read = hf.HFSource.read
+hf.HFSource.read = lambda self, name: (time.sleep(0.05), real_read(self, name))[1]
+from edgerun.cli import run
+sys.argv = ["edgerun", "pack", sys.argv[1], "-o", sys.argv[2]]
+run()
+"""

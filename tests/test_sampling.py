@@ -1,6 +1,7 @@
 """Sampler vs a plain NumPy reference of llama.cpp's chain (full sort, no shortcuts), and vs
 transformers' RepetitionPenaltyLogitsProcessor."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -163,3 +164,33 @@ def test_fast_on_large_vocab():
     for _ in range(100):
         s.sample(logits.copy(), history)
     assert (time.perf_counter() - t) / 100 < 0.01  # typically ~0.3 ms
+
+
+@pytest.mark.parametrize("name, value", [
+    ("temperature", -1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "0.7"),
+    ("temperature", True), ("top_k", -3), ("top_k", 1.5), ("top_k", 1e12), ("top_k", 2**40), ("top_k", "x"),
+    ("top_p", 0), ("top_p", 2), ("min_p", -0.1), ("min_p", 1.5), ("repeat_penalty", 0),
+    ("repeat_penalty", -1), ("seed", -1), ("seed", 2**70), ("seed", "x"), ("seed", 1.0),
+])
+def test_check_sampling_refuses_with_the_range(name, value):
+    """The one check behind the CLI flags, the server's fields and SamplingParams."""
+    from edgerun.sampling import SAMPLING_RANGES, SamplingError, check_sampling
+    with pytest.raises(SamplingError, match=re.escape(SAMPLING_RANGES[name][-1])) as e:
+        check_sampling(name, value)
+    assert e.value.name == name
+    with pytest.raises(EdgerunError):
+        SamplingParams(**{name: value})
+
+
+def test_check_sampling_accepts_and_normalizes():
+    from edgerun.sampling import check_sampling
+    assert check_sampling("temperature", 0) == 0.0 and isinstance(check_sampling("temperature", 1), float)
+    assert check_sampling("top_k", np.int64(40)) == 40 and check_sampling("top_p", np.float32(0.5)) == 0.5
+    assert check_sampling("min_p", 1) == 1.0 and check_sampling("seed", 2**64 - 1) == 2**64 - 1
+
+
+def test_invalid_model_defaults_name_the_parameter_unless_overridden():
+    with pytest.raises(EdgerunError, match="the model's default sampling is invalid: top_p"):
+        SamplingParams.from_generation_config({"top_p": 0.0})
+    assert SamplingParams.from_generation_config({"top_p": 0.0}, top_p=0.5).top_p == 0.5
+    assert SamplingParams.from_generation_config(["not", "a", "dict"]) == SamplingParams()

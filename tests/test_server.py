@@ -155,10 +155,11 @@ def _wait_record(httpd, n, timeout=5.0) -> float:
 
 
 def test_serve_command(tiny):
-    """The CLI entry point: `edgerun serve MODEL --port 0` prints its address and answers."""
+    """The CLI entry point: `edgerun serve MODEL --port 0` prints its address and answers;
+    --max-body sets the body limit."""
     m = tiny[0]
     proc = subprocess.Popen([sys.executable, "-m", "edgerun", "serve", str(m.path), "--ram", "1GB",
-                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+                             "--port", "0", "--max-body", "4KiB"], stderr=subprocess.PIPE, text=True)
     try:
         url = None
         for line in proc.stderr:
@@ -169,6 +170,130 @@ def test_serve_command(tiny):
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=0)
         assert r.choices[0].message.content == m.chat(CHAT, max_tokens=8, temperature=0)
+        with pytest.raises(openai.APIStatusError, match="at most 4096") as e:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 5000}])
+        assert e.value.status_code == 413
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --- requests from elsewhere ------------------------------------------------------------------------
+def _reliability_tool():
+    """tools/server_reliability.py: its CASES (malformed requests) and raw-socket helpers."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "tools" / "server_reliability.py"
+    spec = importlib.util.spec_from_file_location("server_reliability", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _reliability_tool()
+
+
+@pytest.fixture(scope="module")
+def strict(tiny):
+    """The tiny model behind a second server with short timeouts and a log we can read."""
+    m = tiny[0]
+    log = []
+    httpd = make_server(m, "127.0.0.1", 0, log=log.append, read_timeout=1.0, write_timeout=2.0, max_connections=4)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd, httpd.server_address[:2], log
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_malformed_requests_get_4xx_json(strict):
+    """Every request of tools/server_reliability.py's CASES (bad JSON, types, ranges, headers,
+    lengths, methods, request lines, slow or short bodies) is answered with a 4xx status and an
+    OpenAI-style JSON error, and the server keeps serving."""
+    httpd, addr, log = strict
+    assert len(tool.CASES) >= 40
+    bad = []
+    for name, request in tool.CASES:
+        status, body = tool.send(addr, request, timeout=10)
+        if not tool.handled(status, body):
+            bad.append((name, status, body[:200]))
+    assert not bad
+    status, body = tool.send(addr, tool.raw("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"), 5)
+    assert status == 200
+    assert not [line for line in log if "internal error" in line or "Traceback" in line]
+
+
+def test_error_shapes_and_status(strict):
+    httpd, addr, log = strict
+    status, body = tool.send(addr, tool.chat(top_k="x"), 5)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "top_k" and "[0, 2147483647]" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    status, body = tool.send(addr, tool.raw("PUT /v1/chat/completions HTTP/1.1\r\nContent-Length: 0\r\n\r\n"), 5)
+    assert status == 405
+    status, body = tool.send(addr, tool.post(b"{}", length=10**12), 5)
+    assert status == 413 and "--max-body" in json.loads(body)["error"]["message"]
+    status, body = tool.send(addr, tool.post({"messages": [{"role": "user", "content": "fox " * 100000}]}), 10)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == "context_length_exceeded" and "bytes" in error["message"]
+
+
+def test_oversized_body_is_refused_unread(strict):
+    """The 413 comes as soon as the headers announce too much: the body is never buffered."""
+    import socket
+    httpd, addr, log = strict
+    with socket.create_connection(addr, timeout=5) as s:
+        s.sendall(tool.post(b"{}", length=20 * 10**6)[:-2] + b"{" * 1000)   # 20 MB announced, 1 KB sent
+        head = s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413")
+
+
+def test_max_tokens_is_clamped_to_the_context(tiny):
+    m, httpd, client = tiny
+    r = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=10**9, temperature=0,
+                                  stop=None)
+    assert r.usage.completion_tokens <= m.context - r.usage.prompt_tokens
+
+
+def test_slow_client_is_cut_off_and_others_are_served(strict):
+    """Slowloris: a byte every 0.2 s never completes a request within the 1 s read timeout
+    (however steadily it trickles); it gets a 408 while another client is answered normally."""
+    import select
+    import socket
+    import time
+    httpd, addr, log = strict
+    health = tool.raw("GET /health HTTP/1.1\r\n\r\n")
+    with socket.create_connection(addr, timeout=5) as slow:
+        start = time.monotonic()
+        for i, byte in enumerate(tool.chat()[:25]):     # 25 bytes in 5 s, if it were let
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                break                                   # answered and closed
+            if i == 2:
+                assert tool.send(addr, health, 5)[0] == 200
+            if select.select([slow], [], [], 0.2)[0]:
+                break                                   # the answer is there
+        answer = b""
+        while True:
+            chunk = slow.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"within 1 s" in answer, answer[:300]
+    assert time.monotonic() - start < 3
+
+
+def test_connections_over_the_limit_get_503(strict):
+    import socket
+    httpd, addr, log = strict
+    idle = [socket.create_connection(addr, timeout=5) for _ in range(httpd.max_connections)]
+    try:
+        import time
+        deadline = time.monotonic() + 5
+        while httpd.connections < httpd.max_connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, body = tool.send(addr, tool.raw("GET /health HTTP/1.1\r\n\r\n"), 5)
+        assert status == 503 and json.loads(body)["error"]["type"] == "server_error"
+    finally:
+        for s in idle:
+            s.close()

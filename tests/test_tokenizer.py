@@ -293,3 +293,95 @@ def test_named_templates_pick_default_or_tool_use(smol):
     ours = ours_like(hf, {"default": QWEN2, "tool_use": TOOLS_TEMPLATE})
     assert ours.apply_chat_template(NO_SYSTEM) == ours_like(hf, QWEN2).apply_chat_template(NO_SYSTEM)
     assert "get_weather" in ours.apply_chat_template(NO_SYSTEM, tools=TOOLS)
+
+
+# ---- templates from elsewhere: no files, bounded time and size ---------------------------------
+HOSTILE = {
+    "include": ("{% include '/etc/passwd' %}", "cannot include"),
+    "include ignore missing": ("{% include '/etc/passwd' ignore missing %}x", "cannot include"),
+    "import": ("{% import 'macros.j2' as m %}", "cannot include"),
+    "extends": ("{% extends 'base.j2' %}", "cannot include"),
+    "string repetition": ("{{ 'a' * 2200000000 }}", "builds a string of 2200000000"),
+    "list repetition": ("{{ [1] * 2200000000 }}", "builds a list"),
+    "doubling with +": ("{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                        "{% endfor %}{{ ns.s }}", "builds a string"),
+    "doubling with ~": ("{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                        "{% endfor %}{{ ns.s }}", "builds a string"),
+    "doubling macro": ("{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ f('a', 40) }}",
+                       "builds a string"),
+    "huge power": ("{{ 2 ** 100000000 }}", "builds a number"),
+    "padding": ("{{ 'a'|center(2000000000) }}{{ 'a'.ljust(2000000000) }}", "builds a string"),
+    "format width": ("{{ '%2000000000s'|format('x') }}", "width or precision"),
+    "str.format width": ("{{ '{:>2000000000}'.format('x') }}", "width or precision"),
+    "replace": ("{{ ('a' * 1000000)|replace('a', 'aaaaaaaaaaaaaaaaaaaa') }}", "builds a string"),
+    "join": ("{{ (['a' * 1000000] * 1000)|join }}", "builds a"),
+    "shared references printed": ("{% set L = ['a' * 4000000] * 1000 %}{{ L }}", "builds a text"),
+    "output": ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output passed"),
+    "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
+    "division by zero": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "type error": ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_template_is_a_clear_error(smol, name):
+    import resource
+
+    from edgerun.tokenizer import ChatTemplateError
+    source, message = HOSTILE[name]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ChatTemplateError, match=message):
+        ours_like(smol[0], source).apply_chat_template(NO_SYSTEM)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200, f"peak RSS grew {grown_mib:.0f} MiB"
+
+
+def test_endless_template_stops_in_its_own_thread(smol, monkeypatch):
+    """A loop that outputs nothing ends at the deadline, in the thread that rendered it: nothing
+    keeps spinning after the caller has its error."""
+    import threading
+    import time
+
+    from edgerun import tokenizer
+    monkeypatch.setattr(tokenizer, "TEMPLATE_SECONDS", 0.3)
+    ours = ours_like(smol[0], "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    result = {}
+
+    def render():
+        try:
+            ours.apply_chat_template(NO_SYSTEM)
+        except tokenizer.ChatTemplateError as e:
+            result["error"] = str(e)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=render)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the render thread is still running"
+    assert "ran for more than 0.3 s" in result["error"]
+    assert time.monotonic() - start < 5
+
+
+def test_template_limits_leave_tracing_and_real_templates_alone(smol):
+    import sys
+    hf, ours = smol
+    tracer = lambda *a: None  # noqa: E731
+    sys.settrace(tracer)
+    try:
+        got = ours_like(hf, QWEN2).apply_chat_template(MESSAGES)
+        assert sys.gettrace() is tracer          # a debugger's or coverage's tracer comes back
+    finally:
+        sys.settrace(None)
+    assert got == hf.apply_chat_template(MESSAGES, chat_template=QWEN2, tokenize=False, add_generation_prompt=True)
+    long = [{"role": "user", "content": "word " * 200000}]           # a 1 MB message is fine
+    assert len(ours.apply_chat_template(long)) > 1_000_000
+
+
+def test_max_token_bytes_bounds_tokens(pair):
+    """Every token stands for at most max_token_bytes bytes, so a text of n bytes has at least
+    n / max_token_bytes tokens (the server refuses prompts that cannot fit before tokenizing)."""
+    _, ours = pair
+    bound = ours.max_token_bytes
+    assert all(len(ours.decode([i]).encode()) < bound for i in range(ours.vocab_size))
+    for text in TEXTS + [" " * 5000, "\n" + " " * 80 + "x", "ab" * 3000]:
+        assert len(text.encode()) <= max(len(ours.encode(text, add_special_tokens=False)), 1) * bound

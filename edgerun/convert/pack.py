@@ -8,14 +8,18 @@ encoded with its input statistics, in the sequential order GPTQ/SpQR use.
 from __future__ import annotations
 
 import datetime
+import os
+import signal
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
 from ..codecs import codec_class, get_codec, parse_rule as _parse_rule
-from ..config import ModelConfig, tensor_names
+from ..config import ConfigError, ModelConfig, tensor_names
 from ..ebin import EbinWriter
 from ..errors import EdgerunError
 from ..model import load_tensor
@@ -29,6 +33,64 @@ EMBED_RULE = "cluster:5"
 # Calibration windows (the last ones) on which each stacked matrix's loss per block is measured
 # to set the global block order (bitstack_runtime.sensitivity_order).
 ORDER_WINDOWS = 4
+
+
+class PackInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived while packing. Raised in the main thread like Ctrl+C's
+    KeyboardInterrupt, so the writer removes its `.tmp` file on the way out."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def signals_interrupt():
+    """Within: SIGTERM and SIGHUP raise PackInterrupted (once; a repeated signal during the
+    cleanup is ignored). Only the main thread can own signal handlers: elsewhere this does
+    nothing. The previous handlers are restored on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def interrupt(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise PackInterrupted(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            sig = getattr(signal, name)
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def check_output(out: str | Path) -> None:
+    """Before any source is read: `out` can be written (its directory exists and is writable, it
+    is not a directory). A stale `out.tmp` from a killed pack is removed (also when it is a
+    read-only file or a symlink, which writing through could not replace)."""
+    out = Path(out)
+    parent = out.parent
+    if out.is_dir():
+        raise EdgerunError(f"{out} is a directory: give the .ebin file to write, e.g. {out / 'model.ebin'}")
+    if not parent.is_dir():
+        raise EdgerunError(f"cannot write {out}: {parent} " +
+                           ("is not a directory" if parent.exists() else "does not exist"))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgerunError(f"cannot write {out}: the directory {parent} is not writable")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.is_symlink() or tmp.is_file():
+        try:
+            tmp.unlink()
+        except OSError as e:
+            raise EdgerunError(f"cannot remove the stale {tmp}: {e.strerror}") from None
 
 
 def open_source(path: str | Path) -> Source:
@@ -188,65 +250,72 @@ class TensorStore:
 
 def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | None = None,
          calib_text: str | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS, progress=None,
-         layer_progress=None, layout: str = "standard", order_progress=None) -> PackSummary:
+         layer_progress=None, layout: str = "standard", order_progress=None,
+         generation: dict | None = None) -> PackSummary:
     """Convert `src` into `out`. `progress(done_bytes, total_bytes)` is called after each tensor
     of a dense pack; `layer_progress(done, total)` after each calibrated layer; `order_progress`
     after each BitStack matrix whose sensitivity is measured. `layout="flash"`
-    stores the FFN as neuron bundles for streaming (edgerun/streaming.py, formats/flash-layout.md)."""
+    stores the FFN as neuron bundles for streaming (edgerun/streaming.py, formats/flash-layout.md).
+    `generation` overrides keys of the source's default sampling (HF generation_config names)."""
     start = time.perf_counter()
     recipe = recipe or make_recipe(dtype)
-    with open_source(src) as source:
+    if layout not in ("standard", "flash"):
+        raise EdgerunError(f"--layout must be standard or flash, not {layout!r}")
+    if layout == "flash" and needs_calibration(recipe):
+        raise EdgerunError("--layout flash supports dense packs (f32/f16/bf16) for now")
+    check_output(out)
+    # The writer first: an unwritable output fails now, not after the source is parsed; any error
+    # or signal (Ctrl+C, SIGTERM, SIGHUP) from here on leaves no .tmp behind.
+    with signals_interrupt(), EbinWriter(out) as writer, open_source(src) as source:
         meta = source.meta
-        cfg = ModelConfig.from_dict(meta.config)
+        try:
+            cfg = ModelConfig.from_dict(meta.config)
+        except ConfigError as e:
+            raise ConfigError(f"{src}: {e}") from None
         names = tensor_names(cfg)
         available = set(source.tensor_names())
         missing = [n for n in names if n not in available]
         if missing:
             raise EdgerunError(f"{src}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
         calibration = flash = stack = None
-        if layout not in ("standard", "flash"):
-            raise EdgerunError(f"--layout must be standard or flash, not {layout!r}")
-        if layout == "flash" and needs_calibration(recipe):
-            raise EdgerunError("--layout flash supports dense packs (f32/f16/bf16) for now")
-        with EbinWriter(out) as writer:
-            store = TensorStore(writer, recipe)
-            if needs_calibration(recipe):
-                from ..calibrate import calibrate_and_store, source_calibration_sequences
-                sequences = source_calibration_sequences(meta, calib_text, calib_tokens, CALIB_SEQ_LEN)
-                calibration = {"tokens": int(sequences.size), "sequence_length": CALIB_SEQ_LEN,
-                               "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
-                calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
-                stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:], order_progress)
-            else:
-                if layout == "flash":
-                    from ..streaming import is_ffn_weight, write_flash
-                    names = [n for n in names if not is_ffn_weight(n)]
-                    flash, params, nbytes = write_flash(source, cfg, meta, writer, recipe["ffn"], calib_text,
-                                                        calib_tokens, progress=layer_progress)
-                    store.group_params["ffn"] += params
-                    store.group_bytes["ffn"] += nbytes
-                total = sum(source.tensor_nbytes(n) for n in names)
-                done = 0
-                for name in names:
-                    store(name, source.read(name))
-                    done += source.tensor_nbytes(name)
-                    if progress:
-                        progress(done, total)
-            writer.close({
-                "config": meta.config,
-                "tokenizer": {"json": meta.tokenizer_json, "chat_template": meta.chat_template,
-                              "bos_token_id": meta.bos_token_id, "eos_token_ids": meta.eos_token_ids,
-                              "add_bos_token": meta.add_bos_token, "special_tokens": meta.special_tokens},
-                "generation": meta.generation,
-                "recipe": recipe,
-                "calibration": calibration,
-                "bitstack": stack,
-                "tensors": {n: store.entries[n] for n in names},
-                **({"flash": flash} if flash else {}),
-                "source": {"description": meta.description, "name": Path(src).name,
-                           "packed_by": f"edgerun {__version__}",
-                           "packed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-            })
+        store = TensorStore(writer, recipe)
+        if needs_calibration(recipe):
+            from ..calibrate import calibrate_and_store, source_calibration_sequences
+            sequences = source_calibration_sequences(meta, calib_text, calib_tokens, CALIB_SEQ_LEN)
+            calibration = {"tokens": int(sequences.size), "sequence_length": CALIB_SEQ_LEN,
+                           "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
+            calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
+            stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:], order_progress)
+        else:
+            if layout == "flash":
+                from ..streaming import is_ffn_weight, write_flash
+                names = [n for n in names if not is_ffn_weight(n)]
+                flash, params, nbytes = write_flash(source, cfg, meta, writer, recipe["ffn"], calib_text,
+                                                    calib_tokens, progress=layer_progress)
+                store.group_params["ffn"] += params
+                store.group_bytes["ffn"] += nbytes
+            total = sum(source.tensor_nbytes(n) for n in names)
+            done = 0
+            for name in names:
+                store(name, source.read(name))
+                done += source.tensor_nbytes(name)
+                if progress:
+                    progress(done, total)
+        writer.close({
+            "config": meta.config,
+            "tokenizer": {"json": meta.tokenizer_json, "chat_template": meta.chat_template,
+                          "bos_token_id": meta.bos_token_id, "eos_token_ids": meta.eos_token_ids,
+                          "add_bos_token": meta.add_bos_token, "special_tokens": meta.special_tokens},
+            "generation": {**meta.generation, **(generation or {})},
+            "recipe": recipe,
+            "calibration": calibration,
+            "bitstack": stack,
+            "tensors": {n: store.entries[n] for n in names},
+            **({"flash": flash} if flash else {}),
+            "source": {"description": meta.description, "name": Path(src).name,
+                       "packed_by": f"edgerun {__version__}",
+                       "packed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        })
     out = Path(out)
     return PackSummary(out, out.stat().st_size, time.perf_counter() - start,
                        dict(store.group_params), dict(store.group_bytes))
