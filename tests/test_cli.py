@@ -157,9 +157,9 @@ def test_machine_warnings_for_ram_and_threads(tiny_ebin):
 
 @pytest.mark.parametrize("change, key", [
     (lambda c: c.pop("hidden_size"), "'hidden_size' is missing"),
-    (lambda c: c.update(hidden_size="64"), "'hidden_size' must be an integer > 0, got '64'"),
-    (lambda c: c.update(num_hidden_layers=-2), "'num_hidden_layers' must be an integer > 0"),
-    (lambda c: c.update(rms_norm_eps="small"), "'rms_norm_eps' must be a number > 0"),
+    (lambda c: c.update(hidden_size="64"), "'hidden_size' must be an integer in 1..131072, got '64'"),
+    (lambda c: c.update(num_hidden_layers=-2), "'num_hidden_layers' must be an integer in 1.."),
+    (lambda c: c.update(rms_norm_eps="small"), "'rms_norm_eps' must be a number in (0, 1], got 'small'"),
     (lambda c: c.update(tie_word_embeddings="false"), "'tie_word_embeddings' must be true or false"),
     (lambda c: c.update(rope_scaling={"rope_type": "linear"}), "'rope_scaling.factor' is missing"),
     (lambda c: c.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
