@@ -11,10 +11,12 @@ the work is large enough to pay the ~10 µs cost of a 2-thread `prange` region (
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numba
 import numpy as np
+import psutil
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -63,9 +65,6 @@ def default_threads() -> int:
     but no more than the cores idle now (usable cores minus the 1-minute load average, rounded).
     A `prange` region stalls for a whole scheduler slice when another process holds one of its
     cores (DESIGN §6), so a busy 2-core machine gets 1 thread and a quiet 8-core laptop 8."""
-    import os
-
-    import psutil
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     physical = psutil.cpu_count(logical=False) or usable
     cores = min(usable, physical)

@@ -270,3 +270,22 @@ def test_load_rejects_wrong_dtype():
     codec = get_codec("dense")
     with pytest.raises(UnsupportedModelError):
         codec.load({"weight": np.zeros((3, 4), np.float32)}, {"dtype": "f16"})
+
+
+@pytest.mark.parametrize("physical,usable,load,expect", [
+    (8, 16, 0.2, 8),       # quiet laptop: the physical cores
+    (2, 2, 0.1, 2),        # quiet 2-core machine
+    (2, 2, 1.3, 1),        # another process holds a core
+    (4, 4, 9.0, 1),        # overloaded: never below 1
+    (8, 16, 11.6, 4),      # 4 logical CPUs idle: no more threads than that
+])
+def test_default_threads_follow_idle_physical_cores(monkeypatch, physical, usable, load, expect):
+    import os
+
+    import numba
+    import psutil
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: physical if not logical else usable)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 64)
+    assert K.default_threads() == expect
