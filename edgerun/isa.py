@@ -181,3 +181,78 @@ def table_lookup(builder, tables, idx, size=None, isa=None):
         entries = [_select_on_bit(builder, idx, bit, entries[k + 1], entries[k]) for k in range(0, len(entries), 2)]
         bit += 1
     return entries[0]
+
+
+def byte_pair_dot(builder, even, odd, xpairs, isa=None):
+    """IR: <16 x i16> r with r[k] = even[k]·x[2k] + odd[k]·x[2k + 1], where even and odd are
+    <16 x i16> holding unsigned byte values (0..255) and xpairs a <32 x i8> of signed bytes; the
+    caller keeps every sum within i16 (vpmaddubsw saturates, the portable path wraps). `isa`
+    overrides the target (tests).
+
+    AVX2 / AVX-512: one vpmaddubsw on the bytes even | odd << 8 (the int8 dot product llama.cpp's
+    quantized matvecs are built on). Elsewhere (SSE2, NEON): widening 16-lane i16 multiplies and
+    an add, which NEON does as umull/smlal-class instructions.
+    """
+    isa = isa or target().isa
+    v16i16, v32i8 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(8), 32)
+    if isa in ("avx2", "avx512"):
+        a = builder.bitcast(builder.or_(even, builder.shl(odd, _const_like(v16i16, 8))), v32i8)
+        return _intrinsic(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [a, xpairs])
+    xe, xo = (builder.sext(builder.shuffle_vector(xpairs, ir.Constant(v32i8, None), ir.Constant(
+        ir.VectorType(_I32, 16), list(range(first, 32, 2)))), v16i16) for first in (0, 1))
+    return builder.add(builder.mul(even, xe), builder.mul(odd, xo))
+
+
+def byte_table_lookup(builder, tables, idx, isa=None):
+    """IR: <32 x i8> r with r[l] = table[idx[l]], the table being `tables` (one or two <16 x i8>:
+    16 or 32 entries) concatenated; idx <32 x i8> in [0, 16·len(tables)). `isa` overrides the
+    target (tests).
+
+    AVX2 / AVX-512: vpshufb (one per 16 entries, the halves picked by index bit 4); arm64: tbl;
+    elsewhere (SSE2) a tree of byte selects.
+    """
+    isa = isa or target().isa
+    v32i8, v16i8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(8), 16)
+    if isa in ("avx2", "avx512"):
+        lo4 = builder.and_(idx, _const_like(v32i8, 15))
+        picks = [_intrinsic(builder, "llvm.x86.avx2.pshuf.b", v32i8, [_concat(builder, t, t), lo4]) for t in tables]
+    elif isa == "neon":
+        lo4 = builder.and_(idx, _const_like(v32i8, 15))
+        halves = [_lanes(builder, lo4, o, 16) for o in (0, 16)]
+        picks = [_concat(builder, *[_intrinsic(builder, "llvm.aarch64.neon.tbl1.v16i8", v16i8, [t, h])
+                                    for h in halves]) for t in tables]
+    else:
+        picks = []
+        for t in tables:
+            entries = [builder.shuffle_vector(t, ir.Constant(v16i8, None), ir.Constant(ir.VectorType(_I32, 32), [k] * 32))
+                       for k in range(16)]
+            bit = 0
+            while len(entries) > 1:
+                entries = [_select_on_bit(builder, idx, bit, entries[k + 1], entries[k]) for k in range(0, len(entries), 2)]
+                bit += 1
+            picks.append(entries[0])
+    return picks[0] if len(picks) == 1 else _select_on_bit(builder, idx, 4, picks[1], picks[0])
+
+
+def signed_byte_dot(builder, a, b, isa=None):
+    """IR: <8 x i32> r with r[k] = Σ_{j=4k}^{4k+3} a[j]·b[j] for signed bytes a, b <32 x i8> in
+    -127..127. `isa` overrides the target (tests).
+
+    AVX2 / AVX-512: vpmaddubsw(|a|, sign(b, a)) then vpmaddwd with ones (llama.cpp's q8 dot on
+    CPUs without VNNI). Elsewhere: widening multiplies and pairwise adds in plain vector IR.
+    """
+    isa = isa or target().isa
+    v32i8, v16i16, v8i32 = (ir.VectorType(ir.IntType(w), n) for w, n in ((8, 32), (16, 16), (32, 8)))
+    if isa in ("avx2", "avx512"):
+        ua = _intrinsic(builder, "llvm.abs.v32i8", v32i8, [a, ir.Constant(ir.IntType(1), 0)])
+        sb = _intrinsic(builder, "llvm.x86.avx2.psign.b", v32i8, [b, a])
+        p = _intrinsic(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [ua, sb])
+        return _intrinsic(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [p, _const_like(v16i16, 1)])
+    v32i32 = ir.VectorType(_I32, 32)
+    prod = builder.mul(builder.sext(a, v32i32), builder.sext(b, v32i32))
+    n = 32
+    while n > 8:        # pairwise sums: lanes (2k, 2k + 1) -> k
+        n //= 2
+        prod = builder.add(*[builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(_I32, n),
+                                                                             list(range(o, 2 * n, 2)))) for o in (0, 1)])
+    return prod

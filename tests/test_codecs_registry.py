@@ -49,9 +49,9 @@ def threads(request, monkeypatch):
     kernels.set_threads(1)
 
 
-def _close(got, ref, what):
+def _close(got, ref, what, tol=2e-4):
     err = float(np.max(np.abs(got - ref))) / max(1e-6, float(np.max(np.abs(ref))))
-    assert err < 2e-4, f"{what}: relative error {err:.3g}"
+    assert err < tol, f"{what}: relative error {err:.3g}"
 
 
 def test_registry_lists_every_codec_package():
@@ -76,7 +76,9 @@ def test_codec_kernels_match_reference(name, i, shape, threads):
     ref_mod = __import__(f"edgerun.codecs.{name}.reference", fromlist=["_"])
     rng = np.random.default_rng(d * n)
     x = rng.standard_normal(n).astype(np.float32)
-    _close(ref_mod.matvec(parts, params, x), W @ x, f"{name} reference.matvec")
+    # reference.matvec is what the kernels compute (int8 activations for some codecs): close to W @ x
+    ref_mv = lambda v: ref_mod.matvec(parts, params, v)       # noqa: E731
+    _close(ref_mv(x), W @ x, f"{name} reference.matvec", 0.1)
 
     lin = codec.load(parts, params)
     assert isinstance(lin, Linear) and lin.codec == name and lin.shape == (d, n)
@@ -85,12 +87,13 @@ def test_codec_kernels_match_reference(name, i, shape, threads):
 
     out = np.full(d, np.nan, np.float32)
     lin.matvec(x, out)
-    _close(out, W @ x, f"{name} {params} matvec")
+    _close(out, ref_mv(x), f"{name} {params} matvec")
     for T in (1, 3, 17):
         X = rng.standard_normal((T, n)).astype(np.float32)
         out = np.full((T, d), np.nan, np.float32)
         lin.matmul(X, out)
-        _close(out, X @ W.T, f"{name} {params} matmul T={T}")
+        want = X @ W.T if T >= lin.matmul_min_t else np.stack([ref_mv(v) for v in X])    # below: matvecs
+        _close(out, want, f"{name} {params} matmul T={T}")
     row = np.full(n, np.nan, np.float32)
     for r in (0, d // 2, d - 1):
         lin.row(r, row)

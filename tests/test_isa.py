@@ -123,6 +123,38 @@ def test_table_lookup_matches_numpy(variant, size):
         np.testing.assert_array_equal(out, tab[idx])
 
 
+@pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
+def test_byte_pair_dot_matches_numpy(variant):
+    """even·x[0::2] + odd·x[1::2] per lane for bytes up to 127 times -127..127."""
+    if not X86 and variant != "portable":
+        pytest.skip("x86 variants")
+    v16s, v32b = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(8), 32)
+
+    def build(mod):
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 4), "pdot")
+        b = ir.IRBuilder(fn.append_basic_block())
+        pe, po, px, out = fn.args
+        r = isa.byte_pair_dot(b, b.load(pe, typ=v16s, align=2), b.load(po, typ=v16s, align=2),
+                              b.load(px, typ=v32b, align=1), isa=variant)
+        b.store(r, out, align=2)
+        b.ret_void()
+
+    if not _host_runs(variant):
+        _, asm = _jit(build, {"avx512": "skylake-avx512", "avx2": "haswell"}[variant], "")
+        assert "vpmaddubsw" in asm
+        return
+    engine, _ = _jit(build)
+    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4)(engine.get_function_address("pdot"))
+    rng = np.random.default_rng(0)
+    for hi in (16, 128):        # 2·127·127 < 2^15: within i16, as the callers keep it
+        even, odd = (rng.integers(0, hi, 16).astype(np.int16) for _ in range(2))
+        x = rng.integers(-127, 128, 32).astype(np.int8)
+        x[:2] = (-127, 127)
+        out = np.empty(16, np.int16)
+        fn(even.ctypes.data, odd.ctypes.data, x.ctypes.data, out.ctypes.data)
+        np.testing.assert_array_equal(out, even * x[0::2].astype(np.int32) + odd * x[1::2].astype(np.int32))
+
+
 @x86_only
 def test_every_codec_kernel_compiles_for_avx512(tmp_path):
     """On any x86 host: LLVM compiles each codec's matvec/matmul/row (1 and 2 threads) and the

@@ -127,3 +127,28 @@ def params_of(params: dict | None, n: int) -> tuple[int, int, float]:
         raise UnsupportedModelError(f"cluster codec: outliers need n <= 65536 (16-bit columns), got {n}")
     return bits, g, frac
 
+
+
+INT8_MAX_BITS = 5          # matvecs of codebooks up to 32 entries run on int8 (formats/codec-cluster.md § Matvec)
+
+
+def int8_codebook(codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 codebooks the matvec uses for K ≤ 32: (G, 32) int8 entries round(c / s) (zero
+    padded) and (G,) float32 scales s = max|c| / 127 per codebook (1 where all are 0)."""
+    cb = codebook.view(np.float16).astype(np.float32)
+    s = np.abs(cb).max(axis=1) / np.float32(127)
+    s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+    cb8 = np.zeros((cb.shape[0], 32), np.int8)
+    cb8[:, :cb.shape[1]] = np.rint(cb / s[:, None])
+    return cb8, s
+
+
+def quantize_activations(x: np.ndarray, nblk: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (n,) as the int8 matvec sees it: per 32-column block symmetric int8 x8 (nblk·32,) with
+    dx = max|x| / 127 (nblk,), rounded half away from zero in float32; columns past n are 0."""
+    x = np.pad(np.asarray(x, np.float32), (0, nblk * BLOCK - len(x)))
+    xb = x.reshape(nblk, BLOCK)
+    m = np.abs(xb).max(axis=1)
+    inv = np.where(m > 0, np.float32(127) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    q = np.trunc(xb * inv[:, None] + np.where(xb < 0, np.float32(-0.5), np.float32(0.5)))
+    return q.astype(np.int8).reshape(-1), (m / np.float32(127)).astype(np.float32)

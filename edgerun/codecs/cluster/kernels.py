@@ -3,9 +3,14 @@ and `ClusterLinear` (formats/codec-cluster.md).
 
 Storage is by 32-weight blocks of 4·bits bytes, split into bit planes (4-, 2- and 1-bit fields)
 so the kernel widens a whole block into two 16-lane index vectors with shifts and masks. The
-lookup is one AVX-512 permute for K ≤ 16 (`vpermps`, DESIGN §6), a two-table permute for K = 32
-(`vpermi2ps`) and a gather from an L1 float32 table for K ≥ 64 (edgerun/isa.py picks the
-variant the target CPU has).
+matvec of codebooks up to K = 32 entries runs on int8 (formats/codec-cluster.md § Matvec): the
+block's indices look up an int8 copy of the codebook with a byte shuffle (vpshufb, NEON tbl) and
+the 32 products with the int8 activations are summed in integers (vpmaddubsw / vpmaddwd), one
+float multiply-add per block for the activations' scale; measured on Zen 3 (AVX2) this replaced
+4 vpermps + 2 blends per 16 weights of the float lookup. The float lookup (matmul tiles,
+embedding rows, K ≥ 64) is one AVX-512 permute for K ≤ 16 (`vpermps`, DESIGN §6), a two-table
+permute for K = 32 (`vpermi2ps`) and a gather from an L1 float32 table for K ≥ 64
+(edgerun/isa.py picks the variant the target CPU has).
 """
 from __future__ import annotations
 
@@ -15,11 +20,11 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ...isa import half_to_float, table_lookup
+from ...isa import _concat, byte_table_lookup, half_to_float, signed_byte_dot, table_lookup
 from ...kernels import f16_to_f32
 from ..base import Linear
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
-from .format import BLOCK, _check_meta, _outliers, _planes
+from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, _planes, int8_codebook
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
@@ -123,6 +128,80 @@ def _block_ptrs(builder, pc, px, b, bits):
     """IR: byte pointer of block b's codes and float pointer of its 32 x values."""
     pcb = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
     return pcb, builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_F32)
+
+
+def _block_index_bytes(builder, pblock, bits):
+    """IR: the 32 indices of the block at byte pointer `pblock` as <32 x i8> (column order)."""
+    v32, i8 = ir.VectorType(_I8, 32), _I8
+    c = lambda ty, v: ir.Constant(ty, [v] * ty.count)       # noqa: E731
+    idx = c(v32, 0)
+    off = shift = 0
+    for width in _planes(bits):
+        p = builder.gep(pblock, [ir.Constant(_I32, off)], source_etype=i8)
+        if width == 4:          # byte k = f[k] | f[k + 16] << 4
+            v = builder.load(p, typ=ir.VectorType(i8, 16), align=1)
+            f = _concat(builder, builder.and_(v, c(v.type, 15)), builder.lshr(v, c(v.type, 4)))
+        elif width == 2:        # byte k = f[k] | f[k + 8] << 2 | f[k + 16] << 4 | f[k + 24] << 6
+            v = builder.load(p, typ=ir.VectorType(i8, 8), align=1)
+            q = [builder.and_(builder.lshr(v, c(v.type, sh)) if sh else v, c(v.type, 3)) for sh in (0, 2, 4, 6)]
+            f = _concat(builder, _concat(builder, q[0], q[1]), _concat(builder, q[2], q[3]))
+        else:                   # bit j of the little-endian uint32 = f[j]: byte j // 8, bit j % 8
+            v = builder.load(p, typ=ir.VectorType(i8, 4), align=1)
+            b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), [j // 8 for j in range(32)]))
+            bit = builder.and_(b, ir.Constant(v32, [1 << (j % 8) for j in range(32)]))
+            f = builder.zext(builder.icmp_unsigned("!=", bit, c(v32, 0)), v32)
+        idx = builder.or_(idx, builder.shl(f, c(v32, shift)) if shift else f)
+        off += width * 4
+        shift += width
+    return idx
+
+
+@intrinsic
+def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
+    """float32 Σ_b dx[b] · Σ_j cb8[q_j]·x8[32b + j] over `nblk` 32-weight blocks of codes[coff:],
+    int8 codebook entries at cb8.flat[cboff:] (K ≤ 32): the codebook scale is the caller's."""
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, x8_v, dx_v, cb_v, cboff_v, nblk_v, bits_v = args
+        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
+        px = _data(context, builder, sig.args[2], x8_v)
+        pdx = _data(context, builder, sig.args[3], dx_v)
+        pcb = builder.gep(_data(context, builder, sig.args[4], cb_v), [cboff_v], source_etype=_I8)
+        v8f = ir.VectorType(_F32, 8)
+        res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+        accs = [cgutils.alloca_once(builder, v8f) for _ in range(2)]
+        fast = ("fast",)
+
+        def block(tables, b, acc, bits):
+            pcode = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
+            w8 = byte_table_lookup(builder, tables, _block_index_bytes(builder, pcode, bits))
+            xv = builder.load(builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_I8),
+                              typ=ir.VectorType(_I8, 32), align=1)
+            s = builder.sitofp(signed_byte_dot(builder, w8, xv), v8f)
+            d = builder.load(builder.gep(pdx, [b], source_etype=_F32), typ=_F32)
+            dv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), d, ir.Constant(_I32, 0)),
+                                        ir.Constant(v8f, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(s, dv, flags=fast), flags=fast), acc)
+
+        def emit(bits):
+            tables = [builder.load(builder.gep(pcb, [ir.Constant(_I32, 16 * t)], source_etype=_I8),
+                                   typ=ir.VectorType(_I8, 16), align=1) for t in range(2 if bits == 5 else 1)]
+            for a in accs:
+                builder.store(ir.Constant(v8f, [0.0] * 8), a)
+            one = ir.Constant(nblk_v.type, 1)
+            with cgutils.for_range(builder, builder.ashr(nblk_v, one)) as loop:    # two chains
+                b = builder.shl(loop.index, one)
+                block(tables, b, accs[0], bits)
+                block(tables, builder.add(b, one), accs[1], bits)
+            with builder.if_then(builder.icmp_signed("!=", builder.and_(nblk_v, one), ir.Constant(nblk_v.type, 0))):
+                block(tables, builder.sub(nblk_v, one), accs[0], bits)
+            v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=fast)
+            v = _concat(builder, v, ir.Constant(v8f, [0.0] * 8))
+            builder.store(_hsum(builder, v), res)
+
+        switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit)
+        return builder.load(res)
+
+    return types.float32(codes, coff, x8, dx, cb8, cboff, nblk, bits), codegen
 
 
 @intrinsic
@@ -248,6 +327,53 @@ def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr):
         out[i] = acc + _sparse_dot(rp, oc, ov, i, x)
 
 
+@njit(cache=True, nogil=True)         # no fastmath: the rounding matches format.quantize_activations
+def _quantize_x(x, x8, dx):
+    # x (n,) -> x8 (nblk·32,) int8 and dx (nblk,) float32, per 32-column block
+    n = x.shape[0]
+    for b in range(dx.shape[0]):
+        m = np.float32(0.0)
+        for j in range(b * 32, min(n, b * 32 + 32)):
+            m = max(m, abs(x[j]))
+        inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
+        dx[b] = m / np.float32(127.0)
+        for j in range(b * 32, b * 32 + 32):
+            v = x[j] * inv if j < n else np.float32(0.0)
+            x8[j] = np.int8(np.trunc(v + (np.float32(-0.5) if v < 0 else np.float32(0.5))))
+
+
+@njit(**_JIT)
+def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1):
+    # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, dx from _quantize_x
+    bits, group_rows = meta[2], meta[3]
+    nblk = dx.shape[0]
+    rowbytes = codes.shape[1]
+    for i in range(r0, r1):
+        g = i // group_rows
+        acc = _dot_blocks_i8(codes, i * rowbytes, x8, dx, cb8, g * 32, nblk, bits) * cbs[g]
+        for p in range(rp[i], rp[i + 1]):
+            j = np.int64(oc[p])
+            acc += f16_to_f32(ov[p]) * (dx[j >> 5] * np.float32(x8[j]))
+        out[i] = acc
+
+
+@njit(**_JIT)
+def matvec_cluster_i8(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out):
+    # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch
+    _quantize_x(x, x8, dx)
+    _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, 0, meta[0])
+
+
+@njit(**_JIT_PAR)
+def matvec_cluster_i8_par(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, nb):
+    # as matvec_cluster_i8, prange over nb row blocks
+    _quantize_x(x, x8, dx)
+    d = meta[0]
+    step = (d + nb - 1) // nb
+    for b in prange(nb):
+        _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step))
+
+
 @njit(**_JIT)
 def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr):
     # codes, cb, outlier CSR rp/oc/ov: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
@@ -355,6 +481,10 @@ class ClusterLinear(Linear):
         self._ncols = self.codes.shape[1] // (4 * bits) * BLOCK
         self._scr = np.zeros((1, SCRATCH), np.float32)
         self._tiles = None
+        if bits <= INT8_MAX_BITS:   # the int8 matvec's codebooks and activation scratch
+            self.cb8, self.cbs = int8_codebook(self.codebook)
+            nblk = self.codes.shape[1] // (4 * bits)
+            self.x8, self.dx = np.zeros(nblk * BLOCK, np.int8), np.zeros(nblk, np.float32)
 
     def _scratch(self, threads: int) -> np.ndarray:
         # per-thread scratch, grown once (a few KiB), never per call
@@ -364,6 +494,13 @@ class ClusterLinear(Linear):
 
     def _matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
         # out (d,) = W (d, n) @ x (n,)
+        if self.bits <= INT8_MAX_BITS:
+            args = (self.codes, self.cb8, self.cbs, self.meta, self.rp, self.oc, self.ov, x, self.x8, self.dx, out)
+            if threads > 1:
+                matvec_cluster_i8_par(*args, threads)
+            else:
+                matvec_cluster_i8(*args)
+            return
         if threads > 1:
             matvec_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out,
                                self._scratch(threads))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import _check_meta, _outliers, unpack_indices
+from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, int8_codebook, quantize_activations, unpack_indices
 
 
-def decode(parts: dict, params: dict | None = None) -> np.ndarray:
-    """Reference NumPy decode to float32 (tests only)."""
+def decode(parts: dict, params: dict | None = None, int8: bool = False) -> np.ndarray:
+    """Reference NumPy decode to float32 (tests only); `int8`: with the matvec's int8 codebooks."""
     d, n, bits, g = _check_meta(parts)
     idx = unpack_indices(parts["codes"], bits, n)
     cb = parts["codebook"].view(np.float16).astype(np.float32)
+    if int8:
+        cb8, s = int8_codebook(parts["codebook"])
+        cb = cb8[:, :cb.shape[1]].astype(np.float32) * s[:, None]
     W = np.take_along_axis(np.repeat(cb, g, axis=0)[:d], idx, axis=1)
     rp, oc, ov = _outliers(parts, d)
     rows = np.repeat(np.arange(d), np.diff(rp))
@@ -20,5 +23,11 @@ def decode(parts: dict, params: dict | None = None) -> np.ndarray:
 
 
 def matvec(parts: dict, params: dict | None, x: np.ndarray) -> np.ndarray:
-    """W @ x (n,) -> (d,) float32, through the decoded W."""
-    return decode(parts, params) @ np.asarray(x, np.float32)
+    """W @ x (n,) -> (d,) float32 as the kernels compute it: for K ≤ 32 the int8 codebooks times
+    the int8 activations (formats/codec-cluster.md § Matvec), else the decoded W times x."""
+    d, n, bits, g = _check_meta(parts)
+    if bits > INT8_MAX_BITS:
+        return decode(parts, params) @ np.asarray(x, np.float32)
+    x8, dx = quantize_activations(x, -(-n // BLOCK))
+    xq = (x8.reshape(-1, BLOCK) * dx[:, None]).reshape(-1)[:n]
+    return decode(parts, params, int8=True) @ xq

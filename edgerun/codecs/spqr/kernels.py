@@ -9,7 +9,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...errors import UnsupportedModelError
-from ...isa import half_to_float
+from ...isa import _const_like, byte_pair_dot, half_to_float
 from ...kernels import f16_to_f32
 from ...memory import thread_scratch
 from ..base import Linear
@@ -31,11 +31,14 @@ MATMUL_MIN_T = 4        # below this many tokens matmul is a loop of matvecs
 # --- kernels -------------------------------------------------------------------------------
 # Codes are stored in chunks of 16 groups, one byte per group in each of 2·bits byte sections
 # (formats/codec-spqr.md). A vector lane is a group: one <16 x i8> load of a section widens to
-# the codes of 16 groups at 2 (4 bit), 4 (2 bit) positions, and the activations are prepared
-# once per matvec chunk-major as xc[c, t, k] = x[perm[16(16c + k) + t]] (and xc[c, 16] = Σ_t), so
-# q_t · xc[c, t] is a plain vector multiply-add at a constant offset from one pointer, and the
-# group's scale and zero (also one lane per group) apply once per 256 weights with no horizontal
-# sum per group. LLVM IR through numba @intrinsic (as cluster/kernels.py): DESIGN §6, plain Numba loops
+# the codes of 16 groups at 2 (4 bit), 4 (2 bit) positions. The matvec's activations are prepared
+# once per call, chunk-major, as int8 with one scale per group (quantize_activations in
+# reference.py: x[perm[16(16c + k) + t]] ≈ dx[c, k]·x8[c, t, k]), so the dot of a chunk is integer
+# work: vpmaddubsw on x86 (isa.byte_pair_dot) multiplies the codes of positions 2m, 2m + 1 with
+# their x8 pair and adds them, 32 weights an instruction, summed in i16 (16·15·127 < 2^15); the
+# group's dx, scale and zero (one lane per group) apply once per 256 weights with no horizontal
+# sum per group. Measured on Zen 3 (AVX2): the f32 multiply-add form took 0.77 instructions a
+# weight and spilled registers (16 ymm), 2-3x slower than this. LLVM IR through numba @intrinsic (as cluster/kernels.py): DESIGN §6, plain Numba loops
 # stay scalar. The tail chunk (G mod 16 groups) uses the same code with masked loads, except
 # tails of 4 or 8 groups (n = 576: 36 groups), whose rows are packed 4 or 2 to a vector.
 # Measured on Zen 5 (SmolLM2 shapes): the multiply-adds of a chunk must run as 4 independent
@@ -50,7 +53,9 @@ _V16I16 = ir.VectorType(_I16, 16)
 _V16I1 = ir.VectorType(ir.IntType(1), 16)
 _FAST = ("fast",)
 _CONTRACT = ("contract", "nnan", "ninf", "nsz", "arcp")     # FMA fusion without reassociation
-XC_ROWS = 17            # xc per chunk: 16 positions + the per-group sums
+XC_FLOATS = 96          # prepared x per chunk: 256 bytes of int8 pairs, dx (16 f32), dx·Σ_t x8 (16 f32)
+XC_DX, XC_XS = 64, 80   # float offsets of dx and of the group sums in a chunk
+_V32I8 = ir.VectorType(_I8, 32)
 ROWS = 2                # rows sharing each x load in the matvec (4: slower on 576 columns, measured)
 PREFETCH = 4096         # software prefetch distance of the codes, bytes (2048 slower, 8192 same)
 
@@ -81,39 +86,41 @@ def _lanes_below(builder, w):
     return builder.icmp_unsigned("<", _vi(list(range(16))), _splat(builder, builder.trunc(w, _I32)))
 
 
-def _load_bytes(builder, p, mask):
-    """IR: 16 bytes at p (lanes outside `mask` read as 0, not touched) -> <16 x i32>."""
+def _load_bytes(builder, p, mask, ity=_I32):
+    """IR: 16 bytes at p (lanes outside `mask` read as 0, not touched) -> <16 x ity>."""
     if mask is None:
         v = builder.load(p, typ=_V16I8, align=1)
     else:
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [ir.PointerType(), _V16I1, _V16I8]),
                                             "llvm.masked.load.v16i8.p0")
         v = builder.call(fn, [p, mask, ir.Constant(_V16I8, [0] * 16)])
-    return builder.zext(v, _V16I32)
+    return builder.zext(v, ir.VectorType(ity, 16))
 
 
-def _codes(builder, pcode, step, bits, mask):
-    """IR: the 16 code vectors q_t <16 x float> (lane k = group g0+k) of the chunk at pcode,
-    whose 2·bits byte sections are `step` bytes apart."""
+def _codes(builder, pcode, step, bits, mask, ity=_I32, to_float=True):
+    """IR: the 16 code vectors q_t (lane k = group g0+k) of the chunk at pcode, whose 2·bits byte
+    sections are `step` bytes apart: <16 x float>, or <16 x ity> integers without to_float."""
     return _decode_sections(builder, [_load_bytes(builder, _gep(builder, pcode, builder.mul(
-        step, ir.Constant(step.type, k)), _I8), mask) for k in range(2 * bits)], bits)
+        step, ir.Constant(step.type, k)), _I8), mask, ity) for k in range(2 * bits)], bits, to_float)
 
 
-def _decode_sections(builder, sec, bits):
-    """IR: 2·bits byte sections <16 x i32> (one byte per lane) -> the 16 code vectors q_t <16 x float>."""
+def _decode_sections(builder, sec, bits, to_float=True):
+    """IR: 2·bits byte sections <16 x iN> (one byte per lane) -> the 16 code vectors q_t
+    (<16 x float>, or <16 x iN> without to_float)."""
     out = []
     for t in range(16):
+        c = lambda v: _const_like(sec[0].type, v)       # noqa: E731
         if bits == 4:
             v = sec[t // 2]
-            q = builder.and_(v, _vi(15)) if t % 2 == 0 else builder.lshr(v, _vi(4))
+            q = builder.and_(v, c(15)) if t % 2 == 0 else builder.lshr(v, c(4))
         else:
             v, s = sec[t // 4], 2 * (t % 4)
-            q = builder.and_(builder.lshr(v, _vi(s)) if s else v, _vi(3))
+            q = builder.and_(builder.lshr(v, c(s)) if s else v, c(3))
             if bits == 3:        # bit 2 of position t: bit t mod 8 of section 4 + t // 8
                 h, k = sec[4 + t // 8], t % 8
-                h = builder.shl(h, _vi(2 - k)) if k < 2 else builder.lshr(h, _vi(k - 2)) if k > 2 else h
-                q = builder.or_(q, builder.and_(h, _vi(4)))
-        out.append(builder.sitofp(q, _V16F32))
+                h = builder.shl(h, c(2 - k)) if k < 2 else builder.lshr(h, c(k - 2)) if k > 2 else h
+                q = builder.or_(q, builder.and_(h, c(4)))
+        out.append(builder.sitofp(q, _V16F32) if to_float else q)
     return out
 
 
@@ -160,15 +167,16 @@ def _stat_consts(builder, sbits):
 
 
 def _chunk_dot(builder, q, pxc, R):
-    """IR: Σ_t q[r][t] · xc[c, t] <16 x float> per row r < R (x loads shared), xc[c] at pxc."""
-    a = [[None] * 4 for _ in range(R)]     # four partial sums per row: chains 4 deep, not 16
-    for t in range(16):
-        xv = _vload(builder, pxc, 16 * t)
+    """IR: dx · Σ_t q[r][t] · x8[t] <16 x float> per row r < R: q <16 x i16> codes, the chunk's
+    prepared activations at pxc (int8 pairs, then dx); the integer sum is exact in i16."""
+    acc = [None] * R
+    for m in range(8):
+        xp = builder.load(_gep(builder, pxc, ir.Constant(ir.IntType(64), 32 * m), _I8), typ=_V32I8, align=1)
         for r in range(R):
-            p = builder.fmul(q[r][t], xv, flags=_CONTRACT)
-            a[r][t % 4] = p if a[r][t % 4] is None else builder.fadd(a[r][t % 4], p, flags=_CONTRACT)
-    return [builder.fadd(builder.fadd(a[r][0], a[r][1], flags=_CONTRACT),
-                         builder.fadd(a[r][2], a[r][3], flags=_CONTRACT), flags=_CONTRACT) for r in range(R)]
+            p = byte_pair_dot(builder, q[r][2 * m], q[r][2 * m + 1], xp)
+            acc[r] = p if acc[r] is None else builder.add(acc[r], p)
+    dx = _vload(builder, pxc, XC_DX)
+    return [builder.fmul(builder.sitofp(a, _V16F32), dx, flags=_FAST) for a in acc]
 
 
 def _scaled(builder, dot, s, z, xsv):
@@ -192,10 +200,10 @@ def _rows_ir(builder, R, i, pc0, ps0, px, psf, po, G, bits, smask, sshift, full=
             for r in range(R):      # lose the hardware prefetcher)
                 for line in range(0, 32 * bits, 64):
                     _prefetch(builder, _gep(builder, pcs[r], builder.add(off, ir.Constant(i64, PREFETCH + line)), _I8))
-        q = [_codes(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask) for r in range(R)]
-        pxc = _gep(builder, px, builder.mul(c, ir.Constant(i64, 16 * XC_ROWS)), _F32)
+        q = [_codes(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask, _I16, False) for r in range(R)]
+        pxc = _gep(builder, px, builder.mul(c, ir.Constant(i64, XC_FLOATS)), _F32)
         dots = _chunk_dot(builder, q, pxc, R)
-        xsv = _vload(builder, pxc, 256)
+        xsv = _vload(builder, pxc, XC_XS)
         pcsf = _gep(builder, psf, builder.mul(c, ir.Constant(i64, 64)), _F32)
         g0 = builder.shl(c, ir.Constant(i64, 4))
         for r in range(R):
@@ -228,9 +236,9 @@ def _packed_tail_ir(builder, w, i, pc0, ps0, px, psf, po, G, bits, smask, sshift
                  for k in range(0, len(blobs), 2)]
     cat = blobs[0]
     sec = [builder.zext(builder.shuffle_vector(cat, cat, _vi([p * nb + sct * w + k for p in range(P) for k in range(w)])),
-                        _V16I32) for sct in range(2 * bits)]
-    q = _decode_sections(builder, sec, bits)
-    pxc = _gep(builder, px, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, 16 * XC_ROWS)), _F32)
+                        _V16I16) for sct in range(2 * bits)]
+    q = _decode_sections(builder, sec, bits, to_float=False)
+    pxc = _gep(builder, px, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, XC_FLOATS)), _F32)
     dot = _chunk_dot(builder, [q], pxc, 1)[0]
     iw = ir.IntType(8 * w)              # a row's w stat bytes as one integer
     st = ir.Constant(ir.VectorType(iw, P), ir.Undefined)
@@ -240,7 +248,7 @@ def _packed_tail_ir(builder, w, i, pc0, ps0, px, psf, po, G, bits, smask, sshift
     f = builder.zext(builder.bitcast(st, _V16I8), _V16I32)
     pcsf = _gep(builder, psf, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, 64)), _F32)
     s, z = _scale_zero(builder, f, pcsf, smask, sshift)
-    part = _scaled(builder, dot, s, z, _vload(builder, pxc, 256))
+    part = _scaled(builder, dot, s, z, _vload(builder, pxc, XC_XS))
     for p, r in enumerate(rows):
         v = builder.extract_element(part, ir.Constant(_I32, p * w))
         for k in range(1, w):
@@ -258,7 +266,7 @@ def _prefetch(builder, p):
 @intrinsic
 def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     """out[i] = Σ_j W'[i, j] x'[j] without outliers for rows i0 <= i < i1 of one stat block:
-    codes, stq as stored (G groups), xc (C + 1, 17, 16) prepared x, sf (C + 1, 4, 16) the block's
+    codes, stq as stored (G groups), xc (C + 1, XC_FLOATS) prepared x (_prep_x), sf (C + 1, 4, 16) the block's
     stats widened by _widen_stats. Full chunks ROWS rows at a time; then a tail chunk of w = 4 or 8
     groups packed 16 // w rows per vector, any other tail one row at a time with masked loads."""
     def codegen(context, builder, sig, args):
@@ -393,9 +401,10 @@ def _x_index(perm: np.ndarray, G: int) -> np.ndarray:
 
 @intrinsic
 def _prep_x(typingctx, x, xidx, xc):
-    """xc (C + 1, 17, 16) float32: xc[c, t] = x[xidx[c, t]] (0 where xidx is its dtype's max),
-    xc[c, 16] = Σ_t xc[c, t]: the activations in kernel order, one masked 16-lane gather per
-    position (xidx from _x_index)."""
+    """xc (C + 1, XC_FLOATS) float32: the activations x[xidx[c, t, k]] (0 where xidx is its
+    dtype's max) quantized as reference.quantize_activations does, one 16-lane masked gather per
+    position: per chunk c the int8 pairs (bytes 32m + 2k + (t & 1) = x8 of group k at position
+    t = 2m or 2m + 1), dx (floats XC_DX...) and dx·Σ_t x8 (floats XC_XS...)."""
     if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"):
         return None             # the gather addresses x by its data pointer
     ib = xidx.dtype.bitwidth
@@ -410,35 +419,49 @@ def _prep_x(typingctx, x, xidx, xc):
         vptr = ir.VectorType(ir.PointerType(), 16)
         gather = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
             _V16F32, [vptr, _I32, _V16I1, _V16F32]), "llvm.masked.gather.v16f32.v16p0")
-        zero = ir.Constant(_V16F32, [0.0] * 16)
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32]), "llvm.fabs.v16f32")
+        f = lambda v: ir.Constant(_V16F32, [v] * 16)       # noqa: E731
         v16i64 = ir.VectorType(i64, 16)
         base = _splat(builder, builder.ptrtoint(px, i64))   # llvmlite's gep takes no vector index
         with cgutils.for_range(builder, nch) as loop:
             ity = ir.IntType(ib)
             vty = ir.VectorType(ity, 16)
             src = _gep(builder, pidx, builder.shl(loop.index, ir.Constant(i64, 8)), ity)
-            dst = _gep(builder, pxc, builder.mul(loop.index, ir.Constant(i64, 16 * XC_ROWS)), _F32)
-            xs = zero
+            dst = _gep(builder, pxc, builder.mul(loop.index, ir.Constant(i64, XC_FLOATS)), _F32)
+            xs, m = [], f(0.0)
             for t in range(16):
                 idx = builder.load(_gep(builder, src, ir.Constant(i64, 16 * t), ity), typ=vty, align=ib // 8)
                 ok = builder.icmp_unsigned("!=", idx, ir.Constant(vty, [(1 << (ib - 1 if ib == 32 else ib)) - 1] * 16))
                 off = builder.shl(builder.zext(builder.select(ok, idx, ir.Constant(vty, [0] * 16)), v16i64),
                                   ir.Constant(v16i64, [2] * 16))
                 ptrs = builder.inttoptr(builder.add(base, off), vptr)
-                v = builder.call(gather, [ptrs, ir.Constant(_I32, 4), ok, zero])
-                builder.store(v, builder.bitcast(_gep(builder, dst, ir.Constant(i64, 16 * t), _F32),
-                                                 _V16F32.as_pointer()), align=4)
-                xs = builder.fadd(xs, v, flags=_FAST)
-            builder.store(xs, builder.bitcast(_gep(builder, dst, ir.Constant(i64, 256), _F32),
-                                              _V16F32.as_pointer()), align=4)
+                xs.append(builder.call(gather, [ptrs, ir.Constant(_I32, 4), ok, f(0.0)]))
+                a = builder.call(fabs, [xs[-1]])
+                m = builder.select(builder.fcmp_ordered(">", a, m), a, m)
+            # no fast-math flags: the rounding must match the NumPy reference bit for bit
+            inv = builder.select(builder.fcmp_ordered(">", m, f(0.0)), builder.fdiv(f(127.0), m), f(0.0))
+            q8, qsum = [], ir.Constant(_V16I32, [0] * 16)
+            for v in xs:
+                half = builder.select(builder.fcmp_ordered("<", v, f(0.0)), f(-0.5), f(0.5))
+                q = builder.fptosi(builder.fadd(builder.fmul(v, inv), half), _V16I32)
+                qsum = builder.add(qsum, q)
+                q8.append(builder.trunc(q, _V16I8))
+            for k in range(8):
+                pair = builder.shuffle_vector(q8[2 * k], q8[2 * k + 1], _mask(j for i in range(16) for j in (i, 16 + i)))
+                builder.store(pair, builder.bitcast(_gep(builder, dst, ir.Constant(i64, 8 * k), _F32), _V32I8.as_pointer()), align=4)
+            dx = builder.fdiv(m, f(127.0))
+            builder.store(dx, builder.bitcast(_gep(builder, dst, ir.Constant(i64, XC_DX), _F32), _V16F32.as_pointer()), align=4)
+            xsum = builder.fmul(builder.sitofp(qsum, _V16F32), dx)
+            builder.store(xsum, builder.bitcast(_gep(builder, dst, ir.Constant(i64, XC_XS), _F32), _V16F32.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.none(x, xidx, xc), codegen
 
 
 @njit(**_JIT)
-def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out, r0, r1, sf):
-    # SpQR W (d, n_pad) @ x (prepared in xc (C, 17, 16)) -> out[r0:r1]; sf (C, 4, 16) scratch
+def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, sf):
+    # SpQR W (d, n_pad) @ x (prepared in xc (C + 1, XC_FLOATS), xb its bytes) -> out[r0:r1];
+    # sf (C + 1, 4, 16) scratch
     G = stq.shape[1]
     i = r0
     while i < r1:                  # one stat block at a time: stats widened once per block
@@ -447,31 +470,32 @@ def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out, r0, r1, sf):
         _widen_stats(st2, rb, G, sf)
         _dot_block(codes, stq, xc, sf, out, i, e, G, sbits, bits)
         i = e
-    for r in range(r0, r1):        # outliers (≈0.5 %): storage column c is xc[c >> 8, c & 15, (c >> 4) & 15]
+    for r in range(r0, r1):        # outliers (≈0.5 %): storage column c is group c >> 4, position c & 15
         acc = out[r]
         for k in range(rp[r], rp[r + 1]):
             c = np.int32(oc[k])
-            acc += f16_to_f32(ov[k]) * xc[c >> 8, c & 15, (c >> 4) & 15]
+            ch, g, t = c >> 8, (c >> 4) & 15, c & 15
+            acc += f16_to_f32(ov[k]) * (xc[ch, XC_DX + g] * xb[ch, 32 * (t >> 1) + 2 * g + (t & 1)])
         out[r] = acc
 
 
 @njit(**_JIT)
-def _matvec(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, out, sf):
-    # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xidx from _x_index; xc (C + 1, 17, 16),
-    # sf (1, C + 1, 4, 16) scratch
+def _matvec(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
+    # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xidx from _x_index; xc (C + 1, XC_FLOATS)
+    # and xb (its bytes), sf (1, C + 1, 4, 16) scratch
     _prep_x(x, xidx, xc)
-    _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out, 0, codes.shape[0], sf[0])
+    _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0])
 
 
 @njit(**_JIT_PAR)
-def _matvec_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, out, sf):
+def _matvec_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
     # SpQR W (d, n) @ x (n,) -> out (d,); prange over sf.shape[0] row ranges of whole stat blocks
     _prep_x(x, xidx, xc)
     d = codes.shape[0]
     nblocks = sf.shape[0]
     step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
     for blk in prange(nblocks):
-        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, out,
+        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out,
                  min(d, blk * step), min(d, (blk + 1) * step), sf[blk])
 
 
@@ -555,7 +579,8 @@ class SpQRLinear(Linear):
         # the padding); with the stored parts this is all a matvec touches
         C = -(-G // 16) + 1          # + the packed tail's chunk (see _dot_block)
         self.xidx = _x_index(self.perm, G)
-        self.xc = np.zeros((C, XC_ROWS, 16), np.float32)
+        self.xc = np.zeros((C, XC_FLOATS), np.float32)
+        self.xb = self.xc.view(np.int8)
         self.sf = np.zeros((1, C, 4, 16), np.float32)
         # the kernels' leading arguments, built once (a matvec of a small matrix is ~2 µs)
         self._args = (self.bits, self.codes, self.stq, self.st2, self.rp, self.oc, self.ov, self.sg, self.sbits)
@@ -570,9 +595,9 @@ class SpQRLinear(Linear):
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         if threads > 1:
-            _matvec_par(*self._args, x, self.xidx, self.xc, out, self._scratch(threads))
+            _matvec_par(*self._args, x, self.xidx, self.xc, self.xb, out, self._scratch(threads))
         else:
-            _matvec(*self._args, x, self.xidx, self.xc, out, self.sf)
+            _matvec(*self._args, x, self.xidx, self.xc, self.xb, out, self.sf)
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         # out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply

@@ -28,6 +28,24 @@ def decode(parts: dict, params: dict | None = None) -> np.ndarray:
     return W
 
 
+def quantize_activations(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """x (n,) as the matvec kernels see it: per group of 16 storage columns (x[perm[16g + t]],
+    t < 16, zero past n) symmetric int8 with dx = max|x| / 127, rounded half away from zero in
+    float32 (formats/codec-spqr.md § Matvec); returns dx·x8 in the original column order."""
+    x = np.asarray(x, np.float32)
+    n = perm.shape[0]
+    xs = np.zeros(-(-n // 16) * 16, np.float32)
+    xs[:n] = x[perm.astype(np.int64)]
+    xs = xs.reshape(-1, 16)
+    m = np.abs(xs).max(axis=1, keepdims=True)
+    inv = np.where(m > 0, np.float32(127) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    half = np.where(xs < 0, np.float32(-0.5), np.float32(0.5))
+    q = np.trunc(xs * inv + half)
+    xq = np.empty(n, np.float32)
+    xq[perm.astype(np.int64)] = ((m / np.float32(127)) * q).reshape(-1)[:n]
+    return xq
+
+
 def matvec(parts: dict, params: dict | None, x: np.ndarray) -> np.ndarray:
-    """W @ x (n,) -> (d,) float32, through the decoded W."""
-    return decode(parts, params) @ np.asarray(x, np.float32)
+    """W @ x (n,) -> (d,) float32 as the kernels compute it: the decoded W times the quantized x."""
+    return decode(parts, params) @ quantize_activations(x, parts["perm"])
