@@ -183,24 +183,25 @@ def table_lookup(builder, tables, idx, size=None, isa=None):
     return entries[0]
 
 
-def byte_pair_dot(builder, even, odd, xpairs, isa=None):
-    """IR: <16 x i16> r with r[k] = even[k]·x[2k] + odd[k]·x[2k + 1], where even and odd are
-    <16 x i16> holding unsigned byte values (0..255) and xpairs a <32 x i8> of signed bytes; the
-    caller keeps every sum within i16 (vpmaddubsw saturates, the portable path wraps). `isa`
-    overrides the target (tests).
+def byte_pair_dot(builder, a, xpairs, isa=None):
+    """IR: <16 x i16> r with r[k] = a[2k]·x[2k] + a[2k + 1]·x[2k + 1] for unsigned bytes a and
+    signed bytes x (<32 x i8> each); the caller keeps every sum within i16 (vpmaddubsw
+    saturates, the portable path wraps). `isa` overrides the target (tests).
 
-    AVX2 / AVX-512: one vpmaddubsw on the bytes even | odd << 8 (the int8 dot product llama.cpp's
-    quantized matvecs are built on). Elsewhere (SSE2, NEON): widening 16-lane i16 multiplies and
-    an add, which NEON does as umull/smlal-class instructions.
+    AVX2 / AVX-512: one vpmaddubsw (the int8 dot product llama.cpp's quantized matvecs are built
+    on). Elsewhere (SSE2, NEON): widening 16-lane i16 multiplies and an add, which NEON does as
+    umull/smlal-class instructions.
     """
     isa = isa or target().isa
-    v16i16, v32i8 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(8), 32)
+    v16i16 = ir.VectorType(ir.IntType(16), 16)
     if isa in ("avx2", "avx512"):
-        a = builder.bitcast(builder.or_(even, builder.shl(odd, _const_like(v16i16, 8))), v32i8)
         return _intrinsic(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [a, xpairs])
-    xe, xo = (builder.sext(builder.shuffle_vector(xpairs, ir.Constant(v32i8, None), ir.Constant(
-        ir.VectorType(_I32, 16), list(range(first, 32, 2)))), v16i16) for first in (0, 1))
-    return builder.add(builder.mul(even, xe), builder.mul(odd, xo))
+
+    def half(v, first, ext):
+        return ext(builder.shuffle_vector(v, ir.Constant(v.type, None), ir.Constant(
+            ir.VectorType(_I32, 16), list(range(first, 32, 2)))), v16i16)
+    return builder.add(builder.mul(half(a, 0, builder.zext), half(xpairs, 0, builder.sext)),
+                       builder.mul(half(a, 1, builder.zext), half(xpairs, 1, builder.sext)))
 
 
 def byte_table_lookup(builder, tables, idx, isa=None):

@@ -125,17 +125,16 @@ def test_table_lookup_matches_numpy(variant, size):
 
 @pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
 def test_byte_pair_dot_matches_numpy(variant):
-    """even·x[0::2] + odd·x[1::2] per lane for bytes up to 127 times -127..127."""
+    """a[0::2]·x[0::2] + a[1::2]·x[1::2] per lane for bytes a up to 127 times -127..127."""
     if not X86 and variant != "portable":
         pytest.skip("x86 variants")
-    v16s, v32b = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(8), 32)
+    v32b = ir.VectorType(ir.IntType(8), 32)
 
     def build(mod):
-        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 4), "pdot")
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 3), "pdot")
         b = ir.IRBuilder(fn.append_basic_block())
-        pe, po, px, out = fn.args
-        r = isa.byte_pair_dot(b, b.load(pe, typ=v16s, align=2), b.load(po, typ=v16s, align=2),
-                              b.load(px, typ=v32b, align=1), isa=variant)
+        pa, px, out = fn.args
+        r = isa.byte_pair_dot(b, b.load(pa, typ=v32b, align=1), b.load(px, typ=v32b, align=1), isa=variant)
         b.store(r, out, align=2)
         b.ret_void()
 
@@ -144,15 +143,76 @@ def test_byte_pair_dot_matches_numpy(variant):
         assert "vpmaddubsw" in asm
         return
     engine, _ = _jit(build)
-    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4)(engine.get_function_address("pdot"))
+    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3)(engine.get_function_address("pdot"))
     rng = np.random.default_rng(0)
     for hi in (16, 128):        # 2·127·127 < 2^15: within i16, as the callers keep it
-        even, odd = (rng.integers(0, hi, 16).astype(np.int16) for _ in range(2))
+        a = rng.integers(0, hi, 32).astype(np.uint8)
         x = rng.integers(-127, 128, 32).astype(np.int8)
         x[:2] = (-127, 127)
         out = np.empty(16, np.int16)
-        fn(even.ctypes.data, odd.ctypes.data, x.ctypes.data, out.ctypes.data)
-        np.testing.assert_array_equal(out, even * x[0::2].astype(np.int32) + odd * x[1::2].astype(np.int32))
+        fn(a.ctypes.data, x.ctypes.data, out.ctypes.data)
+        p = a.astype(np.int32) * x
+        np.testing.assert_array_equal(out, p[0::2] + p[1::2])
+
+
+@pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("size", [16, 32])
+def test_byte_table_lookup_matches_numpy(variant, size):
+    if not X86 and variant != "portable":
+        pytest.skip("x86 variants")
+    v16b, v32b = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(8), 32)
+
+    def build(mod):
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 3), "look")
+        b = ir.IRBuilder(fn.append_basic_block())
+        tab, idx, out = fn.args
+        tables = [b.load(b.gep(tab, [ir.Constant(ir.IntType(32), 16 * k)], source_etype=ir.IntType(8)),
+                         typ=v16b, align=1) for k in range(size // 16)]
+        b.store(isa.byte_table_lookup(b, tables, b.load(idx, typ=v32b, align=1), isa=variant), out, align=1)
+        b.ret_void()
+
+    if not _host_runs(variant):
+        _, asm = _jit(build, {"avx512": "skylake-avx512", "avx2": "haswell"}[variant], "")
+        assert "vpshufb" in asm
+        return
+    engine, _ = _jit(build)
+    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3)(engine.get_function_address("look"))
+    rng = np.random.default_rng(size)
+    tab = rng.integers(-127, 128, 32).astype(np.int8)
+    for _ in range(10):
+        idx = rng.integers(0, size, 32).astype(np.int8)
+        out = np.empty(32, np.int8)
+        fn(tab.ctypes.data, idx.ctypes.data, out.ctypes.data)
+        np.testing.assert_array_equal(out, tab[idx])
+
+
+@pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
+def test_signed_byte_dot_matches_numpy(variant):
+    if not X86 and variant != "portable":
+        pytest.skip("x86 variants")
+    v32b = ir.VectorType(ir.IntType(8), 32)
+
+    def build(mod):
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 3), "sdot")
+        b = ir.IRBuilder(fn.append_basic_block())
+        pa, px, out = fn.args
+        b.store(isa.signed_byte_dot(b, b.load(pa, typ=v32b, align=1), b.load(px, typ=v32b, align=1), isa=variant),
+                out, align=4)
+        b.ret_void()
+
+    if not _host_runs(variant):
+        _, asm = _jit(build, {"avx512": "skylake-avx512", "avx2": "haswell"}[variant], "")
+        assert "vpmaddubsw" in asm and "vpsignb" in asm
+        return
+    engine, _ = _jit(build)
+    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3)(engine.get_function_address("sdot"))
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        a, x = (rng.integers(-127, 128, 32).astype(np.int8) for _ in range(2))
+        a[:4], x[:4] = (-127, 127, 0, -127), (-127, -127, 5, 127)
+        out = np.empty(8, np.int32)
+        fn(a.ctypes.data, x.ctypes.data, out.ctypes.data)
+        np.testing.assert_array_equal(out, (a.astype(np.int32) * x).reshape(8, 4).sum(axis=1))
 
 
 @x86_only

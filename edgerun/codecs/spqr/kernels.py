@@ -34,8 +34,8 @@ MATMUL_MIN_T = 4        # below this many tokens matmul is a loop of matvecs
 # the codes of 16 groups at 2 (4 bit), 4 (2 bit) positions. The matvec's activations are prepared
 # once per call, chunk-major, as int8 with one scale per group (quantize_activations in
 # reference.py: x[perm[16(16c + k) + t]] ≈ dx[c, k]·x8[c, t, k]), so the dot of a chunk is integer
-# work: vpmaddubsw on x86 (isa.byte_pair_dot) multiplies the codes of positions 2m, 2m + 1 with
-# their x8 pair and adds them, 32 weights an instruction, summed in i16 (16·15·127 < 2^15); the
+# work: vpmaddubsw on x86 (isa.byte_pair_dot) multiplies the codes of two positions with their x8
+# pair and adds them, 32 weights an instruction (byte layout at _pair_layout), summed in i16 (16·15·127 < 2^15); the
 # group's dx, scale and zero (one lane per group) apply once per 256 weights with no horizontal
 # sum per group. Measured on Zen 3 (AVX2): the f32 multiply-add form took 0.77 instructions a
 # weight and spilled registers (16 ymm), 2-3x slower than this. LLVM IR through numba @intrinsic (as cluster/kernels.py): DESIGN §6, plain Numba loops
@@ -166,17 +166,65 @@ def _stat_consts(builder, sbits):
             _splat(builder, sb))
 
 
-def _chunk_dot(builder, q, pxc, R):
-    """IR: dx · Σ_t q[r][t] · x8[t] <16 x float> per row r < R: q <16 x i16> codes, the chunk's
-    prepared activations at pxc (int8 pairs, then dx); the integer sum is exact in i16."""
-    acc = [None] * R
-    for m in range(8):
-        xp = builder.load(_gep(builder, pxc, ir.Constant(ir.IntType(64), 32 * m), _I8), typ=_V32I8, align=1)
+# Prepared activations and code bytes share one pair layout per chunk (what vpunpck{l,h}bw of a
+# 32-byte load of two 4-bit sections gives): for j < 4, vector L_j holds groups 0-7 and H_j groups
+# 8-15, each as byte pairs of positions (4j, 4j + 1) in its first 16 bytes and (4j + 2, 4j + 3) in
+# its last 16; stored L_0, H_0, L_1, ... (_x8_offset says where one activation lands).
+_UNPACK_LO = [b for h in (0, 16) for k in range(8) for b in (h + k, 32 + h + k)]
+_UNPACK_HI = [b + 8 for b in _UNPACK_LO]
+
+
+def _pair_layout(builder, pairs):
+    """IR: byte-pair vectors P_s (<32 x i8>, lane pair g = positions 2s, 2s + 1 of group g) for
+    s < 8 -> the chunk's 8 vectors in pair layout order."""
+    out = []
+    for j in range(4):
+        a, b = pairs[2 * j], pairs[2 * j + 1]
+        out += [builder.shuffle_vector(a, b, _mask(list(range(16)) + list(range(32, 48)))),
+                builder.shuffle_vector(a, b, _mask(list(range(16, 32)) + list(range(48, 64))))]
+    return out
+
+
+def _code_pairs(builder, pcode, step, bits, mask):
+    """IR: the chunk's codes at pcode (sections `step` bytes apart) as 8 byte vectors in pair
+    layout order. Full 4-bit chunks: 4 loads of two sections, masks and byte unpacks; otherwise
+    through 16-bit code vectors."""
+    if bits == 4 and mask is None:
+        out = []
+        for j in range(4):
+            v = builder.load(_gep(builder, pcode, ir.Constant(ir.IntType(64), 32 * j), _I8), typ=_V32I8, align=1)
+            lo = builder.and_(v, _const_like(_V32I8, 15))
+            hi = builder.and_(builder.lshr(v, _const_like(_V32I8, 4)), _const_like(_V32I8, 15))
+            out += [builder.shuffle_vector(lo, hi, _mask(_UNPACK_LO)), builder.shuffle_vector(lo, hi, _mask(_UNPACK_HI))]
+        return out
+    q = _codes(builder, pcode, step, bits, mask, _I16, False)
+    return _pairs_of(builder, q)
+
+
+def _pairs_of(builder, q):
+    """IR: 16 code vectors <16 x i16> -> 8 byte vectors in pair layout order."""
+    pairs = [builder.bitcast(builder.or_(q[2 * s], builder.shl(q[2 * s + 1], _const_like(q[0].type, 8))), _V32I8)
+             for s in range(8)]
+    return _pair_layout(builder, pairs)
+
+
+def _chunk_dot(builder, a, pxc, R):
+    """IR: dx · Σ_t q[r][t] · x8[t] <16 x float> per row r < R (lane = group): a[r] the row's code
+    bytes in pair layout, the chunk's prepared activations at pxc; the integer sums are exact in
+    i16 (16·15·127 < 2^15)."""
+    acc = [[None, None] for _ in range(R)]
+    for v in range(8):
+        xp = builder.load(_gep(builder, pxc, ir.Constant(ir.IntType(64), 32 * v), _I8), typ=_V32I8, align=1)
         for r in range(R):
-            p = byte_pair_dot(builder, q[r][2 * m], q[r][2 * m + 1], xp)
-            acc[r] = p if acc[r] is None else builder.add(acc[r], p)
+            p = byte_pair_dot(builder, a[r][v], xp)
+            acc[r][v % 2] = p if acc[r][v % 2] is None else builder.add(acc[r][v % 2], p)
     dx = _vload(builder, pxc, XC_DX)
-    return [builder.fmul(builder.sitofp(a, _V16F32), dx, flags=_FAST) for a in acc]
+    out = []
+    for lo, hi in acc:          # L lanes: groups 0-7 twice, H lanes: groups 8-15 twice
+        s = builder.add(builder.shuffle_vector(lo, hi, _mask(list(range(8)) + list(range(16, 24)))),
+                        builder.shuffle_vector(lo, hi, _mask(list(range(8, 16)) + list(range(24, 32)))))
+        out.append(builder.fmul(builder.sitofp(s, _V16F32), dx, flags=_FAST))
+    return out
 
 
 def _scaled(builder, dot, s, z, xsv):
@@ -200,9 +248,9 @@ def _rows_ir(builder, R, i, pc0, ps0, px, psf, po, G, bits, smask, sshift, full=
             for r in range(R):      # lose the hardware prefetcher)
                 for line in range(0, 32 * bits, 64):
                     _prefetch(builder, _gep(builder, pcs[r], builder.add(off, ir.Constant(i64, PREFETCH + line)), _I8))
-        q = [_codes(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask, _I16, False) for r in range(R)]
+        a = [_code_pairs(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask) for r in range(R)]
         pxc = _gep(builder, px, builder.mul(c, ir.Constant(i64, XC_FLOATS)), _F32)
-        dots = _chunk_dot(builder, q, pxc, R)
+        dots = _chunk_dot(builder, a, pxc, R)
         xsv = _vload(builder, pxc, XC_XS)
         pcsf = _gep(builder, psf, builder.mul(c, ir.Constant(i64, 64)), _F32)
         g0 = builder.shl(c, ir.Constant(i64, 4))
@@ -237,9 +285,9 @@ def _packed_tail_ir(builder, w, i, pc0, ps0, px, psf, po, G, bits, smask, sshift
     cat = blobs[0]
     sec = [builder.zext(builder.shuffle_vector(cat, cat, _vi([p * nb + sct * w + k for p in range(P) for k in range(w)])),
                         _V16I16) for sct in range(2 * bits)]
-    q = _decode_sections(builder, sec, bits, to_float=False)
+    a = _pairs_of(builder, _decode_sections(builder, sec, bits, to_float=False))
     pxc = _gep(builder, px, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, XC_FLOATS)), _F32)
-    dot = _chunk_dot(builder, [q], pxc, 1)[0]
+    dot = _chunk_dot(builder, [a], pxc, 1)[0]
     iw = ir.IntType(8 * w)              # a row's w stat bytes as one integer
     st = ir.Constant(ir.VectorType(iw, P), ir.Undefined)
     for p, r in enumerate(rows):
@@ -403,8 +451,8 @@ def _x_index(perm: np.ndarray, G: int) -> np.ndarray:
 def _prep_x(typingctx, x, xidx, xc):
     """xc (C + 1, XC_FLOATS) float32: the activations x[xidx[c, t, k]] (0 where xidx is its
     dtype's max) quantized as reference.quantize_activations does, one 16-lane masked gather per
-    position: per chunk c the int8 pairs (bytes 32m + 2k + (t & 1) = x8 of group k at position
-    t = 2m or 2m + 1), dx (floats XC_DX...) and dx·Σ_t x8 (floats XC_XS...)."""
+    position: per chunk c the int8 activations in pair layout (_x8_offset), dx (floats XC_DX...)
+    and dx·Σ_t x8 (floats XC_XS...)."""
     if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"):
         return None             # the gather addresses x by its data pointer
     ib = xidx.dtype.bitwidth
@@ -446,9 +494,10 @@ def _prep_x(typingctx, x, xidx, xc):
                 q = builder.fptosi(builder.fadd(builder.fmul(v, inv), half), _V16I32)
                 qsum = builder.add(qsum, q)
                 q8.append(builder.trunc(q, _V16I8))
-            for k in range(8):
-                pair = builder.shuffle_vector(q8[2 * k], q8[2 * k + 1], _mask(j for i in range(16) for j in (i, 16 + i)))
-                builder.store(pair, builder.bitcast(_gep(builder, dst, ir.Constant(i64, 8 * k), _F32), _V32I8.as_pointer()), align=4)
+            pairs = [builder.shuffle_vector(q8[2 * k], q8[2 * k + 1], _mask(j for i in range(16) for j in (i, 16 + i)))
+                     for k in range(8)]
+            for k, v in enumerate(_pair_layout(builder, pairs)):
+                builder.store(v, builder.bitcast(_gep(builder, dst, ir.Constant(i64, 8 * k), _F32), _V32I8.as_pointer()), align=4)
             dx = builder.fdiv(m, f(127.0))
             builder.store(dx, builder.bitcast(_gep(builder, dst, ir.Constant(i64, XC_DX), _F32), _V16F32.as_pointer()), align=4)
             xsum = builder.fmul(builder.sitofp(qsum, _V16F32), dx)
@@ -456,6 +505,12 @@ def _prep_x(typingctx, x, xidx, xc):
         return context.get_dummy_value()
 
     return types.none(x, xidx, xc), codegen
+
+
+@njit(inline="always", **_JIT)
+def _x8_offset(g, t):
+    # byte of group g, position t in a chunk's pair layout (see _pair_layout)
+    return 64 * (t >> 2) + 32 * (g >> 3) + 16 * ((t >> 1) & 1) + 2 * (g & 7) + (t & 1)
 
 
 @njit(**_JIT)
@@ -475,7 +530,7 @@ def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, 
         for k in range(rp[r], rp[r + 1]):
             c = np.int32(oc[k])
             ch, g, t = c >> 8, (c >> 4) & 15, c & 15
-            acc += f16_to_f32(ov[k]) * (xc[ch, XC_DX + g] * xb[ch, 32 * (t >> 1) + 2 * g + (t & 1)])
+            acc += f16_to_f32(ov[k]) * (xc[ch, XC_DX + g] * xb[ch, _x8_offset(g, t)])
         out[r] = acc
 
 
