@@ -12,7 +12,9 @@ so both architectures run exactly the same bytes. `run` runs each unit in its ow
 (the same Python, or the command in $EDGERUN_PYTHON / --python): a unit whose kernels abort the
 process (LLVM aborts on an ISA intrinsic the target lacks) is reported as that unit's failure and
 the others still run. Per unit it records the Linear's matvec / matmul (T = 1, 3, 9) / row outputs
-next to float64 products with the codec's NumPy decode, the logits of a fixed prompt and 8 greedy
+next to what its NumPy reference computes (reference.matvec: the decoded W, times the int8 activations
+where the codec's matvec quantizes them; float64 products with the decode for batched matmuls
+and rows), the logits of a fixed prompt and 8 greedy
 tokens. `compare` checks, per unit: both runs finished, each run's kernels match its NumPy decode,
 the two runs' kernel outputs and logits agree within float tolerance and the greedy tokens are
 identical.
@@ -20,6 +22,7 @@ identical.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -151,15 +154,21 @@ def run_kernels(directory: Path, cases: list[str], fixture: dict) -> tuple[dict,
             t0 = time.perf_counter()
             lin = codec.load(parts, rule["params"])
             W = codec.decode(parts, rule["params"]).astype(np.float64)
+            ref = importlib.import_module(f"edgerun.codecs.{rule['codec']}.reference")
             X = data[f"in.{n}.X"]
+
+            def mv(v):      # what a matvec computes (some codecs quantize the activations)
+                return ref.matvec(parts, rule["params"], v).astype(np.float64)
             got, want = {}, {}
             y = np.full(d, np.nan, np.float32)
             lin.matvec(X[0].copy(), y)
-            got["matvec"], want["matvec"] = y, W @ X[0]
+            got["matvec"], want["matvec"] = y, mv(X[0])
             for T in TOKENS:
                 Y = np.full((T, d), np.nan, np.float32)
                 lin.matmul(X[:T].copy(), Y)
-                got[f"matmul{T}"], want[f"matmul{T}"] = Y, X[:T].astype(np.float64) @ W.T
+                got[f"matmul{T}"] = Y
+                want[f"matmul{T}"] = X[:T].astype(np.float64) @ W.T if T >= lin.matmul_min_t else np.stack(
+                    [mv(v) for v in X[:T]])
             for i in (0, d - 1):
                 r = np.full(n, np.nan, np.float32)
                 lin.row(i, r)
