@@ -206,10 +206,9 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
 
 @intrinsic
 def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
-    """float32 Σ decode(codes[coff:] blocks)·x[xoff:] over `nblk` 32-weight blocks.
-
-    Codebook: f16 cb.flat[cboff:] for bits ≤ 5, float32 tab (widened by the caller) above.
-    """
+    """float32 Σ decode(codes[coff:] blocks)·x[xoff:] over `nblk` 32-weight blocks, for the
+    float matvec of bits ≥ 6 (below, the matvec is _dot_blocks_i8): float32 tab, the codebook
+    widened by the caller."""
     def codegen(context, builder, sig, args):
         codes_v, coff_v, x_v, xoff_v, cb_v, cboff_v, tab_v, nblk_v, bits_v = args
         pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
@@ -245,7 +244,7 @@ def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
             s23 = builder.fadd(builder.load(accs[2]), builder.load(accs[3]), flags=fast)
             builder.store(_hsum(builder, builder.fadd(s01, s23, flags=fast)), res)
 
-        switch_on_bits(builder, bits_v, range(2, 9), emit)
+        switch_on_bits(builder, bits_v, range(INT8_MAX_BITS + 1, 9), emit)     # K ≤ 32: _dot_blocks_i8
         return builder.load(res)
 
     sig = types.float32(codes, coff, x, xoff, cb, cboff, tab, nblk, bits)
