@@ -187,18 +187,36 @@ def _pair_layout(builder, pairs):
 
 def _code_pairs(builder, pcode, step, bits, mask):
     """IR: the chunk's codes at pcode (sections `step` bytes apart) as 8 byte vectors in pair
-    layout order. Full 4-bit chunks: 4 loads of two sections, masks and byte unpacks; otherwise
+    layout order. Full chunks: byte loads, shifts, masks and byte unpacks (4 bit: two sections a
+    load; 2 and 3 bit: one section holds the low bits of 4 positions); the masked tail chunk goes
     through 16-bit code vectors."""
-    if bits == 4 and mask is None:
-        out = []
+    if mask is not None:
+        return _pairs_of(builder, _codes(builder, pcode, step, bits, mask, _I16, False))
+    k8 = lambda ty, v: ir.Constant(ty, [v] * ty.count)          # noqa: E731
+    i64 = ir.IntType(64)
+    out = []
+    if bits == 4:
         for j in range(4):
-            v = builder.load(_gep(builder, pcode, ir.Constant(ir.IntType(64), 32 * j), _I8), typ=_V32I8, align=1)
-            lo = builder.and_(v, _const_like(_V32I8, 15))
-            hi = builder.and_(builder.lshr(v, _const_like(_V32I8, 4)), _const_like(_V32I8, 15))
+            v = builder.load(_gep(builder, pcode, ir.Constant(i64, 32 * j), _I8), typ=_V32I8, align=1)
+            lo = builder.and_(v, k8(_V32I8, 15))
+            hi = builder.and_(builder.lshr(v, k8(_V32I8, 4)), k8(_V32I8, 15))
             out += [builder.shuffle_vector(lo, hi, _mask(_UNPACK_LO)), builder.shuffle_vector(lo, hi, _mask(_UNPACK_HI))]
         return out
-    q = _codes(builder, pcode, step, bits, mask, _I16, False)
-    return _pairs_of(builder, q)
+    v16 = ir.VectorType(_I8, 16)
+    load = lambda sec: builder.load(_gep(builder, pcode, ir.Constant(i64, 16 * sec), _I8), typ=v16, align=1)  # noqa: E731
+    high = [load(4 + h) for h in range(2)] if bits == 3 else None
+    for j in range(4):              # section j: positions 4j + i at bits 2i
+        v = load(j)
+        p = [builder.and_(builder.lshr(v, k8(v16, 2 * i)) if i else v, k8(v16, 3)) for i in range(4)]
+        if bits == 3:               # bit 2 of position t: bit t mod 8 of section 4 + t // 8
+            for i in range(4):
+                h, k = high[j // 2], (4 * j + i) % 8
+                h = builder.shl(h, k8(v16, 2 - k)) if k < 2 else builder.lshr(h, k8(v16, k - 2)) if k > 2 else h
+                p[i] = builder.or_(p[i], builder.and_(h, k8(v16, 4)))
+        a = builder.shuffle_vector(p[0], p[2], _mask(range(32)))
+        b = builder.shuffle_vector(p[1], p[3], _mask(range(32)))
+        out += [builder.shuffle_vector(a, b, _mask(_UNPACK_LO)), builder.shuffle_vector(a, b, _mask(_UNPACK_HI))]
+    return out
 
 
 def _pairs_of(builder, q):
