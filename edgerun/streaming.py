@@ -277,6 +277,7 @@ class StreamingPlan:
     scratch_rows: int = 0      # bundles per read buffer (the most a token can miss in one layer)
     gap: int = 0               # coalescing: missing ids at most this many bundles apart are one read
     prefetch: bool = True      # criterion off: read layer l+1's misses while layer l computes
+    threads: int = 2           # reader threads
     stats: FlashStats = field(default_factory=FlashStats)
     reader: FlashReader | None = None      # set by `attach`: the open file the bundles stream from
 
@@ -356,7 +357,7 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
         raise EdgerunError(f"--stream must be auto, resident, window, layer or naive, not {mode!r}")
     if ffn_budget >= full + act and mode in ("auto", "resident"):
         return StreamingPlan("resident", criterion, window, f, L, f, B, fl["dtype"],
-                             {"FFN bundles (resident)": full, "FFN activations": act}, 0)
+                             {"FFN bundles (resident)": full, "FFN activations": act}, 0, threads=threads)
     if mode == "resident":
         raise BudgetError(f"the FFN needs {full + act} bytes resident but its budget is {ffn_budget}")
     mode = "window" if mode == "auto" else mode
@@ -379,7 +380,8 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
     missing = f - capacity if kind == "off" else min(f - capacity, math.ceil((1 - sparsity) * f))
     per_token = L * (f if mode != "window" else missing) * B
     return StreamingPlan(mode, criterion, window, capacity, L, f, B, fl["dtype"], fixed, per_token,
-                         scratch_rows=max(f - capacity, 1) if mode != "naive" else f, gap=gap, prefetch=prefetch)
+                         scratch_rows=max(f - capacity, 1) if mode != "naive" else f, gap=gap, prefetch=prefetch,
+                         threads=threads)
 
 
 def minimum_plan(manifest: dict, cfg, criterion: str = "off", threads: int = 2) -> StreamingPlan:
@@ -605,12 +607,16 @@ def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = 
     """Give every layer of `transformer` a FlashFFN over the flash-layout bundles of `ebin_path`
     within `ffn_budget` bytes; returns the plan (with live `stats`). Every bundle array's crc32 is
     checked once here (FormatError naming the array)."""
-    cfg = transformer.cfg
-    plan = plan_streaming(manifest, cfg, ffn_budget, mode=mode, window=window, criterion=criterion, threads=threads,
-                          gap=gap, prefetch=prefetch)
+    plan = plan_streaming(manifest, transformer.cfg, ffn_budget, mode=mode, window=window, criterion=criterion,
+                          threads=threads, gap=gap, prefetch=prefetch)
+    return attach_plan(transformer, ebin_path, manifest, plan)
+
+
+def attach_plan(transformer, ebin_path, manifest: dict, plan: StreamingPlan) -> StreamingPlan:
+    """Carry out `plan` (edgerun/plan.py made it): every layer of `transformer` gets its FlashFFN."""
     fl = _flash(manifest)
-    kind, sparsity = parse_criterion(criterion)
-    reader = FlashReader(ebin_path, threads=threads)
+    kind, sparsity = parse_criterion(plan.criterion)
+    reader = FlashReader(ebin_path, threads=plan.threads)
     try:
         return _attach(transformer, ebin_path, fl, plan, reader, kind, sparsity)
     except BaseException:

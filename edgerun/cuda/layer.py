@@ -12,20 +12,8 @@ from numba import cuda
 
 from . import CudaError
 from . import kernels as K
+from ..plan import device_scratch_bytes as scratch_bytes, kv_bytes
 from .codecs import to_device
-
-
-def kv_bytes(cfg, context: int) -> int:
-    """Device bytes of one layer's KV cache (f32 keys and values)."""
-    return 2 * 4 * cfg.num_kv_heads * context * cfg.head_dim
-
-
-def scratch_bytes(cfg, context: int, chunk: int) -> int:
-    """Device bytes of DeviceRun's buffers (allocated once for all CUDA layers)."""
-    d, f, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
-    q, kv = H * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return 4 * (chunk * (4 * d + 2 * q + 2 * kv + 2 * f) + chunk * H * context
-                + context * cfg.head_dim)
 
 
 class DeviceRun:
