@@ -144,7 +144,11 @@ def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, kv_d
     least_ffn = 0
     if manifest.get("flash"):
         from . import streaming
-        least_ffn = streaming.minimum_plan(manifest, cfg, p.stream_args["criterion"], threads).total_bytes
+        # the least the FFN can run in: its smallest window, or all bundles resident when that is
+        # less (a tiny model: the reader's buffers outweigh its bundles)
+        resident_ffn = streaming.plan_streaming(manifest, cfg, 1 << 62, "resident").total_bytes
+        least_ffn = resident_ffn if p.stream_args["mode"] == "resident" else min(
+            resident_ffn, streaming.minimum_plan(manifest, cfg, p.stream_args["criterion"], threads).total_bytes)
     if order is not None:
         p.blocks = order.minimum
     p.minimum = p.resident + least_ffn
@@ -152,7 +156,7 @@ def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, kv_d
         raise refusal(p, manifest, cfg, least_ffn)
     if order is not None:
         p.blocks = order.total if budget is None else order.prefix_for(
-            budget - (p.resident - p.stack_bytes) - least_ffn)
+            budget - (p.resident - order.weight_bytes(p.blocks)) - least_ffn)
     if manifest.get("flash"):
         p.ffn = streaming.plan_streaming(manifest, cfg, (1 << 62) if budget is None else budget - p.resident,
                                          **p.stream_args)
@@ -234,18 +238,16 @@ def refusal(p: Plan, manifest: dict, cfg, least_ffn: int) -> BudgetError:
     --ram, and what would fit (a shorter context, a pack command)."""
     B, need, resident = p.budget, p.minimum, p.resident
     if least_ffn and resident <= B:
-        what = (f"the resident part ({fmt(resident)}) fits, but streaming the FFN needs at least {fmt(least_ffn)}, "
-                f"{fmt(need - B)} more than --ram leaves for it")
+        detail = (f"the resident part ({fmt(resident)}) fits, but streaming the FFN needs at least {fmt(least_ffn)}: "
+                  f"the window's buffers are {fmt(need - B)} short")
     else:
-        subject = ("the smallest BitStack size (one block per matrix)" if p.order is not None else
-                   "the resident part (all but the streamed FFN)" if least_ffn else "the model")
         items = [(g, n) for g, n in p.parts.items() if n]
         if p.order is not None:
             items.append(("BitStack blocks", p.stack_bytes))
         items += [("runtime", p.runtime), ("KV cache", p.kv_cache), ("scratch and headroom", p.scratch + HEADROOM_BYTES)]
-        what = f"{subject} needs {fmt(resident)} (" + ", ".join(f"{g} {fmt(n)}" for g, n in items) + ")"
-        if least_ffn:
-            what += f" and streaming the FFN at least {fmt(least_ffn)} more"
+        subject = ("the smallest BitStack size (one block per matrix) needs" if p.order is not None else
+                   "the resident part (all but the streamed FFN) alone needs" if least_ffn else "that is")
+        detail = f"{subject} {fmt(resident)}: " + ", ".join(f"{g} {fmt(n)}" for g, n in items)
     hints = []
     per_position = p.kv_cache // max(p.context, 1)
     fit_ctx = (B - (need - p.kv_cache)) // per_position if per_position else 0
@@ -253,8 +255,8 @@ def refusal(p: Plan, manifest: dict, cfg, least_ffn: int) -> BudgetError:
         hints.append(f"lower the context (-c {fit_ctx} fits)")
     hints.append(pack_suggestion(manifest, cfg, B - (p.runtime + p.kv_cache + p.scratch + HEADROOM_BYTES))
                  or "use a smaller model or a more compressed pack")
-    return BudgetError(f"{what}: the model needs at least {fmt(need)} (--ram {mib_ceil(need)}) at context "
-                       f"{p.context}, but --ram is {fmt(B)}: raise --ram or " + " or ".join(hints) + ".\n"
+    return BudgetError(f"the model needs at least {fmt(need)} (--ram {mib_ceil(need)}) at context {p.context}, "
+                       f"but --ram is {fmt(B)}; {detail}. Raise --ram or " + " or ".join(hints) + ".\n"
                        + "\n".join(p.lines()), minimum_bytes=need)
 
 
