@@ -311,6 +311,8 @@ class Model:
         with turn:
             self._active = mine
             generator = self._generator
+            streamed = self.stream_plan.stats if self.plan.streams else None    # FFN reads (flash packs)
+            before = streamed.copy() if streamed is not None else None
             try:
                 for token in generator.tokens(ids, params, max_tokens, self.stop_ids,
                                               _AnyEvent(mine, cancel, self._closed)):
@@ -320,6 +322,8 @@ class Model:
             finally:
                 self._turns.suspended = False
                 self._active = None
+                if streamed is not None:
+                    generator.stats.streamed = streamed.since(before)
                 self._set_stats(generator.stats)
 
     def stream(self, prompt: str, max_tokens: int = 256, cancel=None, **sampling):

@@ -239,7 +239,7 @@ def refusal(p: Plan, manifest: dict, cfg, least_ffn: int) -> BudgetError:
     B, need, resident = p.budget, p.minimum, p.resident
     if least_ffn and resident <= B:
         detail = (f"the resident part ({fmt(resident)}) fits, but streaming the FFN needs at least {fmt(least_ffn)}: "
-                  f"the window's buffers are {fmt(need - B)} short")
+                  f"the window's buffers are {mib_ceil(need - B)} short")
     else:
         items = [(g, n) for g, n in p.parts.items() if n]
         if p.order is not None:

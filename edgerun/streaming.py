@@ -252,6 +252,13 @@ class FlashStats:
     neurons_used: int = 0          # summed over layers and tokens
     neurons_loaded: int = 0        # of those, not in the window (read for this token)
 
+    def since(self, before: "FlashStats") -> "FlashStats":
+        """What happened after the snapshot `before` (a copy taken earlier): one reply's reads."""
+        return FlashStats(**{k: getattr(self, k) - getattr(before, k) for k in self.__dataclass_fields__})
+
+    def copy(self) -> "FlashStats":
+        return FlashStats(**vars(self))
+
     @property
     def hit_rate(self) -> float:
         return 1.0 - self.neurons_loaded / max(self.neurons_used, 1)
