@@ -245,9 +245,10 @@ def refusal(p: Plan, manifest: dict, cfg, least_ffn: int) -> BudgetError:
         if p.order is not None:
             items.append(("BitStack blocks", p.stack_bytes))
         items += [("runtime", p.runtime), ("KV cache", p.kv_cache), ("scratch and headroom", p.scratch + HEADROOM_BYTES)]
-        subject = ("the smallest BitStack size (one block per matrix) needs" if p.order is not None else
-                   "the resident part (all but the streamed FFN) alone needs" if least_ffn else "that is")
-        detail = f"{subject} {fmt(resident)}: " + ", ".join(f"{g} {fmt(n)}" for g, n in items)
+        subject = (f"the smallest BitStack size (one block per matrix) needs {fmt(resident)}" if p.order is not None
+                   else f"the resident part (all but the streamed FFN) alone needs {fmt(resident)}" if least_ffn
+                   else "all of it resident")
+        detail = f"{subject}: " + ", ".join(f"{g} {fmt(n)}" for g, n in items)
     hints = []
     per_position = p.kv_cache // max(p.context, 1)
     fit_ctx = (B - (need - p.kv_cache)) // per_position if per_position else 0
