@@ -180,20 +180,18 @@ class Model:
                 self._stack = None if p.order is None else BlockStack(
                     p.order, manifest, {name: weights[name] for name in p.order.stacked}, p.blocks)
             self.weight_bytes = weights.nbytes
-            self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK, kv_dtype=kv_dtype)
-            del weights
-            self.stream_plan = None
+            self.stream_plan, ffns = p.ffn, None
             if p.ffn is not None:
                 from . import streaming
-                self.stream_plan = streaming.attach_plan(self._transformer, self.path, manifest, p.ffn)
-            self.device = "cpu"
+                ffns = streaming.flash_ffns(self.path, manifest, p.ffn)
+            self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK, kv_dtype=kv_dtype,
+                                            ffns=ffns, gpu=p.gpu)
+            del weights, ffns
+            self.device = "cuda" if p.gpu is not None else "cpu"
             if p.gpu is not None:
-                from . import cuda as ecuda
-                info = ecuda.offload(self._transformer, p.gpu.layers, head=p.gpu.head, release_host=True)
                 log(f"CUDA: {p.gpu.layers}/{self.config.num_layers} layers{' + output head' if p.gpu.head else ''} "
-                    f"on the device, {fmt(info['device_bytes'])} of device memory (compressed weights, KV cache, "
+                    f"on the device, {fmt(p.gpu.device_bytes)} of device memory (compressed weights, KV cache, "
                     "scratch)")
-                self.device = "cuda"
             del manifest, ebin          # the parsed manifest (the tokenizer JSON is ~2 MB of it)
             release_free_memory()
             report(1.0)
@@ -400,9 +398,7 @@ class Model:
         if t is not None:
             # a stream the caller left open still references the transformer: empty it so the
             # arrays are freed now (that stream ends at its next step: the closed flag is set)
-            t.w.tensors.clear()
-            t.layers = []
-            t.state = None
+            t.release()
             del t
         release_free_memory()
 

@@ -4,7 +4,8 @@ Layout (formats/flash-layout.md): per layer one array of neuron bundles, bundle 
 up row j, down column j] (3·d values of the stored dtype), neurons ordered by how often they are
 active on calibration text, plus the permutation and a low-rank activation predictor.
 
-At run time a `FlashFFN` is each layer's `ffn` hook (edgerun/model.py). Modes:
+At run time a `FlashFFN` is each layer's feed-forward component (edgerun/model.py), built from the
+plan (edgerun/plan.py) with the model. Modes:
 - resident: the whole bundle array is read once (fit first: nothing streams);
 - window:   a per-layer buffer holds the `capacity` neurons most likely needed (sized from the
             budget; starts with the most frequent, then LRU over the last k tokens); each token
@@ -439,7 +440,8 @@ class _Read:
 
 
 class FlashFFN:
-    """The `ffn(x (T, d), out (T, d))` hook of one layer, over its bundles in the .ebin."""
+    """One layer's feed-forward over its bundles in the .ebin: `ffn(ops, layer, x, h)` adds
+    `compute(x (T, d), out (T, d))` to h (host arrays: this component runs on the CPU)."""
 
     def __init__(self, i: int, entry: dict, arrays: dict, plan: StreamingPlan, shared: _Shared,
                  predictor=None, gate=None, thresholds=None):
@@ -480,7 +482,13 @@ class FlashFFN:
         return union, act[:, union]
 
     # -- the hook
-    def __call__(self, x, out):
+    def __call__(self, ops, L, x, h):
+        out = ops.st.xb2[:x.shape[0]]
+        self.compute(x, out)
+        h += out
+
+    def compute(self, x, out):
+        """out (T, d) = down(silu(gate x) * up x) over the selected neurons."""
         T = x.shape[0]
         st = self.sh.stats
         if self.i == 0:
@@ -611,28 +619,32 @@ def warm_up(manifest: dict) -> None:
 def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = "auto", window: int = 4,
            criterion: str = "lowrank:0.5", threads: int = 2, gap: int | None = None,
            prefetch: bool = True) -> StreamingPlan:
-    """Give every layer of `transformer` a FlashFFN over the flash-layout bundles of `ebin_path`
-    within `ffn_budget` bytes; returns the plan (with live `stats`). Every bundle array's crc32 is
-    checked once here (FormatError naming the array)."""
+    """Give every layer of a built `transformer` a FlashFFN over the flash-layout bundles of
+    `ebin_path` within `ffn_budget` bytes (tests and tools; the API builds the model with them);
+    returns the plan (with live `stats`)."""
     plan = plan_streaming(manifest, transformer.cfg, ffn_budget, mode=mode, window=window, criterion=criterion,
                           threads=threads, gap=gap, prefetch=prefetch)
-    return attach_plan(transformer, ebin_path, manifest, plan)
+    for L, ffn in zip(transformer.layers, flash_ffns(ebin_path, manifest, plan)):
+        L.ffn = ffn
+    return plan
 
 
-def attach_plan(transformer, ebin_path, manifest: dict, plan: StreamingPlan) -> StreamingPlan:
-    """Carry out `plan` (edgerun/plan.py made it): every layer of `transformer` gets its FlashFFN."""
+def flash_ffns(ebin_path, manifest: dict, plan: StreamingPlan) -> list:
+    """Carry out `plan`: every layer's FlashFFN, with the plan's reader open (`plan.reader`) and
+    its buffers filled. Every bundle array's crc32 is checked once here (FormatError naming it)."""
     fl = _flash(manifest)
     kind, sparsity = parse_criterion(plan.criterion)
     reader = FlashReader(ebin_path, threads=plan.threads)
     try:
-        return _attach(transformer, ebin_path, fl, plan, reader, kind, sparsity)
+        ffns = _open(ebin_path, fl, plan, reader, kind, sparsity)
     except BaseException:
         reader.close()          # its threads and file descriptor
         raise
+    plan.reader = reader
+    return ffns
 
 
-def _attach(transformer, ebin_path, fl: dict, plan: StreamingPlan, reader: FlashReader, kind: str,
-            sparsity: float) -> StreamingPlan:
+def _open(ebin_path, fl: dict, plan: StreamingPlan, reader: FlashReader, kind: str, sparsity: float) -> list:
     from .ebin import EbinFile
     d = fl["hidden_size"]
     shared = _Shared(reader, plan, d)
@@ -668,10 +680,7 @@ def _attach(transformer, ebin_path, fl: dict, plan: StreamingPlan, reader: Flash
                     ffn.load_window(reader)
             ffns.append(ffn)
     shared.ffns = ffns
-    for L, ffn in zip(transformer.layers, ffns):
-        L.ffn = ffn
-    plan.reader = reader
-    return plan
+    return ffns
 
 
 # ------------------------------------------------------------------------------ pack time
@@ -740,10 +749,10 @@ def ffn_inputs(source, cfg, sequences: np.ndarray):
         gate, up, down = w["gate"], w["up"], w["down"]
         seen = []
 
-        def record(xb, out, gate=gate, up=up, down=down, seen=seen):
+        def record(ops, L, xb, h, gate=gate, up=up, down=down, seen=seen):
             seen.append(xb.copy())
             g = xb @ gate.T
-            out[:] = (g / (1.0 + np.exp(-g)) * (xb @ up.T)) @ down.T
+            h += ((g / (1.0 + np.exp(-g)) * (xb @ up.T)) @ down.T).astype(np.float32)
 
         layer.ffn = record
         tf.layers[i] = layer

@@ -186,7 +186,7 @@ def test_prefetch_of_a_cancelled_forward_is_discarded(tiny_packs):
     tf, man = load(flash)
     plan = streaming.attach(tf, flash, man, small_window_budget(man, tf.cfg, 20), mode="window", criterion="off")
     x, out = np.ones((1, tf.cfg.hidden_size), np.float32), np.empty((1, tf.cfg.hidden_size), np.float32)
-    tf.layers[0].ffn(x, out)                   # a forward stopped after layer 0: layer 1's read in flight
+    tf.layers[0].ffn.compute(x, out)           # a forward stopped after layer 0: layer 1's read in flight
     assert plan.reader is not None
     np.testing.assert_array_equal(logits(tf, ids, 8), resident)
 
