@@ -221,7 +221,7 @@ def case_model(path, layers):
         ref = run(m)
     with edgerun.load(path, context=16, device="cuda", gpu_layers=layers, kv_dtype="f32") as m:
         assert m.device == "cuda"
-        on_device = [hasattr(L, "block") for L in m._transformer.layers]
+        on_device = [ops.name == "cuda" for ops in m._transformer.ops]
         assert on_device == ([True] * len(on_device) if layers == "all" else [True] + [False] * (len(on_device) - 1))
         got = run(m)
     err = float(np.max(np.abs(got - ref)))

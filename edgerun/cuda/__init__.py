@@ -5,7 +5,10 @@ NUMBA_ENABLE_CUDASIM=1 numba-cuda's simulator stands in for the device (tests). 
 imports numba.cuda until asked, so the CPU path never pays for it.
 
     device, why = resolve_device("auto")          # -> ("cpu", "no CUDA device: ...") here
-    # how many layers and whether the head go on the device: edgerun.plan (the one planner)
+
+How many layers (and whether the head) go on the device is the plan's (edgerun/plan.py); the
+model is built with them there (model.Transformer, gpu=...), running the one forward pass with
+layer.DeviceOps.
 """
 from __future__ import annotations
 
@@ -89,12 +92,4 @@ def device_free_bytes() -> int | None:
     return int(free)
 
 
-def offload(model, n_layers: int | None = None, head: bool = True, release_host: bool = False) -> dict:
-    """Move the first `n_layers` layers (default all) of an edgerun Transformer to the device as
-    CudaLayers (and the output head when `head`). Returns {"device_bytes", "layers", "head"}.
-    With `release_host` the offloaded layers' tensors are dropped from model.w (host memory)."""
-    from .layer import offload as _offload
-    return _offload(model, n_layers, head, release_host)
-
-
-__all__ = ["CudaError", "INSTALL", "status", "resolve_device", "simulated", "device_free_bytes", "offload"]
+__all__ = ["CudaError", "INSTALL", "status", "resolve_device", "simulated", "device_free_bytes"]
