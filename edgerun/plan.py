@@ -139,7 +139,7 @@ def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, kv_d
         parts[tensor_group(name)] = parts.get(tensor_group(name), 0) + n
     scratch, kv = RunState.nbytes(cfg, context, chunk, kv_dtype)
     p = Plan(context, budget, runtime, parts, kv, scratch, kv_dtype, order=order,
-             blocks=order.total if order else 0,
+             blocks=order.minimum if order else 0,      # the least first: what must fit
              stream_args=dict(mode=stream or "auto", criterion=criterion or "off", threads=threads))
     least_ffn = 0
     if manifest.get("flash"):
@@ -149,8 +149,6 @@ def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, kv_d
         resident_ffn = streaming.plan_streaming(manifest, cfg, 1 << 62, "resident").total_bytes
         least_ffn = resident_ffn if p.stream_args["mode"] == "resident" else min(
             resident_ffn, streaming.minimum_plan(manifest, cfg, p.stream_args["criterion"], threads).total_bytes)
-    if order is not None:
-        p.blocks = order.minimum
     p.minimum = p.resident + least_ffn
     if budget is not None and p.minimum > budget:
         raise refusal(p, manifest, cfg, least_ffn)
