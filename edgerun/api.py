@@ -12,19 +12,18 @@ import numpy as np
 import psutil
 
 from . import isa, kernels
-from .config import ModelConfig
 from .ebin import EbinFile
 from .errors import Cancelled, EdgerunError
 from .generate import Generator, Stats
-from .memory import MemoryPlan, current_rss, fmt, parse_size, release_free_memory
-from .bitstack_runtime import BlockOrder, BlockStack, prefix_reader
-from .model import KV_DTYPES, RunState, Transformer, Weights, load_tensor
+from .memory import current_rss, fmt, parse_size, release_free_memory
+from .bitstack_runtime import BlockStack, prefix_reader
+from .model import KV_DTYPES, Transformer, Weights, load_tensor
+from .plan import PREFILL_CHUNK, plan
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .validate import check_model
 
 DEFAULT_CONTEXT = 2048
-PREFILL_CHUNK = 64
 # Texts of end-of-turn tokens used by common chat templates; generation also stops on them
 # (llama.cpp does the same) because some checkpoints list only the base EOS in their config.
 END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -130,16 +129,12 @@ def tokenizer_from_manifest(manifest: dict) -> Tokenizer:
                      special_tokens=t.get("special_tokens"))
 
 
-def plan_memory(ebin, cfg: ModelConfig, context: int, budget: int | None, kv_dtype: str = "f16") -> MemoryPlan:
-    """What loading `ebin` at `context` will take; the runtime's own part is measured after the
-    kernels it needs are compiled (or loaded from the JIT cache)."""
+def measure_runtime(ebin) -> int:
+    """The process's RSS once every kernel `ebin` needs is compiled (or loaded from the JIT cache)
+    and the compiler's leftovers are released: the runtime's part of the plan (edgerun/plan.py)."""
     warm_up_kernels(ebin)
     release_free_memory()       # what the tokenizer's and the compiler's work left behind
-    tensors = ebin.manifest["tensors"].values()
-    weight_bytes = sum(ebin.arrays[a].length for e in tensors for a in e["parts"].values())
-    scratch, kv = RunState.nbytes(cfg, context, PREFILL_CHUNK, kv_dtype)
-    return MemoryPlan(runtime=current_rss(), weights=weight_bytes, kv_cache=kv, scratch=scratch,
-                      context=context, budget=budget, kv_dtype=kv_dtype)
+    return current_rss()
 
 
 class Model:
@@ -161,7 +156,6 @@ class Model:
             with EbinFile(self.path) as ebin:
                 manifest = ebin.manifest
                 self.config = check_model(ebin)          # every field, every shape, before any kernel
-                self._arrays = ebin.arrays
                 self.tokenizer = tokenizer_from_manifest(manifest)
                 self.generation_defaults = manifest.get("generation", {})
                 self.manifest = {k: v for k, v in manifest.items() if k != "tokenizer"}
@@ -172,48 +166,32 @@ class Model:
                     log(f"CPU: {isa.target().describe()}, {kernels.get_threads()} threads")
                 if kv_dtype not in KV_DTYPES:
                     raise EdgerunError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-                self.plan = plan_memory(ebin, self.config, self.context, None, kv_dtype)
+                placed = self._device(device, manifest, log, verbose)
+                runtime = measure_runtime(ebin)
                 self.budget = auto_budget() if self.ram_auto else parse_size(ram)
-                self.plan.budget = self.budget
-                read_parts, self._stack = None, None
-                if manifest.get("bitstack"):
-                    # BitStack: the longest prefix of the global block order that fits the budget
-                    order = BlockOrder(manifest, ebin.arrays)
-                    other = self.plan.total - self.plan.weights
-                    order.check(self.budget - other, other)
-                    n = order.prefix_for(self.budget - other)
-                    self.plan.weights = order.weight_bytes(n)
-                    read_parts = prefix_reader(ebin, order, n)
-                    self._stack = BlockStack(order, manifest, {}, n)
-                    log(f"BitStack: {n} of {order.total} blocks fit ({fmt(self.plan.weights)} of weights; "
-                        f"all blocks: {fmt(order.weight_bytes(order.total))})" + stack_quality(order, n))
-                self.stream_plan = None
-                if "flash" in manifest:
-                    # FFN bundles are not in `tensors`: the plan so far holds everything else. Fit first:
-                    # resident when the bundles fit what is left of the budget, else stream them.
-                    from . import streaming
-                    ffn_budget = self.budget - self.plan.total
-                    stream_args = dict(mode=stream or "auto", criterion=criterion or "off",
-                                       threads=max(2, kernels.get_threads()))
-                    self.stream_plan = streaming.plan_streaming(manifest, self.config, ffn_budget, **stream_args)
-                    self.plan.weights += self.stream_plan.total_bytes
-                    log("feed-forward: " + ("resident" if self.stream_plan.mode == "resident" else
-                                            f"streamed from {self.path.name} ({self.stream_plan.mode})"))
-                    if verbose:
-                        log("FFN plan:\n" + "\n".join(self.stream_plan.lines()))
-                if verbose:
-                    log("memory plan:\n" + "\n".join(self.plan.lines()))
-                self.plan.check()
+                self.plan = p = plan(manifest, self.budget, self.context, runtime, kv_dtype=kv_dtype,
+                                     chunk=PREFILL_CHUNK, stream=stream, criterion=criterion,
+                                     threads=max(2, kernels.get_threads()), device=placed, gpu_layers=gpu_layers,
+                                     vram=self._vram(placed, gpu_layers, vram))
+                self._log_plan(p, log, verbose)
+                read_parts = None if p.order is None else prefix_reader(ebin, p.order, p.blocks)
                 weights = Weights.from_ebin(ebin, self.config, progress=lambda done, total: report(done / total),
-                                            read_parts=read_parts, total=self.plan.weights)
-                if self._stack is not None:
-                    self._stack.linears = {name: weights[name] for name in self._stack.order.stacked}
+                                            read_parts=read_parts, total=p.weights - p.ffn_bytes)
+                self._stack = None if p.order is None else BlockStack(
+                    p.order, manifest, {name: weights[name] for name in p.order.stacked}, p.blocks)
             self.weight_bytes = weights.nbytes
-            self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK, kv_dtype=kv_dtype)
-            del weights
-            if self.stream_plan is not None:
-                self.stream_plan = streaming.attach(self._transformer, self.path, manifest, ffn_budget, **stream_args)
-            self.device = self._place(device, gpu_layers, vram, manifest, log, verbose)
+            self.stream_plan, ffns = p.ffn, None
+            if p.ffn is not None:
+                from . import streaming
+                ffns = streaming.flash_ffns(self.path, manifest, p.ffn)
+            self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK, kv_dtype=kv_dtype,
+                                            ffns=ffns, gpu=p.gpu)
+            del weights, ffns
+            self.device = "cuda" if p.gpu is not None else "cpu"
+            if p.gpu is not None:
+                log(f"CUDA: {p.gpu.layers}/{self.config.num_layers} layers{' + output head' if p.gpu.head else ''} "
+                    f"on the device, {fmt(p.gpu.device_bytes)} of device memory (compressed weights, KV cache, "
+                    "scratch)")
             del manifest, ebin          # the parsed manifest (the tokenizer JSON is ~2 MB of it)
             release_free_memory()
             report(1.0)
@@ -228,28 +206,36 @@ class Model:
         self._generator = Generator(self._transformer)
         self.stop_ids = stop_ids(self.tokenizer)
 
-    def _place(self, device, gpu_layers, vram, manifest, log, verbose) -> str:
-        """Offload the first layers (and the head) to a CUDA device when asked and possible."""
+    @staticmethod
+    def _device(device, manifest, log, verbose) -> str:
+        """The device the plan places layers on: cpu | cuda ("cuda" without one raises CudaError)."""
         from . import cuda as ecuda
-        placed, why = ecuda.resolve_device(device)        # "cuda" without a device raises CudaError
-        if placed == "cpu":
-            if device == "auto" and verbose:
-                log(why)
-            return "cpu"
-        if self.stream_plan is not None and self.stream_plan.mode != "resident":
-            raise EdgerunError("CUDA offload of flash-streamed layers is not supported: use --device cpu")
-        cfg, tensors, arrays = self.config, manifest["tensors"], self._arrays
-        size = lambda e: sum(arrays[a].length for a in e["parts"].values())  # noqa: E731
-        layer_bytes = [sum(size(e) for k, e in tensors.items() if k.startswith(f"model.layers.{i}."))
-                       for i in range(cfg.num_layers)]
-        head = tensors.get("lm_head.weight") or tensors["model.embed_tokens.weight"]
-        head_bytes = size(tensors["model.norm.weight"]) + size(head)
-        n, on_head, _ = ecuda.plan(cfg, layer_bytes, head_bytes, self.context, PREFILL_CHUNK, gpu_layers,
-                                   parse_size(vram) if vram else None)
-        info = ecuda.offload(self._transformer, n, head=on_head, release_host=True)
-        log(f"CUDA: {n}/{cfg.num_layers} layers{' + output head' if on_head else ''} on the device, "
-            f"{fmt(info['device_bytes'])} of device memory (compressed weights, KV cache, scratch)")
-        return "cuda"
+        placed, why = ecuda.resolve_device(device)
+        if placed == "cuda" and device == "auto" and manifest.get("flash"):
+            placed, why = "cpu", "running on the CPU: flash-layout packs stream their feed-forward there"
+        if placed == "cpu" and device == "auto" and verbose:
+            log(why)
+        return placed
+
+    @staticmethod
+    def _vram(placed, gpu_layers, vram) -> int | None:
+        """The device bytes the plan may fill: --vram, else for -ngl auto the device's free memory."""
+        if vram:
+            return parse_size(vram)
+        if placed == "cuda" and str(gpu_layers).lower() == "auto":
+            from . import cuda as ecuda
+            return ecuda.device_free_bytes()
+        return None
+
+    def _log_plan(self, p, log, verbose) -> None:
+        if p.order is not None:
+            log(f"BitStack: {p.blocks} of {p.order.total} blocks fit ({fmt(p.order.weight_bytes(p.blocks))} of "
+                f"weights; all blocks: {fmt(p.order.weight_bytes(p.order.total))})" + stack_quality(p.order, p.blocks))
+        if p.ffn is not None:
+            log("feed-forward: " + ("resident" if p.ffn.mode == "resident" else
+                                    f"streamed from {self.path.name} ({p.ffn.mode})"))
+        if verbose:
+            log("memory plan:\n" + "\n".join(p.lines()))
 
     # --- BitStack: a model whose size follows free RAM ----------------------------------------
     def resize(self, ram=None, weights=None) -> int:
@@ -259,7 +245,7 @@ class Model:
         if self._stack is None:
             raise EdgerunError("only BitStack models (edgerun pack --codec bitstack) can be resized")
         order = self._stack.order
-        other = self.plan.total - self.plan.weights
+        other = self.plan.total - order.weight_bytes(self.plan.blocks)
         if weights is not None:
             target = parse_size(weights)
         elif ram in (None, "auto"):
@@ -277,7 +263,8 @@ class Model:
             with EbinFile(self.path) as ebin:
                 self._stack.resize(ebin, order.prefix_for(target))
             release_free_memory()
-            self.plan.weights = self.weight_bytes = self._stack.weight_bytes
+            self.plan.blocks = self._stack.loaded
+            self.weight_bytes = self._stack.weight_bytes
         return self.weight_bytes
 
     @property
@@ -322,6 +309,8 @@ class Model:
         with turn:
             self._active = mine
             generator = self._generator
+            streamed = self.stream_plan.stats if self.plan.streams else None    # FFN reads (flash packs)
+            before = streamed.copy() if streamed is not None else None
             try:
                 for token in generator.tokens(ids, params, max_tokens, self.stop_ids,
                                               _AnyEvent(mine, cancel, self._closed)):
@@ -331,6 +320,8 @@ class Model:
             finally:
                 self._turns.suspended = False
                 self._active = None
+                if streamed is not None:
+                    generator.stats.streamed = streamed.since(before)
                 self._set_stats(generator.stats)
 
     def stream(self, prompt: str, max_tokens: int = 256, cancel=None, **sampling):
@@ -407,9 +398,7 @@ class Model:
         if t is not None:
             # a stream the caller left open still references the transformer: empty it so the
             # arrays are freed now (that stream ends at its next step: the closed flag is set)
-            t.w.tensors.clear()
-            t.layers = []
-            t.state = None
+            t.release()
             del t
         release_free_memory()
 

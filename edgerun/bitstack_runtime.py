@@ -22,15 +22,18 @@ from .memory import fmt
 class BlockOrder:
     """The manifest's global block order and the byte size of every prefix."""
 
-    def __init__(self, manifest: dict, arrays: dict):
+    def __init__(self, manifest: dict, arrays: dict | None = None):
+        """`arrays`: the EbinFile's ArrayInfo table (default: the manifest's own "arrays" table)."""
         tensors = manifest["tensors"]
+        length = ((lambda a: arrays[a].length) if arrays is not None  # noqa: E731
+                  else (lambda a: int(manifest["arrays"][a]["length"])))
         self.order = [(name, int(i)) for name, i in manifest["bitstack"]["order"]]
         self.stacked = sorted({name for name, _ in self.order})
-        sizes = [arrays[tensors[name]["parts"][f"block.{i}"]].length for name, i in self.order]
+        sizes = [length(tensors[name]["parts"][f"block.{i}"]) for name, i in self.order]
         self.prefix_bytes = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        block_arrays = {tensors[name]["parts"][f"block.{i}"] for name, i in self.order}
-        self.fixed_bytes = sum(arrays[a].length for e in tensors.values() for a in e["parts"].values()
-                               if a not in block_arrays)
+        self.block_arrays = {tensors[name]["parts"][f"block.{i}"] for name, i in self.order}
+        self.fixed_bytes = sum(length(a) for e in tensors.values() for a in e["parts"].values()
+                               if a not in self.block_arrays)
         self.curve = manifest["bitstack"].get("curve")
 
     @property

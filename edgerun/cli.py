@@ -155,12 +155,16 @@ def sampling_kwargs(kw) -> dict:
     return {k: kw.pop(k) for k in keys if kw.get(k) is not None}
 
 
-def stats_line(m) -> str:
+def stats_line(m, verbose: bool = False) -> str:
+    """The statistics after a reply; with -v also the FFN streaming's (packs that stream)."""
     from .memory import fmt, peak_rss
     s = m.stats
-    return (f"[prompt {s.prompt_tokens} tok at {s.prompt_tps:.0f} tok/s | reply {s.generated_tokens} tok at "
+    line = (f"[prompt {s.prompt_tokens} tok at {s.prompt_tps:.0f} tok/s | reply {s.generated_tokens} tok at "
             f"{s.generate_tps:.1f} tok/s | first token {s.first_token_seconds:.2f} s | "
             f"peak RSS {fmt(peak_rss())} of {fmt(m.budget)}]")
+    if verbose and s.streamed is not None:
+        line += f"\n[FFN streamed: {s.streamed.line()}]"
+    return line
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -250,7 +254,7 @@ def chat(model, ram, context, threads, verbose, device, gpu_layers, vram, stream
     with m:
         ChatSession(m, system=system, max_tokens=max_tokens or reply_cap(m, CHAT_MAX_TOKENS),
                     sampling=sampling_kwargs(kw),
-                    stats=lambda: _err(stats_line(m))).run()
+                    stats=lambda: _err(stats_line(m, verbose))).run()
 
 
 @main.command()
@@ -275,7 +279,7 @@ def generate(model, ram, context, threads, verbose, device, gpu_layers, vram, st
         for piece in m.stream(text, max_tokens=max_tokens, **sampling_kwargs(kw)):
             click.echo(piece, nl=False)
         click.echo()
-        _err(stats_line(m))
+        _err(stats_line(m, verbose))
 
 
 def cancel_on_sigint(m):

@@ -19,6 +19,7 @@ class Stats:
     decode_steps: int = 0            # one-token forward passes timed in generate_seconds
     first_token_seconds: float = 0.0   # from the call to the first sampled token
     finish_reason: str = ""          # stop | length | cancelled
+    streamed: object = None          # streaming.FlashStats of this call's FFN reads (packs that stream)
 
     @property
     def prompt_tps(self) -> float:

@@ -6,13 +6,7 @@ from collections import defaultdict
 from . import isa
 from .ebin import EbinFile
 from .memory import fmt, mib_ceil
-
-GROUPS = (("embeddings", "embed_tokens"), ("attention", "self_attn."), ("feed-forward", "mlp."),
-          ("output head", "lm_head"), ("norms", "norm"))
-
-
-def tensor_group(name: str) -> str:
-    return next((group for group, key in GROUPS if key in name), "other")
+from .plan import plan as make_plan, tensor_group
 
 
 def _source(source) -> str:
@@ -23,7 +17,7 @@ def _source(source) -> str:
 
 
 def describe(path, context=None) -> str:
-    from .api import DEFAULT_CONTEXT, plan_memory, stop_ids, tokenizer_from_manifest
+    from .api import DEFAULT_CONTEXT, measure_runtime, stop_ids, tokenizer_from_manifest
     from .validate import check_model
     with EbinFile(path) as f:
         man = f.manifest
@@ -39,7 +33,7 @@ def describe(path, context=None) -> str:
             params[g] += n
             codecs[g].add(t["codec"] + ("/" + t["params"]["dtype"] if "dtype" in t["params"] else ""))
         tokenizer = tokenizer_from_manifest(man)        # held while measuring, as a loaded model holds it
-        plan = plan_memory(f, cfg, context, None)
+        plan = make_plan(man, None, context, measure_runtime(f))      # everything resident
         stop_text = ", ".join(f"{i} {tokenizer.id_to_token(i)}" for i in stop_ids(tokenizer))
         del tokenizer
         tok = man["tokenizer"]
@@ -68,27 +62,20 @@ def describe(path, context=None) -> str:
                      f" (added: {tok.get('add_bos_token')})")
         stack = man.get("bitstack")
         if stack:
-            from .bitstack_runtime import BlockOrder
-            order = BlockOrder(man, f.arrays)
-            plan.weights = order.weight_bytes(order.minimum)
+            order = plan.order
             lines.append(f"BitStack      {order.total} blocks in global order; weights from "
                          f"{fmt(order.weight_bytes(order.minimum))} (one block per matrix) to "
                          f"{fmt(order.weight_bytes(order.total))}; size/quality (calibration perplexity):")
             for size, ppl in stack.get("curve") or []:
                 lines.append(f"  {fmt(size):>12}  {ppl:10.2f}")
         if man.get("flash"):
-            # the FFN bundles are not in `tensors`: the minimum adds the smallest streaming plan,
-            # as loading adds its streaming plan to the memory plan
             from . import streaming
             least = streaming.minimum_plan(man, cfg)
-            resident = streaming.plan_streaming(man, cfg, 1 << 62, "resident", criterion="off")
-            plan.weights += least.total_bytes
-            resident_from = plan.total - least.total_bytes + resident.total_bytes
             lines.append(f"feed-forward  {least.layers} layers x {least.neurons} neurons, "
                          f"{fmt(least.layers * least.neurons * least.bundle_bytes)} of {least.dtype} bundles "
-                         f"(--layout flash): resident from --ram {mib_ceil(resident_from)}, else streamed; "
-                         "the least streaming needs (in the weights below):")
+                         f"(--layout flash): resident from --ram {mib_ceil(plan.total)}, else streamed; "
+                         "the least streaming needs:")
             lines += least.lines()
-        lines.append(f"memory at context {context} (minimum --ram {mib_ceil(plan.total)}):")
+        lines.append(f"memory at context {context}, everything resident (minimum --ram {mib_ceil(plan.minimum)}):")
         lines += plan.lines()[:-1]
         return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Memory budgets: parse `--ram`, plan what the model needs before loading, measure peak RSS.
+"""Memory budgets: parse `--ram`, measure RSS, give memory back (the plan itself: edgerun/plan.py).
 
 The budget bounds the whole process (DESIGN §3): the runtime's own measured footprint
 (interpreter, libraries, JIT code, tokenizer), the weights, the KV cache and the scratch
@@ -11,12 +11,10 @@ import mmap
 import re
 import resource
 import threading
-from dataclasses import dataclass
-
 import numpy as np
 import psutil
 
-from .errors import BudgetError, EdgerunError
+from .errors import EdgerunError
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
           "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
@@ -141,50 +139,6 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@dataclass
-class MemoryPlan:
-    runtime: int      # measured RSS before any weight is loaded
-    weights: int
-    kv_cache: int
-    scratch: int
-    context: int
-    budget: int | None
-    kv_dtype: str = "f16"
-
-    @property
-    def total(self) -> int:
-        return self.runtime + self.weights + self.kv_cache + self.scratch + HEADROOM_BYTES
-
-    @property
-    def fits(self) -> bool:
-        return self.budget is None or self.total <= self.budget
-
-    def lines(self) -> list[str]:
-        rows = [("runtime (measured: interpreter, libraries, JIT code, tokenizer)", self.runtime),
-                ("weights (resident)", self.weights),
-                (f"KV cache ({self.kv_dtype}, context {self.context})", self.kv_cache),
-                ("scratch buffers", self.scratch),
-                ("headroom (heap growth)", HEADROOM_BYTES)]
-        out = [f"  {name:<66} {fmt(n):>12}" for name, n in rows]
-        out.append(f"  {'total':<66} {fmt(self.total):>12}")
-        budget = "unlimited" if self.budget is None else fmt(self.budget)
-        out.append(f"  {'budget (--ram)':<66} {budget:>12}")
-        return out
-
-    def check(self) -> None:
-        if self.fits:
-            return
-        without_kv = self.total - self.kv_cache
-        per_position = self.kv_cache // max(self.context, 1)
-        fit_ctx = (self.budget - without_kv) // per_position if per_position else 0
-        hint = (f"lower the context (-c {fit_ctx} fits)" if fit_ctx >= 256
-                else "use a smaller model or a more compressed pack")
-        raise BudgetError(
-            f"the model needs at least {fmt(self.total)} (--ram {mib_ceil(self.total)}) at context {self.context}, "
-            f"but --ram is {fmt(self.budget)}: raise --ram or {hint}.\n" + "\n".join(self.lines()),
-            minimum_bytes=self.total)
 
 
 def mib_ceil(n: int) -> str:

@@ -4,6 +4,11 @@ Reads top-down like llama2.c's `forward`: one preallocated `RunState`, one KV ca
 layer a handful of kernel calls. It never looks at weight formats or architecture names: each
 linear is a codec object with `matvec` (one token) and `matmul` (a prefill chunk), and the
 architecture differences arrive as config flags (biases, q/k norm).
+
+Placement is decided when the model is built, from the plan (edgerun/plan.py), as components the
+one forward pass calls: each layer runs on a device's ops (`HostOps` here; edgerun/cuda's
+`DeviceOps` offer the same operations on a GPU's arrays), and its feed-forward is a component
+(`SwiGLU` on the layer's device, or streaming.FlashFFN reading neuron bundles from flash).
 """
 from __future__ import annotations
 
@@ -30,6 +35,22 @@ LAYER_TENSORS = {
 }
 
 
+class SwiGLU:
+    """The feed-forward on the layer's own device: h += down(silu(gate x) * up x). Stateless: it
+    reads the layer's weights at each call (pack-time code swaps them)."""
+
+    def __call__(self, ops, L, x, h) -> None:
+        T = x.shape[0]
+        gate, up = ops.st.gate[:T], ops.st.up[:T]
+        ops.linear(L.gate, x, gate, L.gate_bias)
+        ops.linear(L.up, x, up, L.up_bias)
+        ops.silu_mul(gate, up, gate)
+        ops.linear(L.down, gate, h, L.down_bias, accumulate=True)
+
+
+SWIGLU = SwiGLU()
+
+
 @dataclass
 class Layer:
     """One transformer block's weights: linears are codec objects (matvec/matmul), vectors f32;
@@ -52,9 +73,9 @@ class Layer:
     gate_bias: np.ndarray | None = None
     up_bias: np.ndarray | None = None
     down_bias: np.ndarray | None = None
-    # A feed-forward computed elsewhere (e.g. streamed from flash): ffn(x (T, d), out (T, d)) with
-    # out = down(silu(gate x) * up x). When set, gate/up/down above are not used.
-    ffn: object | None = None
+    # The feed-forward component: ffn(ops, layer, x (T, d), h (T, d)) adds down(silu(gate x) * up x)
+    # to h. SWIGLU computes it from gate/up/down above; streaming.FlashFFN from bundles on flash.
+    ffn: object = SWIGLU
 
     @classmethod
     def from_tensors(cls, get, i: int) -> "Layer":
@@ -165,14 +186,100 @@ def _linear(w, x, out, bias=None):
         out += bias
 
 
+class HostOps:
+    """The CPU placement: the forward pass's operations as Numba kernels on host arrays (the
+    RunState's buffers and KV cache). edgerun/cuda's DeviceOps has the same methods on a GPU."""
+    name = "cpu"
+
+    def __init__(self, cfg: ModelConfig, state: RunState, cos, sin):
+        self.cfg, self.st, self.cos, self.sin = cfg, state, cos, sin
+
+    def place(self, layer: Layer, i: int) -> Layer:
+        return layer                        # read into host memory already
+
+    def place_head(self, norm, lm_head):
+        return norm, lm_head
+
+    def enter(self, x, i: int):
+        """Layer i's hidden states (T, d) as this device holds them."""
+        return x
+
+    def leave(self, h, x, i: int) -> None:
+        """After layer i: the host's x holds what the next layer needs."""
+
+    def hidden(self, x):
+        """The rows `x` (T, d) of the last hidden states, for the output head."""
+        return x
+
+    def rmsnorm(self, x, w, eps, out):
+        kernels.rmsnorm_rows(x, w, eps, out)
+
+    def linear(self, w, x, out, bias=None, accumulate=False):
+        """out (T, d) (+)= x (T, n) @ W.T (+ bias)."""
+        if accumulate:
+            tmp = self.st.xb2[:x.shape[0]]
+            _linear(w, x, tmp, bias)
+            out += tmp
+        else:
+            _linear(w, x, out, bias)
+
+    def rope(self, x3, start: int):
+        pos = self.st.positions[:x3.shape[0]]
+        pos[:] = np.arange(start, start + x3.shape[0])
+        kernels.rope(x3, pos, self.cos, self.sin)
+
+    def attention(self, i: int, q3, k3, v3, start: int, att3):
+        """Append k, v (T, Hkv, D) to layer i's cache at `start`; att = causal attention of q."""
+        st, T = self.st, q3.shape[0]
+        st.key_cache[i, :, start:start + T] = k3.transpose(1, 0, 2)          # rounded to f16
+        st.value_cache[i, :, start:start + T] = v3.transpose(1, 0, 2)
+        kernels.attention(q3, st.key_bits[i], st.value_bits[i], start, att3, st.scores)
+
+    def silu_mul(self, gate, up, out):
+        kernels.silu_mul(gate, up, out)
+
+    def logits(self, lm_head, x, out):
+        _linear(lm_head, x, out)
+
+
 class Transformer:
     def __init__(self, cfg: ModelConfig, weights: Weights, context: int, chunk: int = 64, layers=None,
-                 kv_dtype: str = "f16"):
+                 kv_dtype: str = "f16", ffns=None, gpu=None):
+        """`ffns`: each layer's feed-forward component (default SWIGLU); `gpu`: a plan.GpuPlan, the
+        first `gpu.layers` layers (and the head when `gpu.head`) on a CUDA device (edgerun/cuda).
+        The weights of layers placed on a device are dropped from host memory."""
         self.cfg, self.w, self.context, self.chunk = cfg, weights, context, chunk
         self.state = RunState(cfg, context, chunk, kv_dtype)
-        self.layers = layers if layers is not None else [weights.layer(i) for i in range(cfg.num_layers)]
-        self.cuda_head = None     # final norm + output head on a CUDA device (edgerun/cuda), if offloaded
         self.cos, self.sin = kernels.rope_tables(cfg.head_dim, context, cfg.rope_theta, cfg.rope_scaling)
+        host = HostOps(cfg, self.state, self.cos, self.sin)
+        self.ops = [host] * cfg.num_layers
+        head_ops = host
+        if gpu is not None and gpu.layers:
+            from .cuda.layer import DeviceOps
+            dev = DeviceOps(cfg, context, chunk, self.cos, self.sin, range(gpu.layers))
+            self.ops[:gpu.layers] = [dev] * gpu.layers
+            head_ops = dev if gpu.head else host
+        self.head_ops = head_ops
+        if layers is not None:               # given as they are, on the host (pack-time calibration)
+            self.layers = layers
+            self.norm, self.lm_head = weights.tensors.get("model.norm.weight"), weights.tensors.get("lm_head.weight")
+            return
+        self.layers = []
+        for i in range(cfg.num_layers):
+            layer = weights.layer(i)
+            if ffns is not None:
+                layer.ffn = ffns[i]
+            self.layers.append(self.ops[i].place(layer, i))
+            if self.ops[i] is not host:
+                for key in [k for k in weights.tensors if k.startswith(f"model.layers.{i}.")]:
+                    del weights.tensors[key]
+        self.norm, self.lm_head = head_ops.place_head(weights["model.norm.weight"], weights["lm_head.weight"])
+
+    def release(self) -> None:
+        """Drop every weight, buffer and device array now (a stream left open still holds this object;
+        it ends at its next step)."""
+        self.w.tensors.clear()
+        self.layers, self.ops, self.state, self.head_ops, self.norm, self.lm_head = [], [], None, None, None, None
 
     def forward(self, tokens, start: int, all_logits: bool = False, cancel=None):
         """Run `tokens` (positions start..start+len-1) through the model, filling the KV cache.
@@ -202,13 +309,11 @@ class Transformer:
         return out
 
     def _logits(self, hidden, out):
-        if self.cuda_head is not None:
-            self.cuda_head(hidden, out)
-            return
-        st, w = self.state, self.w
-        normed = st.xb[:len(hidden)]
-        kernels.rmsnorm_rows(hidden, w["model.norm.weight"], self.cfg.rms_norm_eps, normed)
-        _linear(w["lm_head.weight"], normed, out)
+        """out (T, V) = the output head of the final norm of `hidden` (T, d)."""
+        ops = self.head_ops
+        normed = ops.st.xb[:len(hidden)]
+        ops.rmsnorm(ops.hidden(hidden), self.norm, self.cfg.rms_norm_eps, normed)
+        ops.logits(self.lm_head, normed, out)
 
     def _layers(self, tokens, start, cancel):
         """Embed `tokens` and run every layer; returns the hidden states (T, d) (a state view)."""
@@ -227,42 +332,26 @@ class Transformer:
 
     def block(self, i: int, x, start: int) -> None:
         """Layer i on hidden states x (T, d) at positions start..start+T-1, in place; fills the
-        layer's KV cache."""
-        cfg, st, L = self.cfg, self.state, self.layers[i]
-        if hasattr(L, "block"):          # placed on a CUDA device: the whole block runs there
-            L.block(x, start)
-            return
-        T, H, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        xb, xb2 = st.xb[:T], st.xb2[:T]
-        q, k, v, att = st.q[:T], st.k[:T], st.v[:T], st.att[:T]
-        gate, up = st.gate[:T], st.up[:T]
-        pos = st.positions[:T]
-        pos[:] = np.arange(start, start + T)
-        eps = cfg.rms_norm_eps
+        layer's KV cache. Runs on the layer's device (`self.ops[i]`)."""
+        cfg, L, ops = self.cfg, self.layers[i], self.ops[i]
+        T, H, Hkv, D, eps = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        st = ops.st
+        xb, q, k, v, att = st.xb[:T], st.q[:T], st.k[:T], st.v[:T], st.att[:T]
+        h = ops.enter(x, i)
         # attention
-        kernels.rmsnorm_rows(x, L.input_norm, eps, xb)
-        _linear(L.q, xb, q, L.q_bias)
-        _linear(L.k, xb, k, L.k_bias)
-        _linear(L.v, xb, v, L.v_bias)
+        ops.rmsnorm(h, L.input_norm, eps, xb)
+        ops.linear(L.q, xb, q, L.q_bias)
+        ops.linear(L.k, xb, k, L.k_bias)
+        ops.linear(L.v, xb, v, L.v_bias)
         if cfg.qk_norm:
-            kernels.rmsnorm_rows(q.reshape(T * H, D), L.q_norm, eps, q.reshape(T * H, D))
-            kernels.rmsnorm_rows(k.reshape(T * Hkv, D), L.k_norm, eps, k.reshape(T * Hkv, D))
+            ops.rmsnorm(q.reshape(T * H, D), L.q_norm, eps, q.reshape(T * H, D))
+            ops.rmsnorm(k.reshape(T * Hkv, D), L.k_norm, eps, k.reshape(T * Hkv, D))
         q3, k3 = q.reshape(T, H, D), k.reshape(T, Hkv, D)
-        kernels.rope(q3, pos, self.cos, self.sin)
-        kernels.rope(k3, pos, self.cos, self.sin)
-        st.key_cache[i, :, start:start + T] = k3.transpose(1, 0, 2)          # rounded to f16
-        st.value_cache[i, :, start:start + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
-        kernels.attention(q3, st.key_bits[i], st.value_bits[i], start, att.reshape(T, H, D), st.scores)
-        _linear(L.o, att, xb2, L.o_bias)
-        x += xb2
-        # feed-forward (SwiGLU)
-        kernels.rmsnorm_rows(x, L.post_norm, eps, xb)
-        if L.ffn is not None:
-            L.ffn(xb, xb2)
-            x += xb2
-            return
-        _linear(L.gate, xb, gate, L.gate_bias)
-        _linear(L.up, xb, up, L.up_bias)
-        kernels.silu_mul(gate, up, gate)
-        _linear(L.down, gate, xb2, L.down_bias)
-        x += xb2
+        ops.rope(q3, start)
+        ops.rope(k3, start)
+        ops.attention(i, q3, k3, v.reshape(T, Hkv, D), start, att.reshape(T, H, D))
+        ops.linear(L.o, att, h, L.o_bias, accumulate=True)       # h += o(att)
+        # feed-forward (SwiGLU): h += ffn(norm(h))
+        ops.rmsnorm(h, L.post_norm, eps, xb)
+        L.ffn(ops, L, xb, h)
+        ops.leave(h, x, i)

@@ -4,7 +4,8 @@ Layout (formats/flash-layout.md): per layer one array of neuron bundles, bundle 
 up row j, down column j] (3·d values of the stored dtype), neurons ordered by how often they are
 active on calibration text, plus the permutation and a low-rank activation predictor.
 
-At run time a `FlashFFN` is each layer's `ffn` hook (edgerun/model.py). Modes:
+At run time a `FlashFFN` is each layer's feed-forward component (edgerun/model.py), built from the
+plan (edgerun/plan.py) with the model. Modes:
 - resident: the whole bundle array is read once (fit first: nothing streams);
 - window:   a per-layer buffer holds the `capacity` neurons most likely needed (sized from the
             budget; starts with the most frequent, then LRU over the last k tokens); each token
@@ -252,6 +253,13 @@ class FlashStats:
     neurons_used: int = 0          # summed over layers and tokens
     neurons_loaded: int = 0        # of those, not in the window (read for this token)
 
+    def since(self, before: "FlashStats") -> "FlashStats":
+        """What happened after the snapshot `before` (a copy taken earlier): one reply's reads."""
+        return FlashStats(**{k: getattr(self, k) - getattr(before, k) for k in self.__dataclass_fields__})
+
+    def copy(self) -> "FlashStats":
+        return FlashStats(**vars(self))
+
     @property
     def hit_rate(self) -> float:
         return 1.0 - self.neurons_loaded / max(self.neurons_used, 1)
@@ -277,6 +285,7 @@ class StreamingPlan:
     scratch_rows: int = 0      # bundles per read buffer (the most a token can miss in one layer)
     gap: int = 0               # coalescing: missing ids at most this many bundles apart are one read
     prefetch: bool = True      # criterion off: read layer l+1's misses while layer l computes
+    threads: int = 2           # reader threads
     stats: FlashStats = field(default_factory=FlashStats)
     reader: FlashReader | None = None      # set by `attach`: the open file the bundles stream from
 
@@ -356,7 +365,7 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
         raise EdgerunError(f"--stream must be auto, resident, window, layer or naive, not {mode!r}")
     if ffn_budget >= full + act and mode in ("auto", "resident"):
         return StreamingPlan("resident", criterion, window, f, L, f, B, fl["dtype"],
-                             {"FFN bundles (resident)": full, "FFN activations": act}, 0)
+                             {"FFN bundles (resident)": full, "FFN activations": act}, 0, threads=threads)
     if mode == "resident":
         raise BudgetError(f"the FFN needs {full + act} bytes resident but its budget is {ffn_budget}")
     mode = "window" if mode == "auto" else mode
@@ -379,7 +388,8 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
     missing = f - capacity if kind == "off" else min(f - capacity, math.ceil((1 - sparsity) * f))
     per_token = L * (f if mode != "window" else missing) * B
     return StreamingPlan(mode, criterion, window, capacity, L, f, B, fl["dtype"], fixed, per_token,
-                         scratch_rows=max(f - capacity, 1) if mode != "naive" else f, gap=gap, prefetch=prefetch)
+                         scratch_rows=max(f - capacity, 1) if mode != "naive" else f, gap=gap, prefetch=prefetch,
+                         threads=threads)
 
 
 def minimum_plan(manifest: dict, cfg, criterion: str = "off", threads: int = 2) -> StreamingPlan:
@@ -430,7 +440,8 @@ class _Read:
 
 
 class FlashFFN:
-    """The `ffn(x (T, d), out (T, d))` hook of one layer, over its bundles in the .ebin."""
+    """One layer's feed-forward over its bundles in the .ebin: `ffn(ops, layer, x, h)` adds
+    `compute(x (T, d), out (T, d))` to h (host arrays: this component runs on the CPU)."""
 
     def __init__(self, i: int, entry: dict, arrays: dict, plan: StreamingPlan, shared: _Shared,
                  predictor=None, gate=None, thresholds=None):
@@ -471,7 +482,13 @@ class FlashFFN:
         return union, act[:, union]
 
     # -- the hook
-    def __call__(self, x, out):
+    def __call__(self, ops, L, x, h):
+        out = ops.st.xb2[:x.shape[0]]
+        self.compute(x, out)
+        h += out
+
+    def compute(self, x, out):
+        """out (T, d) = down(silu(gate x) * up x) over the selected neurons."""
         T = x.shape[0]
         st = self.sh.stats
         if self.i == 0:
@@ -602,24 +619,32 @@ def warm_up(manifest: dict) -> None:
 def attach(transformer, ebin_path, manifest: dict, ffn_budget: int, mode: str = "auto", window: int = 4,
            criterion: str = "lowrank:0.5", threads: int = 2, gap: int | None = None,
            prefetch: bool = True) -> StreamingPlan:
-    """Give every layer of `transformer` a FlashFFN over the flash-layout bundles of `ebin_path`
-    within `ffn_budget` bytes; returns the plan (with live `stats`). Every bundle array's crc32 is
-    checked once here (FormatError naming the array)."""
-    cfg = transformer.cfg
-    plan = plan_streaming(manifest, cfg, ffn_budget, mode=mode, window=window, criterion=criterion, threads=threads,
-                          gap=gap, prefetch=prefetch)
+    """Give every layer of a built `transformer` a FlashFFN over the flash-layout bundles of
+    `ebin_path` within `ffn_budget` bytes (tests and tools; the API builds the model with them);
+    returns the plan (with live `stats`)."""
+    plan = plan_streaming(manifest, transformer.cfg, ffn_budget, mode=mode, window=window, criterion=criterion,
+                          threads=threads, gap=gap, prefetch=prefetch)
+    for L, ffn in zip(transformer.layers, flash_ffns(ebin_path, manifest, plan)):
+        L.ffn = ffn
+    return plan
+
+
+def flash_ffns(ebin_path, manifest: dict, plan: StreamingPlan) -> list:
+    """Carry out `plan`: every layer's FlashFFN, with the plan's reader open (`plan.reader`) and
+    its buffers filled. Every bundle array's crc32 is checked once here (FormatError naming it)."""
     fl = _flash(manifest)
-    kind, sparsity = parse_criterion(criterion)
-    reader = FlashReader(ebin_path, threads=threads)
+    kind, sparsity = parse_criterion(plan.criterion)
+    reader = FlashReader(ebin_path, threads=plan.threads)
     try:
-        return _attach(transformer, ebin_path, fl, plan, reader, kind, sparsity)
+        ffns = _open(ebin_path, fl, plan, reader, kind, sparsity)
     except BaseException:
         reader.close()          # its threads and file descriptor
         raise
+    plan.reader = reader
+    return ffns
 
 
-def _attach(transformer, ebin_path, fl: dict, plan: StreamingPlan, reader: FlashReader, kind: str,
-            sparsity: float) -> StreamingPlan:
+def _open(ebin_path, fl: dict, plan: StreamingPlan, reader: FlashReader, kind: str, sparsity: float) -> list:
     from .ebin import EbinFile
     d = fl["hidden_size"]
     shared = _Shared(reader, plan, d)
@@ -655,10 +680,7 @@ def _attach(transformer, ebin_path, fl: dict, plan: StreamingPlan, reader: Flash
                     ffn.load_window(reader)
             ffns.append(ffn)
     shared.ffns = ffns
-    for L, ffn in zip(transformer.layers, ffns):
-        L.ffn = ffn
-    plan.reader = reader
-    return plan
+    return ffns
 
 
 # ------------------------------------------------------------------------------ pack time
@@ -727,10 +749,10 @@ def ffn_inputs(source, cfg, sequences: np.ndarray):
         gate, up, down = w["gate"], w["up"], w["down"]
         seen = []
 
-        def record(xb, out, gate=gate, up=up, down=down, seen=seen):
+        def record(ops, L, xb, h, gate=gate, up=up, down=down, seen=seen):
             seen.append(xb.copy())
             g = xb @ gate.T
-            out[:] = (g / (1.0 + np.exp(-g)) * (xb @ up.T)) @ down.T
+            h += ((g / (1.0 + np.exp(-g)) * (xb @ up.T)) @ down.T).astype(np.float32)
 
         layer.ffn = record
         tf.layers[i] = layer

@@ -186,7 +186,7 @@ def test_prefetch_of_a_cancelled_forward_is_discarded(tiny_packs):
     tf, man = load(flash)
     plan = streaming.attach(tf, flash, man, small_window_budget(man, tf.cfg, 20), mode="window", criterion="off")
     x, out = np.ones((1, tf.cfg.hidden_size), np.float32), np.empty((1, tf.cfg.hidden_size), np.float32)
-    tf.layers[0].ffn(x, out)                   # a forward stopped after layer 0: layer 1's read in flight
+    tf.layers[0].ffn.compute(x, out)           # a forward stopped after layer 0: layer 1's read in flight
     assert plan.reader is not None
     np.testing.assert_array_equal(logits(tf, ids, 8), resident)
 
@@ -227,3 +227,18 @@ def test_info_minimum_includes_the_streaming_buffers(tiny_packs):
     with edgerun.load(flash, ram=minimum + (8 << 20), context=64) as m:    # + the RSS measurement's noise
         assert m.stream_plan.mode in ("window", "resident")
         assert m.generate("a", max_tokens=2, temperature=0) is not None
+
+
+def test_verbose_prints_the_plan_and_the_streaming_statistics(tiny_packs):
+    # `-v`: the plan before loading, and after the reply the bytes read per token and the hit rate
+    from click.testing import CliRunner
+
+    from edgerun.cli import main
+    _, flash, _ = tiny_packs
+    out = CliRunner().invoke(main, ["generate", str(flash), "-p", "a", "-n", "3", "--temp", "0", "-c", "64",
+                                    "--stream", "window", "-v"]).output
+    assert "memory plan:" in out and "weights: feed-forward bundles, streamed (window)" in out
+    stats = next(line for line in out.splitlines() if line.startswith("[FFN streamed: "))
+    assert "MB read/token" in stats and "hit rate" in stats
+    out = CliRunner().invoke(main, ["generate", str(flash), "-p", "a", "-n", "3", "--temp", "0", "-c", "64"]).output
+    assert "FFN streamed" not in out

@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from edgerun.config import ModelConfig
     from edgerun.ebin import EbinFile
     from edgerun.model import Transformer, Weights
+    from edgerun.plan import GpuPlan
 
     try:
         device, why = ecuda.resolve_device("cuda")
@@ -57,25 +58,14 @@ def main(argv=None) -> int:
     if not a.model:
         ap.error("give a model .ebin or --tiny")
 
-    class Offloadable(Transformer):
-        # the delegation model.py gets (docs/cuda.md); here so the tool runs before that lands
-        def block(self, i, x, start):
-            if hasattr(self.layers[i], "block"):
-                return self.layers[i].block(x, start)
-            return super().block(i, x, start)
-
-        def _logits(self, hidden, out):
-            if getattr(self, "cuda_head", None) is not None:
-                return self.cuda_head(hidden, out)
-            return super()._logits(hidden, out)
-
     results = {}
     for spec in a.gpu_layers.split(","):
         with EbinFile(a.model) as e:
             cfg = ModelConfig.from_dict(e.manifest["config"])
-            tf = Offloadable(cfg, Weights.from_ebin(e, cfg), a.context, min(64, a.prompt))
-        n = cfg.num_layers if spec == "all" else int(spec)
-        info = ecuda.offload(tf, n, head=n == cfg.num_layers) if n else {"device_bytes": 0}
+            n = cfg.num_layers if spec == "all" else int(spec)
+            tf = Transformer(cfg, Weights.from_ebin(e, cfg), a.context, min(64, a.prompt),
+                             gpu=GpuPlan(n, n == cfg.num_layers, 0) if n else None)
+        device_bytes = tf.ops[0].nbytes if n else 0
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, a.prompt)   # same prompt for every spec
         logits = tf.forward(ids[:a.prompt], 0)
         t0 = time.perf_counter()
@@ -83,12 +73,11 @@ def main(argv=None) -> int:
             logits = tf.forward([int(logits.argmax())], a.prompt + k)
         dt = time.perf_counter() - t0
         # per decoded token: x (d f32) up at each run start and down at each run end, logits down
-        layers = tf.layers
-        runs = sum(1 for i in range(cfg.num_layers) if hasattr(layers[i], "block")
-                   and (i == 0 or not hasattr(layers[i - 1], "block")))
-        moved = runs * 2 * 4 * cfg.hidden_size + (4 * cfg.vocab_size if getattr(tf, "cuda_head", None) else 0)
+        on = [ops.name == "cuda" for ops in tf.ops]
+        runs = sum(1 for i in range(cfg.num_layers) if on[i] and (i == 0 or not on[i - 1]))
+        moved = runs * 2 * 4 * cfg.hidden_size + (4 * cfg.vocab_size if tf.head_ops.name == "cuda" else 0)
         results[spec] = logits.copy()
-        print(f"gpu layers {spec:>4}: {a.tokens / dt:8.2f} tok/s, device {info['device_bytes'] / 2**20:8.1f} MiB, "
+        print(f"gpu layers {spec:>4}: {a.tokens / dt:8.2f} tok/s, device {device_bytes / 2**20:8.1f} MiB, "
               f"host<->device {moved} B/token")
     if "0" in results and len(results) > 1:
         ref = results["0"]

@@ -5,8 +5,10 @@ NUMBA_ENABLE_CUDASIM=1 numba-cuda's simulator stands in for the device (tests). 
 imports numba.cuda until asked, so the CPU path never pays for it.
 
     device, why = resolve_device("auto")          # -> ("cpu", "no CUDA device: ...") here
-    n, head, dev_bytes = plan(cfg, layer_bytes, head_bytes, context, chunk, "auto", vram)
-    offload(transformer, n, head=head)            # swaps transformer.layers[:n] for CudaLayers
+
+How many layers (and whether the head) go on the device is the plan's (edgerun/plan.py); the
+model is built with them there (model.Transformer, gpu=...), running the one forward pass with
+layer.DeviceOps.
 """
 from __future__ import annotations
 
@@ -90,63 +92,4 @@ def device_free_bytes() -> int | None:
     return int(free)
 
 
-def parse_gpu_layers(value, num_layers: int):
-    """"all" | "auto" | int-like -> "all" | "auto" | int in 0..num_layers (CudaError otherwise)."""
-    if value is None:
-        return 0
-    if isinstance(value, str) and value.lower() in ("all", "auto"):
-        return value.lower()
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise CudaError(f"--gpu-layers must be all, auto or a number of layers, got {value!r}") from None
-    if not 0 <= n:
-        raise CudaError(f"--gpu-layers must be >= 0, got {n}")
-    return min(n, num_layers)
-
-
-def plan(cfg, layer_bytes: list[int], head_bytes: int, context: int, chunk: int,
-         gpu_layers="all", vram: int | None = None) -> tuple[int, bool, int]:
-    """How much to offload: (n first layers, head on the device, device bytes).
-
-    `layer_bytes[i]`: stored bytes of layer i's weights (uploaded as they are); each offloaded
-    layer also holds its KV cache (f32) on the device; `layer.scratch_bytes` is allocated once.
-    "all" offloads every layer and the head; N the first N layers (the head too when N is all of
-    them); "auto" the most layers that fit `vram` (default: the device's free memory), head last.
-    """
-    from .layer import kv_bytes, scratch_bytes
-    L = cfg.num_layers
-    g = parse_gpu_layers(gpu_layers, L)
-    fixed = scratch_bytes(cfg, context, chunk)
-    per = [b + kv_bytes(cfg, context) for b in layer_bytes]
-    if g == "auto":
-        budget = vram if vram is not None else device_free_bytes()
-        if budget is None:
-            raise CudaError("--gpu-layers auto needs --vram (the simulator reports no device memory)")
-        n, used = 0, fixed
-        while n < L and used + per[n] <= budget:
-            used += per[n]
-            n += 1
-        head = n == L and used + head_bytes <= budget
-        if n == 0:
-            raise CudaError(f"--vram {budget} B holds no layer: one needs {fixed + per[0]} B on the device")
-        return n, head, used + (head_bytes if head else 0)
-    n = L if g == "all" else g
-    head = n == L
-    total = (fixed + sum(per[:n]) + (head_bytes if head else 0)) if n else 0
-    if vram is not None and total > vram:
-        raise CudaError(f"{n} GPU layers need {total} B on the device, more than --vram {vram} B; "
-                        "use fewer --gpu-layers or --gpu-layers auto")
-    return n, head, total
-
-
-def offload(model, n_layers: int | None = None, head: bool = True, release_host: bool = False) -> dict:
-    """Move the first `n_layers` layers (default all) of an edgerun Transformer to the device as
-    CudaLayers (and the output head when `head`). Returns {"device_bytes", "layers", "head"}.
-    With `release_host` the offloaded layers' tensors are dropped from model.w (host memory)."""
-    from .layer import offload as _offload
-    return _offload(model, n_layers, head, release_host)
-
-
-__all__ = ["CudaError", "INSTALL", "status", "resolve_device", "simulated", "device_free_bytes",
-           "parse_gpu_layers", "plan", "offload"]
+__all__ = ["CudaError", "INSTALL", "status", "resolve_device", "simulated", "device_free_bytes"]

@@ -1,175 +1,136 @@
-"""A whole transformer block on the device (the CUDA twin of `Transformer.block`, model.py).
+"""The CUDA placement: the forward pass's operations on a GPU's arrays (`DeviceOps`).
 
-Every op of the block is a device kernel; the KV cache of an offloaded layer lives on the
-device. Across a run of consecutive CUDA layers the hidden states stay on the device: the
-first layer of the run uploads x (T, d), the last one downloads it — T·d·4 bytes each way per
-run of layers, never per layer. `DeviceRun` holds the scratch buffers all CUDA layers share.
+`Transformer.block` (model.py) is the one forward pass; a layer placed here runs it with these
+ops instead of model.HostOps: every op is a device kernel, the layer's weights are uploaded once
+(compressed, as stored) and its KV cache lives on the device. Across a run of consecutive device
+layers the hidden states stay on the device: the first layer of the run uploads x (T, d), the
+last one downloads it — T·d·4 bytes each way per run of layers, never per layer.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from numba import cuda
 
 from . import CudaError
 from . import kernels as K
+from ..plan import device_scratch_bytes, kv_bytes
 from .codecs import to_device
 
-
-def kv_bytes(cfg, context: int) -> int:
-    """Device bytes of one layer's KV cache (f32 keys and values)."""
-    return 2 * 4 * cfg.num_kv_heads * context * cfg.head_dim
-
-
-def scratch_bytes(cfg, context: int, chunk: int) -> int:
-    """Device bytes of DeviceRun's buffers (allocated once for all CUDA layers)."""
-    d, f, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
-    q, kv = H * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return 4 * (chunk * (4 * d + 2 * q + 2 * kv + 2 * f) + chunk * H * context
-                + context * cfg.head_dim)
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class DeviceRun:
-    """Device activations for up to `chunk` tokens, attention scores, RoPE tables."""
+    """Device activations for up to `chunk` tokens (the names and shapes of model.RunState's),
+    attention scores, RoPE tables."""
 
     def __init__(self, cfg, context: int, chunk: int, cos: np.ndarray, sin: np.ndarray):
         d, f, H, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
-        Hkv = cfg.num_kv_heads
+        q, kv = H * D, cfg.num_kv_heads * D
         z = lambda *s: cuda.device_array(s, np.float32)  # noqa: E731
-        self.cfg, self.context, self.chunk = cfg, context, chunk
+        self.context, self.chunk = context, chunk
         self.x, self.xb, self.xb2, self.h = z(chunk, d), z(chunk, d), z(chunk, d), z(chunk, d)
-        self.q, self.att = z(chunk, H, D), z(chunk, H, D)
-        self.k, self.v = z(chunk, Hkv, D), z(chunk, Hkv, D)
+        self.q, self.att = z(chunk, q), z(chunk, q)
+        self.k, self.v = z(chunk, kv), z(chunk, kv)
         self.gate, self.up = z(chunk, f), z(chunk, f)
         self.scores = z(chunk * H, context)
         self.cos, self.sin = cuda.to_device(cos[:context]), cuda.to_device(sin[:context])
         self.T = 0               # tokens in x
-        self.current = False     # x on the device is newer than the host copy
-        self.nbytes = scratch_bytes(cfg, context, chunk)
+        self.nbytes = device_scratch_bytes(cfg, context, chunk)
 
 
 def _vec(a):
     return None if a is None else cuda.to_device(np.ascontiguousarray(a, dtype=np.float32))
 
 
-class CudaLayer:
-    """Layer i's weights uploaded once (compressed, as stored) and its KV cache on the device.
-    `block(x, start)` runs the block in place on host x (T, d), like Transformer.block."""
+class DeviceOps:
+    """Layers `layers` (indices) on the CUDA device: model.HostOps's methods on device arrays."""
+    name = "cuda"
 
-    VECTORS = ("input_norm", "post_norm", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm",
-               "k_norm", "gate_bias", "up_bias", "down_bias")
-    LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-
-    def __init__(self, layer, cfg, run: DeviceRun, index: int = 0):
-        if getattr(layer, "ffn", None) is not None:
-            raise CudaError(f"layer {index} streams its feed-forward from flash; it cannot go on the GPU")
-        self.cfg, self.run, self.index = cfg, run, index
-        self.first = self.last = True    # offload() clears these inside a run of CUDA layers
-        self.nbytes = 0
-        for name in self.VECTORS:
-            a = getattr(layer, name)
-            setattr(self, name, _vec(a))
-            self.nbytes += 0 if a is None else 4 * int(np.size(a))
-        for name in self.LINEARS:
-            lin = to_device(getattr(layer, name))
-            setattr(self, name, lin)
-            self.nbytes += lin.nbytes
-        Hkv, D = cfg.num_kv_heads, cfg.head_dim
-        self.key_cache = cuda.device_array((Hkv, run.context, D), np.float32)
-        self.value_cache = cuda.device_array((Hkv, run.context, D), np.float32)
-        self.kv_nbytes = kv_bytes(cfg, run.context)
-
-    def block(self, x: np.ndarray, start: int) -> None:
-        """Hidden states x (T, d) at positions start..start+T-1, in place; fills this layer's
-        device KV cache. x moves only at the ends of a run of CUDA layers."""
-        cfg, r = self.cfg, self.run
-        T = x.shape[0]
-        if T > r.chunk or start + T > r.context:
-            raise ValueError(f"{T} tokens at {start} exceed the device buffers ({r.chunk} tokens, "
-                             f"context {r.context})")
-        H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        xd, xb = r.x[:T], r.xb[:T]
-        q, k, v, att = r.q[:T], r.k[:T], r.v[:T], r.att[:T]
-        if self.first or not r.current:
-            xd.copy_to_device(np.ascontiguousarray(x))
-        # attention
-        K.launch_rmsnorm(xd, self.input_norm, eps, xb)
-        self.q.matmul(xb, q.reshape(T, H * D), self.q_bias)
-        self.k.matmul(xb, k.reshape(T, Hkv * D), self.k_bias)
-        self.v.matmul(xb, v.reshape(T, Hkv * D), self.v_bias)
-        if cfg.qk_norm:
-            K.launch_rmsnorm(q.reshape(T * H, D), self.q_norm, eps, q.reshape(T * H, D))
-            K.launch_rmsnorm(k.reshape(T * Hkv, D), self.k_norm, eps, k.reshape(T * Hkv, D))
-        K.launch_rope(q, start, r.cos, r.sin)
-        K.launch_rope(k, start, r.cos, r.sin)
-        K.launch_kv_write(k, v, self.key_cache, self.value_cache, start)
-        K.launch_attention(q, self.key_cache, self.value_cache, start, att, r.scores)
-        self.o.matmul(att.reshape(T, H * D), xd, self.o_bias, accumulate=True)   # x += o(att)
-        # feed-forward (SwiGLU), residual fused into down_proj
-        K.launch_rmsnorm(xd, self.post_norm, eps, xb)
-        gate, up = r.gate[:T], r.up[:T]
-        self.gate.matmul(xb, gate, self.gate_bias)
-        self.up.matmul(xb, up, self.up_bias)
-        K.launch_silu_mul(gate, up, gate)
-        self.down.matmul(gate, xd, self.down_bias, accumulate=True)
-        r.T, r.current = T, True
-        if self.last:
-            xd.copy_to_host(x)
-
-
-class CudaHead:
-    """Final RMSNorm + lm_head on the device: `__call__(hidden (T, d), out (T, V))` like
-    Transformer._logits. When the last layer ran on the device, the hidden rows are taken from
-    the device (hidden must then be the last T rows of that block's x, as Transformer passes)."""
-
-    def __init__(self, norm, lm_head, cfg, run: DeviceRun):
-        self.cfg, self.run = cfg, run
-        self.norm = _vec(norm)
-        self.lm_head = to_device(lm_head)
-        self.nbytes = 4 * int(np.size(norm)) + self.lm_head.nbytes
+    def __init__(self, cfg, context: int, chunk: int, cos, sin, layers):
+        self.cfg, self.layers = cfg, set(layers)
+        self.st = DeviceRun(cfg, context, chunk, cos, sin)
+        self.caches: dict[int, tuple] = {}
+        self.nbytes = self.st.nbytes
         self._logits = None
 
-    def __call__(self, hidden: np.ndarray, out: np.ndarray) -> None:
-        r, T = self.run, hidden.shape[0]
-        V = self.lm_head.shape[0]
+    # -- placement (once, when the model is built)
+    def place(self, layer, i: int):
+        """Layer i with its weights uploaded, and its KV cache allocated on the device."""
+        from ..model import SWIGLU
+        if layer.ffn is not SWIGLU:
+            raise CudaError(f"layer {i} streams its feed-forward from flash; it cannot go on the GPU")
+        up = {}
+        for f in dataclasses.fields(layer):
+            a = getattr(layer, f.name)
+            if f.name == "ffn" or a is None:
+                up[f.name] = a
+            elif f.name in LINEARS:
+                up[f.name] = to_device(a)
+                self.nbytes += up[f.name].nbytes
+            else:
+                up[f.name] = _vec(a)
+                self.nbytes += 4 * int(np.size(a))
+        cfg, r = self.cfg, self.st
+        shape = (cfg.num_kv_heads, r.context, cfg.head_dim)
+        self.caches[i] = (cuda.device_array(shape, np.float32), cuda.device_array(shape, np.float32))
+        self.nbytes += kv_bytes(cfg, r.context)
+        return dataclasses.replace(layer, **up)
+
+    def place_head(self, norm, lm_head):
+        head = to_device(lm_head)
+        self.nbytes += 4 * int(np.size(norm)) + head.nbytes
+        return _vec(norm), head
+
+    # -- the forward pass's operations
+    def enter(self, x, i: int):
+        T, r = x.shape[0], self.st
+        if T > r.chunk:
+            raise ValueError(f"{T} tokens exceed the device buffers ({r.chunk} tokens)")
+        h = r.x[:T]
+        if i - 1 not in self.layers:         # the first layer of a run: x comes from the host
+            h.copy_to_device(np.ascontiguousarray(x))
+        return h
+
+    def leave(self, h, x, i: int) -> None:
+        self.st.T = x.shape[0]
+        if i + 1 not in self.layers:         # the last layer of a run: x goes back to the host
+            h.copy_to_host(x)
+
+    def hidden(self, x):
+        """The rows x (T, d) of the last hidden states: still on the device when the last layer ran here."""
+        r, T = self.st, x.shape[0]
+        if self.cfg.num_layers - 1 in self.layers and T <= r.T:
+            return r.x[r.T - T:r.T]
+        h = r.h[:T]
+        h.copy_to_device(np.ascontiguousarray(x))
+        return h
+
+    def rmsnorm(self, x, w, eps, out):
+        K.launch_rmsnorm(x, w, eps, out)
+
+    def linear(self, w, x, out, bias=None, accumulate=False):
+        w.matmul(x, out, bias, accumulate=accumulate)
+
+    def rope(self, x3, start: int):
+        K.launch_rope(x3, start, self.st.cos, self.st.sin)
+
+    def attention(self, i: int, q3, k3, v3, start: int, att3):
+        T, r = q3.shape[0], self.st
+        if start + T > r.context:
+            raise ValueError(f"{T} tokens at {start} exceed the device's context {r.context}")
+        kc, vc = self.caches[i]
+        K.launch_kv_write(k3, v3, kc, vc, start)
+        K.launch_attention(q3, kc, vc, start, att3, r.scores)
+
+    def silu_mul(self, gate, up, out):
+        K.launch_silu_mul(gate, up, out)
+
+    def logits(self, lm_head, x, out):
+        """out (T, V) host = x (T, d) device @ lm_head.T, computed on the device."""
+        T = x.shape[0]
         if self._logits is None or self._logits.shape[0] < T:
-            self._logits = cuda.device_array((max(T, 1), V), np.float32)
-        if r.current and T <= r.T:
-            h = r.x[r.T - T:r.T]
-        else:
-            h = r.h[:T]
-            h.copy_to_device(np.ascontiguousarray(hidden))
-        K.launch_rmsnorm(h, self.norm, self.cfg.rms_norm_eps, r.xb[:T])
-        logits = self._logits[:T]
-        self.lm_head.matmul(r.xb[:T], logits)
-        logits.copy_to_host(out)
-        self.nbytes_moved = int(out.nbytes)
-
-
-def offload(model, n_layers=None, head=True, release_host=False) -> dict:
-    """Swap model.layers[:n_layers] for CudaLayers sharing one DeviceRun (model.cuda_run), and
-    set model.cuda_head (a CudaHead) when `head`. The caller's forward pass must call
-    `layers[i].block(x, start)` for CudaLayers and `cuda_head(hidden, out)` for the logits."""
-    cfg = model.cfg
-    n = cfg.num_layers if n_layers is None else int(n_layers)
-    run = getattr(model, "cuda_run", None)
-    if run is None:
-        run = model.cuda_run = DeviceRun(cfg, model.context, model.chunk, model.cos, model.sin)
-    total = run.nbytes
-    for i in range(n):
-        if not isinstance(model.layers[i], CudaLayer):
-            model.layers[i] = CudaLayer(model.layers[i], cfg, run, i)
-    for i in range(cfg.num_layers):
-        L = model.layers[i]
-        if isinstance(L, CudaLayer):
-            L.first = i == 0 or not isinstance(model.layers[i - 1], CudaLayer)
-            L.last = i == cfg.num_layers - 1 or not isinstance(model.layers[i + 1], CudaLayer)
-            total += L.nbytes + L.kv_nbytes
-    model.cuda_head = None
-    if head:
-        model.cuda_head = CudaHead(model.w["model.norm.weight"], model.w["lm_head.weight"], cfg, run)
-        total += model.cuda_head.nbytes
-    if release_host:
-        for i in range(n):
-            for key in [k for k in model.w.tensors if k.startswith(f"model.layers.{i}.")]:
-                del model.w.tensors[key]
-    return {"device_bytes": total, "layers": n, "head": bool(head)}
+            self._logits = cuda.device_array((max(T, 1), lm_head.shape[0]), np.float32)
+        lm_head.matmul(x, self._logits[:T])
+        self._logits[:T].copy_to_host(out)
