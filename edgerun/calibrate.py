@@ -102,7 +102,8 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
                 tf.block(i, states[s, c0:c1], c0)
 
     available = set(source.tensor_names())
-
+    if progress is not None:
+        progress(0, cfg.num_layers)
     for i in range(cfg.num_layers):
         names = {field: f"model.layers.{i}.{name}" for field, name in LAYER_TENSORS.items()}
         originals = {f: source.read(n) for f, n in names.items() if n in available}

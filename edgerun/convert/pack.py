@@ -296,6 +296,8 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 store.group_bytes["ffn"] += nbytes
             total = sum(source.tensor_nbytes(n) for n in names)
             done = 0
+            if progress:
+                progress(0, total)
             for name in names:
                 store(name, source.read(name))
                 done += source.tensor_nbytes(name)
