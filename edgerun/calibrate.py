@@ -49,18 +49,45 @@ def source_calibration_sequences(meta, text: str | None, n_tokens: int, seq_len:
 
 
 class HessianAccumulator:
-    """Running sum of X^T X over the rows X fed to a linear layer."""
+    """Running sum of X^T X over the rows X fed to a linear layer.
+
+    Rows are buffered and multiplied in batches of about BUFFER_BYTES: one rank-k update per
+    batch (BLAS syrk) instead of one per forward chunk. Adding a 64-row product of an (n, n)
+    matrix costs as much memory traffic as the product itself: for the 1.5B model's down_proj
+    (n = 8960) that alone took most of a layer's ten minutes (BENCHMARKS.md, pack time)."""
+
+    BUFFER_BYTES = 64 << 20
 
     def __init__(self, n: int):
         self.sum = np.zeros((n, n), np.float64)
         self.count = 0
+        self._buf = np.empty((max(256, self.BUFFER_BYTES // (4 * n)), n), np.float32)
+        self._fill = 0
 
     def add(self, X: np.ndarray) -> None:
-        self.sum += (X.T @ X).astype(np.float64)
-        self.count += X.shape[0]
+        while X.shape[0]:
+            take = min(X.shape[0], self._buf.shape[0] - self._fill)
+            self._buf[self._fill:self._fill + take] = X[:take]
+            self._fill += take
+            X = X[take:]
+            if self._fill == self._buf.shape[0]:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._fill:
+            B = self._buf[:self._fill]
+            self.sum += B.T @ B                      # f32 product (syrk), accumulated in f64
+            self.count += self._fill
+            self._fill = 0
 
     def hessian(self) -> np.ndarray:
-        return self.sum / max(self.count, 1)
+        """E[x xᵀ] (n, n) float64. Computed once, in place (no second n×n copy); the
+        accumulator is finished afterwards."""
+        if self._buf is not None:
+            self._flush()
+            self._buf = None
+            self.sum /= max(self.count, 1)
+        return self.sum
 
 
 class RecordingLinear:

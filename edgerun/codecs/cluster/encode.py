@@ -168,8 +168,7 @@ def _gptq_round(w, hessian, cb, g, skip, percdamp):
     -> idx (d, n) uint8 and the weights as updated when their column was rounded (d, n)."""
     d, n = w.shape
     perm = np.argsort(-np.diagonal(hessian), kind="stable")
-    U, _ = _inverse_cholesky(np.asarray(hessian, np.float64)[np.ix_(perm, perm)], percdamp)
-    U = U.astype(np.float32)
+    U, _ = _inverse_cholesky(hessian, percdamp, perm=perm)
     Wp = np.ascontiguousarray(w[:, perm], dtype=np.float32)
     skipp = np.ascontiguousarray(skip[:, perm]) if skip.shape[0] else skip
     idx = np.empty((d, n), np.uint8)

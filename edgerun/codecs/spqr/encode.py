@@ -80,12 +80,9 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
             else np.arange(n))
     n_pad = -(-n // gs) * gs
     G = n_pad // gs
-    Hp = np.eye(n_pad)
-    Hp[:n, :n] = H[np.ix_(perm, perm)]
-    Hp[n:, n:] = 0.0                                  # padded columns are dead inputs
-    Uc, dead = _inverse_cholesky(Hp, p["percdamp"])
-    udiag = np.diag(Uc).astype(np.float32)
-    Uc32 = Uc.astype(np.float32)
+    # padded columns are dead inputs
+    Uc32, dead = _inverse_cholesky(H, p["percdamp"], perm=perm, size=n_pad)
+    udiag = np.diag(Uc32).copy()
 
     # Work on Wᵀ so a column is a contiguous row: every step is vectorized over the d rows.
     WT = np.zeros((n_pad, d), np.float32)
