@@ -106,9 +106,8 @@ class RecordingLinear:
 
 
 def f32_linear(w: np.ndarray):
-    """An uncompressed float32 linear for the calibration forward pass."""
-    dense = get_codec("dense")
-    return dense.load(dense.encode(w, {"dtype": "f32"}), {"dtype": "f32"})
+    """An uncompressed float32 linear for the calibration forward pass, on `w` itself (no copy)."""
+    return get_codec("dense").load({"weight": np.ascontiguousarray(w, dtype=np.float32)}, {"dtype": "f32"})
 
 
 def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, progress=None) -> None:
@@ -117,10 +116,11 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
     `progress(layer_done, layers_total)` after each layer."""
     n_seq, seq_len = sequences.shape
     chunk = 64
-    embed = source.read("model.embed_tokens.weight")
     tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=seq_len, chunk=chunk,
                      layers=[None] * cfg.num_layers)
-    hidden = embed[sequences]                                  # (n_seq, seq_len, d) float32
+    # (n_seq, seq_len, d) float32; the embedding (a 1.5B model's largest matrix) is read again at
+    # the end rather than held through the layers
+    hidden = source.read("model.embed_tokens.weight")[sequences]
     chunks = [(c, min(c + chunk, seq_len)) for c in range(0, seq_len, chunk)]
 
     def run_layer(i, states):
@@ -162,8 +162,8 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
         head_acc.add(normed)
     store("model.norm.weight", final, None)
     # The output head's input statistics also serve a tied embedding (it is the head).
-    store("model.embed_tokens.weight", embed, head_acc.hessian() if cfg.tie_word_embeddings else None)
-    del embed
+    store("model.embed_tokens.weight", source.read("model.embed_tokens.weight"),
+          head_acc.hessian() if cfg.tie_word_embeddings else None)
     if not cfg.tie_word_embeddings:
         store("lm_head.weight", source.read("lm_head.weight"), head_acc.hessian())
 
