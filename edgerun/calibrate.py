@@ -74,11 +74,17 @@ class HessianAccumulator:
                 self._flush()
 
     def _flush(self) -> None:
-        if self._fill:
-            B = self._buf[:self._fill]
-            self.sum += B.T @ B                      # f32 product (syrk), accumulated in f64
-            self.count += self._fill
-            self._fill = 0
+        if not self._fill:
+            return
+        B = self._buf[:self._fill]
+        # f32 products (syrk), accumulated in f64; with several kernel threads, one per thread
+        # on its share of the rows
+        t = max(1, min(kernels.get_threads(), self._fill // 256))
+        cuts = [self._fill * i // t for i in range(t + 1)]
+        for P in kernels.threaded_map(lambda i: B[cuts[i]:cuts[i + 1]].T @ B[cuts[i]:cuts[i + 1]], range(t)):
+            self.sum += P
+        self.count += self._fill
+        self._fill = 0
 
     def hessian(self) -> np.ndarray:
         """E[x xᵀ] (n, n) float64. Computed once, in place (no second n×n copy); the

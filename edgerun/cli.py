@@ -242,7 +242,10 @@ def main():
               help="Calibration tokens to use (default 12288).")
 @click.option("--layout", type=click.Choice(["standard", "flash"]), default="standard", show_default=True,
               help="flash: store FFN neurons as bundles for streaming from disk (formats/flash-layout.md).")
-def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layout):
+@click.option("-t", "--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for calibrating compressed packs (default: the physical cores, but no more "
+                   "than are idle now).")
+def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layout, threads):
     """Convert a checkpoint into an .ebin.
 
     SRC is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a
@@ -265,7 +268,7 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layo
                       layer_progress=progress_bar("calibrating and compressing layers", unit="layers"),
                       order_progress=progress_bar("ordering BitStack blocks (measured loss per matrix)",
                                                   unit="matrices"),
-                      layout=layout)
+                      layout=layout, threads=threads)
     _err(str(summary))
 
 

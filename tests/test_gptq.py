@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgerun import kernels
 from edgerun.codecs.gptq import BLOCK, inverse_cholesky
 
 
@@ -17,8 +18,10 @@ def textbook(H, percdamp):
     return np.linalg.cholesky(Linv.T @ Linv).T, dead
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,size", [(7, 7), (BLOCK, BLOCK), (BLOCK + 45, BLOCK + 51), (2 * BLOCK + 1, 2 * BLOCK + 1)])
-def test_inverse_cholesky_matches_textbook(n, size):
+def test_inverse_cholesky_matches_textbook(n, size, threads):
+    kernels.set_threads(threads)                      # panels on threads (threaded_map)
     rng = np.random.default_rng(n)
     X = rng.standard_normal((2 * n, n)) * rng.uniform(0.1, 3, n)
     X[:, 3] = 0                                       # a dead input
@@ -27,7 +30,10 @@ def test_inverse_cholesky_matches_textbook(n, size):
     Hp = np.zeros((size, size))                       # permuted, padded with dead inputs
     Hp[:n, :n] = np.asarray(H, np.float64)[np.ix_(perm, perm)]
     U0, dead0 = textbook(Hp, 0.01)
-    U, dead = inverse_cholesky(H, 0.01, perm=perm, size=size)
+    try:
+        U, dead = inverse_cholesky(H, 0.01, perm=perm, size=size)
+    finally:
+        kernels.set_threads(1)
     assert U.dtype == np.float32 and U.shape == (size, size)
     np.testing.assert_array_equal(dead, dead0)
     assert not np.tril(U, -1).any()

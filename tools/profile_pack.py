@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import dataclasses
 import pstats
 import resource
@@ -77,10 +78,14 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--calib-tokens", type=int, default=packmod.DEFAULT_CALIB_TOKENS)
     ap.add_argument("--no-ends", action="store_true", help="skip the embedding and head encodes")
+    ap.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: as pack)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats here and print the top 25")
     a = ap.parse_args()
 
     SAMPLER.start()
+    from edgerun import kernels
+    kernels.set_threads(a.threads or kernels.default_threads())
+    print(f"{kernels.get_threads()} kernel threads", flush=True)
     recipe = packmod.make_recipe("f16", a.codec, a.bits, a.recipe)
     source = packmod.open_source(a.src)
     cfg = dataclasses.replace(ModelConfig.from_dict(source.meta.config), num_layers=a.layers)
@@ -108,9 +113,16 @@ def main():
 
     layer_t = [time.perf_counter()]
 
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    layer_cpu = [cpu()]
+
     def progress(i, n):
         now = time.perf_counter()
-        print(f"layer {i}/{n}: {now - layer_t[-1]:.1f} s, ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB",
+        c, layer_cpu[0] = cpu() - layer_cpu[0], cpu()
+        print(f"layer {i}/{n}: {now - layer_t[-1]:.1f} s wall, {c:.1f} s CPU, load {os.getloadavg()[0]:.1f}, ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB",
               flush=True)
         layer_t.append(now)
 
@@ -124,7 +136,8 @@ def main():
     if prof:
         prof.disable()
     total = time.perf_counter() - t0
-    print(f"\n{a.layers} layers, {seqs.size} calibration tokens, recipe {a.codec}:{a.bits}: {total:.1f} s total")
+    print(f"\n{a.layers} layers, {seqs.size} calibration tokens, recipe {a.codec}:{a.bits}: {total:.1f} s total "
+          f"({cpu():.1f} s CPU in the process)")
     for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1]):
         print(f"  {k:28s} {v:8.1f} s")
     print(f"peak RSS (ru_maxrss) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels import threaded_map
+
 BLOCK = 256      # columns per panel of the blocked factorizations below
 
 
@@ -47,9 +49,11 @@ def _cholesky_lower(A: np.ndarray) -> None:
             break
         L21 = A[j1:, j:j1] @ np.linalg.inv(L11).T                   # A21 L11⁻ᵀ
         A[j1:, j:j1] = L21
-        for k in range(j1, n, BLOCK):                                # A22 -= L21 L21ᵀ, lower part
+
+        def update(k):                                               # A22 -= L21 L21ᵀ, lower part
             k1 = min(n, k + BLOCK)
             A[k:, k:k1] -= L21[k - j1:] @ L21[k - j1:k1 - j1].T
+        threaded_map(update, range(j1, n, BLOCK))
 
 
 def _invert_lower(L: np.ndarray) -> None:
@@ -59,6 +63,11 @@ def _invert_lower(L: np.ndarray) -> None:
     for j in range((n - 1) // BLOCK * BLOCK, -1, -BLOCK):
         j1 = min(n, j + BLOCK)
         inv11 = np.tril(np.linalg.inv(L[j:j1, j:j1]))
-        if j1 < n:
-            L[j1:, j:j1] = -(L[j1:, j1:] @ L[j1:, j:j1]) @ inv11
+        A21 = L[j1:, j:j1].copy()
+
+        def rows(k):              # X22's rows k..k1 are zero right of column k1: skip that part
+            k1 = min(n, k + BLOCK)
+            L[k:k1, j:j1] = -(L[k:k1, j1:k1] @ A21[:k1 - j1]) @ inv11
+        threaded_map(rows, range(j1, n, BLOCK))
         L[j:j1, j:j1] = inv11
+
