@@ -166,6 +166,7 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
     for s in range(n_seq):
         kernels.rmsnorm_rows(hidden[s], final, cfg.rms_norm_eps, normed)
         head_acc.add(normed)
+    del hidden, tf                              # before the largest matrices are read
     store("model.norm.weight", final, None)
     # The output head's input statistics also serve a tied embedding (it is the head).
     store("model.embed_tokens.weight", source.read("model.embed_tokens.weight"),

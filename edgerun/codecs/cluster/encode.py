@@ -202,37 +202,46 @@ def _gptq_round(w, perm, U, cb, g, skip):
     return np.ascontiguousarray(idx[:, inv]), Wp[:, inv]
 
 
-def _pick_outliers(w, colw, frac, chunks) -> np.ndarray:
-    """skip (d, n) uint8: the `frac` of weights with the largest h_j (w_ij − mean_i)², i.e. the
-    sensitive tails that would stretch a codebook (SqueezeLLM's dense-and-sparse split, with its
-    magnitude criterion weighted by the column sensitivity h_j = H_jj). The k-th largest score
-    is found from each row chunk's own k largest; ties at it are taken in row-major order."""
-    d, n = w.shape
-    k = int(round(frac * d * n))
-    skip = np.zeros((d, n), np.uint8)
-    if k == 0:
+def _outlier_score(w, cw) -> np.ndarray:
+    """h_j (w_ij − mean_i)² of rows w (r, n), flat (SqueezeLLM's dense-and-sparse split: the
+    sensitive tails that would stretch a codebook, by magnitude weighted by h_j = H_jj)."""
+    x = w - w.mean(1, keepdims=True)
+    x *= x
+    x *= cw
+    return x.reshape(-1)
+
+
+class _Outliers:
+    """The `frac` of all weights with the largest _outlier_score, as one mask per row chunk (the
+    chunks taken in order). The k-th largest score comes from each chunk's own k largest; ties
+    at it are taken in row-major order."""
+
+    def __init__(self, w, colw, frac, chunks):
+        self.cw = colw[None, :].astype(np.float32)
+        self.k = k = int(round(frac * w.size))
+        if k == 0:
+            self.thr, self.ties = np.inf, 0
+            return
+        tops = []
+        for r0, r1 in chunks:
+            s = _outlier_score(w[r0:r1], self.cw)
+            tops.append(np.partition(s, -min(k, s.size))[-min(k, s.size):])
+        tops = np.concatenate(tops)
+        self.thr = np.partition(tops, -k)[-k]
+        self.ties = k - int(np.count_nonzero(tops > self.thr))
+
+    def mask(self, w) -> np.ndarray:
+        """skip (r, n) uint8 for the next chunk's rows w."""
+        skip = np.zeros(w.shape, np.uint8)
+        if self.k:
+            s = _outlier_score(w, self.cw)
+            flat = skip.reshape(-1)
+            flat[s > self.thr] = 1
+            if self.ties:
+                tie = np.flatnonzero(s == self.thr)[:self.ties]
+                flat[tie] = 1
+                self.ties -= tie.size
         return skip
-    cw = colw[None, :].astype(np.float32)
-
-    def score(r0, r1):
-        x = w[r0:r1] - w[r0:r1].mean(1, keepdims=True)
-        x *= x
-        x *= cw
-        return x.reshape(-1)
-
-    tops = [np.partition(s, -min(k, s.size))[-min(k, s.size):] for s in (score(*c) for c in chunks)]
-    tops = np.concatenate(tops)
-    thr = np.partition(tops, -k)[-k]
-    ties_left = k - int(np.count_nonzero(tops > thr))
-    for r0, r1 in chunks:
-        s = score(r0, r1)
-        sk = skip[r0:r1].reshape(-1)
-        sk[s > thr] = 1
-        if ties_left:
-            tie = np.flatnonzero(s == thr)[:ties_left]
-            sk[tie] = 1
-            ties_left -= tie.size
-    return skip
 
 
 def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -240,7 +249,8 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
 
     `hessian` (n, n) = E[x xᵀ]: its diagonal weights each column in the k-means, and the
     whole of it drives the GPTQ rounding to the codebook (params "gptq", default on).
-    Without it, every weight goes to its nearest codebook entry.
+    Without it, every weight goes to its nearest codebook entry. Rows are encoded by chunks
+    of whole codebook groups (_chunks); only the outliers' threshold looks at all of them.
     """
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
@@ -252,25 +262,28 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
     K = 1 << bits
     chunks = _chunks(d, n, g)
     colw = _colweights(hessian, n)
-    skip = _pick_outliers(w, colw, frac, chunks) if frac else np.zeros((0, 0), np.uint8)
-    cb16 = _kmeans(w, colw, skip, g, K)               # codebooks fit without the outliers
-    cb32 = cb16.astype(np.float32)
+    outliers = _Outliers(w, colw, frac, chunks) if frac else None
     gptq = hessian is not None and params.get("gptq", True)
     if gptq:
         perm, U = _gptq_factor(hessian, float(params.get("percdamp", PERCDAMP)))
     codes = np.empty((d, -(-n // BLOCK) * 4 * bits), np.uint8)
+    cb16 = np.empty((-(-d // g), K), np.float16)
     rows, cols, vals = [], [], []
     for r0, r1 in chunks:
+        wc = w[r0:r1]
+        skip = outliers.mask(wc) if frac else np.zeros((0, 0), np.uint8)
+        cb = cb16[r0 // g:-(-r1 // g)]
+        cb[:] = _kmeans(wc, colw, skip, g, K)          # codebooks fit without the outliers
+        cb32 = cb.astype(np.float32)
         if gptq:
-            sk = skip[r0:r1] if frac else skip
-            idx, wq = _gptq_round(w[r0:r1], perm, U, cb32[r0 // g:-(-r1 // g)], g, sk)
+            idx, wq = _gptq_round(wc, perm, U, cb32, g, skip)
         else:
-            idx, wq = np.empty((r1 - r0, n), np.uint8), w[r0:r1]
-            _assign_all(wq, cb32[r0 // g:-(-r1 // g)], g, idx)     # nearest *stored* centroid
+            idx, wq = np.empty((r1 - r0, n), np.uint8), wc
+            _assign_all(wc, cb32, g, idx)               # nearest *stored* centroid
         codes[r0:r1] = pack_indices(idx, bits)
         if frac:
-            rr, cc = np.nonzero(skip[r0:r1])            # row-major: CSR order
-            dense = cb32[(rr + r0) // g, idx[rr, cc]]
+            rr, cc = np.nonzero(skip)                   # row-major: CSR order
+            dense = cb32[rr // g, idx[rr, cc]]
             # the sparse value is the f16 residual over the dense code, so dense + sparse ≈ w
             rows.append(rr + r0)
             cols.append(cc)
