@@ -39,7 +39,7 @@ def progress_bar(label: str, unit: str = "MB", file=None, clock=time.monotonic):
     Otherwise (logs, pipes) one line per milestone, "label: 3/28 layers (11%), 1m02s elapsed,
     ETA 8m41s": at most one per MIN_GAP seconds, and only after another 10% or LOG_EVERY seconds,
     so a long pack shows it is alive without flooding the log. The clock starts at the first
-    call (callers report `(0, total)` when the work starts)."""
+    call, which is always shown (callers report `(0, total)` when the work starts)."""
     file = file or sys.stderr
     state = {"last_t": None, "last_frac": 0.0}
     scale = 1e6 if unit == "MB" else 1
@@ -63,7 +63,7 @@ def progress_bar(label: str, unit: str = "MB", file=None, clock=time.monotonic):
         last = state["last_t"]
         finished = done >= total
         due = last is None or (now - last >= MIN_GAP and (frac - state["last_frac"] >= 0.1 or now - last >= LOG_EVERY))
-        if not (finished or (due and done > 0)) or state.get("finished"):
+        if not (finished or due) or state.get("finished"):
             return
         elapsed = now - state["start"]
         line = f"{label}: {done / scale:.0f}/{total / scale:.0f} {unit} ({100 * frac:.0f}%), {_duration(elapsed)} elapsed"

@@ -304,7 +304,8 @@ def test_progress_in_logs_has_eta_and_does_not_flood():
         update(i, 100)
     lines = log.getvalue().splitlines()
     assert 9 <= len(lines) <= 12, lines
-    assert lines[0] == "compressing layers: 1/100 layers (1%), 2s elapsed, ETA 3m18s"
+    assert lines[0] == "compressing layers: 0/100 layers (0%), 0s elapsed"
+    assert lines[1] == "compressing layers: 10/100 layers (10%), 20s elapsed, ETA 3m00s"
     assert lines[-1] == "compressing layers: 100/100 layers (100%), 3m20s elapsed"
     log = io.StringIO()
     update = progress_bar("calibrating", unit="layers", file=log, clock=lambda: now[0])
@@ -313,5 +314,5 @@ def test_progress_in_logs_has_eta_and_does_not_flood():
         now[0] += 60
         update(i, 4)
     assert [ln.split(":")[1].split("(")[0].strip() for ln in log.getvalue().splitlines()] == \
-        ["1/4 layers", "2/4 layers", "3/4 layers", "4/4 layers"]
-    assert "ETA 3m00s" in log.getvalue().splitlines()[0]
+        ["0/4 layers", "1/4 layers", "2/4 layers", "3/4 layers", "4/4 layers"]
+    assert "ETA 3m00s" in log.getvalue().splitlines()[1]
