@@ -54,12 +54,14 @@ class HessianAccumulator:
     Rows are buffered and multiplied in batches of about BUFFER_BYTES: one rank-k update per
     batch (BLAS syrk) instead of one per forward chunk. Adding a 64-row product of an (n, n)
     matrix costs as much memory traffic as the product itself: for the 1.5B model's down_proj
-    (n = 8960) that alone took most of a layer's ten minutes (BENCHMARKS.md, pack time)."""
+    (n = 8960) that alone took most of a layer's ten minutes (BENCHMARKS.md, pack time). The
+    sum is float32 (a dozen batch sums per layer; the encoders factor in float64), half the
+    memory of the 1.5B's largest Hessian (321 MB)."""
 
-    BUFFER_BYTES = 64 << 20
+    BUFFER_BYTES = 32 << 20
 
     def __init__(self, n: int):
-        self.sum = np.zeros((n, n), np.float64)
+        self.sum = np.zeros((n, n), np.float32)
         self.count = 0
         self._buf = np.empty((max(256, self.BUFFER_BYTES // (4 * n)), n), np.float32)
         self._fill = 0
@@ -77,8 +79,7 @@ class HessianAccumulator:
         if not self._fill:
             return
         B = self._buf[:self._fill]
-        # f32 products (syrk), accumulated in f64; with several kernel threads, one per thread
-        # on its share of the rows
+        # f32 products (syrk); with several kernel threads, one per thread on its share of the rows
         t = max(1, min(kernels.get_threads(), self._fill // 256))
         cuts = [self._fill * i // t for i in range(t + 1)]
         for P in kernels.threaded_map(lambda i: B[cuts[i]:cuts[i + 1]].T @ B[cuts[i]:cuts[i + 1]], range(t)):
@@ -87,7 +88,7 @@ class HessianAccumulator:
         self._fill = 0
 
     def hessian(self) -> np.ndarray:
-        """E[x xᵀ] (n, n) float64. Computed once, in place (no second n×n copy); the
+        """E[x xᵀ] (n, n) float32. Computed once, in place (no second n×n copy); the
         accumulator is finished afterwards."""
         if self._buf is not None:
             self._flush()

@@ -73,7 +73,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
         raise UnsupportedModelError(f"spqr codec: at most 65536 input columns (16-bit indices), got {n}")
     bits, gs, sb, sg = p["bits"], p["group"], p["stat_bits"], p["stat_group"]
     maxq = (1 << bits) - 1
-    H = np.eye(n) if hessian is None else np.asarray(hessian, dtype=np.float64)
+    H = np.eye(n) if hessian is None else np.asarray(hessian)      # any float dtype: no n×n copy
     if H.shape != (n, n):
         raise UnsupportedModelError(f"spqr codec: hessian must be ({n}, {n}), got {H.shape}")
 
