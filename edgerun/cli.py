@@ -69,7 +69,7 @@ def progress_bar(label: str, unit: str = "MB", file=None, clock=time.monotonic):
         line = f"{label}: {done / scale:.0f}/{total / scale:.0f} {unit} ({100 * frac:.0f}%), {_duration(elapsed)} elapsed"
         if finished:
             state["finished"] = True
-        elif done > 0:
+        elif done > 0 and elapsed > 0:         # a first report after work it did not time: no ETA
             line += f", ETA {_duration(elapsed / frac * (1 - frac))}"
         click.echo(line, file=file)
         state["last_t"], state["last_frac"] = now, frac
