@@ -49,18 +49,52 @@ def source_calibration_sequences(meta, text: str | None, n_tokens: int, seq_len:
 
 
 class HessianAccumulator:
-    """Running sum of X^T X over the rows X fed to a linear layer."""
+    """Running sum of X^T X over the rows X fed to a linear layer.
+
+    Rows are buffered and multiplied in batches of about BUFFER_BYTES: one rank-k update per
+    batch (BLAS syrk) instead of one per forward chunk. Adding a 64-row product of an (n, n)
+    matrix costs as much memory traffic as the product itself: for the 1.5B model's down_proj
+    (n = 8960) that alone took most of a layer's ten minutes (BENCHMARKS.md, pack time). The
+    sum is float32 (a dozen batch sums per layer; the encoders factor in float64), half the
+    memory of the 1.5B's largest Hessian (321 MB)."""
+
+    BUFFER_BYTES = 32 << 20
 
     def __init__(self, n: int):
-        self.sum = np.zeros((n, n), np.float64)
+        self.sum = np.zeros((n, n), np.float32)
         self.count = 0
+        self._buf = np.empty((max(256, self.BUFFER_BYTES // (4 * n)), n), np.float32)
+        self._fill = 0
 
     def add(self, X: np.ndarray) -> None:
-        self.sum += (X.T @ X).astype(np.float64)
-        self.count += X.shape[0]
+        while X.shape[0]:
+            take = min(X.shape[0], self._buf.shape[0] - self._fill)
+            self._buf[self._fill:self._fill + take] = X[:take]
+            self._fill += take
+            X = X[take:]
+            if self._fill == self._buf.shape[0]:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._fill:
+            return
+        B = self._buf[:self._fill]
+        # f32 products (syrk); with several kernel threads, one per thread on its share of the rows
+        t = max(1, min(kernels.get_threads(), self._fill // 256))
+        cuts = [self._fill * i // t for i in range(t + 1)]
+        for P in kernels.threaded_map(lambda i: B[cuts[i]:cuts[i + 1]].T @ B[cuts[i]:cuts[i + 1]], range(t)):
+            self.sum += P
+        self.count += self._fill
+        self._fill = 0
 
     def hessian(self) -> np.ndarray:
-        return self.sum / max(self.count, 1)
+        """E[x xᵀ] (n, n) float32. Computed once, in place (no second n×n copy); the
+        accumulator is finished afterwards."""
+        if self._buf is not None:
+            self._flush()
+            self._buf = None
+            self.sum /= max(self.count, 1)
+        return self.sum
 
 
 class RecordingLinear:
@@ -79,9 +113,8 @@ class RecordingLinear:
 
 
 def f32_linear(w: np.ndarray):
-    """An uncompressed float32 linear for the calibration forward pass."""
-    dense = get_codec("dense")
-    return dense.load(dense.encode(w, {"dtype": "f32"}), {"dtype": "f32"})
+    """An uncompressed float32 linear for the calibration forward pass, on `w` itself (no copy)."""
+    return get_codec("dense").load({"weight": np.ascontiguousarray(w, dtype=np.float32)}, {"dtype": "f32"})
 
 
 def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, progress=None) -> None:
@@ -90,10 +123,11 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
     `progress(layer_done, layers_total)` after each layer."""
     n_seq, seq_len = sequences.shape
     chunk = 64
-    embed = source.read("model.embed_tokens.weight")
     tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=seq_len, chunk=chunk,
                      layers=[None] * cfg.num_layers)
-    hidden = embed[sequences]                                  # (n_seq, seq_len, d) float32
+    # (n_seq, seq_len, d) float32; the embedding (a 1.5B model's largest matrix) is read again at
+    # the end rather than held through the layers
+    hidden = source.read("model.embed_tokens.weight")[sequences]
     chunks = [(c, min(c + chunk, seq_len)) for c in range(0, seq_len, chunk)]
 
     def run_layer(i, states):
@@ -102,7 +136,8 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
                 tf.block(i, states[s, c0:c1], c0)
 
     available = set(source.tensor_names())
-
+    if progress is not None:
+        progress(0, cfg.num_layers)
     for i in range(cfg.num_layers):
         names = {field: f"model.layers.{i}.{name}" for field, name in LAYER_TENSORS.items()}
         originals = {f: source.read(n) for f, n in names.items() if n in available}
@@ -132,10 +167,11 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
     for s in range(n_seq):
         kernels.rmsnorm_rows(hidden[s], final, cfg.rms_norm_eps, normed)
         head_acc.add(normed)
+    del hidden, tf                              # before the largest matrices are read
     store("model.norm.weight", final, None)
     # The output head's input statistics also serve a tied embedding (it is the head).
-    store("model.embed_tokens.weight", embed, head_acc.hessian() if cfg.tie_word_embeddings else None)
-    del embed
+    store("model.embed_tokens.weight", source.read("model.embed_tokens.weight"),
+          head_acc.hessian() if cfg.tie_word_embeddings else None)
     if not cfg.tie_word_embeddings:
         store("lm_head.weight", source.read("lm_head.weight"), head_acc.hessian())
 

@@ -20,23 +20,68 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def progress_bar(label: str, unit: str = "MB"):
-    """A progress callback(done, total) drawing a bar on stderr; `unit` MB shows bytes as MB."""
-    state = {}
+MIN_GAP = 1.0        # seconds between two log lines at least (the last one always shows)
+LOG_EVERY = 30.0     # seconds after which a log line shows even without another 10%
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def progress_bar(label: str, unit: str = "MB", file=None, clock=time.monotonic):
+    """A progress callback(done, total) on stderr (`file`). On a terminal: a bar with an ETA.
+    Otherwise (logs, pipes) one line per milestone, "label: 3/28 layers (11%), 1m02s elapsed,
+    ETA 8m41s": at most one per MIN_GAP seconds, and only after another 10% or LOG_EVERY seconds,
+    so a long pack shows it is alive without flooding the log. The clock starts at the first
+    call, which is always shown (callers report `(0, total)` when the work starts)."""
+    file = file or sys.stderr
+    state = {"last_t": None, "last_frac": 0.0}
     scale = 1e6 if unit == "MB" else 1
 
-    def update(done, total):
+    def bar_update(done, total):
         bar = state.get("bar")
         if bar is None:
             bar = state["bar"] = click.progressbar(
-                length=total, label=label, file=sys.stderr, width=30,
+                length=total, label=label, file=file, width=30,
                 item_show_func=lambda _: f"{bar.pos / scale:.0f}/{total / scale:.0f} {unit}")
             bar.__enter__()
         bar.update(done - bar.pos)
         if done >= total:
             bar.__exit__(None, None, None)
 
-    return update
+    def log_update(done, total):
+        now = clock()
+        if "start" not in state:
+            state["start"] = now
+        frac = done / total if total else 1.0
+        last = state["last_t"]
+        finished = done >= total
+        due = last is None or (now - last >= MIN_GAP and (frac - state["last_frac"] >= 0.1 or now - last >= LOG_EVERY))
+        if not (finished or due) or state.get("finished"):
+            return
+        elapsed = now - state["start"]
+        line = f"{label}: {done / scale:.0f}/{total / scale:.0f} {unit} ({100 * frac:.0f}%), {_duration(elapsed)} elapsed"
+        if finished:
+            state["finished"] = True
+        elif done > 0 and elapsed > 0:         # a first report after work it did not time: no ETA
+            line += f", ETA {_duration(elapsed / frac * (1 - frac))}"
+        click.echo(line, file=file)
+        state["last_t"], state["last_frac"] = now, frac
+
+    return bar_update if _isatty(file) else log_update
+
+
+def _isatty(file) -> bool:
+    try:
+        return file.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def resolve_model(model: str | None) -> Path:
@@ -201,7 +246,10 @@ def main():
               help="Calibration tokens to use (default 12288).")
 @click.option("--layout", type=click.Choice(["standard", "flash"]), default="standard", show_default=True,
               help="flash: store FFN neurons as bundles for streaming from disk (formats/flash-layout.md).")
-def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layout):
+@click.option("-t", "--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for calibrating compressed packs (default: the physical cores, but no more "
+                   "than are idle now).")
+def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layout, threads):
     """Convert a checkpoint into an .ebin.
 
     SRC is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a
@@ -224,7 +272,7 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layo
                       layer_progress=progress_bar("calibrating and compressing layers", unit="layers"),
                       order_progress=progress_bar("ordering BitStack blocks (measured loss per matrix)",
                                                   unit="matrices"),
-                      layout=layout)
+                      layout=layout, threads=threads)
     _err(str(summary))
 
 

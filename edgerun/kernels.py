@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -58,6 +59,18 @@ def set_threads(n: int) -> None:
 def get_threads() -> int:
     """The thread count last set with `set_threads` (1 until then)."""
     return _threads
+
+
+def threaded_map(fn, items) -> list:
+    """[fn(item) for item in items] on `get_threads()` Python threads when there is more than
+    one. For pack-time NumPy/BLAS work on disjoint slices: BLAS runs one thread per call
+    (edgerun/__init__.py) and releases the GIL, so such calls share the cores this way."""
+    items = list(items)
+    t = min(get_threads(), len(items))
+    if t <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(t) as pool:
+        return list(pool.map(fn, items))
 
 
 def default_threads() -> int:

@@ -774,6 +774,8 @@ def write_flash(source, cfg, meta, writer, rule: dict, calib_text: str | None = 
     seq_len = CALIB_SEQ_LEN
     sequences = source_calibration_sequences(meta, calib_text, calib_tokens, seq_len)
     layers, params, nbytes = [], 0, 0
+    if progress is not None:
+        progress(0, cfg.num_layers)
     for i, X, gate, up, down in ffn_inputs(source, cfg, sequences):
         st = layer_stats(X, gate)
         base = f"model.layers.{i}.mlp."

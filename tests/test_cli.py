@@ -287,3 +287,32 @@ from edgerun.cli import run
 sys.argv = ["edgerun", "pack", sys.argv[1], "-o", sys.argv[2]]
 run()
 """
+
+
+def test_progress_in_logs_has_eta_and_does_not_flood():
+    """stderr not a terminal (a log, a pipe): one line per milestone with elapsed time and ETA,
+    not one per call, and always the last one."""
+    import io
+
+    from edgerun.cli import progress_bar
+    now = [0.0]
+    log = io.StringIO()
+    update = progress_bar("compressing layers", unit="layers", file=log, clock=lambda: now[0])
+    update(0, 100)
+    for i in range(1, 101):                  # 100 steps of 2 s: lines at 10% steps only
+        now[0] += 2.0
+        update(i, 100)
+    lines = log.getvalue().splitlines()
+    assert 9 <= len(lines) <= 12, lines
+    assert lines[0] == "compressing layers: 0/100 layers (0%), 0s elapsed"
+    assert lines[1] == "compressing layers: 10/100 layers (10%), 20s elapsed, ETA 3m00s"
+    assert lines[-1] == "compressing layers: 100/100 layers (100%), 3m20s elapsed"
+    log = io.StringIO()
+    update = progress_bar("calibrating", unit="layers", file=log, clock=lambda: now[0])
+    update(0, 4)
+    for i in range(1, 5):                    # slow steps (a minute each): every one shows
+        now[0] += 60
+        update(i, 4)
+    assert [ln.split(":")[1].split("(")[0].strip() for ln in log.getvalue().splitlines()] == \
+        ["0/4 layers", "1/4 layers", "2/4 layers", "3/4 layers", "4/4 layers"]
+    assert "ETA 3m00s" in log.getvalue().splitlines()[1]

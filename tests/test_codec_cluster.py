@@ -185,3 +185,23 @@ def test_kernels_add_outliers(bits, threads):
     for i in range(d):
         L.row(i, r)
         np.testing.assert_allclose(r, W[i], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("hessian", [True, False])
+def test_encode_by_row_chunks_equals_whole(monkeypatch, hessian):
+    """The encode runs in row chunks (bounded memory on a 1.5B model's head); the parts are the
+    same, bit for bit, as from one chunk, outliers (a global top fraction) included."""
+    from edgerun.codecs.cluster import encode as enc
+    d, n, g = 301, 130, 2
+    w = RNG.standard_normal((d, n)).astype(np.float32) * RNG.uniform(0.2, 2, n).astype(np.float32)
+    X = RNG.standard_normal((3 * n, n)).astype(np.float32)
+    H = (X.T @ X / len(X)).astype(np.float64) if hessian else None
+    params = {"bits": 5, "group_rows": g, "outliers": 0.01}
+    whole = ClusterCodec.encode(w, params, H)
+    monkeypatch.setattr(enc, "CHUNK_BYTES", 4 * n * 7)            # 6-row chunks
+    assert len(enc._chunks(d, n, g)) > 40
+    chunked = ClusterCodec.encode(w, params, H)
+    assert whole.keys() == chunked.keys()
+    for p in whole:
+        np.testing.assert_array_equal(whole[p], chunked[p], err_msg=p)
+    assert whole["outlier_rowptr"][-1] == round(0.01 * d * n)

@@ -251,12 +251,14 @@ class TensorStore:
 def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | None = None,
          calib_text: str | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS, progress=None,
          layer_progress=None, layout: str = "standard", order_progress=None,
-         generation: dict | None = None) -> PackSummary:
+         generation: dict | None = None, threads: int | None = None) -> PackSummary:
     """Convert `src` into `out`. `progress(done_bytes, total_bytes)` is called after each tensor
     of a dense pack; `layer_progress(done, total)` after each calibrated layer; `order_progress`
     after each BitStack matrix whose sensitivity is measured. `layout="flash"`
     stores the FFN as neuron bundles for streaming (edgerun/streaming.py, formats/flash-layout.md).
-    `generation` overrides keys of the source's default sampling (HF generation_config names)."""
+    `generation` overrides keys of the source's default sampling (HF generation_config names).
+    `threads`: kernel threads of the calibration forward and its Hessians (default
+    kernels.default_threads(): the idle cores)."""
     start = time.perf_counter()
     recipe = recipe or make_recipe(dtype)
     if layout not in ("standard", "flash"):
@@ -280,12 +282,18 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
         calibration = flash = stack = None
         store = TensorStore(writer, recipe)
         if needs_calibration(recipe):
+            from .. import kernels
             from ..calibrate import calibrate_and_store, source_calibration_sequences
             sequences = source_calibration_sequences(meta, calib_text, calib_tokens, CALIB_SEQ_LEN)
             calibration = {"tokens": int(sequences.size), "sequence_length": CALIB_SEQ_LEN,
                            "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
-            calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
-            stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:], order_progress)
+            before = kernels.get_threads()
+            kernels.set_threads(threads or kernels.default_threads())
+            try:
+                calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
+                stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:], order_progress)
+            finally:
+                kernels.set_threads(before)
         else:
             if layout == "flash":
                 from ..streaming import is_ffn_weight, write_flash
@@ -296,6 +304,8 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 store.group_bytes["ffn"] += nbytes
             total = sum(source.tensor_nbytes(n) for n in names)
             done = 0
+            if progress:
+                progress(0, total)
             for name in names:
                 store(name, source.read(name))
                 done += source.tensor_nbytes(name)

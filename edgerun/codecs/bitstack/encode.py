@@ -200,7 +200,7 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed:
         perm = np.argsort(-np.diagonal(hessian), kind="stable")
         back = np.argsort(perm)
         Hs = np.asarray(hessian, np.float64) / np.outer(s, s)
-        Uh = inverse_cholesky(Hs[np.ix_(perm, perm)], PERCDAMP)[0].astype(np.float32)
+        Uh = inverse_cholesky(Hs, PERCDAMP, perm=perm)[0]
 
     def one_block(R):
         """The next block on residual R: (neg, u16, v16); R -= the block."""

@@ -18,8 +18,9 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import UnsupportedModelError
+from ...kernels import threaded_map
 from ..gptq import inverse_cholesky as _inverse_cholesky
-from .format import pack_indices, params_of
+from .format import BLOCK, pack_indices, params_of
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
@@ -27,6 +28,7 @@ _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
 LLOYD_ITERS = 40           # stops earlier when the clusters stop moving
 PERCDAMP = 0.01            # GPTQ dampening of H, relative to mean(diag H)
 GPTQ_BLOCK = 128           # columns per GPTQ block (lazy batch updates between blocks)
+CHUNK_BYTES = 64 << 20     # float32 weights per row chunk of the encode (_chunks)
 
 
 # --- encode (pack time) ------------------------------------------------------------------
@@ -160,40 +162,86 @@ def _kmeans(w, colw, skip, g, K) -> np.ndarray:
     return np.sort(cents.astype(np.float16), axis=1)      # stored values; rounding keeps order
 
 
-def _gptq_round(w, hessian, cb, g, skip, percdamp):
+def _chunks(d: int, n: int, g: int):
+    """Row ranges of about CHUNK_BYTES of float32 weights, whole codebook groups each: the
+    row-wise steps run chunk by chunk so a 1.5B model's 151936-row head never has a second
+    full-size copy (peak RSS, BENCHMARKS.md pack time)."""
+    rows = max(g, CHUNK_BYTES // (4 * n) // g * g)
+    return [(r, min(d, r + rows)) for r in range(0, d, rows)]
+
+
+def _gptq_factor(hessian, percdamp):
+    """Columns in act order (decreasing H_jj) and U, the upper Cholesky factor of (H + damp·I)⁻¹
+    in that order (float32)."""
+    perm = np.argsort(-np.diagonal(hessian), kind="stable")
+    U, _ = _inverse_cholesky(hessian, percdamp, perm=perm)
+    return perm, U
+
+
+def _gptq_round(w, perm, U, cb, g, skip):
     """GPTQ rounding to fixed codebooks (GPTQ, Frantar et al. 2022; GPTVQ, van Baalen et al. 2024):
-    columns in act order (decreasing H_jj), each weight to its *nearest* codebook entry, the
-    error fed to the later columns through U, the upper Cholesky factor of (H + damp·I)⁻¹, so
-    Σ_i (w_i−ŵ_i) H (w_i−ŵ_i)ᵀ is minimized greedily. Skipped weights (outliers) are kept exact.
+    columns in act order `perm`, each weight to its *nearest* codebook entry, the error fed to
+    the later columns through U (_gptq_factor), so Σ_i (w_i−ŵ_i) H (w_i−ŵ_i)ᵀ is minimized
+    greedily. Rows are independent: `w` may be a chunk of whole codebook groups (`cb` its
+    codebooks). Skipped weights (outliers) are kept exact.
     -> idx (d, n) uint8 and the weights as updated when their column was rounded (d, n)."""
     d, n = w.shape
-    perm = np.argsort(-np.diagonal(hessian), kind="stable")
-    U, _ = _inverse_cholesky(np.asarray(hessian, np.float64)[np.ix_(perm, perm)], percdamp)
-    U = U.astype(np.float32)
     Wp = np.ascontiguousarray(w[:, perm], dtype=np.float32)
     skipp = np.ascontiguousarray(skip[:, perm]) if skip.shape[0] else skip
     idx = np.empty((d, n), np.uint8)
+    halves = [slice(r, r + -(-d // 2)) for r in range(0, d, -(-d // 2))]
     for b0 in range(0, n, GPTQ_BLOCK):
         b1 = min(n, b0 + GPTQ_BLOCK)
         E = np.empty((d, b1 - b0), np.float32)
         _gptq_block(Wp, U, cb, g, skipp, b0, b1, idx, E)
-        if b1 < n:       # lazy batch update of the columns after the block (one matmul)
-            Wp[:, b1:] -= E @ U[b0:b1, b1:]
+        if b1 < n:       # lazy batch update of the columns after the block (a matmul per thread)
+            def update(rows):
+                Wp[rows, b1:] -= E[rows] @ U[b0:b1, b1:]
+            threaded_map(update, halves)
     inv = np.argsort(perm)
     return np.ascontiguousarray(idx[:, inv]), Wp[:, inv]
 
 
-def _pick_outliers(w, colw, frac) -> np.ndarray:
-    """skip (d, n) uint8: the `frac` of weights with the largest h_j (w_ij − mean_i)², i.e. the
-    sensitive tails that would stretch a codebook (SqueezeLLM's dense-and-sparse split, with its
-    magnitude criterion weighted by the column sensitivity h_j = H_jj)."""
-    d, n = w.shape
-    k = int(round(frac * d * n))
-    skip = np.zeros((d, n), np.uint8)
-    if k > 0:
-        score = colw[None, :].astype(np.float32) * (w - w.mean(1, keepdims=True)) ** 2
-        skip.reshape(-1)[np.argpartition(score.reshape(-1), -k)[-k:]] = 1
-    return skip
+def _outlier_score(w, cw) -> np.ndarray:
+    """h_j (w_ij − mean_i)² of rows w (r, n), flat (SqueezeLLM's dense-and-sparse split: the
+    sensitive tails that would stretch a codebook, by magnitude weighted by h_j = H_jj)."""
+    x = w - w.mean(1, keepdims=True)
+    x *= x
+    x *= cw
+    return x.reshape(-1)
+
+
+class _Outliers:
+    """The `frac` of all weights with the largest _outlier_score, as one mask per row chunk (the
+    chunks taken in order). The k-th largest score comes from each chunk's own k largest; ties
+    at it are taken in row-major order."""
+
+    def __init__(self, w, colw, frac, chunks):
+        self.cw = colw[None, :].astype(np.float32)
+        self.k = k = int(round(frac * w.size))
+        if k == 0:
+            self.thr, self.ties = np.inf, 0
+            return
+        tops = []
+        for r0, r1 in chunks:
+            s = _outlier_score(w[r0:r1], self.cw)
+            tops.append(np.partition(s, -min(k, s.size))[-min(k, s.size):])
+        tops = np.concatenate(tops)
+        self.thr = np.partition(tops, -k)[-k]
+        self.ties = k - int(np.count_nonzero(tops > self.thr))
+
+    def mask(self, w) -> np.ndarray:
+        """skip (r, n) uint8 for the next chunk's rows w."""
+        skip = np.zeros(w.shape, np.uint8)
+        if self.k:
+            s = _outlier_score(w, self.cw)
+            flat = skip.reshape(-1)
+            flat[s > self.thr] = 1
+            if self.ties:
+                tie = np.flatnonzero(s == self.thr)[:self.ties]
+                flat[tie] = 1
+                self.ties -= tie.size
+        return skip
 
 
 def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -201,7 +249,8 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
 
     `hessian` (n, n) = E[x xᵀ]: its diagonal weights each column in the k-means, and the
     whole of it drives the GPTQ rounding to the codebook (params "gptq", default on).
-    Without it, every weight goes to its nearest codebook entry.
+    Without it, every weight goes to its nearest codebook entry. Rows are encoded by chunks
+    of whole codebook groups (_chunks); only the outliers' threshold looks at all of them.
     """
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
@@ -211,23 +260,39 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
     bits, g, frac = params_of(params, n)
     g = min(g, d)
     K = 1 << bits
+    chunks = _chunks(d, n, g)
     colw = _colweights(hessian, n)
-    skip = _pick_outliers(w, colw, frac) if frac else np.zeros((0, 0), np.uint8)
-    cb16 = _kmeans(w, colw, skip, g, K)               # codebooks fit without the outliers
-    cb32 = cb16.astype(np.float32)
-    if hessian is not None and params.get("gptq", True):
-        idx, wq = _gptq_round(w, hessian, cb32, g, skip, float(params.get("percdamp", PERCDAMP)))
-    else:
-        idx, wq = np.empty((d, n), np.uint8), w
-        _assign_all(w, cb32, g, idx)                   # nearest *stored* centroid
-    parts = {"codes": pack_indices(idx, bits), "codebook": cb16.view(np.uint16),
-             "meta": np.array([d, n, bits, g], np.int32)}
+    outliers = _Outliers(w, colw, frac, chunks) if frac else None
+    gptq = hessian is not None and params.get("gptq", True)
+    if gptq:
+        perm, U = _gptq_factor(hessian, float(params.get("percdamp", PERCDAMP)))
+    codes = np.empty((d, -(-n // BLOCK) * 4 * bits), np.uint8)
+    cb16 = np.empty((-(-d // g), K), np.float16)
+    rows, cols, vals = [], [], []
+    for r0, r1 in chunks:
+        wc = w[r0:r1]
+        skip = outliers.mask(wc) if frac else np.zeros((0, 0), np.uint8)
+        cb = cb16[r0 // g:-(-r1 // g)]
+        cb[:] = _kmeans(wc, colw, skip, g, K)          # codebooks fit without the outliers
+        cb32 = cb.astype(np.float32)
+        if gptq:
+            idx, wq = _gptq_round(wc, perm, U, cb32, g, skip)
+        else:
+            idx, wq = np.empty((r1 - r0, n), np.uint8), wc
+            _assign_all(wc, cb32, g, idx)               # nearest *stored* centroid
+        codes[r0:r1] = pack_indices(idx, bits)
+        if frac:
+            rr, cc = np.nonzero(skip)                   # row-major: CSR order
+            dense = cb32[rr // g, idx[rr, cc]]
+            # the sparse value is the f16 residual over the dense code, so dense + sparse ≈ w
+            rows.append(rr + r0)
+            cols.append(cc)
+            vals.append((wq[rr, cc] - dense).astype(np.float16))
+    parts = {"codes": codes, "codebook": cb16.view(np.uint16), "meta": np.array([d, n, bits, g], np.int32)}
     if frac:
-        rows, cols = np.nonzero(skip)                  # row-major: CSR order
-        dense = cb32[rows // g, idx[rows, cols]]
-        # the sparse value is the f16 residual over the dense code, so dense + sparse ≈ w
-        parts["outlier_rowptr"] = np.concatenate([[0], np.cumsum(skip.sum(1, dtype=np.int64))]).astype(np.int32)
-        parts["outlier_col"] = cols.astype(np.uint16)
-        parts["outlier_val"] = (wq[rows, cols] - dense).astype(np.float16).view(np.uint16)
+        rows = np.concatenate(rows)
+        parts["outlier_rowptr"] = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=d))]).astype(np.int32)
+        parts["outlier_col"] = np.concatenate(cols).astype(np.uint16)
+        parts["outlier_val"] = np.concatenate(vals).view(np.uint16)
     return parts
 

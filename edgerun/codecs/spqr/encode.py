@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from ...errors import UnsupportedModelError
+from ...kernels import threaded_map
 from ..gptq import inverse_cholesky as _inverse_cholesky
 from .format import _pack_codes, params_of as _params
 
@@ -72,7 +73,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
         raise UnsupportedModelError(f"spqr codec: at most 65536 input columns (16-bit indices), got {n}")
     bits, gs, sb, sg = p["bits"], p["group"], p["stat_bits"], p["stat_group"]
     maxq = (1 << bits) - 1
-    H = np.eye(n) if hessian is None else np.asarray(hessian, dtype=np.float64)
+    H = np.eye(n) if hessian is None else np.asarray(hessian)      # any float dtype: no n×n copy
     if H.shape != (n, n):
         raise UnsupportedModelError(f"spqr codec: hessian must be ({n}, {n}), got {H.shape}")
 
@@ -80,12 +81,9 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
             else np.arange(n))
     n_pad = -(-n // gs) * gs
     G = n_pad // gs
-    Hp = np.eye(n_pad)
-    Hp[:n, :n] = H[np.ix_(perm, perm)]
-    Hp[n:, n:] = 0.0                                  # padded columns are dead inputs
-    Uc, dead = _inverse_cholesky(Hp, p["percdamp"])
-    udiag = np.diag(Uc).astype(np.float32)
-    Uc32 = Uc.astype(np.float32)
+    # padded columns are dead inputs
+    Uc32, dead = _inverse_cholesky(H, p["percdamp"], perm=perm, size=n_pad)
+    udiag = np.diag(Uc32).copy()
 
     # Work on Wᵀ so a column is a contiguous row: every step is vectorized over the d rows.
     WT = np.zeros((n_pad, d), np.float32)
@@ -104,6 +102,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
     out_cols, out_rows, out_vals = [], [], []
 
     bs = max(gs, p["blocksize"] // gs * gs)
+    halves = [slice(r, r + -(-d // 2)) for r in range(0, d, -(-d // 2))]
     for b0 in range(0, n_pad, bs):
         b1 = min(n_pad, b0 + bs)
         E = np.empty((b1 - b0, d), np.float32)
@@ -142,8 +141,10 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
             E[c - b0] = e
             if c + 1 < b1:
                 WT[c + 1:b1] -= Uc32[c, c + 1:b1, None] * e[None, :]
-        if b1 < n_pad:
-            WT[b1:] -= Uc32[b0:b1, b1:].T @ E
+        if b1 < n_pad:    # lazy batch update of the columns after the block (a matmul per thread)
+            def update(rows):
+                WT[b1:, rows] -= Uc32[b0:b1, b1:].T @ E[:, rows]
+            threaded_map(update, halves)
 
     codes = _pack_codes(np.ascontiguousarray(Q.T), bits)
     if out_rows:

@@ -1,0 +1,40 @@
+"""The GPTQ factor every calibrated encoder uses: U with Uᵀ U = (H' + damp·I)⁻¹, checked against
+the textbook computation (Cholesky, inverse, product, Cholesky)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgerun import kernels
+from edgerun.codecs.gptq import BLOCK, inverse_cholesky
+
+
+def textbook(H, percdamp):
+    H = np.array(H, dtype=np.float64, copy=True)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices_from(H)] += percdamp * np.mean(np.abs(np.diag(H)))
+    Linv = np.linalg.inv(np.linalg.cholesky(H))
+    return np.linalg.cholesky(Linv.T @ Linv).T, dead
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,size", [(7, 7), (BLOCK, BLOCK), (BLOCK + 45, BLOCK + 51), (2 * BLOCK + 1, 2 * BLOCK + 1)])
+def test_inverse_cholesky_matches_textbook(n, size, threads):
+    kernels.set_threads(threads)                      # panels on threads (threaded_map)
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((2 * n, n)) * rng.uniform(0.1, 3, n)
+    X[:, 3] = 0                                       # a dead input
+    H = (X.T @ X / len(X)).astype(np.float32)
+    perm = rng.permutation(n)
+    Hp = np.zeros((size, size))                       # permuted, padded with dead inputs
+    Hp[:n, :n] = np.asarray(H, np.float64)[np.ix_(perm, perm)]
+    U0, dead0 = textbook(Hp, 0.01)
+    try:
+        U, dead = inverse_cholesky(H, 0.01, perm=perm, size=size)
+    finally:
+        kernels.set_threads(1)
+    assert U.dtype == np.float32 and U.shape == (size, size)
+    np.testing.assert_array_equal(dead, dead0)
+    assert not np.tril(U, -1).any()
+    assert np.abs(U - U0).max() <= 1e-6 * np.abs(U0).max()
