@@ -83,10 +83,11 @@ def _close(a, b, tol=1e-4, what=""):
     assert err < tol, f"{what}: relative error {err:.3g}"
 
 
-def _check_linear(cpu, name, rng, Wref, cpu_kernel=True):
-    """CUDA matvec (T = 1) and matmul (T = 5: a full and a partial token tile) vs the CPU Linear
-    and vs the codec's NumPy decode `Wref` (the format spec), with bias and with the residual
-    accumulate."""
+def _check_linear(cpu, name, rng, Wref, ref_matvec=None):
+    """CUDA matvec (T = 1) and matmul (T = 5: a full and a partial token tile) vs the codec's
+    NumPy decode `Wref` (the format spec), with bias and with the residual accumulate; the CPU
+    Linear vs the same, or for its one-token matvecs vs `ref_matvec` (the codec's
+    reference.matvec where the CPU matvec quantizes the activations; the device kernels do not)."""
     from numba import cuda
 
     from edgerun.cuda.codecs import to_device
@@ -97,13 +98,14 @@ def _check_linear(cpu, name, rng, Wref, cpu_kernel=True):
     for T in (1, 5):
         X = rng.standard_normal((T, n)).astype(np.float32)
         ref = X @ Wref.T
-        if cpu_kernel:
-            got = np.empty((T, d), np.float32)
-            if T == 1:
-                cpu.matvec(X[0], got[0])
-            else:
-                cpu.matmul(X, got)
-            _close(got, ref, what=f"{name} T={T}: the CPU kernel vs decode")
+        got = np.empty((T, d), np.float32)
+        if T == 1:
+            cpu.matvec(X[0], got[0])
+        else:
+            cpu.matmul(X, got)
+        one_token = T == 1 or T < cpu.matmul_min_t
+        want = np.stack([ref_matvec(x) for x in X]) if one_token and ref_matvec else ref
+        _close(got, want, what=f"{name} T={T}: the CPU kernel vs its reference")
         out = cuda.to_device(np.zeros((T, d), np.float32))
         dev.matmul(cuda.to_device(X), out, cuda.to_device(bias))
         _close(out.copy_to_host(), ref + bias, what=f"{name} T={T}")
@@ -120,6 +122,7 @@ def case_codec(codec):
     d, n = 6, 40          # 6 rows: a full and a partial block of 4; 40 columns: a 32-block + tail
     W = (0.1 * rng.standard_normal((d, n))).astype(np.float32)
     c = get_codec(codec)
+    reference = importlib.import_module(f"edgerun.codecs.{codec}.reference")
     if codec == "dense":
         for dt in ("f32", "f16", "bf16"):
             parts = c.encode(W, {"dtype": dt})
@@ -128,15 +131,15 @@ def case_codec(codec):
         for bits, g, outl in ((3, 1, 0.05), (4, 2, 0), (8, 4, 0)):
             p = {"bits": bits, "group_rows": g, "outliers": outl}
             parts = c.encode(W, p)
-            _check_linear(c.load(parts, p), f"cluster {p}", rng, c.decode(parts, p))
+            _check_linear(c.load(parts, p), f"cluster {p}", rng, c.decode(parts, p),
+                          lambda x: reference.matvec(parts, p, x))
     elif codec == "spqr":
         W[1, 5] = 2.0      # an outlier
         for bits in (2, 3, 4):
             p = {"bits": bits}
             parts = c.encode(W, p)
-            # vs decode only: the CPU kernel is being reworked (its 3-bit tail chunk disagrees
-            # with decode in the working tree at the time of writing)
-            _check_linear(c.load(parts, p), f"spqr {bits}", rng, c.decode(parts, p), cpu_kernel=False)
+            _check_linear(c.load(parts, p), f"spqr {bits}", rng, c.decode(parts, p),
+                          lambda x: reference.matvec(parts, p, x))
         assert parts["outlier_rowptr"][-1] > 0, "the test should exercise outliers"
     elif codec == "bitstack":
         p = {"blocks": 3, "rank": 4}
