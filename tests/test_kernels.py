@@ -60,7 +60,7 @@ def test_silu_mul_and_add(rng):
 
 
 def test_expf_accuracy():
-    x = np.linspace(-87, 88, 20001).astype(np.float32)
+    x = np.linspace(-87, 88, 20001).astype(np.float32).reshape(1, -1)
     out = np.empty_like(x)
     K.silu_mul(-x, np.ones_like(x), out)   # out = -x / (1 + exp(x))
     ref = -x.astype(np.float64) / (1 + np.exp(x.astype(np.float64)))
@@ -259,7 +259,7 @@ def test_dense_matmul_kernel(rng, threads, dtype, d, n, monkeypatch):
         # the kernels themselves, also below MATMUL_MIN_T, serial and split in `threads` blocks
         tiles = dense._tiles(threads, 0 if dtype == "f32" else n)
         O[:] = np.nan
-        lin._mm(X, lin.W, O, tiles)
+        lin._mm(X, lin.W, O, 0, d, tiles[0])
         np.testing.assert_allclose(O, want, rtol=1e-4, atol=1e-4)
         O[:] = np.nan
         lin._mm_par(X, lin.W, O, tiles)
