@@ -65,7 +65,7 @@ def load(path, ram=None, context: int | None = None, threads: int | None = None,
 PARALLEL_WARM_UP_WEIGHTS = 1 << 19
 
 
-def warm_up_kernels(ebin, defer: bool = True) -> None:
+def warm_up_kernels(ebin, defer: bool | None = None) -> None:
     """Compile (or load from the on-disk cache) every kernel this model will run, so their memory
     is measured before planning and no compiler runs mid-generation (LLVM compiling a kernel can
     take hundreds of MiB). Each kind of matrix (codec and params) runs matvec, a few-token matmul,
@@ -73,11 +73,13 @@ def warm_up_kernels(ebin, defer: bool = True) -> None:
     encoded); with several threads also on its smallest matrix large enough for the parallel
     kernels.
 
-    On a cold JIT cache (the single-token kernels had to be compiled) and with `defer`, only
+    On a cold JIT cache (the single-token kernels had to be compiled) and with `defer` (default
+    `kernels.DEFER_COLD_COMPILE`), only
     those are compiled here: a child process compiles the batched and parallel ones into the
     cache while this one generates on the serial kernels (kernels.py, "Cold JIT cache"); their
     code, a few MiB, is then not part of the measured runtime memory."""
     kernels.wait_full_kernels()             # another model's child first
+    defer = kernels.DEFER_COLD_COMPILE if defer is None else defer
     with numba_event.install_recorder("numba:compile") as compiled:
         _warm_up(ebin, batched=False)
     if not (defer and compiled.buffer):

@@ -71,6 +71,9 @@ def get_threads() -> int:
 # (api.warm_up_kernels); until that child is done, `Linear` and `attention` take the serial
 # paths (a prompt is a loop of matvecs), then this process loads the kernels from the cache.
 
+# EDGERUN_DEFER_COMPILE=0: compile everything before the first token (the tests do, so that a
+# kernel path never depends on a child's timing)
+DEFER_COLD_COMPILE = os.environ.get("EDGERUN_DEFER_COMPILE", "1") != "0"
 _pending = None          # (child process, finish) while the child compiles; None when all are ready
 _pending_lock = threading.RLock()
 _next_poll = 0.0
