@@ -18,7 +18,7 @@ from numba.core import event as numba_event
 from . import isa, kernels
 from .config import ModelConfig
 from .ebin import EbinFile
-from .errors import Cancelled, EdgerunError
+from .errors import Cancelled, EdgerunError, FormatError
 from .generate import Generator, Stats
 from .memory import MemoryPlan, current_rss, fmt, parse_size, release_free_memory
 from .bitstack_runtime import BlockOrder, BlockStack, prefix_reader
@@ -97,13 +97,21 @@ def warm_up_kernels(ebin, defer: bool | None = None) -> None:
     # when the child is done: load its kernels from the cache (or compile them here, with the
     # real error if there is one, when it failed)
     path = ebin.path
-    kernels.defer_full_kernels(child, lambda: _warm_up_file(path, kernels.get_threads()))
+    kernels.defer_full_kernels(child, lambda: _warm_up_file(path, kernels.get_threads(), missing_ok=True))
 
 
-def _warm_up_file(path, threads: int) -> None:
-    """The batched and parallel kernels of the pack at `path` (the child of warm_up_kernels)."""
+def _warm_up_file(path, threads: int, missing_ok: bool = False) -> None:
+    """The batched and parallel kernels of the pack at `path` (the child of warm_up_kernels).
+    `missing_ok`: a pack moved or deleted since it was loaded leaves them to compile (or load
+    from the cache) at their first call instead."""
     kernels.set_threads(threads)
-    with EbinFile(path) as ebin:
+    try:
+        ebin = EbinFile(path)
+    except FormatError:
+        if missing_ok:
+            return
+        raise
+    with ebin:
         _warm_up(ebin, batched=True)
 
 
