@@ -45,8 +45,10 @@ def _import_numba_array_math_without_scipy() -> None:
 
 _import_numba_array_math_without_scipy()
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
-_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+# no_cfunc_wrapper: no kernel is used as a C callback, and skipping that wrapper saves ~7% of the
+# compile time on a cold JIT cache (measured: 2.16 -> 1.97 s for the first token's kernels)
+_JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
 
 _threads = 1
 

@@ -13,8 +13,8 @@ from ...kernels import bf16_to_f32, f16_to_f32
 from ..base import Linear
 from .format import dtype_of
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
-_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+_JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
 
 # A matvec with at least this many weights uses the prange kernel when threads > 1. A 2-thread
 # region costs ~10 µs (DESIGN §6); measured in tools/bench_kernels.py, only the FFN-sized
