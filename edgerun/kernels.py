@@ -113,11 +113,11 @@ def full_kernels_ready() -> bool:
 
 def wait_full_kernels() -> None:
     """Block until the batched and parallel kernels are ready."""
+    global _next_poll
     with _pending_lock:
         if _pending is None:
             return
         _pending[0].wait()
-        global _next_poll
         _next_poll = 0.0
     full_kernels_ready()
 
