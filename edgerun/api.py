@@ -74,10 +74,10 @@ def warm_up_kernels(ebin, defer: bool | None = None) -> None:
     kernels.
 
     On a cold JIT cache (the single-token kernels had to be compiled) and with `defer` (default
-    `kernels.DEFER_COLD_COMPILE`), only
-    those are compiled here: a child process compiles the batched and parallel ones into the
-    cache while this one generates on the serial kernels (kernels.py, "Cold JIT cache"); their
-    code, a few MiB, is then not part of the measured runtime memory."""
+    `kernels.DEFER_COLD_COMPILE`), only those are compiled here: a child process compiles the
+    batched and parallel ones into the cache while this one generates on the serial kernels
+    (kernels.py, "Cold JIT cache"); their code, loaded later, is then not part of the measured
+    runtime memory (not measured how much; the compiler's own peak is in the child)."""
     kernels.wait_full_kernels()             # another model's child first
     defer = kernels.DEFER_COLD_COMPILE if defer is None else defer
     with numba_event.install_recorder("numba:compile") as compiled:
