@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import threading
 import traceback
 from collections import deque
@@ -10,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from numba.core import event as numba_event
 
 from . import isa, kernels
 from .ebin import EbinFile
-from .errors import Cancelled, EdgerunError
+from .errors import Cancelled, EdgerunError, FormatError
 from .generate import Generator, Stats
 from .memory import current_rss, fmt, parse_size, release_free_memory
 from .bitstack_runtime import BlockStack, prefix_reader
@@ -60,13 +64,59 @@ def load(path, ram=None, context: int | None = None, threads: int | None = None,
 PARALLEL_WARM_UP_WEIGHTS = 1 << 19
 
 
-def warm_up_kernels(ebin) -> None:
+def warm_up_kernels(ebin, defer: bool | None = None) -> None:
     """Compile (or load from the on-disk cache) every kernel this model will run, so their memory
     is measured before planning and no compiler runs mid-generation (LLVM compiling a kernel can
     take hundreds of MiB). Each kind of matrix (codec and params) runs matvec, a few-token matmul,
     a prefill-chunk matmul and row on the model's own smallest matrix of that kind (nothing is
     encoded); with several threads also on its smallest matrix large enough for the parallel
-    kernels."""
+    kernels.
+
+    On a cold JIT cache (the single-token kernels had to be compiled) and with `defer` (default
+    `kernels.DEFER_COLD_COMPILE`), only those are compiled here: a child process compiles the
+    batched and parallel ones into the cache while this one generates on the serial kernels
+    (kernels.py, "Cold JIT cache"); their code, loaded later, is then not part of the measured
+    runtime memory (not measured how much; the compiler's own peak is in the child)."""
+    kernels.wait_full_kernels()             # another model's child first
+    defer = kernels.DEFER_COLD_COMPILE if defer is None else defer
+    with numba_event.install_recorder("numba:compile") as compiled:
+        _warm_up(ebin, batched=False)
+    if not (defer and compiled.buffer):
+        _warm_up(ebin, batched=True)
+        return
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys, edgerun.api as a; a._warm_up_file(sys.argv[1], int(sys.argv[2]))",
+             str(ebin.path), str(kernels.get_threads())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    except OSError:
+        _warm_up(ebin, batched=True)
+        return
+    # when the child is done: load its kernels from the cache (or compile them here, with the
+    # real error if there is one, when it failed)
+    path = ebin.path
+    kernels.defer_full_kernels(child, lambda: _warm_up_file(path, kernels.get_threads(), missing_ok=True))
+
+
+def _warm_up_file(path, threads: int, missing_ok: bool = False) -> None:
+    """The batched and parallel kernels of the pack at `path` (the child of warm_up_kernels).
+    `missing_ok`: a pack moved or deleted since it was loaded leaves them to compile (or load
+    from the cache) at their first call instead."""
+    kernels.set_threads(threads)
+    try:
+        ebin = EbinFile(path)
+    except FormatError:
+        if missing_ok:
+            return
+        raise
+    with ebin:
+        _warm_up(ebin, batched=True)
+
+
+def _warm_up(ebin, batched: bool) -> None:
+    # batched=False: what the first token needs (serial matvec, row, the layer ops at T=1);
+    # True: the prefill matmul (T >= 4) and, with threads, the parallel kernels
     manifest = ebin.manifest
     kinds: dict[str, list] = {}
     for entry in manifest["tensors"].values():
@@ -74,10 +124,11 @@ def warm_up_kernels(ebin) -> None:
             key = entry["codec"] + json.dumps(entry["params"], sort_keys=True)
             kinds.setdefault(key, []).append(entry)
     rng = np.random.default_rng(0)
+    parallel = batched and kernels.get_threads() > 1
     for entries in kinds.values():
         entries.sort(key=lambda e: e["shape"][0] * e["shape"][1])
         picks = [entries[0]]
-        if kernels.get_threads() > 1:
+        if parallel:
             big = [e for e in entries if e["shape"][0] * e["shape"][1] >= PARALLEL_WARM_UP_WEIGHTS]
             picks += big[:1] if big else entries[-1:]
         for entry in picks:
@@ -85,19 +136,20 @@ def warm_up_kernels(ebin) -> None:
             d, n = entry["shape"]
             x = rng.standard_normal((PREFILL_CHUNK, n), dtype=np.float32)
             out = np.empty((PREFILL_CHUNK, d), np.float32)
-            w.matvec(x[0], out[0])
-            w.matmul(x[:2], out[:2])            # a few tokens: matvec loop
-            w.matmul(x[:8], out[:8])            # a prefill chunk: the batched kernel
-            w.matmul(x, out)
-            w.row(0, x[0])
+            if batched:
+                w.matvec(x[0], out[0])
+                w.matmul(x[:8], out[:8])            # a prefill chunk: the batched kernel
+                w.matmul(x, out)
+            else:
+                w._matvec(x[0], out[0], 1)
+                w.row(0, x[0])
             del w
-    if "flash" in manifest:
+    if "flash" in manifest and not batched:
         from . import streaming
         streaming.warm_up(manifest)
-    # the ops every layer runs, at a decode (T=1) and a prefill shape; the parallel attention
-    # is chosen for long prefills when threads > 1
+    # the ops every layer runs; the parallel attention is chosen for long prefills when threads > 1
     H, D = 8, 64
-    for T in (1, 8, 64):
+    for T in ((64,) if parallel else () if batched else (1,)):
         x = rng.standard_normal((T, H, D), dtype=np.float32)
         kernels.rmsnorm_rows(x.reshape(T * H, D), np.ones(D, np.float32), 1e-5, x.reshape(T * H, D))
         cos, sin = kernels.rope_tables(D, T, 10000.0, None)

@@ -43,7 +43,7 @@ from .errors import BudgetError, EdgerunError, FormatError, UnsupportedModelErro
 from .flashio import ALIGN, BOUNCE, FlashReader, aligned_array, coalesce
 from .kernels import bf16_to_f32, f16_to_f32
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
+_JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
 
 LAYOUT_VERSION = 1
 SPARSITY_GRID = [round(0.05 * i, 2) for i in range(20)]     # thresholds stored for S = 0 .. 0.95

@@ -3,10 +3,16 @@ norm weights and biases so those paths are exercised) and the real SmolLM2 GGUF.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Compile every kernel before a model runs, also in CLI subprocesses, so no test's kernel path
+# depends on when a background compile ends (edgerun/kernels.py, "Cold JIT cache";
+# tests/test_api.py tests that path on its own).
+os.environ["EDGERUN_DEFER_COMPILE"] = "0"
 
 CORPUS = """The quick brown fox jumps over the lazy dog. 0123456789 3.14159 2026-11-24
 Once upon a time, in a land far away, there lived a small robot who loved to read books.

@@ -203,3 +203,21 @@ def test_close_returns_memory(smollm2_ebin):
     assert d["loaded"] - d["closed"] > 0.95 * d["weights"]
     # what stays is the second tokenizer and allocator slack, not the 90% of the weights read
     assert d["aborted"] < d["closed"] + 0.15 * d["weights"]
+
+
+def test_cold_jit_cache_compiles_batched_kernels_in_a_child(tiny_ebin, tmp_path):
+    """First run after install (empty Numba cache): the CLI answers from the serial kernels while
+    a child process compiles the batched and parallel ones into the cache, and waits for it at
+    exit so the next run starts warm (edgerun/kernels.py, "Cold JIT cache")."""
+    import os
+    cache = tmp_path / "numba"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "EDGERUN_DEFER_COMPILE": "1"}
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    r = subprocess.run([sys.executable, "-m", "edgerun", "generate", str(tiny_ebin), "-p", prompt, "-n", "3",
+                        "-t", "2", "--temp", "0"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(prompt)
+    cached = {p.name.split("-")[0] for p in cache.rglob("*.nbi")}
+    # the child's kernels: the prefill matmul and the parallel attention (the tiny matrices are
+    # too small for the parallel matvec)
+    assert {"kernels._mm_f32_range", "kernels._attention_par"} <= cached, cached

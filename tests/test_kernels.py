@@ -60,7 +60,7 @@ def test_silu_mul_and_add(rng):
 
 
 def test_expf_accuracy():
-    x = np.linspace(-87, 88, 20001).astype(np.float32)
+    x = np.linspace(-87, 88, 20001).astype(np.float32).reshape(1, -1)
     out = np.empty_like(x)
     K.silu_mul(-x, np.ones_like(x), out)   # out = -x / (1 + exp(x))
     ref = -x.astype(np.float64) / (1 + np.exp(x.astype(np.float64)))
@@ -259,7 +259,7 @@ def test_dense_matmul_kernel(rng, threads, dtype, d, n, monkeypatch):
         # the kernels themselves, also below MATMUL_MIN_T, serial and split in `threads` blocks
         tiles = dense._tiles(threads, 0 if dtype == "f32" else n)
         O[:] = np.nan
-        lin._mm(X, lin.W, O, tiles)
+        lin._mm(X, lin.W, O, 0, d, tiles[0])
         np.testing.assert_allclose(O, want, rtol=1e-4, atol=1e-4)
         O[:] = np.nan
         lin._mm_par(X, lin.W, O, tiles)
@@ -289,3 +289,34 @@ def test_default_threads_follow_idle_physical_cores(monkeypatch, physical, usabl
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 64)
     assert K.default_threads() == expect
+
+
+def test_cold_cache_runs_serial_kernels_until_the_child_is_done(rng, monkeypatch):
+    """kernels.py "Cold JIT cache": while the child compiling the batched and parallel kernels
+    runs, a matmul is a loop of matvecs and nothing runs on threads; once it has exited, `finish`
+    (load its kernels) runs once and the full kernels are used."""
+    import subprocess
+    import sys
+    codec, params = get_codec("dense"), {"dtype": "f16"}
+    parts = codec.encode(randn(rng, 64, 48), params)
+    lin = codec.load(parts, params)
+    batched = []
+    monkeypatch.setattr(lin, "_matmul", lambda X, out: batched.append(X.shape[0]))
+    monkeypatch.setattr(K, "POLL_S", 0.0)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    finished = []
+    K.set_threads(2)
+    try:
+        K.defer_full_kernels(child, lambda: finished.append(True))
+        X, out = randn(rng, 8, 48), np.full((8, 64), np.nan, np.float32)
+        lin.matmul(X, out)
+        assert batched == [] and not finished and lin.threads_for(True) == 1 and not K.full_kernels_ready()
+        np.testing.assert_allclose(out, X @ codec.decode(parts, params).T, rtol=1e-4, atol=1e-4)
+        child.stdin.close()
+        child.wait()
+        lin.matmul(X, out)
+        assert batched == [8] and finished == [True] and lin.threads_for(True) == 2
+    finally:
+        child.kill()
+        K._pending = None
+        K.set_threads(1)

@@ -162,9 +162,9 @@ def bench_matmul(dtypes, threads_list, reps, rng):
                     for t in range(T):
                         lin.matvec(X[t], out[t])
                 mv()
-                lin._mm(X, lin.W, out, tiles)
+                lin._mm(X, lin.W, out, 0, shape[0], tiles[0])
                 a = flops / median_time(mv, reps) / 1e9
-                b = flops / median_time(lambda: lin._mm(X, lin.W, out, tiles), reps) / 1e9
+                b = flops / median_time(lambda: lin._mm(X, lin.W, out, 0, shape[0], tiles[0]), reps) / 1e9
                 print(f"{str(shape):>12} {T:>3} {dt:>5} {a:8.1f} {b:8.1f}")
 
 

@@ -7,7 +7,8 @@ how the argument becomes params, and the params the registry tests encode with.
 
 `Linear`: a loaded weight W (d, n) on its stored parts. What is really shared lives here:
 `shape`, `nbytes`, `bits_per_weight`, the thread-count choice, matvec's serial/parallel split and
-"below `matmul_min_t` tokens a matmul is a loop of matvecs".
+"below `matmul_min_t` tokens (or until the batched kernels are compiled, kernels.py's cold JIT
+cache) a matmul is a loop of matvecs".
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import importlib
 import numpy as np
 
 from ..errors import EdgerunError, UnsupportedModelError
-from ..kernels import get_threads
+from ..kernels import full_kernels_ready, get_threads
 
 # name -> Codec subclass, filled by Codec.__init_subclass__ as the codec packages are imported
 REGISTRY: dict[str, type] = {}
@@ -141,9 +142,9 @@ class Linear:
     @staticmethod
     def threads_for(parallel: bool) -> int:
         """How many threads a kernel call should use: `get_threads()` when the work is big
-        enough to pay for a parallel region, else 1."""
+        enough to pay for a parallel region (and the parallel kernels are compiled), else 1."""
         threads = get_threads()
-        return threads if parallel and threads > 1 else 1
+        return threads if parallel and threads > 1 and full_kernels_ready() else 1
 
     def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
         """out (d,) = W (d, n) @ x (n,)."""
@@ -152,7 +153,7 @@ class Linear:
     def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         """out (T, d) = X (T, n) @ W.T."""
         T = X.shape[0]
-        if T < self.matmul_min_t:
+        if T < self.matmul_min_t or not full_kernels_ready():     # (cold JIT cache: kernels.py)
             for t in range(T):
                 self.matvec(X[t], out[t])
             return

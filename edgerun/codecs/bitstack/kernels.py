@@ -22,8 +22,8 @@ from ...memory import thread_scratch
 from ..base import Linear
 from .format import _block_views, _f16, _from_f16, _meta, block_layout
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
-_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+_JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
 
 PAR_MIN_WEIGHTS = 1 << 19  # matvecs this large split rows over threads (as dense.py measured)
 MATMUL_MIN_T = 4           # below this many tokens a matmul is a loop of LUT matvecs

@@ -26,8 +26,8 @@ from ..base import Linear
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, _planes, int8_codebook
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
-_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+_JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
 
 PAR_MIN_WEIGHTS = 1 << 19  # matvecs this large use both threads (dense.py measured the same)
 TILE_ROWS = 4              # rows decoded to f32 per matmul tile (register block of 4 rows)

@@ -13,8 +13,8 @@ from ...kernels import bf16_to_f32, f16_to_f32
 from ..base import Linear
 from .format import dtype_of
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
-_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+_JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
 
 # A matvec with at least this many weights uses the prange kernel when threads > 1. A 2-thread
 # region costs ~10 µs (DESIGN §6); measured in tools/bench_kernels.py, only the FFN-sized
@@ -63,24 +63,6 @@ def _mv_bf16(W, x, out, r0, r1):
         for j in range(n):
             acc += bf16_to_f32(W[i, j]) * x[j]
         out[i] = acc
-
-
-@njit(**_JIT)
-def matvec_f32(W, x, out):
-    # W (d, n) f32 @ x (n,) -> out (d,)
-    _mv_f32(W, x, out, 0, W.shape[0])
-
-
-@njit(**_JIT)
-def matvec_f16(W, x, out):
-    # W (d, n) f16 bits @ x (n,) -> out (d,)
-    _mv_f16(W, x, out, 0, W.shape[0])
-
-
-@njit(**_JIT)
-def matvec_bf16(W, x, out):
-    # W (d, n) bf16 bits @ x (n,) -> out (d,)
-    _mv_bf16(W, x, out, 0, W.shape[0])
 
 
 @njit(**_JIT_PAR)
@@ -251,8 +233,10 @@ def _mm_rows(X, A, a0, a1, out, c0):
 
 
 @njit(**_JIT)
-def _mm_f32_range(X, W, out, r0, r1, rows):
-    # X (T, n) @ W[r0:r1].T (f32) -> out[:, r0:r1], in blocks of `rows` weight rows
+def _mm_f32_range(X, W, out, r0, r1, tile):
+    # X (T, n) @ W[r0:r1].T (f32) -> out[:, r0:r1], in blocks of tile.shape[0] weight rows
+    # (tile: a zero-width view, f32 rows need no widening)
+    rows = tile.shape[0]
     for b in range(r0, r1, rows):
         _mm_rows(X, W, b, min(r1, b + rows), out, b)
 
@@ -278,24 +262,6 @@ def _mm_bf16_range(X, W, out, r0, r1, tile):
 
 
 @njit(**_JIT)
-def matmul_f32(X, W, out, tiles):
-    # X (T, n) @ W (d, n).T f32 -> out (T, d); tiles unused (same signature as the 16-bit kernels)
-    _mm_f32_range(X, W, out, 0, W.shape[0], tiles.shape[1])
-
-
-@njit(**_JIT)
-def matmul_f16(X, W, out, tiles):
-    # X (T, n) @ W (d, n).T f16 bits -> out (T, d); tiles (>= 1, rows, n) f32 scratch
-    _mm_f16_range(X, W, out, 0, W.shape[0], tiles[0])
-
-
-@njit(**_JIT)
-def matmul_bf16(X, W, out, tiles):
-    # X (T, n) @ W (d, n).T bf16 bits -> out (T, d); tiles (>= 1, rows, n) f32 scratch
-    _mm_bf16_range(X, W, out, 0, W.shape[0], tiles[0])
-
-
-@njit(**_JIT)
 def _split(d, nblocks, b):
     # rows of block b when d rows are split in nblocks pieces that are multiples of 4
     step = ((d + nblocks - 1) // nblocks + 3) // 4 * 4
@@ -308,7 +274,7 @@ def matmul_f32_par(X, W, out, tiles):
     nb = tiles.shape[0]
     for b in prange(nb):
         r0, r1 = _split(W.shape[0], nb, b)
-        _mm_f32_range(X, W, out, r0, r1, tiles.shape[1])
+        _mm_f32_range(X, W, out, r0, r1, tiles[b])
 
 
 @njit(**_JIT_PAR)
@@ -329,10 +295,12 @@ def matmul_bf16_par(X, W, out, tiles):
         _mm_bf16_range(X, W, out, r0, r1, tiles[b])
 
 
-_SERIAL = {"f32": matvec_f32, "f16": matvec_f16, "bf16": matvec_bf16}
+# The serial kernels are called from Python on the whole matrix (rows 0..d): no wrapper
+# functions, each of which cost ~0.3 s of compile time on a cold JIT cache.
+_SERIAL = {"f32": _mv_f32, "f16": _mv_f16, "bf16": _mv_bf16}
 _PARALLEL = {"f32": matvec_f32_par, "f16": matvec_f16_par, "bf16": matvec_bf16_par}
 _WIDEN = {"f16": widen_f16, "bf16": widen_bf16}
-_MATMUL = {"f32": matmul_f32, "f16": matmul_f16, "bf16": matmul_bf16}
+_MATMUL = {"f32": _mm_f32_range, "f16": _mm_f16_range, "bf16": _mm_bf16_range}
 _MATMUL_PAR = {"f32": matmul_f32_par, "f16": matmul_f16_par, "bf16": matmul_bf16_par}
 
 # Dequantization tiles per Python thread, grown on demand and shared by every Linear, so the
@@ -369,7 +337,7 @@ class DenseLinear(Linear):
         if threads > 1:
             self._mv_par(self.W, x, out, threads)
         else:
-            self._mv(self.W, x, out)
+            self._mv(self.W, x, out, 0, self.shape[0])
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         # out (T, d) = X (T, n) @ W.T with the register-blocked Numba kernel (never BLAS)
@@ -379,7 +347,7 @@ class DenseLinear(Linear):
         if nb > 1:
             self._mm_par(X, self.W, out, tiles)
         else:
-            self._mm(X, self.W, out, tiles)
+            self._mm(X, self.W, out, 0, d, tiles[0])
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""

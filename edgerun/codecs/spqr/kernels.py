@@ -17,8 +17,8 @@ from ..dense.kernels import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import REQUIRED_PARTS, _check_shapes, params_of
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
-_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
+_JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
 
 # prange over rows only for matrices at least this big (a 2-thread region costs ~2-3 µs here with
 # OpenMP, DESIGN §6 says up to 10): 576x576 q/o gain (measured: 15 -> 11 µs a matvec in a real token
