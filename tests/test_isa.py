@@ -59,6 +59,20 @@ def _jit(build, cpu=None, features=None):
     return engine, tm.emit_assembly(parsed)
 
 
+def _variant_fn(build, variant, name, nargs, *marks):
+    """The function `name` (nargs pointers) of build's module, JIT-compiled for the host when the
+    host runs `variant`; else None, after checking that it compiles for a CPU that has it
+    (skylake-avx512 / haswell) to code with each of `marks`."""
+    if not _host_runs(variant):
+        _, asm = _jit(build, {"avx512": "skylake-avx512", "avx2": "haswell"}[variant], "")
+        assert all(m in asm for m in marks), marks
+        return None
+    engine, _ = _jit(build)
+    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * nargs)(engine.get_function_address(name))
+    fn.engine = engine          # keep the code alive as long as the function
+    return fn
+
+
 @pytest.mark.parametrize("hardware", [False, True])
 def test_half_to_float_every_bit_pattern(hardware):
     """All 65536 halves (zeros, subnormals, normals, infinities, NaNs) widen as NumPy does."""
@@ -106,16 +120,11 @@ def test_table_lookup_matches_numpy(variant, size):
         b.store(isa.table_lookup(b, tables, b.load(idx, typ=v16i, align=4), size, isa=variant), out, align=4)
         b.ret_void()
 
-    if not _host_runs(variant):
-        cpu = {"avx512": "skylake-avx512", "avx2": "haswell"}[variant]
-        _, asm = _jit(build, cpu, "")
-        assert "vperm" in asm
+    look = _variant_fn(build, variant, "look", 3, "vperm")
+    if look is None:
         return
-    engine, _ = _jit(build)
     rng = np.random.default_rng(size)
     tab = rng.standard_normal(32).astype(np.float32)
-    look = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(
-        engine.get_function_address("look"))
     for _ in range(20):
         idx = rng.integers(0, size, 16).astype(np.int32)
         out = np.empty(16, np.float32)
@@ -138,12 +147,9 @@ def test_byte_pair_dot_matches_numpy(variant):
         b.store(r, out, align=2)
         b.ret_void()
 
-    if not _host_runs(variant):
-        _, asm = _jit(build, {"avx512": "skylake-avx512", "avx2": "haswell"}[variant], "")
-        assert "vpmaddubsw" in asm
+    fn = _variant_fn(build, variant, "pdot", 3, "vpmaddubsw")
+    if fn is None:
         return
-    engine, _ = _jit(build)
-    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3)(engine.get_function_address("pdot"))
     rng = np.random.default_rng(0)
     for hi in (16, 128):        # 2·127·127 < 2^15: within i16, as the callers keep it
         a = rng.integers(0, hi, 32).astype(np.uint8)
@@ -171,12 +177,9 @@ def test_byte_table_lookup_matches_numpy(variant, size):
         b.store(isa.byte_table_lookup(b, tables, b.load(idx, typ=v32b, align=1), isa=variant), out, align=1)
         b.ret_void()
 
-    if not _host_runs(variant):
-        _, asm = _jit(build, {"avx512": "skylake-avx512", "avx2": "haswell"}[variant], "")
-        assert "vpshufb" in asm
+    fn = _variant_fn(build, variant, "look", 3, "vpshufb")
+    if fn is None:
         return
-    engine, _ = _jit(build)
-    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3)(engine.get_function_address("look"))
     rng = np.random.default_rng(size)
     tab = rng.integers(-127, 128, 32).astype(np.int8)
     for _ in range(10):
@@ -200,12 +203,9 @@ def test_signed_byte_dot_matches_numpy(variant):
                 out, align=4)
         b.ret_void()
 
-    if not _host_runs(variant):
-        _, asm = _jit(build, {"avx512": "skylake-avx512", "avx2": "haswell"}[variant], "")
-        assert "vpmaddubsw" in asm and "vpsignb" in asm
+    fn = _variant_fn(build, variant, "sdot", 3, "vpmaddubsw", "vpsignb")
+    if fn is None:
         return
-    engine, _ = _jit(build)
-    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3)(engine.get_function_address("sdot"))
     rng = np.random.default_rng(1)
     for _ in range(10):
         a, x = (rng.integers(-127, 128, 32).astype(np.int8) for _ in range(2))
