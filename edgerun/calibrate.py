@@ -52,19 +52,25 @@ class HessianAccumulator:
     """Running sum of X^T X over the rows X fed to a linear layer.
 
     Rows are buffered and multiplied in batches of about BUFFER_BYTES: one rank-k update per
-    batch (BLAS syrk) instead of one per forward chunk. Adding a 64-row product of an (n, n)
-    matrix costs as much memory traffic as the product itself: for the 1.5B model's down_proj
-    (n = 8960) that alone took most of a layer's ten minutes (BENCHMARKS.md, pack time). The
-    sum is float32 (a dozen batch sums per layer; the encoders factor in float64), half the
-    memory of the 1.5B's largest Hessian (321 MB)."""
+    batch instead of one per forward chunk. Adding a 64-row product of an (n, n) matrix costs as
+    much memory traffic as the product itself: for the 1.5B model's down_proj (n = 8960) that
+    alone took most of a layer's ten minutes (BENCHMARKS.md, pack time). Only the lower block
+    triangle is multiplied (column panels of PANEL, BLAS gemm on the kernel threads): NumPy's
+    `B.T @ B` costs a full gemm. `hessian()` mirrors it. The sum is float32 (a dozen batch sums
+    per layer; the encoders factor in float64), half the memory of the 1.5B's largest Hessian
+    (321 MB)."""
 
     BUFFER_BYTES = 32 << 20
+    PANEL = 512
 
     def __init__(self, n: int):
         self.sum = np.zeros((n, n), np.float32)
         self.count = 0
         self._buf = np.empty((max(256, self.BUFFER_BYTES // (4 * n)), n), np.float32)
         self._fill = 0
+        # lower block triangle: row panel [j, j1) against columns [0, j1); largest first, so
+        # that the threads (which take the next panel when free) finish together
+        self._panels = [(j, min(n, j + self.PANEL)) for j in range(0, n, self.PANEL)][::-1]
 
     def add(self, X: np.ndarray) -> None:
         while X.shape[0]:
@@ -79,11 +85,11 @@ class HessianAccumulator:
         if not self._fill:
             return
         B = self._buf[:self._fill]
-        # f32 products (syrk); with several kernel threads, one per thread on its share of the rows
-        t = max(1, min(kernels.get_threads(), self._fill // 256))
-        cuts = [self._fill * i // t for i in range(t + 1)]
-        for P in kernels.threaded_map(lambda i: B[cuts[i]:cuts[i + 1]].T @ B[cuts[i]:cuts[i + 1]], range(t)):
-            self.sum += P
+
+        def panel(jj):
+            j, j1 = jj
+            self.sum[j:j1, :j1] += B[:, j:j1].T @ B[:, :j1]
+        kernels.threaded_map(panel, self._panels)
         self.count += self._fill
         self._fill = 0
 
@@ -93,6 +99,11 @@ class HessianAccumulator:
         if self._buf is not None:
             self._flush()
             self._buf = None
+            for j, j1 in self._panels:               # the upper part from the lower: exactly symmetric
+                self.sum[j:j1, j1:] = self.sum[j1:, j:j1].T
+                block = self.sum[j:j1, j:j1]
+                upper = np.triu_indices(j1 - j, 1)
+                block[upper] = block.T[upper]
             self.sum /= max(self.count, 1)
         return self.sum
 
@@ -112,9 +123,40 @@ class RecordingLinear:
         self.inner.matmul(X, out)
 
 
-def f32_linear(w: np.ndarray):
-    """An uncompressed float32 linear for the calibration forward pass, on `w` itself (no copy)."""
-    return get_codec("dense").load({"weight": np.ascontiguousarray(w, dtype=np.float32)}, {"dtype": "f32"})
+class F32Linear:
+    """A float32 W (d, n) for the calibration forward passes: BLAS sgemm on whole calibration
+    sequences, the tokens split over the kernel threads (BLAS itself runs one thread,
+    edgerun/__init__.py): about twice the runtime kernels' speed at 256 tokens (BENCHMARKS.md,
+    pack time)."""
+
+    def __init__(self, w: np.ndarray):
+        self.w = np.ascontiguousarray(w, dtype=np.float32)
+        self.shape = self.w.shape
+
+    def matvec(self, x, out):
+        np.matmul(self.w, x, out=out)
+
+    def matmul(self, X, out):
+        T = X.shape[0]
+        t = max(1, min(kernels.get_threads(), T // 32))
+        cuts = [T * i // t for i in range(t + 1)]
+        kernels.threaded_map(lambda i: np.matmul(X[cuts[i]:cuts[i + 1]], self.w.T, out=out[cuts[i]:cuts[i + 1]]),
+                             range(t))
+
+
+def f32_linear(w: np.ndarray) -> F32Linear:
+    """An uncompressed float32 linear for the calibration forward pass (no copy of a float32 `w`)."""
+    return F32Linear(w)
+
+
+def decoded_linear(loaded) -> F32Linear:
+    """The float32 weights a loaded linear (any codec) computes with, row by row, as an F32Linear:
+    the forward through the compressed layer runs on them with BLAS rather than the codec's kernel."""
+    d, n = loaded.shape
+    w = np.empty((d, n), np.float32)
+    for r in range(d):
+        loaded.row(r, w[r])
+    return F32Linear(w)
 
 
 def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, progress=None) -> None:
@@ -122,7 +164,7 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
     (which compresses, writes, and returns the loaded tensor as the runtime will use it).
     `progress(layer_done, layers_total)` after each layer."""
     n_seq, seq_len = sequences.shape
-    chunk = 64
+    chunk = seq_len                 # one BLAS matmul per sequence and linear
     tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=seq_len, chunk=chunk,
                      layers=[None] * cfg.num_layers)
     # (n_seq, seq_len, d) float32; the embedding (a 1.5B model's largest matrix) is read again at
@@ -146,8 +188,11 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
         for field, w in originals.items():
             if field in SHARED_INPUT:
                 key = SHARED_INPUT[field]
-                accs.setdefault(key, HessianAccumulator(w.shape[1]))
-                recording[field] = RecordingLinear(f32_linear(w), accs[key])
+                if key in accs:        # q, k, v (gate, up) read the same input: record it once
+                    recording[field] = f32_linear(w)
+                else:
+                    accs[key] = HessianAccumulator(w.shape[1])
+                    recording[field] = RecordingLinear(f32_linear(w), accs[key])
             else:
                 recording[field] = w
         tf.layers[i] = Layer(**{f: recording.get(f) for f in LAYER_TENSORS})
@@ -155,7 +200,10 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
         loaded = {f: store(names[f], w, accs[SHARED_INPUT[f]].hessian() if f in SHARED_INPUT else None)
                   for f, w in originals.items()}
         del originals, recording, accs
-        tf.layers[i] = Layer(**{f: loaded.get(f) for f in LAYER_TENSORS})
+        tf.layers[i] = Layer(**{f: decoded_linear(loaded[f]) if f in SHARED_INPUT and f in loaded
+                                else loaded.get(f)
+                                for f in LAYER_TENSORS})
+        del loaded
         run_layer(i, hidden)                                    # the compressed layer feeds the next
         tf.layers[i] = None
         if progress is not None:

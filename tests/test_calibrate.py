@@ -21,6 +21,47 @@ def test_hessian_accumulator_matches_numpy():
     np.testing.assert_allclose(acc.hessian(), X.T @ X / len(X), rtol=1e-5)
 
 
+def test_hessian_accumulator_panels_and_flushes(monkeypatch):
+    # several column panels (the lower block triangle, mirrored at the end) and several buffer
+    # flushes, one of them partial
+    monkeypatch.setattr(HessianAccumulator, "PANEL", 16)
+    monkeypatch.setattr(HessianAccumulator, "BUFFER_BYTES", 4 * 37 * 256)
+    rng = np.random.default_rng(1)
+    n = 37
+    acc = HessianAccumulator(n)
+    X = rng.standard_normal((700, n), dtype=np.float32)
+    for a, b in ((0, 3), (3, 300), (300, 700)):
+        acc.add(X[a:b])
+    H = acc.hessian()
+    X = X.astype(np.float64)
+    np.testing.assert_allclose(H, X.T @ X / len(X), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(H, H.T)
+
+
+def test_f32_linear_matches_numpy():
+    from edgerun import kernels
+    from edgerun.calibrate import decoded_linear, f32_linear
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((50, 24), dtype=np.float32)
+    X = rng.standard_normal((97, 24), dtype=np.float32)
+    before = kernels.get_threads()
+    try:
+        for threads in (1, 2):
+            kernels.set_threads(threads)
+            out = np.empty((97, 50), np.float32)
+            f32_linear(w).matmul(X, out)
+            np.testing.assert_allclose(out, X @ w.T, rtol=1e-5, atol=1e-5)
+    finally:
+        kernels.set_threads(before)
+    v = np.empty(50, np.float32)
+    f32_linear(w).matvec(X[0], v)
+    np.testing.assert_allclose(v, w @ X[0], rtol=1e-5, atol=1e-5)
+    # the decoded weights of a loaded linear are what it computes with
+    from edgerun.codecs import get_codec
+    dense = get_codec("dense").load({"weight": w.astype(np.float16).view(np.uint16)}, {"dtype": "f16"})
+    np.testing.assert_array_equal(decoded_linear(dense).w, w.astype(np.float16).astype(np.float32))
+
+
 def test_calibrated_path_with_lossless_codec_equals_plain_pack(tiny_dir, tmp_path):
     src = tiny_dir("qwen3")
     pack(src, tmp_path / "plain.ebin", dtype="f32")
