@@ -1,9 +1,11 @@
 """GPTQ helpers shared by the encoders of spqr, cluster and bitstack (pack time, NumPy)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ..kernels import threaded_map
+from ..kernels import get_threads, threaded_map
 
 BLOCK = 256      # columns per panel of the blocked factorizations below
 
@@ -58,16 +60,30 @@ def _cholesky_lower(A: np.ndarray) -> None:
 
 def _invert_lower(L: np.ndarray) -> None:
     """In place: L (n, n) lower triangular (upper part zero) -> L⁻¹ (LAPACK trtri, lower,
-    blocked): from the last diagonal block up, X21 = -X22 L21 L11⁻¹ with X22 already inverted."""
+    blocked): from the last diagonal block up, X21 = -X22 L21 L11⁻¹ with X22 already inverted.
+    X22 L21 is summed over X22's column panels: tall products, which OpenBLAS runs ~8x faster
+    than the short-and-wide row-panel ones (256 output rows; BENCHMARKS.md, pack time)."""
     n = L.shape[0]
     for j in range((n - 1) // BLOCK * BLOCK, -1, -BLOCK):
         j1 = min(n, j + BLOCK)
         inv11 = np.tril(np.linalg.inv(L[j:j1, j:j1]))
-        A21 = L[j1:, j:j1].copy()
+        if j1 < n:
+            A21 = L[j1:, j:j1].copy()
 
-        def rows(k):              # X22's rows k..k1 are zero right of column k1: skip that part
-            k1 = min(n, k + BLOCK)
-            L[k:k1, j:j1] = -(L[k:k1, j1:k1] @ A21[:k1 - j1]) @ inv11
-        threaded_map(rows, range(j1, n, BLOCK))
+            def rows(span):       # rows r0..r1 of X21; X22's column panel c is zero above row c
+                r0, r1 = span
+                T = np.zeros((r1 - r0, j1 - j))
+                for c in range(j1, r1, BLOCK):
+                    c1 = min(n, c + BLOCK)
+                    a = max(c, r0)
+                    T[a - r0:] += L[a:r1, c:c1] @ A21[c - j1:c1 - j1]
+                L[r0:r1, j:j1] = -T @ inv11
+            threaded_map(rows, _triangle_spans(j1, n, get_threads()))
         L[j:j1, j:j1] = inv11
 
+
+def _triangle_spans(lo: int, hi: int, parts: int) -> list:
+    """Row ranges of [lo, hi) with equal shares of a lower triangle's area (row r holds r - lo
+    entries): one per thread."""
+    cuts = [lo + int(round((hi - lo) * math.sqrt(i / parts))) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
