@@ -30,6 +30,7 @@ from edgerun.config import ModelConfig  # noqa: E402
 from edgerun.convert import pack as packmod  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
+CPU: dict[str, float] = defaultdict(float)      # process CPU seconds (getrusage) per phase
 PEAK: dict[str, int] = defaultdict(int)
 
 
@@ -53,13 +54,19 @@ class RssSampler(threading.Thread):
 SAMPLER = RssSampler()
 
 
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def timed(label, fn):
     def wrapper(*a, **kw):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu()
         try:
             return fn(*a, **kw)
         finally:
             TIMES[label] += time.perf_counter() - t0
+            CPU[label] += cpu() - c0
     return wrapper
 
 
@@ -101,20 +108,17 @@ def main():
         if a.no_ends and ("embed_tokens" in name or name.startswith("lm_head")):
             return None                       # calibrate_and_store does not use what these return
         SAMPLER.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu()
         out = packmod.TensorStore.__call__(store, name, w, hessian)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, cpu() - c0
         encode_times[name] = (dt, SAMPLER.peak)
         TIMES["encode (all)"] += dt
-        print(f"  encode {name} {tuple(w.shape)}: {dt:.1f} s, peak RSS in it {SAMPLER.peak / 2**30:.2f} GiB",
+        CPU["encode (all)"] += dc
+        print(f"  encode {name} {tuple(w.shape)}: {dt:.1f} s, {dc:.1f} s CPU, peak RSS in it {SAMPLER.peak / 2**30:.2f} GiB",
               flush=True)
         return out
 
     layer_t = [time.perf_counter()]
-
-    def cpu():
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
 
     layer_cpu = [cpu()]
 
@@ -138,7 +142,7 @@ def main():
     print(f"\n{a.layers} layers, {seqs.size} calibration tokens, recipe {a.codec}:{a.bits}: {total:.1f} s total "
           f"({cpu():.1f} s CPU in the process)")
     for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:28s} {v:8.1f} s")
+        print(f"  {k:28s} {v:8.1f} s wall {CPU[k]:8.1f} s CPU")
     print(f"peak RSS (ru_maxrss) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if prof:
         prof.dump_stats(a.cprofile)
