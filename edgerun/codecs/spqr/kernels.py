@@ -12,7 +12,7 @@ from ...errors import UnsupportedModelError
 from ...isa import _const_like, byte_pair_dot, half_to_float
 from ...kernels import f16_to_f32
 from ...memory import thread_scratch
-from ..base import Linear
+from ..base import Linear, stack_outliers
 from ..dense.kernels import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import REQUIRED_PARTS, _check_shapes, params_of
@@ -684,6 +684,22 @@ class SpQRLinear(Linear):
             _mm_par(*self._args, Xp, out, tiles, sf)
         else:
             _mm_rows(*self._args, Xp, out, 0, self.shape[0], tiles[0], sf[0])
+
+    @classmethod
+    def stack(cls, linears: list) -> "SpQRLinear | None":
+        """The rows of `linears` as one SpQRLinear when they share the column permutation and
+        params (q/k/v and gate/up do: act-order sorts the Hessian they share) and every part
+        ends on a whole stat block."""
+        a = linears[0]
+        if any(type(w) is not cls or (w.bits, w.sbits, w.sg) != (a.bits, a.sbits, a.sg)
+               or w.shape[0] % a.sg or not np.array_equal(w.perm, a.perm) for w in linears):
+            return None
+        rp, oc, ov = stack_outliers([(w.rp, w.oc, w.ov) for w in linears])
+        parts = {"codes": np.concatenate([w.codes for w in linears]), "perm": a.perm,
+                 "stat_codes": np.concatenate([w.stq for w in linears]),
+                 "stats": np.concatenate([w.st2 for w in linears]),
+                 "outlier_rowptr": rp, "outlier_col": oc, "outlier_val": ov}
+        return cls(parts, {"bits": a.bits, "stat_bits": a.sbits, "stat_group": a.sg})
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
