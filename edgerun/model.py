@@ -57,13 +57,19 @@ class StackedLinear:
         joined = type(linears[0]).stack(linears) if hasattr(type(linears[0]), "stack") else None
         return None if joined is None else cls(joined, [w.shape[0] for w in linears])
 
-    def __call__(self, x, outs, buf) -> None:
-        """outs[j] (T, d_j) = x (T, n) @ W_j.T, through buf (>= T, sum of d_j) float32 scratch."""
+    def __call__(self, x, outs, buf) -> list:
+        """x (T, n) @ W_j.T for each member j, computed into buf (>= T, sum of d_j) float32
+        scratch: one token's results are returned as views of buf (contiguous), a chunk's are
+        copied into outs[j] (T, d_j) and those returned."""
         T = x.shape[0]
         joined = buf[:T, :self.bounds[-1]]
         _linear(self.w, x, joined)
-        for out, a, b in zip(outs, self.bounds, self.bounds[1:]):
-            out[...] = joined[:, a:b]
+        parts = [joined[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
+        if T == 1:
+            return parts
+        for out, part in zip(outs, parts):
+            out[...] = part
+        return list(outs)
 
 
 class SwiGLU:
@@ -72,8 +78,7 @@ class SwiGLU:
 
     def __call__(self, ops, L, x, h) -> None:
         T = x.shape[0]
-        gate, up = ops.st.gate[:T], ops.st.up[:T]
-        ops.linears(L, GATE_UP, x, (gate, up))
+        gate, up = ops.linears(L, GATE_UP, x, (ops.st.gate[:T], ops.st.up[:T]))
         ops.silu_mul(gate, up, gate)
         ops.linear(L.down, gate, h, L.down_bias, accumulate=True)
 
@@ -190,7 +195,6 @@ class RunState:
         # a StackedLinear's joined output before the split; touched (paged in) only when used
         self.stacked = lazy_zeros((chunk, max(q + 2 * kv, 2 * f)), np.float32)
         self.logits = z(cfg.vocab_size)
-        self.positions = np.zeros(chunk, dtype=np.int64)
         self.scores = z(cfg.num_heads, context)          # attention scratch
         # f16 by default (llama.cpp's default too: half the bytes; SmolLM2's logits move by ~0.02
         # of ~±15), resident only as far as the conversation has written it. The kernels read
@@ -207,7 +211,7 @@ class RunState:
         d, f = cfg.hidden_size, cfg.intermediate_size
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         stacked = chunk * max(q + 2 * kv, 2 * f)
-        scratch = 4 * (chunk * (3 * d + 2 * q + 2 * kv + 2 * f) + stacked + cfg.vocab_size + cfg.num_heads * context) + 8 * chunk
+        scratch = 4 * (chunk * (3 * d + 2 * q + 2 * kv + 2 * f) + stacked + cfg.vocab_size + cfg.num_heads * context)
         return scratch, cfg.kv_cache_bytes(context, np.dtype(KV_DTYPES[kv_dtype]).itemsize)
 
 
@@ -266,23 +270,23 @@ class HostOps:
         else:
             _linear(w, x, out, bias)
 
-    def linears(self, L: Layer, names: tuple, x, outs) -> None:
-        """outs[j] (T, d_j) = x (T, n) @ W.T + bias of layer L's linears `names`, which share x:
-        one call when placement stacked them."""
+    def linears(self, L: Layer, names: tuple, x, outs) -> list:
+        """x (T, n) @ W.T + bias for layer L's linears `names`, which share x: one call when
+        placement stacked them. Returns the results: `outs` (T, d_j), or for one token views of
+        the stacked output (no copy)."""
         stacked = L.stacked.get(names)
         if stacked is not None:
-            stacked(x, outs, self.st.stacked)
+            outs = stacked(x, outs, self.st.stacked)
         for name, out in zip(names, outs):
             if stacked is None:
                 _linear(getattr(L, name), x, out)
             bias = getattr(L, name + "_bias")
             if bias is not None:
                 out += bias
+        return outs
 
     def rope(self, x3, start: int):
-        pos = self.st.positions[:x3.shape[0]]
-        pos[:] = np.arange(start, start + x3.shape[0])
-        kernels.rope(x3, pos, self.cos, self.sin)
+        kernels.rope(x3, start, self.cos, self.sin)
 
     def attention(self, i: int, q3, k3, v3, start: int, att3):
         """Append k, v (T, Hkv, D) to layer i's cache at `start`; att = causal attention of q."""
@@ -395,11 +399,11 @@ class Transformer:
         cfg, L, ops = self.cfg, self.layers[i], self.ops[i]
         T, H, Hkv, D, eps = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         st = ops.st
-        xb, q, k, v, att = st.xb[:T], st.q[:T], st.k[:T], st.v[:T], st.att[:T]
+        xb, att = st.xb[:T], st.att[:T]
         h = ops.enter(x, i)
         # attention
         ops.rmsnorm(h, L.input_norm, eps, xb)
-        ops.linears(L, QKV, xb, (q, k, v))
+        q, k, v = ops.linears(L, QKV, xb, (st.q[:T], st.k[:T], st.v[:T]))
         if cfg.qk_norm:
             ops.rmsnorm(q.reshape(T * H, D), L.q_norm, eps, q.reshape(T * H, D))
             ops.rmsnorm(k.reshape(T * Hkv, D), L.k_norm, eps, k.reshape(T * Hkv, D))

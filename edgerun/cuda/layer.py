@@ -113,9 +113,10 @@ class DeviceOps:
     def linear(self, w, x, out, bias=None, accumulate=False):
         w.matmul(x, out, bias, accumulate=accumulate)
 
-    def linears(self, L, names: tuple, x, outs) -> None:
+    def linears(self, L, names: tuple, x, outs) -> list:
         for name, out in zip(names, outs):
             self.linear(getattr(L, name), x, out, getattr(L, name + "_bias"))
+        return outs
 
     def rope(self, x3, start: int):
         K.launch_rope(x3, start, self.st.cos, self.st.sin)
