@@ -20,7 +20,7 @@ from . import kernels
 from .codecs import get_codec
 from .config import ModelConfig
 from .errors import Cancelled, EdgerunError
-from .memory import lazy_zeros
+from .memory import lazy_zeros, trim_heap
 
 
 # Layer field -> HF tensor name under `model.layers.{i}.`
@@ -58,11 +58,11 @@ class StackedLinear:
         return None if joined is None else cls(joined, [w.shape[0] for w in linears])
 
     def __call__(self, x, outs, buf) -> list:
-        """x (T, n) @ W_j.T for each member j, computed into buf (>= T, sum of d_j) float32
+        """x (T, n) @ W_j.T for each member j, computed into buf (>= T · sum of d_j floats)
         scratch: one token's results are returned as views of buf (contiguous), a chunk's are
         copied into outs[j] (T, d_j) and those returned."""
         T = x.shape[0]
-        joined = buf[:T, :self.bounds[-1]]
+        joined = buf[:T * self.bounds[-1]].reshape(T, -1)    # C-contiguous: the kernels' layout
         _linear(self.w, x, joined)
         parts = [joined[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
         if T == 1:
@@ -193,7 +193,7 @@ class RunState:
         self.k, self.v = z(chunk, kv), z(chunk, kv)
         self.gate, self.up = z(chunk, f), z(chunk, f)
         # a StackedLinear's joined output before the split; touched (paged in) only when used
-        self.stacked = lazy_zeros((chunk, max(q + 2 * kv, 2 * f)), np.float32)
+        self.stacked = lazy_zeros((chunk * max(q + 2 * kv, 2 * f),), np.float32)
         self.logits = z(cfg.vocab_size)
         self.scores = z(cfg.num_heads, context)          # attention scratch
         # f16 by default (llama.cpp's default too: half the bytes; SmolLM2's logits move by ~0.02
@@ -336,6 +336,8 @@ class Transformer:
             for names in layer.stacked:          # the joined copy replaces the separate ones
                 for n in names:
                     del weights.tensors[f"model.layers.{i}.{LAYER_TENSORS[n]}"]
+            if layer.stacked:
+                trim_heap()                      # their pages now, so the next layer's copy does not add up
         self.norm, self.lm_head = head_ops.place_head(weights["model.norm.weight"], weights["lm_head.weight"])
 
     def release(self) -> None:
