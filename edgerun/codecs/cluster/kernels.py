@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import literally, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -156,7 +156,7 @@ def _block_index_bytes(builder, pblock, bits):
     return idx
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
     """float32 Σ_b dx[b] · Σ_j cb8[q_j]·x8[32b + j] over `nblk` 32-weight blocks of codes[coff:],
     int8 codebook entries at cb8.flat[cboff:] (K ≤ 32): the codebook scale is the caller's."""
@@ -198,13 +198,13 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
             v = _concat(builder, v, ir.Constant(v8f, [0.0] * 8))
             builder.store(_hsum(builder, v), res)
 
-        switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit)
+        switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[7])
         return builder.load(res)
 
     return types.float32(codes, coff, x8, dx, cb8, cboff, nblk, bits), codegen
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
     """float32 Σ decode(codes[coff:] blocks)·x[xoff:] over `nblk` 32-weight blocks, for the
     float matvec of bits ≥ 6 (below, the matvec is _dot_blocks_i8): float32 tab, the codebook
@@ -244,14 +244,14 @@ def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
             s23 = builder.fadd(builder.load(accs[2]), builder.load(accs[3]), flags=fast)
             builder.store(_hsum(builder, builder.fadd(s01, s23, flags=fast)), res)
 
-        switch_on_bits(builder, bits_v, range(INT8_MAX_BITS + 1, 9), emit)     # K ≤ 32: _dot_blocks_i8
+        switch_on_bits(builder, bits_v, range(INT8_MAX_BITS + 1, 9), emit, sig.args[8])     # K ≤ 32: _dot_blocks_i8
         return builder.load(res)
 
     sig = types.float32(codes, coff, x, xoff, cb, cboff, tab, nblk, bits)
     return sig, codegen
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def _decode_blocks(typingctx, codes, coff, cb, cboff, tab, nblk, bits, out, ooff):
     """out[ooff : ooff + 32·nblk] = decode(codes[coff:] blocks) as float32 (codebook as above)."""
     def codegen(context, builder, sig, args):
@@ -270,7 +270,7 @@ def _decode_blocks(typingctx, codes, coff, cb, cboff, tab, nblk, bits, out, ooff
                 builder.store(look(lo), builder.bitcast(ob, _V16F32.as_pointer()), align=4)
                 builder.store(look(hi), builder.bitcast(ob1, _V16F32.as_pointer()), align=4)
 
-        switch_on_bits(builder, bits_v, range(2, 9), emit)
+        switch_on_bits(builder, bits_v, range(2, 9), emit, sig.args[6])
         return context.get_dummy_value()
 
     sig = types.none(codes, coff, cb, cboff, tab, nblk, bits, out, ooff)
@@ -304,9 +304,9 @@ def _sparse_add(rp, oc, ov, i, out):
 
 
 @njit(**_JIT)
-def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr):
+def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr, bits):
     # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits, CSR outliers @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
-    n, bits, group_rows = meta[1], meta[2], meta[3]
+    n, group_rows = meta[1], meta[3]
     K = cb.shape[1]
     nfull = n // 32
     tail = n - nfull * 32
@@ -342,9 +342,9 @@ def _quantize_x(x, x8, dx):
 
 
 @njit(**_JIT)
-def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1):
+def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1, bits):
     # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, dx from _quantize_x
-    bits, group_rows = meta[2], meta[3]
+    group_rows = meta[3]
     nblk = dx.shape[0]
     rowbytes = codes.shape[1]
     for i in range(r0, r1):
@@ -357,52 +357,59 @@ def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1):
 
 
 @njit(**_JIT)
-def matvec_cluster_i8(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out):
-    # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch
+def matvec_cluster_i8(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, bits):
+    # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch. Every
+    # entry point compiles per bit width (literally: bits = meta[2], passed by the caller), so
+    # only that width's code is emitted (switch_on_bits)
+    literally(bits)
     _quantize_x(x, x8, dx)
-    _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, 0, meta[0])
+    _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, 0, meta[0], bits)
 
 
 @njit(**_JIT_PAR)
-def matvec_cluster_i8_par(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, nb):
+def matvec_cluster_i8_par(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, nb, bits):
     # as matvec_cluster_i8, prange over nb row blocks
+    literally(bits)
     _quantize_x(x, x8, dx)
     d = meta[0]
     step = (d + nb - 1) // nb
     for b in prange(nb):
-        _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step))
+        _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step), bits)
 
 
 @njit(**_JIT)
-def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr):
+def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr, bits):
     # codes, cb, outlier CSR rp/oc/ov: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
-    _mv_rows(codes, cb, meta, rp, oc, ov, x, out, 0, meta[0], scr[0])
+    literally(bits)
+    _mv_rows(codes, cb, meta, rp, oc, ov, x, out, 0, meta[0], scr[0], bits)
 
 
 @njit(**_JIT_PAR)
-def matvec_cluster_par(codes, cb, meta, rp, oc, ov, x, out, scr):
+def matvec_cluster_par(codes, cb, meta, rp, oc, ov, x, out, scr, bits):
     # codes, cb, rp/oc/ov: parts; x (n,) -> out (d,); prange over scr.shape[0] row blocks
+    literally(bits)
     d = meta[0]
     nb = scr.shape[0]
     step = (d + nb - 1) // nb
     for b in prange(nb):
-        _mv_rows(codes, cb, meta, rp, oc, ov, x, out, b * step, min(d, (b + 1) * step), scr[b])
+        _mv_rows(codes, cb, meta, rp, oc, ov, x, out, b * step, min(d, (b + 1) * step), scr[b], bits)
 
 
 @njit(**_JIT)
-def _decode_row(codes, cb, meta, rp, oc, ov, i, out, scr):
+def _decode_row(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
     # row i of the parts -> out[:nblk*32] f32 (padding decoded too); scr (SCRATCH,) f32
     g = i // meta[3]
-    _load_table(cb, g, meta[2], scr)
-    nblk = codes.shape[1] // (4 * meta[2])
-    _decode_blocks(codes, i * codes.shape[1], cb, g * cb.shape[1], scr, nblk, meta[2], out, 0)
+    _load_table(cb, g, bits, scr)
+    nblk = codes.shape[1] // (4 * bits)
+    _decode_blocks(codes, i * codes.shape[1], cb, g * cb.shape[1], scr, nblk, bits, out, 0)
     _sparse_add(rp, oc, ov, i, out)
 
 
 @njit(**_JIT)
-def row_cluster(codes, cb, meta, rp, oc, ov, i, out, scr):
+def row_cluster(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
     # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
-    n, bits = meta[1], meta[2]
+    literally(bits)
+    n = meta[1]
     nfull = n // 32
     g = i // meta[3]
     cboff = g * cb.shape[1]
@@ -416,7 +423,7 @@ def row_cluster(codes, cb, meta, rp, oc, ov, i, out, scr):
 
 
 @njit(**_JIT)
-def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr):
+def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr, bits):
     # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, nblk*32) f32 scratch
     T = X.shape[0]
     n = meta[1]
@@ -424,7 +431,7 @@ def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr):
         nr = min(4, r1 - i0)
         for r in range(4):
             if r < nr:
-                _decode_row(codes, cb, meta, rp, oc, ov, i0 + r, tile[r], scr)
+                _decode_row(codes, cb, meta, rp, oc, ov, i0 + r, tile[r], scr, bits)
             else:
                 tile[r, :] = 0.0
         w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
@@ -447,19 +454,21 @@ def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr):
 
 
 @njit(**_JIT)
-def matmul_cluster(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
+def matmul_cluster(codes, cb, meta, rp, oc, ov, X, out, tiles, scr, bits):
     # X (T, n) @ W.T -> out (T, d); tiles (1, 4, nblk*32), scr (1, SCRATCH) f32
-    _mm_rows(codes, cb, meta, rp, oc, ov, X, out, 0, meta[0], tiles[0], scr[0])
+    literally(bits)
+    _mm_rows(codes, cb, meta, rp, oc, ov, X, out, 0, meta[0], tiles[0], scr[0], bits)
 
 
 @njit(**_JIT_PAR)
-def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
+def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr, bits):
     # X (T, n) @ W.T -> out (T, d); prange over tiles.shape[0] row blocks (multiples of 4 rows)
+    literally(bits)
     d = meta[0]
     nb = tiles.shape[0]
     step = ((d + nb - 1) // nb + 3) // 4 * 4
     for b in prange(nb):
-        _mm_rows(codes, cb, meta, rp, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b])
+        _mm_rows(codes, cb, meta, rp, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b], bits)
 
 
 class ClusterLinear(Linear):
@@ -496,15 +505,15 @@ class ClusterLinear(Linear):
         if self.bits <= INT8_MAX_BITS:
             args = (self.codes, self.cb8, self.cbs, self.meta, self.rp, self.oc, self.ov, x, self.x8, self.dx, out)
             if threads > 1:
-                matvec_cluster_i8_par(*args, threads)
+                matvec_cluster_i8_par(*args, threads, self.bits)
             else:
-                matvec_cluster_i8(*args)
+                matvec_cluster_i8(*args, self.bits)
             return
         if threads > 1:
             matvec_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out,
-                               self._scratch(threads))
+                               self._scratch(threads), self.bits)
         else:
-            matvec_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out, self._scr)
+            matvec_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out, self._scr, self.bits)
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         # out (T, d) = X (T, n) @ W.T: rows decoded 4 at a time into L1, register-blocked dots
@@ -514,10 +523,10 @@ class ClusterLinear(Linear):
             self._tiles = np.zeros((nb, TILE_ROWS, self._ncols), np.float32)
         if nb > 1:
             matmul_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
-                               self._tiles[:nb], self._scratch(nb))
+                               self._tiles[:nb], self._scratch(nb), self.bits)
         else:
             matmul_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
-                           self._tiles, self._scr)
+                           self._tiles, self._scr, self.bits)
 
     @classmethod
     def stack(cls, linears: list) -> "ClusterLinear | None":
@@ -537,4 +546,4 @@ class ClusterLinear(Linear):
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
-        row_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0])
+        row_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0], self.bits)
