@@ -25,9 +25,10 @@ def hsum16(builder, v):
 
 def switch_on_bits(builder, bits_val, widths, emit, bits_type=None):
     """IR: switch on a runtime bit width to code specialized by `emit(bits)` for each of
-    `widths`; any other value does nothing. When `bits_type` is a Numba integer literal (the
-    caller asked for `literally(bits)`), only that width's code is emitted: a third of the IR of
-    three widths, and as much less to compile on a cold cache."""
+    `widths`; any other value does nothing. When `bits_type` is a Numba integer literal (a
+    compile-time constant of the caller, e.g. a closure variable; the intrinsic needs
+    `prefer_literal=True`), only that width's code is emitted: a third of the IR of three
+    widths, and as much less to compile on a cold cache."""
     if isinstance(bits_type, types.IntegerLiteral):
         if bits_type.literal_value in widths:
             emit(bits_type.literal_value)

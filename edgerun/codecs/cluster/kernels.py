@@ -14,9 +14,11 @@ permute for K = 32 (`vpermi2ps`) and a gather from an L1 float32 table for K ≥
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
-from numba import literally, njit, prange, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -356,38 +358,45 @@ def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1, bits):
         out[i] = acc
 
 
-@njit(**_JIT)
-def matvec_cluster_i8(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, bits):
-    # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch. Every
-    # entry point compiles per bit width (literally: bits = meta[2], passed by the caller), so
-    # only that width's code is emitted (switch_on_bits)
-    literally(bits)
-    _quantize_x(x, x8, dx)
-    _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, 0, meta[0], bits)
+@functools.cache
+def first_token_kernels(bits: int) -> tuple:
+    """(int8 matvec, its parallel twin, row decode) for one bit width (the matvecs for K ≤ 32).
+    `bits` is a closure constant, so the IR intrinsics emit only that width's code
+    (switch_on_bits): less to compile before the first token on a cold cache, each width cached
+    apart. The batched kernels below take bits at run time (a child process compiles them)."""
 
+    @njit(**_JIT)
+    def matvec_i8(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out):
+        # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch
+        _quantize_x(x, x8, dx)
+        _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, 0, meta[0], bits)
 
-@njit(**_JIT_PAR)
-def matvec_cluster_i8_par(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, nb, bits):
-    # as matvec_cluster_i8, prange over nb row blocks
-    literally(bits)
-    _quantize_x(x, x8, dx)
-    d = meta[0]
-    step = (d + nb - 1) // nb
-    for b in prange(nb):
-        _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step), bits)
+    @njit(**_JIT_PAR)
+    def matvec_i8_par(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, nb):
+        # as matvec_i8, prange over nb row blocks
+        _quantize_x(x, x8, dx)
+        d = meta[0]
+        step = (d + nb - 1) // nb
+        for b in prange(nb):
+            _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step), bits)
+
+    @njit(**_JIT)
+    def row(codes, cb, meta, rp, oc, ov, i, out, scr):
+        # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
+        _row(codes, cb, meta, rp, oc, ov, i, out, scr, bits)
+
+    return matvec_i8, matvec_i8_par, row
 
 
 @njit(**_JIT)
 def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr, bits):
     # codes, cb, outlier CSR rp/oc/ov: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
-    literally(bits)
     _mv_rows(codes, cb, meta, rp, oc, ov, x, out, 0, meta[0], scr[0], bits)
 
 
 @njit(**_JIT_PAR)
 def matvec_cluster_par(codes, cb, meta, rp, oc, ov, x, out, scr, bits):
     # codes, cb, rp/oc/ov: parts; x (n,) -> out (d,); prange over scr.shape[0] row blocks
-    literally(bits)
     d = meta[0]
     nb = scr.shape[0]
     step = (d + nb - 1) // nb
@@ -405,10 +414,9 @@ def _decode_row(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
     _sparse_add(rp, oc, ov, i, out)
 
 
-@njit(**_JIT)
-def row_cluster(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
+@njit(inline="always", **_JIT)
+def _row(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
     # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
-    literally(bits)
     n = meta[1]
     nfull = n // 32
     g = i // meta[3]
@@ -456,14 +464,12 @@ def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr, bits):
 @njit(**_JIT)
 def matmul_cluster(codes, cb, meta, rp, oc, ov, X, out, tiles, scr, bits):
     # X (T, n) @ W.T -> out (T, d); tiles (1, 4, nblk*32), scr (1, SCRATCH) f32
-    literally(bits)
     _mm_rows(codes, cb, meta, rp, oc, ov, X, out, 0, meta[0], tiles[0], scr[0], bits)
 
 
 @njit(**_JIT_PAR)
 def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr, bits):
     # X (T, n) @ W.T -> out (T, d); prange over tiles.shape[0] row blocks (multiples of 4 rows)
-    literally(bits)
     d = meta[0]
     nb = tiles.shape[0]
     step = ((d + nb - 1) // nb + 3) // 4 * 4
@@ -489,6 +495,7 @@ class ClusterLinear(Linear):
         self._ncols = self.codes.shape[1] // (4 * bits) * BLOCK
         self._scr = np.zeros((1, SCRATCH), np.float32)
         self._tiles = None
+        self._mv, self._mv_par, self._row = first_token_kernels(bits)
         if bits <= INT8_MAX_BITS:   # the int8 matvec's codebooks and activation scratch
             self.cb8, self.cbs = int8_codebook(self.codebook)
             nblk = self.codes.shape[1] // (4 * bits)
@@ -505,9 +512,9 @@ class ClusterLinear(Linear):
         if self.bits <= INT8_MAX_BITS:
             args = (self.codes, self.cb8, self.cbs, self.meta, self.rp, self.oc, self.ov, x, self.x8, self.dx, out)
             if threads > 1:
-                matvec_cluster_i8_par(*args, threads, self.bits)
+                self._mv_par(*args, threads)
             else:
-                matvec_cluster_i8(*args, self.bits)
+                self._mv(*args)
             return
         if threads > 1:
             matvec_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out,
@@ -546,4 +553,4 @@ class ClusterLinear(Linear):
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
-        row_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0], self.bits)
+        self._row(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0])

@@ -2,9 +2,11 @@
 `SpQRLinear` (formats/codec-spqr.md)."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
-from numba import literally, njit, prange, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -552,33 +554,36 @@ def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, 
         out[r] = acc
 
 
-@njit(**_JIT)
-def _matvec(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
-    # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xidx from _x_index; xc (C + 1, XC_FLOATS)
-    # and xb (its bytes), sf (1, C + 1, 4, 16) scratch. Every entry point compiles per bit width
-    # (literally): only that width's code (switch_on_bits)
-    literally(bits)
-    _prep_x(x, xidx, xc)
-    _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0])
+@functools.cache
+def matvec_kernels(bits: int) -> tuple:
+    """(serial, parallel) one-token matvec kernels for one bit width. `bits` is a closure
+    constant, so the IR intrinsics emit only that width's code (switch_on_bits): a third of the
+    compile on a cold cache (the first token waits for the serial one), each width cached apart."""
 
+    @njit(**_JIT)
+    def matvec(codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
+        # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xidx from _x_index; xc (C + 1, XC_FLOATS)
+        # and xb (its bytes), sf (1, C + 1, 4, 16) scratch
+        _prep_x(x, xidx, xc)
+        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0])
 
-@njit(**_JIT_PAR)
-def _matvec_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
-    # SpQR W (d, n) @ x (n,) -> out (d,); prange over sf.shape[0] row ranges of whole stat blocks
-    literally(bits)
-    _prep_x(x, xidx, xc)
-    d = codes.shape[0]
-    nblocks = sf.shape[0]
-    step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
-    for blk in prange(nblocks):
-        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out,
-                 min(d, blk * step), min(d, (blk + 1) * step), sf[blk])
+    @njit(**_JIT_PAR)
+    def matvec_par(codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
+        # SpQR W (d, n) @ x (n,) -> out (d,); prange over sf.shape[0] row ranges of whole stat blocks
+        _prep_x(x, xidx, xc)
+        d = codes.shape[0]
+        nblocks = sf.shape[0]
+        step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
+        for blk in prange(nblocks):
+            _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out,
+                     min(d, blk * step), min(d, (blk + 1) * step), sf[blk])
+
+    return matvec, matvec_par
 
 
 @njit(**_JIT)
 def _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf):
     # SpQR rows r0:r1 -> tile (>= r1-r0, 16G) float32, column t·G + g = storage column 16g + t
-    literally(bits)
     G = stq.shape[1]
     rowb = codes.shape[1]
     cur = -1
@@ -608,7 +613,6 @@ def _prep_X(X, perm, G, Xp):
 @njit(**_JIT)
 def _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out, r0, r1, tile, sf):
     # SpQR W[r0:r1] @ Xp.T -> out[:, r0:r1], dequantizing tile.shape[0] rows at a time into tile
-    literally(bits)
     tr = tile.shape[0]
     for a in range(r0, r1, tr):
         b = min(r1, a + tr)
@@ -619,7 +623,6 @@ def _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out, r0, r1, tile
 @njit(**_JIT_PAR)
 def _mm_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out, tiles, sf):
     # SpQR W (d, n_pad) @ Xp (T, n_pad).T -> out (T, d); prange over tiles.shape[0] row blocks
-    literally(bits)
     d = codes.shape[0]
     nblocks = tiles.shape[0]
     tr = tiles.shape[1]
@@ -663,6 +666,7 @@ class SpQRLinear(Linear):
         self.sf = np.zeros((1, C, 4, 16), np.float32)
         # the kernels' leading arguments, built once (a matvec of a small matrix is ~2 µs)
         self._args = (self.bits, self.codes, self.stq, self.st2, self.rp, self.oc, self.ov, self.sg, self.sbits)
+        self._mv, self._mv_par = matvec_kernels(self.bits)
 
     def _scratch(self, threads: int) -> np.ndarray:
         if self.sf.shape[0] < threads:
@@ -674,9 +678,9 @@ class SpQRLinear(Linear):
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         if threads > 1:
-            _matvec_par(*self._args, x, self.xidx, self.xc, self.xb, out, self._scratch(threads))
+            self._mv_par(*self._args[1:], x, self.xidx, self.xc, self.xb, out, self._scratch(threads))
         else:
-            _matvec(*self._args, x, self.xidx, self.xc, self.xb, out, self.sf)
+            self._mv(*self._args[1:], x, self.xidx, self.xc, self.xb, out, self.sf)
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         # out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply
