@@ -861,7 +861,7 @@ def write_flash(source, cfg, meta, writer, rule: dict, calib_text: str | None = 
         params += gate.size + up.size + down.size
         if progress is not None:
             progress(i + 1, cfg.num_layers)
-    section = {"version": LAYOUT_VERSION, "codec": "dense", "dtype": dtype,
+    section = {"version": 1, "codec": "dense", "dtype": dtype,          # dense bundles: unchanged since v1
                "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
                "bundle": ["gate_proj row", "up_proj row", "down_proj column"],
                "predictor_rank": min(PREDICTOR_RANK, cfg.hidden_size), "sparsity_grid": SPARSITY_GRID,

@@ -260,6 +260,30 @@ def widen_bundles(wa, wb, codes, ids, a, b, nid, off, G, bits, sbits, sg, gst, u
             tile[k - a, 2, np.int64(dor[e])] += f16_to_f32(dov[e])
 
 
+def _check_shared(a: dict, nid: np.ndarray, sg: int, d: int, f: int) -> None:
+    """What the kernels index with (they do not check bounds): shapes, permutations, CSR row
+    pointers and indices in range; FormatError naming the array otherwise."""
+    G, Gf = -(-d // 16), -(-f // 16)
+    shapes = {"gate.stats": (-(-f // sg), 4, G), "up.stats": (-(-f // sg), 4, G), "gate.perm": (d,), "up.perm": (d,),
+              "down.stats": (-(-d // sg), 4, Gf), "down.stat_codes": (d, Gf), "down.pos": (f,)}
+    missing = set(SHARED) - set(a)
+    if missing:
+        raise FormatError(f"spqr flash bundles: shared arrays {sorted(missing)} are missing")
+    for k, shape in shapes.items():
+        if a[k].shape != shape:
+            raise FormatError(f"spqr flash bundles: shared array {k} is {list(a[k].shape)}, expected {list(shape)}")
+    ok = {"perm": np.array_equal(np.sort(nid), np.arange(f)), "down.pos": np.array_equal(np.sort(a["down.pos"]), np.arange(f))}
+    for k in ("gate.perm", "up.perm"):
+        ok[k] = np.array_equal(np.sort(a[k].astype(np.int64)), np.arange(d))
+    for m, idx, bound in (("gate", "col", d), ("up", "col", d), ("down", "row", d)):
+        rp, ix = a[f"{m}.outlier_rowptr"].astype(np.int64), a[f"{m}.outlier_{idx}"]
+        ok[f"{m}.outliers"] = (rp.shape == (f + 1,) and rp[0] == 0 and (np.diff(rp) >= 0).all()
+                               and rp[-1] == len(ix) == len(a[f"{m}.outlier_val"]) and (ix.astype(np.int64) < bound).all())
+    bad = [k for k, v in ok.items() if not v]
+    if bad:
+        raise FormatError(f"spqr flash bundles: {', '.join(bad)} out of range (not a permutation, or bad CSR)")
+
+
 class SpQRBundles:
     """One layer's bundle kernels (streaming.ffn_rows calls them): `prepare(x)` once per token,
     then `act` on sets of bundles, `down`; `widen` for chunks of `matmul_min_t` tokens or more.
@@ -274,9 +298,7 @@ class SpQRBundles:
         self.a, self.nid = a, np.ascontiguousarray(nid, np.int64)
         self.G = -(-d // 16)
         Gf = -(-f // 16)
-        if a["gate.stats"].shape[-1] != self.G or a["down.stat_codes"].shape != (d, Gf):
-            raise FormatError(f"spqr flash bundles: shared stats {a['gate.stats'].shape} / "
-                              f"{a['down.stat_codes'].shape} do not match d={d}, f={f}")
+        _check_shared(a, self.nid, p["stat_group"], d, f)
         self.off = np.array([o for o, _ in bundle_parts(p, d).values()], np.int64)
         self.pos = a["down.pos"].astype(np.int64)
         key = (d, f)
