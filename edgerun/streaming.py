@@ -1,8 +1,10 @@
 """Feed-forward neurons streamed from flash (DESIGN §5; Alizadeh et al. 2023, "LLM in a flash").
 
 Layout (formats/flash-layout.md): per layer one array of neuron bundles, bundle j = [gate row j,
-up row j, down column j] (3·d values of the stored dtype), neurons ordered by how often they are
-active on calibration text, plus the permutation and a low-rank activation predictor.
+up row j, down column j] (3·d values of the stored dtype, or a compressed codec's bytes of the
+three with its shared parts resident: the codec's `flash_cut` / `flash_kernels`), neurons ordered
+by how often they are active on calibration text, plus the permutation and a low-rank activation
+predictor.
 
 At run time a `FlashFFN` is each layer's feed-forward component (edgerun/model.py), built from the
 plan (edgerun/plan.py) with the model. Modes:

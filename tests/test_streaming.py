@@ -258,6 +258,32 @@ def spqr_packs(tiny_dir, tmp_path_factory):
     return d / "flash.ebin", d / "plain.ebin"
 
 
+@pytest.mark.parametrize("bits,d,f", [(2, 200, 72), (3, 72, 200), (4, 40, 56)])
+def test_spqr_bundle_kernels_match_the_codec(bits, d, f):
+    # every width, tail chunks, outliers (also in padding columns): the bundle kernels over a
+    # shuffled neuron order compute what SpQRLinear computes (one token: int8 activations; T=3:
+    # per token; T=5: decoded tiles), up to float summation order
+    from edgerun.codecs import get_codec
+    rng = np.random.default_rng(bits)
+    c, P = get_codec("spqr"), {"bits": bits, "outlier_threshold": 0.05}
+    parts = [c.encode(rng.standard_normal(s).astype(np.float32) * 0.1, P) for s in ((f, d), (f, d), (d, f))]
+    perm = rng.permutation(f)
+    bundles, shared = c.flash_cut(*parts, P, perm)
+    assert bundles.shape == (f, sum(n for _, n in c.flash_bundle_parts(P, d).values()))
+    kern = c.flash_kernels(shared, perm, P, d, f, {})
+    lins = [c.load(p, P) for p in parts]
+    ids = np.arange(f)
+    for T in (1, 3, 5):
+        x = rng.standard_normal((T, d)).astype(np.float32)
+        out = np.zeros((T, d), np.float32)
+        streaming.ffn_rows(kern, bundles, bundles, ids, ids, x, out)
+        g, u, ref = np.zeros((T, f), np.float32), np.zeros((T, f), np.float32), np.zeros((T, d), np.float32)
+        lins[0].matmul(x, g)
+        lins[1].matmul(x, u)
+        lins[2].matmul((g / (1 + np.exp(-g)) * u).astype(np.float32), ref)
+        np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+
+
 def test_spqr_bundles_hold_the_standard_packs_weights(spqr_packs):
     # the bundles, decoded, are exactly the standard pack's gate / up rows and down columns
     from edgerun.codecs import get_codec

@@ -175,10 +175,12 @@ def speed(args):
 
 
 def _ffn_bytes(path) -> int:
-    """Bytes of the FFN bundles (they are not in the manifest's `tensors`)."""
+    """Bytes of the FFN bundles and, for compressed codecs, their shared parts (neither is in the
+    manifest's `tensors`)."""
     from edgerun.ebin import EbinFile
     with EbinFile(path) as e:
-        return sum(e.arrays[L["bundles"]].length for L in e.manifest["flash"]["layers"])
+        return sum(e.arrays[L["bundles"]].length + sum(e.arrays[n].length for n in L.get("shared", {}).values())
+                   for L in e.manifest["flash"]["layers"])
 
 
 def gaps(args):

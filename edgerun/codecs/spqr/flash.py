@@ -51,13 +51,18 @@ def bundle_parts(params: dict, d: int) -> dict:
     return out
 
 
-def _csr_take(rowptr, idx, val, rows):
-    """The CSR rows `rows` (in that order) of (rowptr, idx, val) as a new CSR."""
+def _csr_take(rowptr, idx, val, rows, bound):
+    """The CSR rows `rows` (in that order) of (rowptr, idx, val) as a new CSR, without the entries
+    whose idx >= bound (outliers in padding columns: they multiply a zero input)."""
+    rowptr = rowptr.astype(np.int64)
     counts = np.diff(rowptr)[rows]
+    take = np.concatenate([np.arange(rowptr[r], rowptr[r + 1]) for r in rows] + [np.zeros(0, np.int64)])
+    owner = np.repeat(np.arange(len(rows)), counts)
+    live = idx[take].astype(np.int64) < bound
+    take, owner = take[live], owner[live]
     ptr = np.zeros(len(rows) + 1, np.int32)
-    np.cumsum(counts, out=ptr[1:])
-    take = np.concatenate([np.arange(rowptr[r], rowptr[r + 1]) for r in rows]) if len(rows) else np.zeros(0, int)
-    return ptr, idx[take.astype(np.int64)], val[take.astype(np.int64)]
+    np.cumsum(np.bincount(owner, minlength=len(rows)), out=ptr[1:])
+    return ptr, idx[take], val[take]
 
 
 def cut(gate: dict, up: dict, down: dict, params: dict, perm: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -80,20 +85,23 @@ def cut(gate: dict, up: dict, down: dict, params: dict, perm: np.ndarray) -> tup
     shared = {}
     for name, parts in (("gate", gate), ("up", up)):
         shared[f"{name}.stats"], shared[f"{name}.perm"] = parts["stats"], parts["perm"]
-        ptr, c, v = _csr_take(parts["outlier_rowptr"], parts["outlier_col"], parts["outlier_val"], perm)
+        ptr, c, v = _csr_take(parts["outlier_rowptr"], parts["outlier_col"], parts["outlier_val"], perm, d)
         shared[f"{name}.outlier_rowptr"], shared[f"{name}.outlier_col"], shared[f"{name}.outlier_val"] = ptr, c, v
     # down's outliers (row i, storage column j) regrouped by stored neuron
     rp = down["outlier_rowptr"].astype(np.int64)
     orow = np.repeat(np.arange(d), np.diff(rp))
+    ocol = down["outlier_col"].astype(np.int64)
+    live = ocol < f                    # an outlier in a padding column multiplies a zero input
+    orow, ocol, oval = orow[live], ocol[live], down["outlier_val"][live]
     inv = np.empty(f, np.int64)
     inv[perm] = np.arange(f)
-    owner = inv[dperm[down["outlier_col"].astype(np.int64)]]
+    owner = inv[dperm[ocol]]
     order = np.lexsort((orow, owner))
     ptr = np.zeros(f + 1, np.int32)
     np.cumsum(np.bincount(owner, minlength=f), out=ptr[1:])
     shared.update({"down.stats": down["stats"], "down.stat_codes": down["stat_codes"],
                    "down.pos": pos[perm].astype(np.int32), "down.outlier_rowptr": ptr,
-                   "down.outlier_row": orow[order].astype(np.uint16), "down.outlier_val": down["outlier_val"][order]})
+                   "down.outlier_row": orow[order].astype(np.uint16), "down.outlier_val": oval[order]})
     return bundles, shared
 
 
@@ -141,9 +149,9 @@ def _sz(st, rb, g, c, sbits):
 
 
 @njit(**_JIT)
-def quant_groups(v, perm, G, x8, dx, s8):
-    # v (n,) -> per group of 16 storage columns (v[perm[j]], 0 past n) int8 codes x8 (16G,) as
-    # float32, step dx (G,) and code sums s8 (G,) (formats/codec-spqr.md § Matvec)
+def quant_groups(v, perm, G, xt, dx, s8):
+    # v (n,) -> per group g of 16 storage columns (v[perm[16g + t]], 0 past n): int8 codes as
+    # float32 in xt[t, g] (16, G), step dx (G,) and code sums s8 (G,) (formats/codec-spqr.md § Matvec)
     n = perm.shape[0]
     for g in range(G):
         m = np.float32(0.0)
@@ -157,79 +165,146 @@ def quant_groups(v, perm, G, x8, dx, s8):
             j = 16 * g + t
             a = v[perm[j]] if j < n else np.float32(0.0)
             q = np.float32(np.trunc(a * inv + (np.float32(-0.5) if a < 0 else np.float32(0.5))))
-            x8[j] = q
+            xt[t, g] = q
             s += q
         dx[g] = m / np.float32(127.0)
         s8[g] = s
 
 
 @njit(inline="always", **_JIT)
-def _row_dot(r, cbase, sbase, st, rb, G, bits, sbits, x8, dx, s8, rp, oc, ov, p, q):
-    # one gate/up row of a bundle · the quantized activations (+ its outliers)
-    _unpack_row(r, cbase, G, bits, q)
-    acc = np.float32(0.0)
-    for g in range(G):
-        s, z = _sz(st, rb, g, r[sbase + g], sbits)
-        dot = np.float32(0.0)
+def _chunk_codes(r, o, w, bits, qt):
+    # the codes of one 16-group chunk at r[o:] (formats/codec-spqr.md "codes") -> qt[t, k] = code
+    # of position t in group k (16, 16) float32: loops over k, the chunk's vector lanes
+    if bits == 4:
+        for s in range(8):
+            for k in range(w):
+                v = r[o + s * w + k]
+                qt[2 * s, k] = np.float32(v & 15)
+                qt[2 * s + 1, k] = np.float32(v >> 4)
+    else:
+        for s in range(4):
+            for t in range(4):
+                for k in range(w):
+                    qt[4 * s + t, k] = np.float32((r[o + s * w + k] >> (2 * t)) & 3)
+        if bits == 3:
+            for h in range(2):
+                for t in range(8):
+                    for k in range(w):
+                        qt[8 * h + t, k] += np.float32(((r[o + (4 + h) * w + k] >> t) & 1) * 4)
+
+
+@njit(inline="always", **_JIT)
+def _chunk_dot(r, o, w, bits, xt, g0, qt, dots):
+    # dots[k] = Σ_t code(t, group g0+k) · xt[t, g0+k] over one chunk; 4 bits straight from the
+    # bytes (slices: contiguous lanes the compiler vectorizes), 2 and 3 bits through qt
+    d = dots[:w]
+    d[:] = 0.0
+    if bits == 4:
+        for s in range(8):
+            seg = r[o + s * w: o + s * w + w]
+            xa = xt[2 * s, g0:g0 + w]
+            xb = xt[2 * s + 1, g0:g0 + w]
+            for k in range(w):
+                v = seg[k]
+                d[k] += np.float32(v & 15) * xa[k] + np.float32(v >> 4) * xb[k]
+    else:
+        _chunk_codes(r, o, w, bits, qt)
         for t in range(16):
-            dot += np.float32(q[16 * g + t]) * x8[16 * g + t]
-        acc += s * dx[g] * (dot - z * s8[g])
+            xa = xt[t, g0:g0 + w]
+            q = qt[t, :w]
+            for k in range(w):
+                d[k] += q[k] * xa[k]
+
+
+@njit(inline="always", **_JIT)
+def _row_dot(r, cbase, sbase, st, rb, G, bits, sbits, xt, dx, s8, rp, oc, ov, p, qt, dots):
+    # one gate/up row of a bundle · the quantized activations (+ its outliers)
+    acc = np.float32(0.0)
+    for g0 in range(0, G, 16):
+        w = min(16, G - g0)
+        _chunk_dot(r, cbase + 2 * bits * g0, w, bits, xt, g0, qt, dots)
+        for k in range(w):
+            g = g0 + k
+            s, z = _sz(st, rb, g, r[sbase + g], sbits)
+            acc += s * dx[g] * (dots[k] - z * s8[g])
     for k in range(rp[p], rp[p + 1]):
         j = np.int64(oc[k])
-        acc += f16_to_f32(ov[k]) * dx[j >> 4] * x8[j]
+        acc += f16_to_f32(ov[k]) * dx[j >> 4] * xt[j & 15, j >> 4]
     return acc
 
 
 @njit(**_JIT)
 def bundle_act(wa, wb, codes, ids, sel, nid, off, G, bits, sbits, sg, gst, ust, xg, dxg, sxg, xu, dxu, sxu,
-               grp, goc, gov, urp, uoc, uov, q, h):
+               grp, goc, gov, urp, uoc, uov, qt, dots, h):
     # h[k] = silu(gate_n · x) · (up_n · x) for k in sel, bundle codes[k] of stored neuron ids[k]
     for s in range(sel.shape[0]):
         k = sel[s]
         r = _row(wa, wb, codes[k])
         p = ids[k]
         rb = nid[p] // sg
-        g = _row_dot(r, off[0], off[1], gst, rb, G, bits, sbits, xg, dxg, sxg, grp, goc, gov, p, q)
-        u = _row_dot(r, off[2], off[3], ust, rb, G, bits, sbits, xu, dxu, sxu, urp, uoc, uov, p, q)
+        g = _row_dot(r, off[0], off[1], gst, rb, G, bits, sbits, xg, dxg, sxg, grp, goc, gov, p, qt, dots)
+        u = _row_dot(r, off[2], off[3], ust, rb, G, bits, sbits, xu, dxu, sxu, urp, uoc, uov, p, qt, dots)
         h[k] = g / (np.float32(1.0) + np.exp(-g)) * u
 
 
 @njit(**_JIT)
 def down_stats(dst, dsq, sg, sbits, S, SZ):
-    # down's scale and scale·zero of every (group g, row i) -> S, SZ (Gf, d)
+    # down's scale and scale·zero of (neuron group g, row i = 16·gi + t) -> S, SZ [g, t, gi] (Gf, 16, G)
     d, Gf = dsq.shape
+    S[:] = 0.0
+    SZ[:] = 0.0
     for i in range(d):
         rb = i // sg
         for g in range(Gf):
             s, z = _sz(dst, rb, g, dsq[i, g], sbits)
-            S[g, i] = s
-            SZ[g, i] = s * z
+            S[g, i & 15, i >> 4] = s
+            SZ[g, i & 15, i >> 4] = s * z
 
 
 @njit(**_JIT)
-def bundle_down(wa, wb, codes, ids, h, pos, off, Gd, bits, S, SZ, hs, x8, dx, s8, drp, dor, dov, q, out):
-    # out (d,) = Σ_k h[k] · down column of bundle k, h quantized as SpQRLinear quantizes down's input
+def bundle_down(wa, wb, codes, ids, h, pos, off, G, bits, S, SZ, hs, xt, dx, s8, drp, dor, dov, qt, acc, out):
+    # out (d,) = Σ_k h[k] · down column of bundle k, h quantized as SpQRLinear quantizes down's
+    # input; accumulated in acc[t, gi] (row 16·gi + t) so the chunk's lanes are contiguous
     d = out.shape[0]
     hs[:] = 0.0
     for k in range(codes.shape[0]):
         hs[pos[ids[k]]] = h[k]
     ident = np.arange(hs.shape[0])
-    quant_groups(hs, ident, S.shape[0], x8, dx, s8)
-    for i in range(d):
-        out[i] = np.float32(0.0)
+    quant_groups(hs, ident, S.shape[0], xt, dx, s8)
+    acc[:] = 0.0
     for k in range(codes.shape[0]):
         p = ids[k]
         j = pos[p]
         g = j >> 4
-        c = dx[g] * x8[j]
+        c = dx[g] * xt[j & 15, g]
         if c == 0.0:
             continue
         r = _row(wa, wb, codes[k])
-        _unpack_row(r, off[4], Gd, bits, q)
-        for i in range(d):
-            out[i] += c * (S[g, i] * np.float32(q[i]) - SZ[g, i])
+        for g0 in range(0, G, 16):
+            w = min(16, G - g0)
+            o = off[4] + 2 * bits * g0
+            if bits == 4:         # straight from the bytes, as _chunk_dot
+                for s in range(8):
+                    seg = r[o + s * w: o + s * w + w]
+                    for h2 in range(2):
+                        a = acc[2 * s + h2, g0:g0 + w]
+                        sc = S[g, 2 * s + h2, g0:g0 + w]
+                        sz = SZ[g, 2 * s + h2, g0:g0 + w]
+                        for kk in range(w):
+                            a[kk] += c * (sc[kk] * np.float32((seg[kk] >> (4 * h2)) & 15) - sz[kk])
+            else:
+                _chunk_codes(r, o, w, bits, qt)
+                for t in range(16):
+                    a = acc[t, g0:g0 + w]
+                    sc = S[g, t, g0:g0 + w]
+                    sz = SZ[g, t, g0:g0 + w]
+                    for kk in range(w):
+                        a[kk] += c * (sc[kk] * qt[t, kk] - sz[kk])
         for e in range(drp[p], drp[p + 1]):
-            out[np.int64(dor[e])] += c * f16_to_f32(dov[e])
+            i = np.int64(dor[e])
+            acc[i & 15, i >> 4] += c * f16_to_f32(dov[e])
+    for i in range(d):
+        out[i] = acc[i & 15, i >> 4]
 
 
 @njit(**_JIT)
@@ -272,6 +347,10 @@ def _check_shared(a: dict, nid: np.ndarray, sg: int, d: int, f: int) -> None:
     for k, shape in shapes.items():
         if a[k].shape != shape:
             raise FormatError(f"spqr flash bundles: shared array {k} is {list(a[k].shape)}, expected {list(shape)}")
+    for k in SHARED:
+        want = np.int32 if k.endswith(("rowptr", "pos")) else np.uint8 if k.endswith("stat_codes") else np.uint16
+        if a[k].dtype != want:
+            raise FormatError(f"spqr flash bundles: shared array {k} is {a[k].dtype}, expected {np.dtype(want)}")
     ok = {"perm": np.array_equal(np.sort(nid), np.arange(f)), "down.pos": np.array_equal(np.sort(a["down.pos"]), np.arange(f))}
     for k in ("gate.perm", "up.perm"):
         ok[k] = np.array_equal(np.sort(a[k].astype(np.int64)), np.arange(d))
@@ -303,12 +382,14 @@ class SpQRBundles:
         self.pos = a["down.pos"].astype(np.int64)
         key = (d, f)
         if key not in scratch:
-            scratch[key] = dict(q=np.zeros(16 * max(self.G, Gf), np.uint8),
-                                xg=np.zeros(16 * self.G, np.float32), dxg=np.zeros(self.G, np.float32),
-                                sxg=np.zeros(self.G, np.float32), xu=np.zeros(16 * self.G, np.float32),
-                                dxu=np.zeros(self.G, np.float32), sxu=np.zeros(self.G, np.float32),
-                                S=np.zeros((Gf, d), np.float32), SZ=np.zeros((Gf, d), np.float32),
-                                hs=np.zeros(16 * Gf, np.float32), x8=np.zeros(16 * Gf, np.float32),
+            G = self.G
+            scratch[key] = dict(q=np.zeros(16 * G, np.uint8), qt=np.zeros((16, 16), np.float32),
+                                dots=np.zeros(16, np.float32), acc=np.zeros((16, G), np.float32),
+                                xg=np.zeros((16, G), np.float32), dxg=np.zeros(G, np.float32),
+                                sxg=np.zeros(G, np.float32), xu=np.zeros((16, G), np.float32),
+                                dxu=np.zeros(G, np.float32), sxu=np.zeros(G, np.float32),
+                                S=np.zeros((Gf, 16, G), np.float32), SZ=np.zeros((Gf, 16, G), np.float32),
+                                hs=np.zeros(16 * Gf, np.float32), x8=np.zeros((16, Gf), np.float32),
                                 dx=np.zeros(Gf, np.float32), s8=np.zeros(Gf, np.float32))
         self.s = scratch[key]
 
@@ -316,7 +397,7 @@ class SpQRBundles:
     def scratch_bytes(d: int, f: int) -> int:
         """The bytes of the shared per-token scratch (the plan counts them)."""
         G, Gf = -(-d // 16), -(-f // 16)
-        return 16 * max(G, Gf) + 4 * (2 * 18 * G + 2 * Gf * d + 32 * Gf + 2 * Gf)
+        return 16 * G + 4 * (16 * 17 + 16 * G + 2 * 18 * G + 2 * Gf * 16 * G + 16 * Gf + 16 * Gf + 2 * Gf)
 
     def prepare(self, x):
         s, a = self.s, self.a
@@ -328,14 +409,14 @@ class SpQRBundles:
         bundle_act(wa, wb, codes, ids, sel, self.nid, self.off, self.G, self.bits, self.sbits, self.sg,
                    a["gate.stats"], a["up.stats"], s["xg"], s["dxg"], s["sxg"], s["xu"], s["dxu"], s["sxu"],
                    a["gate.outlier_rowptr"], a["gate.outlier_col"], a["gate.outlier_val"],
-                   a["up.outlier_rowptr"], a["up.outlier_col"], a["up.outlier_val"], s["q"], h)
+                   a["up.outlier_rowptr"], a["up.outlier_col"], a["up.outlier_val"], s["qt"], s["dots"], h)
 
     def down(self, wa, wb, codes, ids, h, out):
         s, a = self.s, self.a
         down_stats(a["down.stats"], a["down.stat_codes"], self.sg, self.sbits, s["S"], s["SZ"])
         bundle_down(wa, wb, codes, ids, h, self.pos, self.off, self.G, self.bits, s["S"], s["SZ"], s["hs"],
                     s["x8"], s["dx"], s["s8"], a["down.outlier_rowptr"], a["down.outlier_row"],
-                    a["down.outlier_val"], s["q"], out)
+                    a["down.outlier_val"], s["qt"], s["acc"], out)
 
     def widen(self, wa, wb, codes, ids, a0, b0, tile):
         a = self.a
