@@ -400,3 +400,18 @@ def test_flash_refuses_a_codec_without_bundles_before_calibrating(tiny_dir, tmp_
     with pytest.raises(UnsupportedModelError, match="--layout flash does not support the bitstack codec"):
         pack(tiny_dir("llama"), tmp_path / "x.ebin", recipe=make_recipe("f16", codec="bitstack"), layout="flash",
              calib_tokens=256)
+
+
+def test_flash_with_compressed_attention_and_dense_ffn(tiny_dir, tmp_path):
+    # a calibrated recipe whose FFN stays f16: version-1 dense bundles from the same single pass
+    from edgerun.convert.pack import make_recipe, pack
+    src = tiny_dir("llama")
+    recipe = make_recipe("f16", recipe="attention=spqr:4")
+    pack(src, tmp_path / "flash.ebin", recipe=recipe, layout="flash", calib_tokens=512)
+    pack(src, tmp_path / "plain.ebin", recipe=recipe, calib_tokens=512)
+    tf, man = load(tmp_path / "flash.ebin")
+    assert man["flash"]["version"] == 1 and man["flash"]["dtype"] == "f16"
+    streaming.attach(tf, tmp_path / "flash.ebin", man, 1 << 30, criterion="off")
+    ref, _ = load(tmp_path / "plain.ebin")
+    ids = list(range(3, 20))
+    np.testing.assert_allclose(logits(tf, ids, 8), logits(ref, ids, 8), atol=2e-5)
