@@ -356,6 +356,26 @@ def shared_bytes(fl: dict) -> int:
                                                                                    fl["intermediate_size"])
 
 
+def _gate_bytes(fl: dict) -> int:
+    """Bytes of a compressed bundle's gate parts ("gate.*", which lead the bundle)."""
+    return sum(n for k, (_, n) in fl["bundle_parts"].items() if k.startswith("gate."))
+
+
+class _KernelGate:
+    """The resident gate parts of a compressed pack's bundles as a `matvec` / `matmul` for the
+    gate criterion (the codec's arithmetic: `kern.gate_scores`)."""
+
+    def __init__(self, kern, rows: np.ndarray):
+        self.kern, self.rows = kern, rows
+
+    def matvec(self, x, out):
+        self.kern.gate_scores(self.rows, x, out)
+
+    def matmul(self, X, out):
+        for t in range(X.shape[0]):
+            self.matvec(X[t], out[t])
+
+
 def _flash(manifest: dict) -> dict:
     fl = manifest.get("flash")
     if not fl:
@@ -427,10 +447,7 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
     if kind == "lowrank":
         fixed["predictor (low-rank, f16)"] = L * (f + d) * fl["predictor_rank"] * 2
     elif kind == "gate":
-        if shared:
-            raise EdgerunError(f"criterion {criterion!r} keeps the gate rows resident as dense weights, which "
-                               f"{label} flash packs do not store: use lowrank:S")
-        fixed["gate rows (resident)"] = L * f * d * np.dtype(bdt).itemsize
+        fixed["gate rows (resident)"] = L * f * (_gate_bytes(fl) if shared else d * np.dtype(bdt).itemsize)
     capacity = 0
     if mode == "window":
         capacity = max(0, _fit_capacity(ffn_budget - sum(fixed.values()), L, f, B))
@@ -721,22 +738,25 @@ def _open(ebin_path, fl: dict, plan: StreamingPlan, reader: FlashReader, kind: s
         ffns = []
         for i, entry in enumerate(fl["layers"]):
             pred = gate = thr = None
+            kern = None         # dense (v1) bundles: DenseBundles
+            if "shared" in entry:
+                kern = codec_class(fl["codec"]).flash_kernels(
+                    {k: ebin.read(name) for k, name in entry["shared"].items()}, ebin.read(entry["perm"]),
+                    fl["params"], d, plan.neurons, scratch)
             if kind == "lowrank":
                 p = {"dtype": "f16"}
                 pred = (dense.load({"weight": ebin.read(entry["predictor_a"])}, p),
                         dense.load({"weight": ebin.read(entry["predictor_b"])}, p))
                 thr = threshold(entry["thresholds"]["lowrank"], sparsity)
             elif kind == "gate":
-                full = np.empty((plan.neurons, 3, d), STORED[fl["dtype"]])
+                full = plan.buffer(plan.neurons)
                 reader.read_into(arrays[entry["bundles"]].offset, full.reshape(-1).view(np.uint8))
-                gate = dense.load({"weight": np.ascontiguousarray(full[:, 0])}, {"dtype": fl["dtype"]})
+                if kern is None:
+                    gate = dense.load({"weight": np.ascontiguousarray(full[:, 0])}, {"dtype": fl["dtype"]})
+                else:
+                    gate = _KernelGate(kern, np.ascontiguousarray(full[:, :_gate_bytes(fl)]))
                 del full
                 thr = threshold(entry["thresholds"]["gate"], sparsity)
-            kern = None         # dense (v1) bundles: DenseBundles
-            if "shared" in entry:
-                kern = codec_class(fl["codec"]).flash_kernels(
-                    {k: ebin.read(name) for k, name in entry["shared"].items()}, ebin.read(entry["perm"]),
-                    fl["params"], d, plan.neurons, scratch)
             ffn = FlashFFN(i, entry, arrays, plan, shared, pred, gate, thr, kern)
             info = arrays[entry["bundles"]]
             if plan.mode == "resident":

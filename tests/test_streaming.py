@@ -273,6 +273,11 @@ def test_spqr_bundle_kernels_match_the_codec(bits, d, f):
     kern = c.flash_kernels(shared, perm, P, d, f, {})
     lins = [c.load(p, P) for p in parts]
     ids = np.arange(f)
+    x = rng.standard_normal(d).astype(np.float32)
+    g, ref = np.zeros(f, np.float32), np.zeros(f, np.float32)
+    kern.gate_scores(np.ascontiguousarray(bundles[:, :kern.gate_bytes]), x, g)      # criterion gate:S
+    lins[0].matvec(x, ref)
+    np.testing.assert_allclose(g, ref[perm], atol=1e-5 * np.abs(ref).max())
     for T in (1, 3, 5):
         x = rng.standard_normal((T, d)).astype(np.float32)
         out = np.zeros((T, d), np.float32)
@@ -340,8 +345,17 @@ def test_spqr_flash_criterion_streamed_equals_resident(spqr_packs):
                             window=3, criterion="lowrank:0.5")
     np.testing.assert_array_equal(logits(tf, ids, 12), resident)
     assert 0 < plan.stats.neurons_loaded < plan.stats.neurons_used
-    with pytest.raises(streaming.EdgerunError, match="lowrank"):       # no dense gate rows to keep
-        streaming.plan_streaming(man, tf.cfg, 1 << 20, mode="window", criterion="gate:0.5")
+    # gate:S keeps the bundles' gate parts resident and computes the exact (codec) gate
+    tf, man = load(flash)
+    plan = streaming.attach(tf, flash, man, 1 << 30, criterion="gate:0.5")
+    resident = logits(tf, ids, 12)
+    tf, man = load(flash)
+    plan = streaming.attach(tf, flash, man, small_window_budget(man, tf.cfg, 30, "gate:0.5"), mode="window",
+                            window=3, criterion="gate:0.5")
+    np.testing.assert_array_equal(logits(tf, ids, 12), resident)
+    f, gate_bytes = tf.cfg.intermediate_size, 2 * 4 * -(-tf.cfg.hidden_size // 16) + -(-tf.cfg.hidden_size // 16)
+    assert plan.resident_bytes["gate rows (resident)"] == tf.cfg.num_layers * f * gate_bytes
+    assert 0 < plan.stats.neurons_loaded < plan.stats.neurons_used
 
 
 def test_spqr_flash_plan_counts_compressed_bundles(spqr_packs):

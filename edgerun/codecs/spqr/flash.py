@@ -248,6 +248,14 @@ def bundle_act(wa, wb, codes, ids, sel, nid, off, G, bits, sbits, sg, gst, ust, 
 
 
 @njit(**_JIT)
+def gate_rows(gb, nid, off, G, bits, sbits, sg, gst, xg, dxg, sxg, grp, goc, gov, qt, dots, g):
+    # g (f,) = gate_n · x of every stored neuron p, from gb (f, >= off[2]): the bundles' gate parts
+    for p in range(gb.shape[0]):
+        g[p] = _row_dot(gb[p], off[0], off[1], gst, nid[p] // sg, G, bits, sbits, xg, dxg, sxg, grp, goc, gov, p,
+                        qt, dots)
+
+
+@njit(**_JIT)
 def down_stats(dst, dsq, sg, sbits, S, SZ):
     # down's scale and scale·zero of (neuron group g, row i = 16·gi + t) -> S, SZ [g, t, gi] (Gf, 16, G)
     d, Gf = dsq.shape
@@ -379,6 +387,7 @@ class SpQRBundles:
         Gf = -(-f // 16)
         _check_shared(a, self.nid, p["stat_group"], d, f)
         self.off = np.array([o for o, _ in bundle_parts(p, d).values()], np.int64)
+        self.gate_bytes = int(self.off[2])          # gate.codes and gate.stq lead the bundle
         self.pos = a["down.pos"].astype(np.int64)
         key = (d, f)
         if key not in scratch:
@@ -410,6 +419,15 @@ class SpQRBundles:
                    a["gate.stats"], a["up.stats"], s["xg"], s["dxg"], s["sxg"], s["xu"], s["dxu"], s["sxu"],
                    a["gate.outlier_rowptr"], a["gate.outlier_col"], a["gate.outlier_val"],
                    a["up.outlier_rowptr"], a["up.outlier_col"], a["up.outlier_val"], s["qt"], s["dots"], h)
+
+    def gate_scores(self, gb, x, out):
+        """out (f,) = the gate pre-activations of all neurons (criterion gate:S) from `gb`, the
+        first `gate_bytes` of every bundle (gate.codes, gate.stq), kept resident."""
+        s, a = self.s, self.a
+        self.prepare(x)
+        gate_rows(gb, self.nid, self.off, self.G, self.bits, self.sbits, self.sg, a["gate.stats"], s["xg"], s["dxg"],
+                  s["sxg"], a["gate.outlier_rowptr"], a["gate.outlier_col"], a["gate.outlier_val"], s["qt"], s["dots"],
+                  out)
 
     def down(self, wa, wb, codes, ids, h, out):
         s, a = self.s, self.a
