@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 
 from ...isa import _concat, byte_table_lookup, half_to_float, signed_byte_dot, table_lookup
 from ...kernels import f16_to_f32
-from ..base import Linear
+from ..base import Linear, stack_outliers
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, _planes, int8_codebook
 
@@ -518,6 +518,22 @@ class ClusterLinear(Linear):
         else:
             matmul_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
                            self._tiles, self._scr)
+
+    @classmethod
+    def stack(cls, linears: list) -> "ClusterLinear | None":
+        """The rows of `linears` as one ClusterLinear when they share bits, width and rows per
+        codebook and every part ends on a whole codebook group."""
+        a = linears[0]
+        if any(type(w) is not cls or (w.bits, w.group_rows, w.shape[1]) != (a.bits, a.group_rows, a.shape[1])
+               or w.shape[0] % a.group_rows for w in linears):
+            return None
+        d = sum(w.shape[0] for w in linears)
+        rp, oc, ov = stack_outliers([(w.rp, w.oc, w.ov) for w in linears])
+        parts = {"meta": np.array([d, a.shape[1], a.bits, a.group_rows], np.int32),
+                 "codes": np.concatenate([w.codes for w in linears]),
+                 "codebook": np.concatenate([w.codebook for w in linears]),
+                 "outlier_rowptr": rp, "outlier_col": oc, "outlier_val": ov}
+        return cls(parts)
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
