@@ -99,6 +99,29 @@ class Codec:
         """Bytes of every stored part: the honest size (scales, codebooks, outliers, meta...)."""
         return int(sum(p.nbytes for p in parts.values()))
 
+    # -- the flash layout (formats/flash-layout.md § "Compressed codecs") -----------------------
+    @classmethod
+    def flash_cut(cls, gate: dict, up: dict, down: dict, params: dict, perm) -> tuple:
+        """Encoded parts of a layer's gate, up (f, d) and down (d, f), and the stored neuron order
+        `perm` -> (bundles (f, bundle_bytes) uint8, shared {name: array}) (pack --layout flash)."""
+        raise UnsupportedModelError(f"--layout flash does not support the {cls.name} codec yet")
+
+    @classmethod
+    def flash_bundle_parts(cls, params: dict, d: int) -> dict:
+        """name -> [byte offset, length] of the parts of one bundle (the manifest lists them)."""
+        raise UnsupportedModelError(f"--layout flash does not support the {cls.name} codec yet")
+
+    @classmethod
+    def flash_kernels(cls, shared: dict, nid, params: dict, d: int, f: int, scratch: dict):
+        """One layer's bundle kernels over its `shared` arrays (`nid`: stored position -> neuron):
+        an object with `matmul_min_t`, `prepare(x)`, `act`, `down`, `widen` (streaming.ffn_rows)."""
+        raise UnsupportedModelError(f"flash-layout bundles of the {cls.name} codec are not supported")
+
+    @classmethod
+    def flash_scratch_bytes(cls, d: int, f: int) -> int:
+        """Bytes of the per-token scratch that `flash_kernels` shares across layers (the plan)."""
+        return 0
+
     @classmethod
     def to_device(cls, lin: "Linear"):
         """The CUDA twin of a loaded Linear: `DeviceLinear` of the codec package's cuda.py
