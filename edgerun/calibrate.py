@@ -111,14 +111,18 @@ class HessianAccumulator:
 class RecordingLinear:
     """A linear that records its inputs into an accumulator, then computes as `inner`."""
 
-    def __init__(self, inner, acc: HessianAccumulator):
-        self.inner, self.acc = inner, acc
+    def __init__(self, inner, acc: HessianAccumulator, observe=None):
+        self.inner, self.acc, self.observe = inner, acc, observe
 
     def matvec(self, x, out):
+        if self.observe is not None:
+            self.observe(x[None, :])
         self.acc.add(x[None, :])
         self.inner.matvec(x, out)
 
     def matmul(self, X, out):
+        if self.observe is not None:
+            self.observe(X)
         self.acc.add(X)
         self.inner.matmul(X, out)
 
@@ -159,10 +163,13 @@ def decoded_linear(loaded) -> F32Linear:
     return F32Linear(w)
 
 
-def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, progress=None) -> None:
+def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, progress=None,
+                        observe=None) -> None:
     """Run calibration layer by layer and hand every tensor to `store(name, w, hessian) -> loaded`
     (which compresses, writes, and returns the loaded tensor as the runtime will use it).
-    `progress(layer_done, layers_total)` after each layer."""
+    `progress(layer_done, layers_total)` after each layer. `observe(layer, key, X)`, if given, sees
+    every batch of input rows X of each SHARED_INPUT key (once, e.g. "mlp_in"), before the layer's
+    tensors are stored (the flash layout's neuron order and predictor: streaming.write_flash)."""
     n_seq, seq_len = sequences.shape
     chunk = seq_len                 # one BLAS matmul per sequence and linear
     tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=seq_len, chunk=chunk,
@@ -192,7 +199,8 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
                     recording[field] = f32_linear(w)
                 else:
                     accs[key] = HessianAccumulator(w.shape[1])
-                    recording[field] = RecordingLinear(f32_linear(w), accs[key])
+                    seen = None if observe is None else (lambda X, i=i, key=key: observe(i, key, X))
+                    recording[field] = RecordingLinear(f32_linear(w), accs[key], seen)
             else:
                 recording[field] = w
         tf.layers[i] = Layer(**{f: recording.get(f) for f in LAYER_TENSORS})

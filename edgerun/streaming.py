@@ -1,8 +1,10 @@
 """Feed-forward neurons streamed from flash (DESIGN §5; Alizadeh et al. 2023, "LLM in a flash").
 
 Layout (formats/flash-layout.md): per layer one array of neuron bundles, bundle j = [gate row j,
-up row j, down column j] (3·d values of the stored dtype), neurons ordered by how often they are
-active on calibration text, plus the permutation and a low-rank activation predictor.
+up row j, down column j] (3·d values of the stored dtype, or a compressed codec's bytes of the
+three with its shared parts resident: the codec's `flash_cut` / `flash_kernels`), neurons ordered
+by how often they are active on calibration text, plus the permutation and a low-rank activation
+predictor.
 
 At run time a `FlashFFN` is each layer's feed-forward component (edgerun/model.py), built from the
 plan (edgerun/plan.py) with the model. Modes:
@@ -38,14 +40,14 @@ from numba import njit
 from numba.extending import overload
 
 from . import kernels
-from .codecs import get_codec
+from .codecs import codec_class, get_codec
 from .errors import BudgetError, EdgerunError, FormatError, UnsupportedModelError
 from .flashio import ALIGN, BOUNCE, FlashReader, aligned_array, coalesce
 from .kernels import bf16_to_f32, f16_to_f32
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2           # 2: compressed codecs' byte bundles; dense packs are still written as 1
 SPARSITY_GRID = [round(0.05 * i, 2) for i in range(20)]     # thresholds stored for S = 0 .. 0.95
 PREDICTOR_RANK = 64
 CALIB_TOKENS = 4096
@@ -159,24 +161,47 @@ def kernel_view(buf: np.ndarray, dtype: str) -> np.ndarray:
     return buf.view(np.int16) if dtype == "bf16" else buf
 
 
-def ffn_rows(wa, wb, codes, x, out, mask=None, h=None, hit=None, wait=None):
-    """out (T, d) = Σ over bundles `codes` (of wa / wb) of down·(silu(gate x)·(up x)), masked per
+class DenseBundles:
+    """The bundle kernels of dense (f32/f16/bf16) bundles `(f, 3, d)`: the interface a codec's
+    `flash_kernels` also provides (`ids`, the stored neuron of each bundle, is unused here)."""
+
+    matmul_min_t = MATMUL_MIN_T
+
+    def prepare(self, x):
+        pass
+
+    def act(self, wa, wb, codes, ids, sel, x, h):
+        bundle_act(wa, wb, codes, sel, x, h)
+
+    def down(self, wa, wb, codes, ids, h, out):
+        bundle_down(wa, wb, codes, h, out)
+
+    def widen(self, wa, wb, codes, ids, a, b, tile):
+        widen_bundles(wa, wb, codes, a, b, tile)
+
+
+def ffn_rows(kern, wa, wb, codes, ids, x, out, mask=None, h=None, hit=None, wait=None):
+    """out (T, d) = Σ over bundles `codes` (of wa / wb; stored neurons `ids`) of
+    down·(silu(gate x)·(up x)) with `kern`'s kernels (DenseBundles or a codec's), masked per
     token by `mask` (T, n) bool; always in the order of `codes`, so every mode gives the same floats.
-    One token: Numba kernels, the `hit` bundles computed before `wait()` returns (the reads of the
-    others overlap that work); a chunk: widened tiles + BLAS after `wait()`."""
+    Below kern.matmul_min_t tokens: per token (the codec's matvec arithmetic), the first token's
+    `hit` bundles computed before `wait()` returns (the reads of the others overlap that work);
+    a larger chunk: widened tiles + BLAS after `wait()`."""
     T, d = x.shape
     n = len(codes)
-    if T < MATMUL_MIN_T:
+    if T < kern.matmul_min_t:
         h = np.empty(n, np.float32) if h is None else h[:n]
-        sel = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask[0]).astype(np.int64)
-        h[:] = 0.0
-        if hit is not None:
-            bundle_act(wa, wb, codes, sel[hit[sel]], x[0], h)
-            sel = sel[~hit[sel]]
-        if wait is not None:
-            wait()
-        bundle_act(wa, wb, codes, sel, x[0], h)
-        bundle_down(wa, wb, codes, h, out[0])
+        for t in range(T):
+            kern.prepare(x[t])
+            sel = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask[t]).astype(np.int64)
+            h[:] = 0.0
+            if hit is not None and t == 0:
+                kern.act(wa, wb, codes, ids, sel[hit[sel]], x[t], h)
+                sel = sel[~hit[sel]]
+            if wait is not None and t == 0:
+                wait()
+            kern.act(wa, wb, codes, ids, sel, x[t], h)
+            kern.down(wa, wb, codes, ids, h, out[t])
         return
     if wait is not None:
         wait()
@@ -184,7 +209,7 @@ def ffn_rows(wa, wb, codes, x, out, mask=None, h=None, hit=None, wait=None):
     tile = np.empty((TILE, 3, d), np.float32)
     for a in range(0, n, TILE):
         b = min(n, a + TILE)
-        widen_bundles(wa, wb, codes, a, b, tile)
+        kern.widen(wa, wb, codes, ids, a, b, tile)
         t = tile[:b - a]
         g = x @ t[:, 0].T
         hh = g / (1.0 + np.exp(-g)) * (x @ t[:, 1].T)
@@ -279,7 +304,7 @@ class StreamingPlan:
     layers: int
     neurons: int               # per layer
     bundle_bytes: int
-    dtype: str
+    dtype: str                 # what a bundle stores: f16 / bf16 / f32, or the codec rule (spqr:4)
     resident_bytes: dict       # what this module keeps in memory, by kind
     read_per_token: int        # expected bytes read per decoded token (upper bound for window)
     scratch_rows: int = 0      # bundles per read buffer (the most a token can miss in one layer)
@@ -288,6 +313,12 @@ class StreamingPlan:
     threads: int = 2           # reader threads
     stats: FlashStats = field(default_factory=FlashStats)
     reader: FlashReader | None = None      # set by `attach`: the open file the bundles stream from
+    bundle_shape: tuple = ()   # one bundle as an array: (3, d) of the dense dtype, or (bundle_bytes,) uint8
+    bundle_dtype: object = np.uint16
+
+    def buffer(self, rows: int) -> np.ndarray:
+        """An uninitialized array of `rows` bundles."""
+        return np.empty((rows,) + self.bundle_shape, self.bundle_dtype)
 
     @property
     def total_bytes(self) -> int:
@@ -305,6 +336,44 @@ class StreamingPlan:
         out.append(f"  expected reads per token {'(at most) ' if self.mode == 'window' else ''}"
                    f"{self.read_per_token / 1e6:.2f} MB")
         return out
+
+
+def bundle_format(fl: dict) -> tuple[tuple, object, int, str]:
+    """A flash section's bundle: (array shape of one bundle, its dtype, bytes, label). Dense packs
+    (layout v1) store (3, d) values; compressed codecs (v2) `bundle_bytes` codec bytes."""
+    if fl.get("codec", "dense") == "dense":
+        dt = STORED[fl["dtype"]]
+        return (3, fl["hidden_size"]), dt, 3 * fl["hidden_size"] * np.dtype(dt).itemsize, fl["dtype"]
+    B = int(fl["bundle_bytes"])
+    return (B,), np.uint8, B, codec_class(fl["codec"]).describe(fl["params"])
+
+
+def shared_bytes(fl: dict) -> int:
+    """Resident bytes of a compressed pack's shared parts (all layers) and its kernels' scratch."""
+    if fl.get("codec", "dense") == "dense":
+        return 0
+    return int(fl["shared_bytes"]) + codec_class(fl["codec"]).flash_scratch_bytes(fl["hidden_size"],
+                                                                                   fl["intermediate_size"])
+
+
+def _gate_bytes(fl: dict) -> int:
+    """Bytes of a compressed bundle's gate parts ("gate.*", which lead the bundle)."""
+    return sum(n for k, (_, n) in fl["bundle_parts"].items() if k.startswith("gate."))
+
+
+class _KernelGate:
+    """The resident gate parts of a compressed pack's bundles as a `matvec` / `matmul` for the
+    gate criterion (the codec's arithmetic: `kern.gate_scores`)."""
+
+    def __init__(self, kern, rows: np.ndarray):
+        self.kern, self.rows = kern, rows
+
+    def matvec(self, x, out):
+        self.kern.gate_scores(self.rows, x, out)
+
+    def matmul(self, X, out):
+        for t in range(X.shape[0]):
+            self.matvec(X[t], out[t])
 
 
 def _flash(manifest: dict) -> dict:
@@ -357,25 +426,28 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
     fl = _flash(manifest)
     kind, sparsity = parse_criterion(criterion)
     L, f, d = cfg.num_layers, fl["intermediate_size"], fl["hidden_size"]
-    B = 3 * d * np.dtype(STORED[fl["dtype"]]).itemsize
+    shape, bdt, B, label = bundle_format(fl)
     full = L * f * B
+    fmt = dict(bundle_shape=shape, bundle_dtype=bdt)
+    shared = {"FFN shared parts (stats, outliers) and scratch": shared_bytes(fl)} if shared_bytes(fl) else {}
     gap = default_gap(B) if gap is None else int(gap)
     act = 4 * (3 * f + 2 * TILE * 3 * d)          # per-token activations, masks, a BLAS tile
     if mode not in ("auto", "resident", "window", "layer", "naive"):
         raise EdgerunError(f"--stream must be auto, resident, window, layer or naive, not {mode!r}")
     if ffn_budget >= full + act and mode in ("auto", "resident"):
-        return StreamingPlan("resident", criterion, window, f, L, f, B, fl["dtype"],
-                             {"FFN bundles (resident)": full, "FFN activations": act}, 0, threads=threads)
+        return StreamingPlan("resident", criterion, window, f, L, f, B, label,
+                             {"FFN bundles (resident)": full, "FFN activations": act, **shared}, 0, threads=threads,
+                             **fmt)
     if mode == "resident":
         raise BudgetError(f"the FFN needs {full + act} bytes resident but its budget is {ffn_budget}")
     mode = "window" if mode == "auto" else mode
     if mode != "window" and kind != "off":
         raise EdgerunError(f"--stream {mode} reads every neuron: it takes no criterion ({criterion!r})")
-    fixed = {"I/O bounce buffers": (threads + 1) * BOUNCE, "FFN activations": act}
+    fixed = {"I/O bounce buffers": (threads + 1) * BOUNCE, "FFN activations": act, **shared}
     if kind == "lowrank":
         fixed["predictor (low-rank, f16)"] = L * (f + d) * fl["predictor_rank"] * 2
     elif kind == "gate":
-        fixed["gate rows (resident)"] = L * f * d * np.dtype(STORED[fl["dtype"]]).itemsize
+        fixed["gate rows (resident)"] = L * f * (_gate_bytes(fl) if shared else d * np.dtype(bdt).itemsize)
     capacity = 0
     if mode == "window":
         capacity = max(0, _fit_capacity(ffn_budget - sum(fixed.values()), L, f, B))
@@ -387,17 +459,17 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
                           f"--ram leaves for it: raise --ram by {short} MiB (`edgerun info` prints the minimum)")
     missing = f - capacity if kind == "off" else min(f - capacity, math.ceil((1 - sparsity) * f))
     per_token = L * (f if mode != "window" else missing) * B
-    return StreamingPlan(mode, criterion, window, capacity, L, f, B, fl["dtype"], fixed, per_token,
+    return StreamingPlan(mode, criterion, window, capacity, L, f, B, label, fixed, per_token,
                          scratch_rows=max(f - capacity, 1) if mode != "naive" else f, gap=gap, prefetch=prefetch,
-                         threads=threads)
+                         threads=threads, **fmt)
 
 
 def minimum_plan(manifest: dict, cfg, criterion: str = "off", threads: int = 2) -> StreamingPlan:
     """The smallest streaming plan (window mode with the fewest bytes): what `--ram` must leave
     for the FFN at least (`edgerun info`)."""
     fl = _flash(manifest)
-    L, f, d = cfg.num_layers, fl["intermediate_size"], fl["hidden_size"]
-    B = 3 * d * np.dtype(STORED[fl["dtype"]]).itemsize
+    L, f = cfg.num_layers, fl["intermediate_size"]
+    B = bundle_format(fl)[2]
     probe = plan_streaming(manifest, cfg, 1 << 62, "window", criterion=criterion, threads=threads)
     other = probe.total_bytes - sum(_buffers("window", L, f, B, probe.capacity).values())
     least = min(sum(_buffers("window", L, f, B, c).values()) for c in (0, f))
@@ -415,7 +487,7 @@ class _Shared:
         # criterion off reads bundles capacity.. of each layer (one run): start the rows where that
         # run's file offset sits within a page, so its pages are read straight into the buffer
         self.shift = plan.capacity * plan.bundle_bytes % ALIGN
-        self.scratch = [aligned_array((plan.scratch_rows, 3, d), STORED[plan.dtype], self.shift)
+        self.scratch = [aligned_array((plan.scratch_rows,) + plan.bundle_shape, plan.bundle_dtype, self.shift)
                         for _ in range(nbuf)]
         self.pending = None       # _Read in flight (the next layer's prefetch), at most one
         self.h = np.empty(plan.neurons, np.float32)
@@ -444,18 +516,18 @@ class FlashFFN:
     `compute(x (T, d), out (T, d))` to h (host arrays: this component runs on the CPU)."""
 
     def __init__(self, i: int, entry: dict, arrays: dict, plan: StreamingPlan, shared: _Shared,
-                 predictor=None, gate=None, thresholds=None):
+                 predictor=None, gate=None, thresholds=None, kern=None):
         self.i, self.plan, self.sh = i, plan, shared
         info = arrays[entry["bundles"]]
         self.offset, self.f = info.offset, plan.neurons
-        self.d = info.shape[2]
+        self.kern = DenseBundles() if kern is None else kern     # the bundle kernels (DenseBundles or the codec's)
         self.B = plan.bundle_bytes
         self.kind, self.sparsity = parse_criterion(plan.criterion)
         self.all_ids = np.arange(self.f, dtype=np.int64)      # criterion off: every neuron, every token
         self.predictor, self.gate, self.thr = predictor, gate, thresholds
         self.resident = None
         self.window = None
-        self.wbuf = np.empty((1, 3, self.d), STORED[plan.dtype])
+        self.wbuf = plan.buffer(1)
         if plan.mode in ("window", "layer"):
             self.window = NeuronWindow(self.f, plan.capacity)
         self.step = 0
@@ -498,21 +570,21 @@ class FlashFFN:
         mode = self.plan.mode
         if mode == "resident":
             r = self._view(self.resident)
-            ffn_rows(r, r, ids, x, out, mask, self.sh.h)
+            ffn_rows(self.kern, r, r, ids, ids, x, out, mask, self.sh.h)
         elif mode == "naive":
             buf = self._view(self._read_layer_now())
-            ffn_rows(buf, buf, ids, x, out, mask, self.sh.h)
+            ffn_rows(self.kern, buf, buf, ids, ids, x, out, mask, self.sh.h)
         else:
             self._streamed(ids, x, out, mask)
 
     def load_resident(self, reader: FlashReader) -> None:
-        self.resident = np.empty((self.f, 3, self.d), STORED[self.plan.dtype])
+        self.resident = self.plan.buffer(self.f)
         reader.read_into(self.offset, self.resident.reshape(-1).view(np.uint8))
 
     def load_window(self, reader: FlashReader) -> None:
         """Fill the window with the `capacity` most frequent neurons (stored first)."""
         c = self.plan.capacity
-        self.wbuf = np.empty((max(c, 1), 3, self.d), STORED[self.plan.dtype])
+        self.wbuf = self.plan.buffer(max(c, 1))
         if c:
             reader.read_into(self.offset, self.wbuf[:c].reshape(-1).view(np.uint8))
 
@@ -591,7 +663,8 @@ class FlashFFN:
             sh.reader.wait(read.handle)
             st.read_seconds += time.perf_counter() - t0
 
-        ffn_rows(self._view(self.wbuf), self._view(sh.scratch[read.buf]), codes, x, out, mask, sh.h, hit, wait)
+        ffn_rows(self.kern, self._view(self.wbuf), self._view(sh.scratch[read.buf]), codes, ids, x, out, mask, sh.h,
+                 hit, wait)
         st.neurons_loaded += len(miss)
         # window update: used neurons are fresh; misses take the slots of neurons unused for k tokens
         self.step += 1
@@ -607,12 +680,22 @@ def warm_up(manifest: dict) -> None:
     """Compile (or load from the JIT cache) the bundle kernels for this pack's dtype, at both the
     decode and the prefill paths, so no compiler runs during the first token (called with the
     other kernels' warm-up, before the runtime's memory is measured: api.warm_up_kernels)."""
-    dt = _flash(manifest)["dtype"]
-    buf = kernel_view(np.zeros((2, 3, 8), STORED[dt]), dt)
+    fl = _flash(manifest)
     codes = np.array([0, -1], np.int64)
-    x, out = np.ones((2, 8), np.float32), np.zeros((2, 8), np.float32)
-    for T in (1, MATMUL_MIN_T):
-        ffn_rows(buf, buf, codes, x[:T], out[:T], hit=np.array([True, False]))
+    if fl.get("codec", "dense") == "dense":
+        d, kern = 8, DenseBundles()
+        buf = kernel_view(np.zeros((2, 3, d), STORED[fl["dtype"]]), fl["dtype"])
+    else:        # a random 32-neuron layer in the pack's codec and params: the same kernel signatures
+        d, f = 16, 32
+        rng = np.random.default_rng(0)
+        codec = get_codec(fl["codec"])
+        parts = [codec.encode(rng.standard_normal(s).astype(np.float32), fl["params"]) for s in ((f, d), (f, d), (d, f))]
+        bundles, shared = codec.flash_cut(*parts, fl["params"], np.arange(f))
+        kern = codec.flash_kernels(shared, np.arange(f), fl["params"], d, f, {})
+        buf = bundles
+    x, out = np.ones((4, d), np.float32), np.zeros((4, d), np.float32)
+    for T in (1, max(kern.matmul_min_t, 2)):
+        ffn_rows(kern, buf, buf, codes, np.array([0, 1], np.int64), x[:T], out[:T], hit=np.array([True, False]))
     copy_rows(buf, codes[:1], buf.copy(), codes[:1])
 
 
@@ -649,23 +732,32 @@ def _open(ebin_path, fl: dict, plan: StreamingPlan, reader: FlashReader, kind: s
     d = fl["hidden_size"]
     shared = _Shared(reader, plan, d)
     dense = get_codec("dense")
+    scratch = {}                # per-token buffers of a codec's kernels, shared by the layers
     with EbinFile(ebin_path) as ebin:
         arrays = ebin.arrays
         ffns = []
         for i, entry in enumerate(fl["layers"]):
             pred = gate = thr = None
+            kern = None         # dense (v1) bundles: DenseBundles
+            if "shared" in entry:
+                kern = codec_class(fl["codec"]).flash_kernels(
+                    {k: ebin.read(name) for k, name in entry["shared"].items()}, ebin.read(entry["perm"]),
+                    fl["params"], d, plan.neurons, scratch)
             if kind == "lowrank":
                 p = {"dtype": "f16"}
                 pred = (dense.load({"weight": ebin.read(entry["predictor_a"])}, p),
                         dense.load({"weight": ebin.read(entry["predictor_b"])}, p))
                 thr = threshold(entry["thresholds"]["lowrank"], sparsity)
             elif kind == "gate":
-                full = np.empty((plan.neurons, 3, d), STORED[fl["dtype"]])
+                full = plan.buffer(plan.neurons)
                 reader.read_into(arrays[entry["bundles"]].offset, full.reshape(-1).view(np.uint8))
-                gate = dense.load({"weight": np.ascontiguousarray(full[:, 0])}, {"dtype": fl["dtype"]})
+                if kern is None:
+                    gate = dense.load({"weight": np.ascontiguousarray(full[:, 0])}, {"dtype": fl["dtype"]})
+                else:
+                    gate = _KernelGate(kern, np.ascontiguousarray(full[:, :_gate_bytes(fl)]))
                 del full
                 thr = threshold(entry["thresholds"]["gate"], sparsity)
-            ffn = FlashFFN(i, entry, arrays, plan, shared, pred, gate, thr)
+            ffn = FlashFFN(i, entry, arrays, plan, shared, pred, gate, thr, kern)
             info = arrays[entry["bundles"]]
             if plan.mode == "resident":
                 ffn.load_resident(reader)
@@ -791,7 +883,7 @@ def write_flash(source, cfg, meta, writer, rule: dict, calib_text: str | None = 
         params += gate.size + up.size + down.size
         if progress is not None:
             progress(i + 1, cfg.num_layers)
-    section = {"version": LAYOUT_VERSION, "codec": "dense", "dtype": dtype,
+    section = {"version": 1, "codec": "dense", "dtype": dtype,          # dense bundles: unchanged since v1
                "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
                "bundle": ["gate_proj row", "up_proj row", "down_proj column"],
                "predictor_rank": min(PREDICTOR_RANK, cfg.hidden_size), "sparsity_grid": SPARSITY_GRID,
@@ -800,3 +892,89 @@ def write_flash(source, cfg, meta, writer, rule: dict, calib_text: str | None = 
                                "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"},
                "layers": layers}
     return section, params, nbytes
+
+
+class CalibratedFlash:
+    """`pack --layout flash` when the recipe calibrates (a compressed codec anywhere): a `store`
+    for calibrate.calibrate_and_store that takes the FFN tensors out of the standard pack. One
+    calibration pass gives both the codec's Hessians (GPTQ) and this layout's statistics: `observe`
+    keeps the first `calib_tokens` FFN inputs of the layer (as the compressed earlier layers
+    produce them), and once gate, up and down are stored, the layer's order, thresholds and
+    predictor come from them (layer_stats) and the encoded matrices are cut into bundles by the
+    codec (`flash_cut`; formats/flash-layout.md § "Compressed codecs"). The FFN matrices are
+    encoded exactly as in a standard pack with the same calibration (and the next layer's
+    calibration inputs come from them), so both packs hold the same weights."""
+
+    def __init__(self, cfg, writer, rule: dict, store, calibration: dict, calib_tokens: int = CALIB_TOKENS):
+        self.cfg, self.writer, self.rule, self.store = cfg, writer, rule, store
+        self.codec = get_codec(rule["codec"])
+        if rule["codec"] != "dense":
+            self.codec.flash_bundle_parts(rule["params"], cfg.hidden_size)     # refuses a codec without bundles now
+        self.calibration, self.calib_tokens = calibration, calib_tokens
+        self.X, self.rows = [], 0
+        self.w, self.parts = {}, {}
+        self.layers, self.params, self.nbytes, self.shared_bytes = [], 0, 0, 0
+
+    def observe(self, layer: int, key: str, X: np.ndarray) -> None:
+        if key == "mlp_in" and self.rows < self.calib_tokens:
+            take = X[:self.calib_tokens - self.rows]
+            self.X.append(np.array(take, np.float32))
+            self.rows += len(take)
+
+    def __call__(self, name: str, w, hessian=None):
+        if not is_ffn_weight(name):
+            return self.store(name, w, hessian)
+        field = name.rsplit(".", 2)[-2].split("_")[0]          # ...mlp.gate_proj.weight -> gate
+        parts = self.codec.encode(w, self.rule["params"], hessian=hessian)
+        self.w[field], self.parts[field] = w, parts
+        self.params += w.size
+        loaded = self.codec.load(parts, self.rule["params"])
+        if len(self.parts) == 3:
+            self._write_layer(int(name.split(".")[2]))
+        return loaded
+
+    def _write_layer(self, i: int) -> None:
+        st = layer_stats(np.concatenate(self.X), self.w["gate"])
+        base = f"model.layers.{i}.mlp."
+        arrays = {"perm": st["perm"], "predictor_a": st["A"][st["perm"]].astype(np.float16).view(np.uint16),
+                  "predictor_b": st["B"].astype(np.float16).view(np.uint16)}
+        shared = {}
+        if self.rule["codec"] == "dense":
+            arrays["bundles"] = make_bundles(self.w["gate"], self.w["up"], self.w["down"], st["perm"],
+                                             self.rule["params"]["dtype"])
+        else:
+            arrays["bundles"], shared = self.codec.flash_cut(self.parts["gate"], self.parts["up"], self.parts["down"],
+                                                             self.rule["params"], st["perm"])
+        entry = {"thresholds": st["thresholds"]}
+        for k, arr in arrays.items():
+            entry[k] = base + k.replace("_", ".")
+            self.writer.add_array(entry[k], arr)
+            self.nbytes += arr.nbytes
+        if shared:
+            entry["shared"] = {}
+            for k, arr in shared.items():
+                entry["shared"][k] = base + "flash." + k
+                self.writer.add_array(entry["shared"][k], arr)
+                self.nbytes += arr.nbytes
+                self.shared_bytes += arr.nbytes
+        self.layers.append(entry)
+        self.X, self.rows, self.w, self.parts = [], 0, {}, {}
+
+    def section(self) -> dict:
+        """The manifest's "flash" section."""
+        cfg, rule = self.cfg, self.rule
+        sec = {"version": LAYOUT_VERSION, "codec": rule["codec"], "params": rule["params"]}
+        if rule["codec"] == "dense":
+            sec = {"version": 1, "codec": "dense", "dtype": rule["params"]["dtype"]}
+        else:
+            sec["bundle_parts"] = self.codec.flash_bundle_parts(rule["params"], cfg.hidden_size)
+            sec["bundle_bytes"] = sum(n for _, n in sec["bundle_parts"].values())
+            sec["shared_bytes"] = self.shared_bytes
+        sec.update({"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+                    "bundle": ["gate_proj row", "up_proj row", "down_proj column"],
+                    "predictor_rank": min(PREDICTOR_RANK, cfg.hidden_size), "sparsity_grid": SPARSITY_GRID,
+                    "frequency_sparsity": FREQ_SPARSITY,
+                    "calibration": {**self.calibration, "tokens": min(self.calibration["tokens"], self.calib_tokens),
+                                    "hessian_tokens": self.calibration["tokens"]},
+                    "layers": self.layers})
+        return sec

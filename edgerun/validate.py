@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codecs import CODECS
+from .codecs import CODECS, codec_class
 from .config import ModelConfig, _short, is_int, is_number, tensor_shapes
 from .errors import EdgerunError, FormatError, UnsupportedModelError
 
@@ -331,10 +331,24 @@ def _check_flash(c: _Check, fl, cfg: ModelConfig, arrays: dict) -> None:
     if version > LAYOUT_VERSION:
         c.fail(f"flash layout v{version} is newer than this edgerun (v{LAYOUT_VERSION}): upgrade",
                UnsupportedModelError)
-    c.require(fl.get("codec", "dense") == "dense", f'manifest "flash.codec" {_short(fl.get("codec"))} is not supported')
-    dt = fl.get("dtype")
-    c.require(dt in FLASH_STORED, f'manifest "flash.dtype" must be one of f32, f16, bf16, got {_short(dt)}')
+    codec = fl.get("codec", "dense")
     d, f = cfg.hidden_size, cfg.intermediate_size
+    if codec == "dense":
+        dt = fl.get("dtype")
+        c.require(dt in FLASH_STORED, f'manifest "flash.dtype" must be one of f32, f16, bf16, got {_short(dt)}')
+        bundle = (FLASH_STORED[dt], (f, 3, d))
+    else:
+        c.require(version >= 2, f'manifest "flash.codec" {_short(codec)} needs flash layout v2, got v{version}')
+        try:
+            expect = codec_class(codec).flash_bundle_parts(fl.get("params"), d)
+        except (EdgerunError, TypeError, KeyError) as e:
+            c.fail(f'manifest "flash.codec" {_short(codec)} with params {_short(fl.get("params"))}: {e}')
+        c.require(fl.get("bundle_parts") == expect, f'manifest "flash.bundle_parts" {_short(fl.get("bundle_parts"))} '
+                  f"does not match the {codec} codec's bundle {_short(expect)}")
+        B = sum(n for _, n in expect.values())
+        c.require(fl.get("bundle_bytes") == B, f'manifest "flash.bundle_bytes" {_short(fl.get("bundle_bytes"))} '
+                  f"does not match its parts ({B} bytes)")
+        bundle = ("uint8", (f, B))
     c.require(fl.get("hidden_size") == d and is_int(d), f'manifest "flash.hidden_size" '
               f"{_short(fl.get('hidden_size'))} does not match the config's hidden_size {d}")
     c.require(fl.get("intermediate_size") == f, f'manifest "flash.intermediate_size" '
@@ -345,10 +359,16 @@ def _check_flash(c: _Check, fl, cfg: ModelConfig, arrays: dict) -> None:
     layers = fl.get("layers")
     c.require(isinstance(layers, list) and len(layers) == cfg.num_layers,
               f'manifest "flash.layers" must list the {cfg.num_layers} layers')
+    shared_total = 0
     for i, e in enumerate(layers):
         where = f'manifest "flash.layers[{i}]'
         c.require(isinstance(e, dict), f'{where}" is not an object')
-        for key, dtype, shape in (("bundles", FLASH_STORED[dt], (f, 3, d)), ("perm", "int32", (f,)),
+        if codec != "dense":
+            sh = e.get("shared")
+            c.require(isinstance(sh, dict) and sh, f'{where}.shared" must name the layer\'s shared arrays')
+            for k, name in sh.items():
+                shared_total += _array(c, arrays, f'{where}.shared.{k}"', name).length
+        for key, dtype, shape in (("bundles",) + bundle, ("perm", "int32", (f,)),
                                   ("predictor_a", "uint16", (f, r)), ("predictor_b", "uint16", (r, d))):
             a = _array(c, arrays, f'{where}.{key}"', e.get(key))
             c.require(a.dtype == dtype and a.shape == shape, f'{where}.{key}": array {a.name} is {a.dtype} '
@@ -358,6 +378,9 @@ def _check_flash(c: _Check, fl, cfg: ModelConfig, arrays: dict) -> None:
             isinstance(thr.get(k), list) and len(thr[k]) == len(SPARSITY_GRID) and all(is_number(v) for v in thr[k])
             for k in ("gate", "lowrank"))
         c.require(ok, f'{where}.thresholds" must hold {len(SPARSITY_GRID)} numbers for gate and lowrank')
+    c.require(codec == "dense" or fl.get("shared_bytes") == shared_total,
+              f'manifest "flash.shared_bytes" {_short(fl.get("shared_bytes"))} is not the {shared_total} bytes '
+              "of the shared arrays")
 
 
 # ----------------------------------------------------------------------------- the contents

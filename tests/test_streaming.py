@@ -242,3 +242,190 @@ def test_verbose_prints_the_plan_and_the_streaming_statistics(tiny_packs):
     assert "MB read/token" in stats and "hit rate" in stats
     out = CliRunner().invoke(main, ["generate", str(flash), "-p", "a", "-n", "3", "--temp", "0", "-c", "64"]).output
     assert "FFN streamed" not in out
+
+
+# ------------------------------------------------------------------------------ compressed bundles (layout v2)
+
+@pytest.fixture(scope="module")
+def spqr_packs(tiny_dir, tmp_path_factory):
+    """The tiny model at spqr:4 (attention and FFN; embeddings and head cluster:5), flash and standard."""
+    from edgerun.convert.pack import make_recipe, pack
+    d = tmp_path_factory.mktemp("flash_spqr")
+    src = tiny_dir("llama")
+    recipe = make_recipe("f16", codec="spqr", bits=4)
+    pack(src, d / "flash.ebin", recipe=recipe, layout="flash", calib_tokens=1024)
+    pack(src, d / "plain.ebin", recipe=recipe, calib_tokens=1024)
+    return d / "flash.ebin", d / "plain.ebin"
+
+
+@pytest.mark.parametrize("bits,d,f", [(2, 200, 72), (3, 72, 200), (4, 40, 56)])
+def test_spqr_bundle_kernels_match_the_codec(bits, d, f):
+    # every width, tail chunks, outliers (also in padding columns): the bundle kernels over a
+    # shuffled neuron order compute what SpQRLinear computes (one token: int8 activations; T=3:
+    # per token; T=5: decoded tiles), up to float summation order
+    from edgerun.codecs import get_codec
+    rng = np.random.default_rng(bits)
+    c, P = get_codec("spqr"), {"bits": bits, "outlier_threshold": 0.05}
+    parts = [c.encode(rng.standard_normal(s).astype(np.float32) * 0.1, P) for s in ((f, d), (f, d), (d, f))]
+    perm = rng.permutation(f)
+    bundles, shared = c.flash_cut(*parts, P, perm)
+    assert bundles.shape == (f, sum(n for _, n in c.flash_bundle_parts(P, d).values()))
+    kern = c.flash_kernels(shared, perm, P, d, f, {})
+    lins = [c.load(p, P) for p in parts]
+    ids = np.arange(f)
+    x = rng.standard_normal(d).astype(np.float32)
+    g, ref = np.zeros(f, np.float32), np.zeros(f, np.float32)
+    kern.gate_scores(np.ascontiguousarray(bundles[:, :kern.gate_bytes]), x, g)      # criterion gate:S
+    lins[0].matvec(x, ref)
+    np.testing.assert_allclose(g, ref[perm], atol=1e-5 * np.abs(ref).max())
+    for T in (1, 3, 5):
+        x = rng.standard_normal((T, d)).astype(np.float32)
+        out = np.zeros((T, d), np.float32)
+        streaming.ffn_rows(kern, bundles, bundles, ids, ids, x, out)
+        g, u, ref = np.zeros((T, f), np.float32), np.zeros((T, f), np.float32), np.zeros((T, d), np.float32)
+        lins[0].matmul(x, g)
+        lins[1].matmul(x, u)
+        lins[2].matmul((g / (1 + np.exp(-g)) * u).astype(np.float32), ref)
+        np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_spqr_bundles_hold_the_standard_packs_weights(spqr_packs):
+    # the bundles, decoded, are exactly the standard pack's gate / up rows and down columns
+    from edgerun.codecs import get_codec
+    flash, plain = spqr_packs
+    spqr = get_codec("spqr")
+    with EbinFile(flash) as e, EbinFile(plain) as p:
+        fl = e.manifest["flash"]
+        assert fl["version"] == 2 and fl["codec"] == "spqr" and not any("mlp" in n for n in e.manifest["tensors"])
+        for i, entry in enumerate(fl["layers"]):
+            kern = spqr.flash_kernels({k: e.read(n) for k, n in entry["shared"].items()}, e.read(entry["perm"]),
+                                      fl["params"], fl["hidden_size"], fl["intermediate_size"], {})
+            b = e.read(entry["bundles"])
+            assert b.shape == (fl["intermediate_size"], fl["bundle_bytes"])
+            ids = np.arange(len(b))
+            tile = np.empty((len(b), 3, fl["hidden_size"]), np.float32)
+            kern.widen(b, b, ids, ids, 0, len(b), tile)
+            inv = np.argsort(e.read(entry["perm"]))
+            for k, name in enumerate(("gate_proj", "up_proj", "down_proj")):
+                t = p.manifest["tensors"][f"model.layers.{i}.mlp.{name}.weight"]
+                w = spqr.decode({part: p.read(a) for part, a in t["parts"].items()}, t["params"])
+                np.testing.assert_allclose(tile[inv, k], w if k < 2 else w.T, rtol=1e-6, atol=1e-6)
+
+
+def test_spqr_flash_computes_the_standard_pack(spqr_packs):
+    # criterion off: the flash pack's logits are the standard spqr pack's up to float rounding
+    # (prefill decodes tiles, decode quantizes activations to int8 as SpQRLinear does), and every
+    # streaming mode computes the same floats as the resident bundles
+    flash, plain = spqr_packs
+    ids = list(range(3, 30))
+    tf, man = load(flash)
+    plan = streaming.attach(tf, flash, man, 1 << 30, criterion="off")
+    assert plan.mode == "resident" and plan.dtype == "spqr:4"
+    resident = logits(tf, ids, 12)
+    ref_tf, _ = load(plain)
+    np.testing.assert_allclose(resident, logits(ref_tf, ids, 12), rtol=1e-4, atol=1e-4)
+    budget = small_window_budget(man, tf.cfg, 17)
+    for mode in ("window", "layer", "naive"):
+        tf, man = load(flash)
+        plan = streaming.attach(tf, flash, man, budget if mode == "window" else 1 << 30, mode=mode, window=2,
+                                criterion="off")
+        assert plan.mode == mode and (mode != "window" or 17 <= plan.capacity < tf.cfg.intermediate_size)
+        np.testing.assert_array_equal(logits(tf, ids, 12), resident)
+        assert plan.stats.bytes_read > 0 and plan.bundle_bytes == man["flash"]["bundle_bytes"]
+
+
+def test_spqr_flash_criterion_streamed_equals_resident(spqr_packs):
+    flash, _ = spqr_packs
+    ids = list(range(3, 30))
+    tf, man = load(flash)
+    streaming.attach(tf, flash, man, 1 << 30, criterion="lowrank:0.5")
+    resident = logits(tf, ids, 12)
+    tf, man = load(flash)
+    plan = streaming.attach(tf, flash, man, small_window_budget(man, tf.cfg, 30, "lowrank:0.5"), mode="window",
+                            window=3, criterion="lowrank:0.5")
+    np.testing.assert_array_equal(logits(tf, ids, 12), resident)
+    assert 0 < plan.stats.neurons_loaded < plan.stats.neurons_used
+    # gate:S keeps the bundles' gate parts resident and computes the exact (codec) gate
+    tf, man = load(flash)
+    plan = streaming.attach(tf, flash, man, 1 << 30, criterion="gate:0.5")
+    resident = logits(tf, ids, 12)
+    tf, man = load(flash)
+    plan = streaming.attach(tf, flash, man, small_window_budget(man, tf.cfg, 30, "gate:0.5"), mode="window",
+                            window=3, criterion="gate:0.5")
+    np.testing.assert_array_equal(logits(tf, ids, 12), resident)
+    f, gate_bytes = tf.cfg.intermediate_size, 2 * 4 * -(-tf.cfg.hidden_size // 16) + -(-tf.cfg.hidden_size // 16)
+    assert plan.resident_bytes["gate rows (resident)"] == tf.cfg.num_layers * f * gate_bytes
+    assert 0 < plan.stats.neurons_loaded < plan.stats.neurons_used
+
+
+def test_spqr_flash_plan_counts_compressed_bundles(spqr_packs):
+    flash, _ = spqr_packs
+    with EbinFile(flash) as e:
+        man, cfg = e.manifest, ModelConfig.from_dict(e.manifest["config"])
+        fl = man["flash"]
+        plan = streaming.plan_streaming(man, cfg, 1 << 40, criterion="off")
+        bundles = sum(e.arrays[entry["bundles"]].length for entry in fl["layers"])
+        shared = sum(e.arrays[n].length for entry in fl["layers"] for n in entry["shared"].values())
+    assert plan.resident_bytes["FFN bundles (resident)"] == bundles
+    assert shared == fl["shared_bytes"] <= plan.resident_bytes["FFN shared parts (stats, outliers) and scratch"]
+    d = fl["hidden_size"]
+    assert fl["bundle_bytes"] == 3 * 2 * 4 * -(-d // 16) + 2 * -(-d // 16)     # 3 rows of 4-bit codes, 2 of stat codes
+
+
+def test_spqr_flash_corrupted_bundle_sizes_are_clear_errors(spqr_packs, tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import fuzz_ebin as fz
+    from edgerun.errors import FormatError
+    from edgerun.validate import verify_file
+    flash, _ = spqr_packs
+    base = fz.Ebin(Path(flash).read_bytes())
+    b0 = base.manifest["flash"]["layers"][0]["bundles"]
+    cases = {"bundle_bytes": lambda m: m["flash"].__setitem__("bundle_bytes", m["flash"]["bundle_bytes"] + 2),
+             "bundle_parts": lambda m: m["flash"]["bundle_parts"]["down.codes"].__setitem__(1, 7),
+             "array shape": lambda m: m["arrays"][b0].__setitem__("shape", [m["arrays"][b0]["shape"][0] * 2,
+                                                                            m["arrays"][b0]["shape"][1] // 2]),
+             "shared_bytes": lambda m: m["flash"].__setitem__("shared_bytes", 1),
+             "version": lambda m: m["flash"].__setitem__("version", 1)}
+    for label, edit in cases.items():
+        e = base.copy()
+        edit(e.manifest)
+        path = tmp_path / "bad.ebin"
+        path.write_bytes(e.with_manifest(e.manifest))
+        with pytest.raises(FormatError, match="flash"):
+            verify_file(path)
+    # a shared index array out of range is caught when the kernels are built, not by a crash
+    e = base.copy()
+    pos = e.manifest["flash"]["layers"][1]["shared"]["down.pos"]
+    bad = e.array(pos)
+    bad[0] = 10_000
+    e.set_array(pos, bad.tobytes())
+    path = tmp_path / "bad-pos.ebin"
+    path.write_bytes(e.with_manifest(e.manifest))
+    tf, man = load(path)
+    with pytest.raises(FormatError, match="down.pos"):
+        streaming.attach(tf, path, man, 1 << 30, criterion="off")
+
+
+def test_flash_refuses_a_codec_without_bundles_before_calibrating(tiny_dir, tmp_path):
+    from edgerun.convert.pack import make_recipe, pack
+    from edgerun.errors import UnsupportedModelError
+    with pytest.raises(UnsupportedModelError, match="--layout flash does not support the bitstack codec"):
+        pack(tiny_dir("llama"), tmp_path / "x.ebin", recipe=make_recipe("f16", codec="bitstack"), layout="flash",
+             calib_tokens=256)
+
+
+def test_flash_with_compressed_attention_and_dense_ffn(tiny_dir, tmp_path):
+    # a calibrated recipe whose FFN stays f16: version-1 dense bundles from the same single pass
+    from edgerun.convert.pack import make_recipe, pack
+    src = tiny_dir("llama")
+    recipe = make_recipe("f16", recipe="attention=spqr:4")
+    pack(src, tmp_path / "flash.ebin", recipe=recipe, layout="flash", calib_tokens=512)
+    pack(src, tmp_path / "plain.ebin", recipe=recipe, calib_tokens=512)
+    tf, man = load(tmp_path / "flash.ebin")
+    assert man["flash"]["version"] == 1 and man["flash"]["dtype"] == "f16"
+    streaming.attach(tf, tmp_path / "flash.ebin", man, 1 << 30, criterion="off")
+    ref, _ = load(tmp_path / "plain.ebin")
+    ids = list(range(3, 20))
+    np.testing.assert_allclose(logits(tf, ids, 8), logits(ref, ids, 8), atol=2e-5)

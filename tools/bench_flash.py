@@ -135,7 +135,7 @@ def disk(args):
 
 
 def speed(args):
-    """Interleaved rounds: resident, then at +75% and +50% budgets naive / layer / window, each
+    """Interleaved rounds: resident, then at +75% and +50% budgets (--fractions) naive / layer / window, each
     in a fresh process after dropping the file's page cache; medians over the rounds."""
     from statistics import median
 
@@ -150,7 +150,7 @@ def speed(args):
         drop_file_cache(args.model)
         runs.setdefault("resident", []).append(sub(args.model, budget=0, mode="auto", criterion="off", **common))
         print(json.dumps({"resident": runs["resident"][-1], "round": rnd}), flush=True)
-        for frac in (0.75, 0.5):
+        for frac in args.fractions:
             budget = int(baseline + HEADROOM + frac * weights)
             for mode in ("naive", "layer", "window"):
                 crit = args.criterion if mode == "window" else "off"
@@ -164,9 +164,9 @@ def speed(args):
                 runs.setdefault(f"{mode}@{frac}", []).append(r)
     res = median(r["decode_tok_s"] for r in runs["resident"])
     summary = {"resident_tok_s": res, "weights_MB": round(weights / 1e6, 1), "baseline_MB": round(baseline / 1e6, 1)}
-    for frac in (0.75, 0.5):
+    for frac in args.fractions:
         tok = {m: median(r.get("decode_tok_s", 0) for r in runs[f"{m}@{frac}"]) for m in ("naive", "layer", "window")}
-        summary[f"+{int(frac * 100)}%"] = {**tok, "window/naive": round(tok["window"] / tok["naive"], 2),
+        summary[f"+{int(frac * 100)}%"] = {**tok, "window/naive": round(tok["window"] / max(tok["naive"], 1e-9), 2),
                                            "window/resident": round(tok["window"] / res, 3),
                                            "all_rss_within_budget": all(r.get("rss_within_budget") for m in
                                                                         ("naive", "layer", "window")
@@ -175,10 +175,12 @@ def speed(args):
 
 
 def _ffn_bytes(path) -> int:
-    """Bytes of the FFN bundles (they are not in the manifest's `tensors`)."""
+    """Bytes of the FFN bundles and, for compressed codecs, their shared parts (neither is in the
+    manifest's `tensors`)."""
     from edgerun.ebin import EbinFile
     with EbinFile(path) as e:
-        return sum(e.arrays[L["bundles"]].length for L in e.manifest["flash"]["layers"])
+        return sum(e.arrays[L["bundles"]].length + sum(e.arrays[n].length for n in L.get("shared", {}).values())
+                   for L in e.manifest["flash"]["layers"])
 
 
 def gaps(args):
@@ -208,6 +210,8 @@ def main():
     ap.add_argument("--gap", type=int, default=-1, help="coalescing gap in bundles (-1: the default)")
     ap.add_argument("--threads", type=int, default=1, help="compute threads (the reader always has 2)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fractions", type=lambda v: [float(x) for x in v.split(",")], default=[0.75, 0.5],
+                    help="speed: budgets = baseline + these fractions of the weight bytes")
     ap.add_argument("--prefetch", type=int, default=1, help="0: window/layer read no layer ahead (to measure it)")
     args = ap.parse_args()
     {"quality": quality, "speed": speed, "disk": disk, "gaps": gaps, "one": run_one}[args.cmd](args)

@@ -580,7 +580,7 @@ def _flash_cases(F: Ebin, add, rng) -> None:
     for label, path, value in [("layers-short", "flash.layers", layers[:1]),
                                ("dtype-f32", "flash.dtype", "f32"), ("hidden-65", "flash.hidden_size", 65),
                                ("inter-1000", "flash.intermediate_size", 1000), ("rank-0", "flash.predictor_rank", 0),
-                               ("version-2", "flash.version", 2), ("codec-spqr", "flash.codec", "spqr"),
+                               ("version-3", "flash.version", 3), ("codec-spqr", "flash.codec", "spqr"),
                                ("not-object", "flash", 5)]:
         add(f"flash-{label}", "flash", _set(path, value))
     add("flash-bundles-shape", "flash", _set(f"arrays.{b0}.shape", [96, 3, 32]))

@@ -99,6 +99,29 @@ class Codec:
         """Bytes of every stored part: the honest size (scales, codebooks, outliers, meta...)."""
         return int(sum(p.nbytes for p in parts.values()))
 
+    # -- the flash layout (formats/flash-layout.md § "Compressed codecs") -----------------------
+    @classmethod
+    def flash_cut(cls, gate: dict, up: dict, down: dict, params: dict, perm) -> tuple:
+        """Encoded parts of a layer's gate, up (f, d) and down (d, f), and the stored neuron order
+        `perm` -> (bundles (f, bundle_bytes) uint8, shared {name: array}) (pack --layout flash)."""
+        raise UnsupportedModelError(f"--layout flash does not support the {cls.name} codec yet")
+
+    @classmethod
+    def flash_bundle_parts(cls, params: dict, d: int) -> dict:
+        """name -> [byte offset, length] of the parts of one bundle (the manifest lists them)."""
+        raise UnsupportedModelError(f"--layout flash does not support the {cls.name} codec yet")
+
+    @classmethod
+    def flash_kernels(cls, shared: dict, nid, params: dict, d: int, f: int, scratch: dict):
+        """One layer's bundle kernels over its `shared` arrays (`nid`: stored position -> neuron):
+        an object with `matmul_min_t`, `prepare(x)`, `act`, `down`, `widen` (streaming.ffn_rows)."""
+        raise UnsupportedModelError(f"flash-layout bundles of the {cls.name} codec are not supported")
+
+    @classmethod
+    def flash_scratch_bytes(cls, d: int, f: int) -> int:
+        """Bytes of the per-token scratch that `flash_kernels` shares across layers (the plan)."""
+        return 0
+
     @classmethod
     def to_device(cls, lin: "Linear"):
         """The CUDA twin of a loaded Linear: `DeviceLinear` of the codec package's cuda.py
@@ -168,3 +191,21 @@ class Linear:
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
         raise NotImplementedError
+
+    @classmethod
+    def stack(cls, linears: list) -> "Linear | None":
+        """One Linear whose rows are those of `linears` in order (W = [W1; W2; ...]), or None
+        when this codec cannot join these (the default). Weights that share an input (q/k/v,
+        gate/up) then run as one matvec: the input is prepared once, and one kernel call (one
+        parallel region) replaces several that each cost microseconds (model.StackedLinear)."""
+        return None
+
+
+def stack_outliers(csrs: list) -> tuple:
+    """The CSR outliers (rowptr, col, val) of matrices stacked by rows, in order."""
+    rps, off = [csrs[0][0]], int(csrs[0][0][-1])
+    for rp, _, _ in csrs[1:]:
+        rps.append(rp[1:] + off)
+        off += int(rp[-1])
+    return (np.concatenate(rps).astype(np.int32), np.concatenate([c for _, c, _ in csrs]),
+            np.concatenate([v for _, _, v in csrs]))

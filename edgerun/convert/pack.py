@@ -263,8 +263,6 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
     recipe = recipe or make_recipe(dtype)
     if layout not in ("standard", "flash"):
         raise EdgerunError(f"--layout must be standard or flash, not {layout!r}")
-    if layout == "flash" and needs_calibration(recipe):
-        raise EdgerunError("--layout flash supports dense packs (f32/f16/bf16) for now")
     check_output(out)
     # The writer first: an unwritable output fails now, not after the source is parsed; any error
     # or signal (Ctrl+C, SIGTERM, SIGHUP) from here on leaves no .tmp behind.
@@ -289,11 +287,21 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                            "text": "bundled WikiText-2 train excerpt" if calib_text is None else "user file"}
             before = kernels.get_threads()
             kernels.set_threads(threads or kernels.default_threads())
+            take, observe = store, None
+            if layout == "flash":     # the FFN becomes bundles, calibrated in the same pass
+                from ..streaming import CalibratedFlash, is_ffn_weight
+                take = CalibratedFlash(cfg, writer, recipe["ffn"], store, calibration)
+                observe = take.observe
+                names = [n for n in names if not is_ffn_weight(n)]
             try:
-                calibrate_and_store(source, cfg, sequences, store, progress=layer_progress)
+                calibrate_and_store(source, cfg, sequences, take, progress=layer_progress, observe=observe)
                 stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:], order_progress)
             finally:
                 kernels.set_threads(before)
+            if layout == "flash":
+                flash = take.section()
+                store.group_params["ffn"] += take.params
+                store.group_bytes["ffn"] += take.nbytes
         else:
             if layout == "flash":
                 from ..streaming import is_ffn_weight, write_flash

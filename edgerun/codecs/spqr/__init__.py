@@ -41,3 +41,24 @@ class SpQRCodec(Codec, name="spqr"):
     def load(parts: dict, params: dict | None = None) -> SpQRLinear:
         """A SpQRLinear over the parts (zero-copy for C-contiguous arrays)."""
         return kernels.load_linear(parts, params)
+
+    # the flash layout: edgerun/codecs/spqr/flash.py
+    @classmethod
+    def flash_cut(cls, gate, up, down, params, perm):
+        from . import flash
+        return flash.cut(gate, up, down, params, perm)
+
+    @classmethod
+    def flash_bundle_parts(cls, params, d):
+        from . import flash
+        return flash.bundle_parts(params, d)
+
+    @classmethod
+    def flash_kernels(cls, shared, nid, params, d, f, scratch):
+        from . import flash
+        return flash.SpQRBundles(shared, nid, params, d, f, scratch)
+
+    @classmethod
+    def flash_scratch_bytes(cls, d, f):
+        from . import flash
+        return flash.SpQRBundles.scratch_bytes(d, f)
