@@ -1,0 +1,237 @@
+"""VQ codec, the kernels: LUT matvec (T-MAC style), decode-tile matmul, row decode, and
+`VQLinear` (formats/codec-vq.md § Matvec).
+
+Matvec: per codebook group g and pair p, a table T[p, k] = c_gk · (x_a, x_b) of the K centroids
+times the pair's two inputs (K multiply-adds per pair, shared by the group's rows), then
+row r = scale_r · Σ_p T[p, code_rp]: one table load per two weights instead of two lookups, two
+multiplies and a dequantization. Plain Numba loops (the table build vectorizes over k; the row
+sum is scalar loads), so one source serves x86-64 baseline, AVX2, AVX-512 and arm64.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..base import Linear
+from .format import DIM, GROUP, check_meta, layout, pair_columns
+
+_JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
+_JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
+
+PAR_MIN_WEIGHTS = 1 << 18  # matvecs this large use both threads
+MATMUL_MIN_T = 2           # below this many tokens a matmul is a loop of matvecs
+TILE_ROWS = 4              # rows decoded to f32 per matmul tile (register block of 4 rows)
+
+
+@njit(inline="always", **_JIT)
+def _group_word(codes, off, c):
+    # the c bytes at codes[off:] as a little-endian integer: 8 c-bit codes
+    v = np.uint64(0)
+    for t in range(c):
+        v |= np.uint64(codes[off + t]) << np.uint64(8 * t)
+    return v
+
+
+@njit(**_JIT)
+def _gather_x(x, cols, xp):
+    # x (n,) -> xp (ngrp·16,) f32: the inputs in pair order, 0 for padding (cols >= n)
+    n = x.shape[0]
+    for q in range(xp.shape[0]):
+        j = cols[q]
+        xp[q] = x[j] if j < n else np.float32(0.0)
+
+
+@njit(inline="always", **_JIT)
+def _build_table(cbx, cby, g, xp, tab):
+    # tab (npad·K,) f32: tab[p·K + k] = cbx[g, k]·xp[2p] + cby[g, k]·xp[2p + 1]
+    K = cbx.shape[1]
+    for p in range(xp.shape[0] // 2):
+        a = xp[2 * p]
+        b = xp[2 * p + 1]
+        base = p * K
+        for k in range(K):
+            tab[base + k] = cbx[g, k] * a + cby[g, k] * b
+
+
+@njit(inline="always", **_JIT)
+def _lut_rows(codes, scale, c, tab, r0, r1, out):
+    # out[r] = scale[r] · Σ_p tab[p·K + code[r, p]] for rows r0:r1 (K = 2^c)
+    ngrp = codes.shape[1] // c
+    K = 1 << c
+    mask = np.uint64(K - 1)
+    cc = np.uint64(c)
+    for i in range(r0, r1):
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        for q in range(ngrp):
+            v = _group_word(codes[i], q * c, c)
+            base = q * GROUP * K
+            for k in range(0, GROUP, 2):      # two chains hide the add latency
+                a0 += tab[base + k * K + np.int64(v & mask)]
+                v >>= cc
+                a1 += tab[base + (k + 1) * K + np.int64(v & mask)]
+                v >>= cc
+        out[i] = (a0 + a1) * np.float32(scale[i])
+
+
+@njit(**_JIT)
+def _mv_groups(codes, cbx, cby, scale, meta, xp, out, g0, g1, tab):
+    # the rows of codebook groups g0:g1 -> out; tab (npad·K,) f32 scratch
+    d, c, gr = meta[0], meta[2], meta[3]
+    for g in range(g0, g1):
+        _build_table(cbx, cby, g, xp, tab)
+        _lut_rows(codes, scale, c, tab, g * gr, min(d, (g + 1) * gr), out)
+
+
+@njit(**_JIT)
+def matvec_vq(codes, cbx, cby, scale, cols, meta, x, out, xp, tabs):
+    # parts @ x (n,) -> out (d,); xp (npad·2,) f32, tabs (1, npad·K) f32 scratch
+    _gather_x(x, cols, xp)
+    _mv_groups(codes, cbx, cby, scale, meta, xp, out, 0, cbx.shape[0], tabs[0])
+
+
+@njit(**_JIT_PAR)
+def matvec_vq_par(codes, cbx, cby, scale, cols, meta, x, out, xp, tabs):
+    # as matvec_vq, prange over tabs.shape[0] chunks of codebook groups, each with its own table;
+    # a single group is split by rows and its table built once
+    _gather_x(x, cols, xp)
+    G = cbx.shape[0]
+    nb = tabs.shape[0]
+    if G >= nb:
+        step = (G + nb - 1) // nb
+        for b in prange(nb):
+            _mv_groups(codes, cbx, cby, scale, meta, xp, out, min(G, b * step), min(G, (b + 1) * step), tabs[b])
+    else:
+        _build_table(cbx, cby, 0, xp, tabs[0])
+        d = meta[0]
+        step = (d + nb - 1) // nb
+        for b in prange(nb):
+            _lut_rows(codes, scale, meta[2], tabs[0], b * step, min(d, (b + 1) * step), out)
+
+
+@njit(inline="always", **_JIT)
+def _decode_row(codes, cbx, cby, scale, cols, meta, i, out):
+    # row i -> out[:n] f32 (columns in natural order; padding dropped)
+    n, c, gr = meta[1], meta[2], meta[3]
+    g = i // gr
+    s = np.float32(scale[i])
+    mask = np.uint64((1 << c) - 1)
+    ngrp = codes.shape[1] // c
+    for q in range(ngrp):
+        v = _group_word(codes[i], q * c, c)
+        for k in range(GROUP):
+            code = np.int64(v & mask)
+            v >>= np.uint64(c)
+            p = q * GROUP + k
+            ja = cols[2 * p]
+            jb = cols[2 * p + 1]
+            if ja < n:
+                out[ja] = s * cbx[g, code]
+            if jb < n:
+                out[jb] = s * cby[g, code]
+
+
+@njit(**_JIT)
+def row_vq(codes, cbx, cby, scale, cols, meta, i, out):
+    # row i of the parts -> out (n,) f32
+    _decode_row(codes, cbx, cby, scale, cols, meta, i, out)
+
+
+@njit(**_JIT)
+def _mm_rows(codes, cbx, cby, scale, cols, meta, X, out, r0, r1, tile):
+    # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, n) f32 scratch
+    T = X.shape[0]
+    n = meta[1]
+    for i0 in range(r0, r1, 4):
+        nr = min(4, r1 - i0)
+        for r in range(4):
+            if r < nr:
+                _decode_row(codes, cbx, cby, scale, cols, meta, i0 + r, tile[r])
+            else:
+                tile[r, :] = 0.0
+        w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
+        for t in range(T):
+            # 4 rows per pass: each X element loaded once feeds 4 multiply-adds
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(n):
+                xv = X[t, j]
+                a0 += w0[j] * xv
+                a1 += w1[j] * xv
+                a2 += w2[j] * xv
+                a3 += w3[j] * xv
+            out[t, i0] = a0
+            if nr > 1:
+                out[t, i0 + 1] = a1
+            if nr > 2:
+                out[t, i0 + 2] = a2
+            if nr > 3:
+                out[t, i0 + 3] = a3
+
+
+@njit(**_JIT)
+def matmul_vq(codes, cbx, cby, scale, cols, meta, X, out, tiles):
+    # X (T, n) @ W.T -> out (T, d); tiles (1, 4, n) f32
+    _mm_rows(codes, cbx, cby, scale, cols, meta, X, out, 0, meta[0], tiles[0])
+
+
+@njit(**_JIT_PAR)
+def matmul_vq_par(codes, cbx, cby, scale, cols, meta, X, out, tiles):
+    # X (T, n) @ W.T -> out (T, d); prange over tiles.shape[0] row blocks (multiples of 4 rows)
+    d = meta[0]
+    nb = tiles.shape[0]
+    step = ((d + nb - 1) // nb + 3) // 4 * 4
+    for b in prange(nb):
+        _mm_rows(codes, cbx, cby, scale, cols, meta, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b])
+
+
+class VQLinear(Linear):
+    """A loaded vq weight W (d, n): matvec / matmul / row on the stored codes (zero-copy); the
+    codebooks, scales and column order widened at load (G·K·8 + 4·d + 8·npad bytes beside)."""
+
+    codec = "vq"
+    matmul_min_t = MATMUL_MIN_T
+
+    def __init__(self, parts: dict):
+        d, n, c, g = check_meta(parts)
+        super().__init__((d, n), sum(p.nbytes for p in parts.values()), PAR_MIN_WEIGHTS)
+        self.c, self.group_rows = c, g
+        self.codes = np.ascontiguousarray(parts["codes"])
+        cb = parts["codebook"].view(np.float16).astype(np.float32)
+        self.cbx, self.cby = np.ascontiguousarray(cb[:, :, 0]), np.ascontiguousarray(cb[:, :, 1])
+        self.scale = parts["scale"].view(np.float16).astype(np.float32)
+        self.meta = np.array([d, n, c, g], np.int64)
+        ngrp = layout(n, c)[1]
+        self.cols = pair_columns(parts["perm"].astype(np.int64), ngrp * GROUP).reshape(-1).astype(np.int32)
+        self.xp = np.zeros(ngrp * GROUP * DIM, np.float32)
+        self._tabs = np.zeros((1, ngrp * GROUP << c), np.float32)
+        self._tiles = None
+
+    def _tables(self, nb: int) -> np.ndarray:
+        # per-thread tables, grown once, never per call
+        if self._tabs.shape[0] < nb:
+            self._tabs = np.zeros((nb, self._tabs.shape[1]), np.float32)
+        return self._tabs[:nb]
+
+    def _matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
+        # out (d,) = W (d, n) @ x (n,)
+        args = (self.codes, self.cbx, self.cby, self.scale, self.cols, self.meta, x, out, self.xp)
+        if threads > 1:
+            matvec_vq_par(*args, self._tables(threads))
+        else:
+            matvec_vq(*args, self._tabs)
+
+    def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
+        # out (T, d) = X (T, n) @ W.T: rows decoded 4 at a time into L1, register-blocked dots
+        T = X.shape[0]
+        nb = self.threads_for(self.shape[0] * T * self.shape[1] >= PAR_MIN_WEIGHTS)
+        if self._tiles is None or self._tiles.shape[0] < nb:
+            self._tiles = np.zeros((nb, TILE_ROWS, self.shape[1]), np.float32)
+        args = (self.codes, self.cbx, self.cby, self.scale, self.cols, self.meta, X, out)
+        if nb > 1:
+            matmul_vq_par(*args, self._tiles[:nb])
+        else:
+            matmul_vq(*args, self._tiles)
+
+    def row(self, i: int, out: np.ndarray) -> None:
+        """out (n,) = W[i] as float32 (embedding lookup)."""
+        row_vq(self.codes, self.cbx, self.cby, self.scale, self.cols, self.meta, int(i), out)
