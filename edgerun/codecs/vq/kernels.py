@@ -21,14 +21,15 @@ _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_w
 PAR_MIN_WEIGHTS = 1 << 18  # matvecs this large use both threads
 MATMUL_MIN_T = 2           # below this many tokens a matmul is a loop of matvecs
 TILE_ROWS = 4              # rows decoded to f32 per matmul tile (register block of 4 rows)
+TABLE_FLOATS = 4096        # matvec table chunk: 16 KiB, half of a typical L1 data cache
 
 
 @njit(inline="always", **_JIT)
-def _group_word(codes, off, c):
-    # the c bytes at codes[off:] as a little-endian integer: 8 c-bit codes
+def _group_word(codes, i, off, c):
+    # the c bytes at codes[i, off:] as a little-endian integer: 8 c-bit codes
     v = np.uint64(0)
     for t in range(c):
-        v |= np.uint64(codes[off + t]) << np.uint64(8 * t)
+        v |= np.uint64(codes[i, off + t]) << np.uint64(8 * t)
     return v
 
 
@@ -42,71 +43,92 @@ def _gather_x(x, cols, xp):
 
 
 @njit(inline="always", **_JIT)
-def _build_table(cbx, cby, g, xp, tab):
-    # tab (npad·K,) f32: tab[p·K + k] = cbx[g, k]·xp[2p] + cby[g, k]·xp[2p + 1]
+def _build_table(cbx, cby, g, xp, p0, p1, tab):
+    # tab[(p − p0)·K + k] = cbx[g, k]·xp[2p] + cby[g, k]·xp[2p + 1] for pairs p0:p1
     K = cbx.shape[1]
-    for p in range(xp.shape[0] // 2):
+    for p in range(p0, p1):
         a = xp[2 * p]
         b = xp[2 * p + 1]
-        base = p * K
+        base = (p - p0) * K
         for k in range(K):
             tab[base + k] = cbx[g, k] * a + cby[g, k] * b
 
 
 @njit(inline="always", **_JIT)
-def _lut_rows(codes, scale, c, tab, r0, r1, out):
-    # out[r] = scale[r] · Σ_p tab[p·K + code[r, p]] for rows r0:r1 (K = 2^c)
-    ngrp = codes.shape[1] // c
+def _lut_rows_c(codes, c, tab, q0, q1, r0, r1, out):
+    # out[r] += Σ_p tab[(p − 8·q0)·K + code[r, p]] over the pairs of code groups q0:q1, rows
+    # r0:r1 (K = 2^c); inlined with a constant c (_lut_rows) so the byte loops unroll
     K = 1 << c
     mask = np.uint64(K - 1)
     cc = np.uint64(c)
     for i in range(r0, r1):
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        for q in range(ngrp):
-            v = _group_word(codes[i], q * c, c)
-            base = q * GROUP * K
-            for k in range(0, GROUP, 2):      # two chains hide the add latency
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for q in range(q0, q1):
+            v = _group_word(codes, i, q * c, c)
+            base = (q - q0) * GROUP * K
+            for k in range(0, GROUP, 4):      # four chains hide the add latency
                 a0 += tab[base + k * K + np.int64(v & mask)]
-                v >>= cc
-                a1 += tab[base + (k + 1) * K + np.int64(v & mask)]
-                v >>= cc
-        out[i] = (a0 + a1) * np.float32(scale[i])
+                a1 += tab[base + (k + 1) * K + np.int64((v >> cc) & mask)]
+                a2 += tab[base + (k + 2) * K + np.int64((v >> (2 * cc)) & mask)]
+                a3 += tab[base + (k + 3) * K + np.int64((v >> (3 * cc)) & mask)]
+                v >>= 4 * cc
+        out[i] += (a0 + a1) + (a2 + a3)
+
+
+@njit(inline="always", **_JIT)
+def _lut_rows(codes, c, tab, q0, q1, r0, r1, out):
+    # _lut_rows_c specialized for each code width
+    if c == 4:
+        _lut_rows_c(codes, 4, tab, q0, q1, r0, r1, out)
+    elif c == 5:
+        _lut_rows_c(codes, 5, tab, q0, q1, r0, r1, out)
+    elif c == 6:
+        _lut_rows_c(codes, 6, tab, q0, q1, r0, r1, out)
+    elif c == 7:
+        _lut_rows_c(codes, 7, tab, q0, q1, r0, r1, out)
+    else:
+        _lut_rows_c(codes, 8, tab, q0, q1, r0, r1, out)
 
 
 @njit(**_JIT)
-def _mv_groups(codes, cbx, cby, scale, meta, xp, out, g0, g1, tab):
-    # the rows of codebook groups g0:g1 -> out; tab (npad·K,) f32 scratch
-    d, c, gr = meta[0], meta[2], meta[3]
-    for g in range(g0, g1):
-        _build_table(cbx, cby, g, xp, tab)
-        _lut_rows(codes, scale, c, tab, g * gr, min(d, (g + 1) * gr), out)
+def _mv_rows(codes, cbx, cby, scale, meta, xp, out, r0, r1, tab):
+    # rows r0:r1 -> out[r0:r1]; per codebook group, column chunks whose table (tab, TABLE_BYTES)
+    # stays in L1 while every row of the group reads it
+    c, gr = meta[2], meta[3]
+    K = cbx.shape[1]
+    ngrp = codes.shape[1] // c
+    qstep = max(1, tab.shape[0] // (GROUP * K))
+    for i in range(r0, r1):
+        out[i] = np.float32(0.0)
+    g = r0 // gr
+    while g * gr < r1:
+        a = max(r0, g * gr)
+        b = min(r1, (g + 1) * gr)
+        for q0 in range(0, ngrp, qstep):
+            q1 = min(ngrp, q0 + qstep)
+            _build_table(cbx, cby, g, xp, q0 * GROUP, q1 * GROUP, tab)
+            _lut_rows(codes, c, tab, q0, q1, a, b, out)
+        g += 1
+    for i in range(r0, r1):
+        out[i] *= np.float32(scale[i])
 
 
 @njit(**_JIT)
 def matvec_vq(codes, cbx, cby, scale, cols, meta, x, out, xp, tabs):
-    # parts @ x (n,) -> out (d,); xp (npad·2,) f32, tabs (1, npad·K) f32 scratch
+    # parts @ x (n,) -> out (d,); xp (npad·2,) f32, tabs (1, TABLE_FLOATS) f32 scratch
     _gather_x(x, cols, xp)
-    _mv_groups(codes, cbx, cby, scale, meta, xp, out, 0, cbx.shape[0], tabs[0])
+    _mv_rows(codes, cbx, cby, scale, meta, xp, out, 0, meta[0], tabs[0])
 
 
 @njit(**_JIT_PAR)
 def matvec_vq_par(codes, cbx, cby, scale, cols, meta, x, out, xp, tabs):
-    # as matvec_vq, prange over tabs.shape[0] chunks of codebook groups, each with its own table;
-    # a single group is split by rows and its table built once
+    # as matvec_vq, prange over tabs.shape[0] row blocks, each with its own table
     _gather_x(x, cols, xp)
-    G = cbx.shape[0]
+    d = meta[0]
     nb = tabs.shape[0]
-    if G >= nb:
-        step = (G + nb - 1) // nb
-        for b in prange(nb):
-            _mv_groups(codes, cbx, cby, scale, meta, xp, out, min(G, b * step), min(G, (b + 1) * step), tabs[b])
-    else:
-        _build_table(cbx, cby, 0, xp, tabs[0])
-        d = meta[0]
-        step = (d + nb - 1) // nb
-        for b in prange(nb):
-            _lut_rows(codes, scale, meta[2], tabs[0], b * step, min(d, (b + 1) * step), out)
+    step = (d + nb - 1) // nb
+    for b in prange(nb):
+        _mv_rows(codes, cbx, cby, scale, meta, xp, out, min(d, b * step), min(d, (b + 1) * step), tabs[b])
 
 
 @njit(inline="always", **_JIT)
@@ -118,7 +140,7 @@ def _decode_row(codes, cbx, cby, scale, cols, meta, i, out):
     mask = np.uint64((1 << c) - 1)
     ngrp = codes.shape[1] // c
     for q in range(ngrp):
-        v = _group_word(codes[i], q * c, c)
+        v = _group_word(codes, i, q * c, c)
         for k in range(GROUP):
             code = np.int64(v & mask)
             v >>= np.uint64(c)
@@ -203,7 +225,7 @@ class VQLinear(Linear):
         ngrp = layout(n, c)[1]
         self.cols = pair_columns(parts["perm"].astype(np.int64), ngrp * GROUP).reshape(-1).astype(np.int32)
         self.xp = np.zeros(ngrp * GROUP * DIM, np.float32)
-        self._tabs = np.zeros((1, ngrp * GROUP << c), np.float32)
+        self._tabs = np.zeros((1, max(TABLE_FLOATS, GROUP << c)), np.float32)
         self._tiles = None
 
     def _tables(self, nb: int) -> np.ndarray:
