@@ -25,8 +25,11 @@ def test_rule_and_registry():
     assert parse_rule("vq:3") == {"codec": "vq", "params": {"bits": 3}}
     assert parse_rule("vq") == {"codec": "vq", "params": {"bits": 3}}
     assert get_codec("vq").name == "vq"
-    with pytest.raises(EdgerunError, match="vq"):
-        parse_rule("vq:5")
+    assert parse_rule("vq:3.5") == {"codec": "vq", "params": {"code_bits": 7}}
+    assert VQCodec.describe({"code_bits": 5}) == "vq:2.5" and VQCodec.describe({"bits": 4}) == "vq:4"
+    for bad in ("5", "3.25", "1.5", "x"):
+        with pytest.raises(EdgerunError, match="vq:BITS"):
+            parse_rule(f"vq:{bad}")
 
 
 @pytest.mark.parametrize("c", [4, 5, 6, 7, 8])
