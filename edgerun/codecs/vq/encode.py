@@ -23,16 +23,19 @@ from .format import DIM, layout, pack_codes, pair_columns, params_of
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
 
 KMEANS_ITERS = 16          # Lloyd iterations (stops earlier when no point moves)
+KMEANS_POINTS = 512        # k-means sample per codebook: at most this many points per centroid (pack time)
 PERCDAMP = 0.01            # GPTQ dampening of H, relative to mean(diag H)
 GPTQ_BLOCK = 128           # columns per GPTQ block (lazy batch updates between blocks)
 
 
 @njit(**_JIT_PAR)
-def _kmeans_all(P, wr, hp, group_rows, K, kx, iters, cents):
+def _kmeans_all(P, wr, hp, group_rows, K, kx, iters, max_points, cents):
     # P (d, npairs, 2) f32 row-normalized pairs, wr (d,) f64 row weights s_r², hp (npairs, 2) f64
     # column weights h_j -> cents (G, K, 2) f64: per row group, k-means in the metric
     # Σ h (p − c)² (each coordinate's update a weighted mean), initialized on a kx × (K/kx) grid
-    # of the group's value quantiles
+    # of the group's value quantiles, on at most max_points of the group's points (a fixed
+    # pseudo-random subset: point (u·2654435761) mod m for u < max_points; that prime makes them
+    # distinct)
     d, npairs = P.shape[0], P.shape[1]
     G = cents.shape[0]
     ky = K // kx
@@ -48,30 +51,32 @@ def _kmeans_all(P, wr, hp, group_rows, K, kx, iters, cents):
                 for k in range(K):
                     if (k // ky if t == 0 else k % ky) == q:
                         cents[g, k, t] = v
-        assign = np.full(m, -1, np.int64)
+        msub = min(m, max_points)
+        assign = np.full(msub, -1, np.int64)
         for _ in range(iters):
             sw = np.zeros((K, DIM))
             swv = np.zeros((K, DIM))
             moved = 0
-            for i in range(r0, r1):
-                for p in range(npairs):
-                    x, y = P[i, p, 0], P[i, p, 1]
-                    ha, hb = hp[p, 0], hp[p, 1]
-                    best, bk = np.inf, 0
-                    for k in range(K):
-                        e0 = x - cents[g, k, 0]
-                        e1 = y - cents[g, k, 1]
-                        cost = ha * e0 * e0 + hb * e1 * e1
-                        if cost < best:
-                            best, bk = cost, k
-                    s = (i - r0) * npairs + p
-                    if assign[s] != bk:
-                        moved += 1
-                        assign[s] = bk
-                    sw[bk, 0] += ha * wr[i]
-                    sw[bk, 1] += hb * wr[i]
-                    swv[bk, 0] += ha * wr[i] * x
-                    swv[bk, 1] += hb * wr[i] * y
+            for u in range(msub):
+                s = u if msub == m else (u * 2654435761) % m
+                i = r0 + s // npairs
+                p = s % npairs
+                x, y = P[i, p, 0], P[i, p, 1]
+                ha, hb = hp[p, 0], hp[p, 1]
+                best, bk = np.inf, 0
+                for k in range(K):
+                    e0 = x - cents[g, k, 0]
+                    e1 = y - cents[g, k, 1]
+                    cost = ha * e0 * e0 + hb * e1 * e1
+                    if cost < best:
+                        best, bk = cost, k
+                if assign[u] != bk:
+                    moved += 1
+                    assign[u] = bk
+                sw[bk, 0] += ha * wr[i]
+                sw[bk, 1] += hb * wr[i]
+                swv[bk, 0] += ha * wr[i] * x
+                swv[bk, 1] += hb * wr[i] * y
             if moved == 0:
                 break
             for k in range(K):          # an empty cluster keeps its centroid
@@ -145,7 +150,7 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
     cents = np.zeros((-(-d // g), K, DIM))
     kx = 1 << ((c + 1) // 2)
     _kmeans_all(P, s.astype(np.float64) ** 2, _pair_weights(colw, cols), g, K, kx,
-                int(params.get("iters", KMEANS_ITERS)), cents)
+                int(params.get("iters", KMEANS_ITERS)), KMEANS_POINTS * K, cents)
     cb16 = cents.astype(np.float16)
     cb32 = cb16.astype(np.float32)
     if hessian is not None and params.get("gptq", True):
