@@ -46,12 +46,14 @@ def _gather_x(x, cols, xp):
 def _build_table(cbx, cby, g, xp, p0, p1, tab):
     # tab[(p − p0)·K + k] = cbx[g, k]·xp[2p] + cby[g, k]·xp[2p + 1] for pairs p0:p1
     K = cbx.shape[1]
+    cx = cbx[g]
+    cy = cby[g]
     for p in range(p0, p1):
         a = xp[2 * p]
         b = xp[2 * p + 1]
-        base = (p - p0) * K
-        for k in range(K):
-            tab[base + k] = cbx[g, k] * a + cby[g, k] * b
+        t = tab[(p - p0) * K:(p - p0 + 1) * K]
+        for k in range(K):                    # contiguous: vectorized
+            t[k] = cx[k] * a + cy[k] * b
 
 
 @njit(inline="always", **_JIT)
