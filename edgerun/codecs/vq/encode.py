@@ -23,7 +23,7 @@ from .format import DIM, layout, pack_codes, pair_columns, params_of
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
 
 KMEANS_ITERS = 16          # Lloyd iterations (stops earlier when no point moves)
-KMEANS_POINTS = 512        # k-means sample per codebook: at most this many points per centroid (pack time)
+KMEANS_POINTS = 0          # k-means sample per codebook, points per centroid (params "kmeans_points"); 0: all
 PERCDAMP = 0.01            # GPTQ dampening of H, relative to mean(diag H)
 GPTQ_BLOCK = 128           # columns per GPTQ block (lazy batch updates between blocks)
 
@@ -150,7 +150,8 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
     cents = np.zeros((-(-d // g), K, DIM))
     kx = 1 << ((c + 1) // 2)
     _kmeans_all(P, s.astype(np.float64) ** 2, _pair_weights(colw, cols), g, K, kx,
-                int(params.get("iters", KMEANS_ITERS)), KMEANS_POINTS * K, cents)
+                int(params.get("iters", KMEANS_ITERS)),
+                (int(params.get("kmeans_points", KMEANS_POINTS)) or 1 << 40) * K, cents)
     cb16 = cents.astype(np.float16)
     cb32 = cb16.astype(np.float32)
     if hessian is not None and params.get("gptq", True):
