@@ -24,6 +24,7 @@ INDEX_PARTS = {
     "cluster": ("meta", "outlier_rowptr", "outlier_col"),
     "spqr": ("perm", "outlier_rowptr", "outlier_col"),
     "bitstack": ("meta",),
+    "vq": ("meta", "perm"),
 }
 DENSE_STORED = {"f32": "float32", "f16": "uint16", "bf16": "uint16"}
 FLASH_STORED = DENSE_STORED
@@ -295,7 +296,30 @@ def _bitstack_parts(p: _Parts, shape: tuple) -> None:
     p.only(["meta", "inv_scale"] + blocks)
 
 
-_PARTS = {"dense": _dense_parts, "cluster": _cluster_parts, "spqr": _spqr_parts, "bitstack": _bitstack_parts}
+def _vq_parts(p: _Parts, shape: tuple) -> None:
+    from .codecs.vq.format import CODE_BITS, DIM, layout
+    d, n = shape
+    p.param("bits", lambda v: _int_in(v, 2, 4), "an integer in 2..4", 3)
+    p.param("code_bits", lambda v: _int_in(v, *CODE_BITS), "an integer in %d..%d" % CODE_BITS, None)
+    p.param("group_rows", lambda v: _int_in(v, 0, 1 << 31), "an integer >= 1", None)
+    p.param("gptq", lambda v: isinstance(v, bool), "true or false", True)
+    p.param("percdamp", lambda v: is_number(v) and 0 <= v <= 1e6, "a number >= 0", 0.01)
+    if n > 65536:
+        p.fail(f"vq stores at most 65536 input columns, the weight has {n}")
+    p.expect("meta", "int32", (4,))
+    book = p.shape("codebook")
+    c = (book[1].bit_length() - 1) if len(book) == 3 and book[1] > 0 else 0
+    if len(book) != 3 or not 1 <= book[0] <= d or not CODE_BITS[0] <= c <= CODE_BITS[1]:
+        p.fail(f"part 'codebook' {list(book)} is not (groups <= {d}, 2^c, 2) for c in {CODE_BITS[0]}..{CODE_BITS[1]}")
+    p.expect("codebook", "uint16", (book[0], 1 << c, DIM))
+    p.expect("codes", "uint8", (d, layout(n, c)[2]))
+    p.expect("scale", "uint16", (d,))
+    p.expect("perm", "uint16", (n,))
+    p.only(["meta", "codes", "codebook", "scale", "perm"])
+
+
+_PARTS = {"dense": _dense_parts, "cluster": _cluster_parts, "spqr": _spqr_parts, "bitstack": _bitstack_parts,
+          "vq": _vq_parts}
 
 
 def _check_bitstack(c: _Check, section, tensors: dict, stacked: list) -> None:
@@ -412,7 +436,13 @@ def check_parts(path, name: str, entry: dict, parts: dict) -> None:
         c.require(meta[:2] == [d, n] and meta[3] == K and 1 <= meta[2] <= MAX_BITSTACK_RANK
                   and (size is None or block_layout(d, n, meta[2])[2] == size),
                   f"{where}: meta {meta} does not match the {d}x{n} weight and its {K} blocks")
-    if codec == "spqr":
+    if codec == "vq":
+        meta = [int(v) for v in parts["meta"]]
+        G, K = parts["codebook"].shape[:2]
+        g = meta[3]
+        c.require(meta[:3] == [d, n, K.bit_length() - 1] and g >= 1 and G == -(-d // g),
+                  f"{where}: meta {meta} does not match the {d}x{n} weight and its parts")
+    if codec in ("spqr", "vq"):
         perm = parts["perm"]
         c.require(len(perm) == n and np.array_equal(np.sort(perm.astype(np.int64)), np.arange(n)),
                   f"{where}: perm is not a permutation of the {n} columns")

@@ -41,7 +41,7 @@ def test_op_kernels_match_cpu():
 
 
 @needs_numba_cuda
-@pytest.mark.parametrize("codec", ["dense", "cluster", "spqr", "bitstack"])
+@pytest.mark.parametrize("codec", ["dense", "cluster", "spqr", "bitstack", "vq"])
 def test_codec_kernels_match_cpu(codec):
     # bitstack's shared-memory LUT needs block barriers: 8 lanes keep the simulator quick while
     # still splitting rank lanes and chunks across threads
@@ -133,6 +133,10 @@ def case_codec(codec):
             parts = c.encode(W, p)
             _check_linear(c.load(parts, p), f"cluster {p}", rng, c.decode(parts, p),
                           lambda x: reference.matvec(parts, p, x))
+    elif codec == "vq":
+        for p in ({"bits": 3, "group_rows": 4}, {"code_bits": 5}, {"bits": 4}):
+            parts = c.encode(W[:, :39], p)         # odd n: a padded pair
+            _check_linear(c.load(parts, p), f"vq {p}", rng, c.decode(parts, p))
     elif codec == "spqr":
         W[1, 5] = 2.0      # an outlier
         for bits in (2, 3, 4):

@@ -50,11 +50,13 @@ UNITS = {
     "cluster4": (dict(codec="cluster", bits=4, recipe=ISOLATE), ["cluster4", "cluster5"]),
     "cluster3": (dict(codec="cluster", bits=3, recipe=ISOLATE), ["cluster3"]),
     "bitstack": (dict(codec="bitstack", recipe=ISOLATE), ["bitstack"]),
+    "vq": (dict(codec="vq", bits=3, recipe=ISOLATE), ["vq2", "vq3", "vq4"]),
     "mixed": (dict(recipe="embed=cluster:5,attention=spqr:4,ffn=spqr:3"), []),
 }
 # kernel case -> recipe rule (edgerun.convert.pack.parse_rule: the params a pack would store)
 CASES = {"dense_f32": "f32", "dense_f16": "f16", "dense_bf16": "bf16", "spqr3": "spqr:3", "spqr4": "spqr:4",
-         "cluster3": "cluster:3", "cluster4": "cluster:4", "cluster5": "cluster:5", "bitstack": "bitstack:4"}
+         "cluster3": "cluster:3", "cluster4": "cluster:4", "cluster5": "cluster:5", "bitstack": "bitstack:4",
+         "vq2": "vq:2", "vq3": "vq:3", "vq4": "vq:4"}
 SHAPES = [(37, 45), (24, 128)]          # odd sizes (partial groups, tails) and whole groups
 TOKENS = (1, 3, 9)                      # matmul: one row, the matvec loop, the batched kernel
 ARCH = "llama"                          # biases, llama3 rope scaling, untied head
