@@ -109,10 +109,11 @@ def test_stacked_linears_compute_their_members(name, i, threads):
     rng = np.random.default_rng(5 + i)
     members = [codec.load(codec.encode((0.05 * rng.standard_normal((d, n))).astype(np.float32), params, H), params)
                for d in (128, 64, 64)]
-    joined = type(members[0]).stack(members)
-    if joined is None:
-        assert name == "bitstack", f"{name} {params}: rows not joined"     # BitStack resizes each matrix live
-        return
+    cls = type(members[0])
+    if cls.stack.__func__ is Linear.stack.__func__:
+        pytest.skip(f"{name} does not join rows (Linear.stack)")         # e.g. BitStack: resized per matrix, live
+    joined = cls.stack(members)
+    assert joined is not None, f"{name} {params}: rows not joined"
     assert joined.shape == (256, n) and joined.codec == name
     x = rng.standard_normal(n).astype(np.float32)
     parts = [np.empty(m.shape[0], np.float32) for m in members]
