@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..base import Linear
+from ..dense.kernels import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
 from .format import DIM, GROUP, check_meta, layout, pair_columns
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
@@ -163,33 +164,14 @@ def row_vq(codes, cbx, cby, scale, cols, meta, i, out):
 
 @njit(**_JIT)
 def _mm_rows(codes, cbx, cby, scale, cols, meta, X, out, r0, r1, tile):
-    # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, n) f32 scratch
-    T = X.shape[0]
-    n = meta[1]
-    for i0 in range(r0, r1, 4):
-        nr = min(4, r1 - i0)
-        for r in range(4):
-            if r < nr:
-                _decode_row(codes, cbx, cby, scale, cols, meta, i0 + r, tile[r])
-            else:
-                tile[r, :] = 0.0
-        w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
-        for t in range(T):
-            # 4 rows per pass: each X element loaded once feeds 4 multiply-adds
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for j in range(n):
-                xv = X[t, j]
-                a0 += w0[j] * xv
-                a1 += w1[j] * xv
-                a2 += w2[j] * xv
-                a3 += w3[j] * xv
-            out[t, i0] = a0
-            if nr > 1:
-                out[t, i0 + 1] = a1
-            if nr > 2:
-                out[t, i0 + 2] = a2
-            if nr > 3:
-                out[t, i0 + 3] = a3
+    # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, n) f32 scratch: rows decoded
+    # TILE_ROWS at a time, multiplied with the dense codec's register-blocked kernel
+    tr = tile.shape[0]
+    for i0 in range(r0, r1, tr):
+        nr = min(tr, r1 - i0)
+        for r in range(nr):
+            _decode_row(codes, cbx, cby, scale, cols, meta, i0 + r, tile[r])
+        _dense_mm(X, tile, 0, nr, out, i0)
 
 
 @njit(**_JIT)
