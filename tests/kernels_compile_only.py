@@ -29,6 +29,7 @@ def _compile_only(self, *args, **kws):
         for obj in vars(mod).values():
             if isinstance(obj, Dispatcher):
                 obj._clear()
+    self._clear()       # a kernel made by a factory (a closure, e.g. per bit width) is no module attribute
     return lambda *a, **k: None
 
 
