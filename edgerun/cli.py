@@ -280,11 +280,12 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
     calib_text = calib_file.read() if calib_file else None
     choice = None
     if bpw is not None or target_size is not None:
+        target = "--bpw" if bpw is not None else "--size"
+        if bpw is not None and target_size is not None:
+            raise EdgerunError("give --bpw or --size, not both")
         explicit = [f for f, v in (("--codec", codec), ("--bits", bits), ("--recipe", recipe)) if v is not None]
-        if explicit or (bpw is not None and target_size is not None):
-            raise EdgerunError(f"{' and '.join(['--bpw'] * (bpw is not None) + ['--size'] * (target_size is not None))} "
-                               f"choose the codecs: give {', '.join(explicit) or 'only one of them'} "
-                               "or a target, not both")
+        if explicit:
+            raise EdgerunError(f"{target} chooses the codecs itself: give {'/'.join(explicit)} or {target}, not both")
         if layout != "standard":
             raise EdgerunError("--bpw/--size choose compressed codecs: use --layout standard")
         from .convert.budget import auto_recipe

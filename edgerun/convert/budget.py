@@ -379,6 +379,17 @@ def _recipe(combo: dict) -> dict:
     return {**{g: rules.get(g, rules.get("embed", VECTORS_RULE)) for g in CHOSEN}, "vectors": VECTORS_RULE}
 
 
+def _fixed_bytes(cfg: ModelConfig, meta, by: str) -> int:
+    """Bytes outside the chosen groups: the f32 vectors (norms, biases); for a file also the header
+    area and the recipe-independent manifest."""
+    fixed = 0 if by == "weights" else ALIGN + manifest_overhead(meta)
+    for name, shape in tensor_shapes(cfg).items():
+        if tensor_group(name, len(shape)) not in CHOSEN:
+            cost = _tensor_cost(name, shape, VECTORS_RULE)
+            fixed += cost[0] if by == "weights" else cost[1] + cost[2]
+    return fixed
+
+
 def _pareto(opts: list[Option], key) -> list[Option]:
     """Options not dominated (another no larger with a loss no higher)."""
     out = []
@@ -396,8 +407,7 @@ def choose(options: dict[str, list[Option]], cfg: ModelConfig, budget: int, by: 
     key = (lambda o: o.weight_bytes) if by == "weights" else (lambda o: o.file_bytes)
     groups = list(options)
     smallest = {g: min(options[g], key=key) for g in groups}
-    size = recipe_size(_recipe(smallest), cfg, meta)
-    fixed = (size.weight_bytes if by == "weights" else size.file_bound) - sum(key(o) for o in smallest.values())
+    fixed = _fixed_bytes(cfg, meta, by)
     best = None
     for combo in itertools.product(*(_pareto(options[g], key) for g in groups)):
         total = fixed + sum(key(o) for o in combo)
@@ -406,11 +416,13 @@ def choose(options: dict[str, list[Option]], cfg: ModelConfig, budget: int, by: 
             best = ((loss, total), dict(zip(groups, combo)))
     if best is None:
         rules = ", ".join(f"{g}={o.label}" for g, o in smallest.items())
+        least = fixed + sum(key(o) for o in smallest.values())
         if by == "weights":
-            raise TargetTooSmall(f"--bpw {8 * budget / cfg.parameter_count:.3f} is below the smallest pack of this "
-                                 f"model: {size.bits():.3f} bits/weight ({rules}; norms f32)")
+            params = cfg.parameter_count
+            raise TargetTooSmall(f"--bpw {8 * budget / params:.3f} is below the smallest pack of this model: "
+                                 f"{8 * least / params:.3f} bits/weight ({rules}; norms f32)")
         raise TargetTooSmall(f"--size {budget / 1e6:.1f} MB is below the smallest pack of this model: "
-                             f"{size.file_bound / 1e6:.1f} MB ({rules}; norms f32)")
+                             f"{least / 1e6:.1f} MB ({rules}; norms f32)")
     recipe = _recipe(best[1])
     return Choice(recipe, recipe_size(recipe, cfg, meta), best[1], best[0][0])
 
