@@ -275,7 +275,7 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
     times the group's loss per unit of output error, measured with a fixed perturbation), and
     pick the recipe with the least predicted loss that fits; they print what they chose.
     """
-    from .codecs import describe_rule
+    from .convert.budget import rule_label
     from .convert.pack import DEFAULT_CALIB_TOKENS, make_recipe, pack as do_pack
     calib_text = calib_file.read() if calib_file else None
     choice = None
@@ -296,7 +296,7 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
         rules = choice.recipe
     else:
         rules = make_recipe(dtype, codec, bits, recipe)
-    described = ", ".join(f"{g} {describe_rule(r)}" for g, r in rules.items() if g != "vectors")
+    described = ", ".join(f"{g} {rule_label(r)}" for g, r in rules.items() if g != "vectors")
     _err(f"packing {src} -> {output} ({described})")
     summary = do_pack(src, output, recipe=rules, calib_text=calib_text,
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, progress=progress_bar("packing"),
