@@ -182,17 +182,18 @@ def _rel_error(delta: np.ndarray, w: np.ndarray, H: np.ndarray | None) -> float:
     return num / max(den, 1e-30)
 
 
-def trial_errors(w: np.ndarray, H, noise, options: list[Option]) -> tuple[float, list[float]]:
-    """(relative output error of the perturbation, of each option's codec) on a row sample of w;
-    `noise(rows)` gives the perturbation's rows."""
+def trial_errors(w: np.ndarray, H, options: list[Option], metrics) -> tuple[np.ndarray, np.ndarray]:
+    """Each option's codec encodes a row sample of w with the input statistics H (as pack does);
+    for every metric (H_m, noise) of `metrics`, the relative output error tr(Δ H_m Δᵀ)/tr(W H_m Wᵀ)
+    of the perturbation (`noise(rows)` its rows) and of each option: (metrics,), (options, metrics)."""
     rows = _row_sample(w.shape[0])
     ws = np.ascontiguousarray(w[rows])
-    errs = []
-    for opt in options:
+    errs = np.zeros((len(options), len(metrics)))
+    for i, opt in enumerate(options):
         codec = codec_class(opt.rule["codec"])
         q = codec.decode(codec.encode(ws, opt.rule["params"], hessian=H), opt.rule["params"])
-        errs.append(_rel_error(ws - q, ws, H))
-    return _rel_error(noise(rows), ws, H), errs
+        errs[i] = [_rel_error(ws - q, ws, Hm) for Hm, _ in metrics]
+    return np.array([_rel_error(noise(rows), ws, Hm) for Hm, noise in metrics]), errs
 
 
 def _perturbation(w: np.ndarray, key) -> np.ndarray:
@@ -295,9 +296,9 @@ def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, 
                     continue
                 for j, f in enumerate(fields[g]):
                     H = accs[SHARED_INPUT[f]].hessian()
-                    e_noise, errs = trial_errors(w[f], H, perturb[f].__getitem__, options[g])
-                    noise_err[g] += e_noise
-                    trial_err[g] = trial_err[g] + np.array(errs) if trial_err[g].size else np.array(errs)
+                    e_noise, errs = trial_errors(w[f], H, options[g], [(H, perturb[f].__getitem__)])
+                    noise_err[g] += e_noise[0]
+                    trial_err[g] = trial_err[g] + errs[:, 0] if trial_err[g].size else errs[:, 0]
         tf.layers[i] = None
         del w, lin, base, accs, perturb
         if progress:
@@ -318,27 +319,38 @@ def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, 
     H_head = head_acc.hessian()
     head = embed if tied else source.read("lm_head.weight")
     nll = {"base": _nll(normed["base"], targets, head, None)}
-    for g in ("attention", "ffn"):
-        if g in states:
-            nll[g] = _nll(normed[g], targets, head, None)
+    # role -> (group, ΔNLL of its perturbation, its relative output error, each option's)
+    roles = {g: (g, _nll(normed[g], targets, head, None) - nll["base"], noise_err[g], trial_err[g])
+             for g in ("attention", "ffn") if g in states}
+    # The embedding has an input role (rows looked up: error measured without H) and, tied, the
+    # output role of the head (logits: error under the head's input statistics H_head); a tied
+    # embedding is encoded with H_head as pack does (calibrate.py), which can cost the input role.
     if "embed" in states:
-        nll["embed"] = _nll(normed["embed"], targets, head, embed_scale if tied else None)
-        e_noise, errs = trial_errors(embed, H_head if tied else None,
-                                     _noise_rows(V, d, embed_scale), options["embed"])
-        noise_err["embed"], trial_err["embed"] = e_noise, np.array(errs)
+        noise_in = _noise_rows(V, d, embed_scale)
+        metrics = [(None, noise_in)] + ([(H_head, noise_in)] if tied else [])
+        e_noise, errs = trial_errors(embed, H_head if tied else None, options["embed"], metrics)
+        roles["embed.input"] = ("embed", _nll(normed["embed"], targets, head, None) - nll["base"],
+                                e_noise[0], errs[:, 0])
+        if tied:
+            roles["embed.output"] = ("embed", _nll(normed["base"], targets, head, embed_scale) - nll["base"],
+                                     e_noise[1], errs[:, 1])
     if "head" in noisy:
         scale = math.sqrt(NOISE * float(np.mean(head.astype(np.float64) ** 2)))
-        nll["head"] = _nll(normed["base"], targets, head, scale)
-        e_noise, errs = trial_errors(head, H_head, _noise_rows(V, d, scale), options["head"])
-        noise_err["head"], trial_err["head"] = e_noise, np.array(errs)
+        noise_out = _noise_rows(V, d, scale)
+        e_noise, errs = trial_errors(head, H_head, options["head"], [(H_head, noise_out)])
+        roles["head"] = ("head", _nll(normed["base"], targets, head, scale) - nll["base"], e_noise[0], errs[:, 0])
 
     sensitivity = {}
     for g in noisy:
+        for opt in options[g]:
+            opt.error = opt.loss = 0.0
+    for role, (g, dnll, e_noise, errs) in roles.items():
         # a perturbation that did not raise the loss measurably still bounds it: floor at 1e-4 nats
-        a = max(nll[g] - nll["base"], 1e-4) / max(noise_err[g], 1e-30)
-        sensitivity[g] = a
-        for opt, e in zip(options[g], trial_err[g]):
-            opt.error, opt.loss = float(e), float(a * e)
+        a = max(dnll, 1e-4) / max(e_noise, 1e-30)
+        sensitivity[role] = a
+        for opt, e in zip(options[g], errs):
+            opt.error += float(e)
+            opt.loss += float(a * e)
     sensitivity["base_nll"] = nll["base"]
     return sensitivity
 
@@ -459,7 +471,8 @@ def auto_recipe(src, bpw: float | None = None, size: int | None = None, calib_te
         params = sizes.group_params[g]
         listed = ", ".join(f"{o.label} {8 * o.weight_bytes / params:.2f}b {o.loss:+.4f}" for o in
                            sorted(opts, key=lambda o: o.weight_bytes))
-        log(f"  {g}: a={sens.get(g, 0):.3g} nats per unit output error; options (bits/weight, predicted ΔNLL): {listed}")
+        a = ", ".join(f"{r} {v:.3g}" for r, v in sens.items() if r.split(".")[0] == g)
+        log(f"  {g} (nats per unit of relative output error: {a}); options (bits/weight, predicted ΔNLL): {listed}")
     s = choice.size
     chosen = ", ".join(f"{g}={o.label} ({s.bits([g]):.2f} bits/weight)" for g, o in choice.options.items())
     target = f"--bpw {bpw}" if bpw is not None else f"--size {size / 1e6:.1f} MB (file)"
