@@ -12,13 +12,14 @@ size (a new codec plugs in by offering candidates). The loss of a recipe is mode
 over groups, ΔNLL ≈ Σ_g a_g · E_g(rule_g), both factors measured at pack time on the model packed:
 - E_g(rule): the relative output error e = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) (H = E[x xᵀ] of the matrix
   input on calibration text, ΔW = W − decode(encode(W))) summed over the group's matrices, from the
-  codec's own encoder on a row sample of each matrix in a few evenly spaced layers (the embedding
-  of a tied model uses the head's H; an untied one H = I);
+  codec's own encoder on a row sample of each matrix in a few evenly spaced layers;
 - a_g, the group's sensitivity in nats per unit of E: one forward over calibration windows with
   every matrix of the group perturbed by fixed Gaussian noise of relative mean square NOISE,
   a_g = ΔNLL_g / E_g(noise) with E_g(noise) measured like E_g(rule). (For small errors the loss
   grows linearly with the output's mean square error: the second-order term of a Taylor expansion,
   as in Optimal Brain Surgeon / HAWQ; the layers' inputs are the original model's, as in GPTQ.)
+  The embedding counts twice when tied: its input role (looked-up rows, H = I) and its output
+  role (the head's logits, H of the final norm's output), each with its own perturbation and a.
 The recipe minimising Σ_g a_g · E_g under the byte budget is then found exactly: every combination
 of the (at most 4) groups' options, dominated options pruned.
 """
