@@ -358,7 +358,14 @@ def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, 
 
 def _noise_rows(V: int, d: int, scale: float):
     """rows -> those rows of the embedding/head perturbation (_embed_noise)."""
-    return lambda rows: np.stack([_embed_noise(V, d, scale, int(r), int(r) + 1)[0] for r in rows])
+    def rows_of(rows):
+        out = np.empty((len(rows), d), np.float32)
+        for c in np.unique(rows // VOCAB_CHUNK):              # one draw per vocabulary chunk
+            at = rows // VOCAB_CHUNK == c
+            block = _embed_noise(V, d, scale, c * VOCAB_CHUNK, min(V, (c + 1) * VOCAB_CHUNK))
+            out[at] = block[rows[at] - c * VOCAB_CHUNK]
+        return out
+    return rows_of
 
 
 # --- choosing -----------------------------------------------------------------------------------
