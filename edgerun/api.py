@@ -156,7 +156,7 @@ def _warm_up(ebin, batched: bool) -> None:
         x = rng.standard_normal((T, H, D), dtype=np.float32)
         kernels.rmsnorm_rows(x.reshape(T * H, D), np.ones(D, np.float32), 1e-5, x.reshape(T * H, D))
         cos, sin = kernels.rope_tables(D, T, 10000.0, None)
-        kernels.rope(x, np.arange(T, dtype=np.int64), cos, sin)
+        kernels.rope(x, 0, cos, sin)
         cache = np.zeros((H, T, D), np.uint16)       # the model's f16 KV cache, as bits
         kernels.attention(x, cache, cache, 0, np.empty_like(x), np.empty((H, T), np.float32))
         flat = x.reshape(T, H * D)                      # the FFN calls it on (T, ffn) arrays

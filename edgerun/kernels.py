@@ -283,12 +283,12 @@ def add_inplace(x, y):
 # Rotary position embedding (Su et al. 2021, RoFormer) in Hugging Face's rotate-half layout.
 
 @njit(**_JIT)
-def rope(x, positions, cos, sin):
-    # x (T, H, D) in place, positions (T,) int64, cos/sin (P, D//2): rotate pairs (i, i + D/2)
+def rope(x, start, cos, sin):
+    # x (T, H, D) in place at positions start..start+T-1, cos/sin (P, D//2): rotate pairs (i, i + D/2)
     T, H, D = x.shape
     half = D // 2
     for t in range(T):
-        p = positions[t]
+        p = start + t
         for h in range(H):
             for i in range(half):
                 c = cos[p, i]

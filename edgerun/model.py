@@ -12,7 +12,7 @@ one forward pass calls: each layer runs on a device's ops (`HostOps` here; edger
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from . import kernels
 from .codecs import get_codec
 from .config import ModelConfig
 from .errors import Cancelled, EdgerunError
-from .memory import lazy_zeros
+from .memory import lazy_zeros, trim_heap
 
 
 # Layer field -> HF tensor name under `model.layers.{i}.`
@@ -35,15 +35,50 @@ LAYER_TENSORS = {
 }
 
 
+# Linears that read the same input; placement may join each set into one StackedLinear
+QKV, GATE_UP = ("q", "k", "v"), ("gate", "up")
+
+
+class StackedLinear:
+    """Linears of one input joined by rows (`Linear.stack`, e.g. q/k/v): one kernel call computes
+    all their outputs into a shared buffer, which is then split. A one-token matvec prepares its
+    input once and runs one parallel region instead of one per matrix — on a 135M model the
+    per-call costs were ~0.6 ms of a 9 ms token (BENCHMARKS.md)."""
+
+    def __init__(self, w, rows: list):
+        self.w = w
+        self.bounds = np.cumsum([0] + rows).tolist()
+
+    @classmethod
+    def of(cls, linears: list) -> "StackedLinear | None":
+        """The linears joined, or None when one is absent or their codec cannot join them."""
+        if any(w is None for w in linears):
+            return None
+        joined = type(linears[0]).stack(linears) if hasattr(type(linears[0]), "stack") else None
+        return None if joined is None else cls(joined, [w.shape[0] for w in linears])
+
+    def __call__(self, x, outs, buf) -> list:
+        """x (T, n) @ W_j.T for each member j, computed into buf (>= T · sum of d_j floats)
+        scratch: one token's results are returned as views of buf (contiguous), a chunk's are
+        copied into outs[j] (T, d_j) and those returned."""
+        T = x.shape[0]
+        joined = buf[:T * self.bounds[-1]].reshape(T, -1)    # C-contiguous: the kernels' layout
+        _linear(self.w, x, joined)
+        parts = [joined[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
+        if T == 1:
+            return parts
+        for out, part in zip(outs, parts):
+            out[...] = part
+        return list(outs)
+
+
 class SwiGLU:
     """The feed-forward on the layer's own device: h += down(silu(gate x) * up x). Stateless: it
     reads the layer's weights at each call (pack-time code swaps them)."""
 
     def __call__(self, ops, L, x, h) -> None:
         T = x.shape[0]
-        gate, up = ops.st.gate[:T], ops.st.up[:T]
-        ops.linear(L.gate, x, gate, L.gate_bias)
-        ops.linear(L.up, x, up, L.up_bias)
+        gate, up = ops.linears(L, GATE_UP, x, (ops.st.gate[:T], ops.st.up[:T]))
         ops.silu_mul(gate, up, gate)
         ops.linear(L.down, gate, h, L.down_bias, accumulate=True)
 
@@ -76,6 +111,8 @@ class Layer:
     # The feed-forward component: ffn(ops, layer, x (T, d), h (T, d)) adds down(silu(gate x) * up x)
     # to h. SWIGLU computes it from gate/up/down above; streaming.FlashFFN from bundles on flash.
     ffn: object = SWIGLU
+    # names (QKV or GATE_UP) -> the StackedLinear that replaced those fields (they are then None)
+    stacked: dict = field(default_factory=dict)
 
     @classmethod
     def from_tensors(cls, get, i: int) -> "Layer":
@@ -155,8 +192,9 @@ class RunState:
         self.q, self.att = z(chunk, q), z(chunk, q)
         self.k, self.v = z(chunk, kv), z(chunk, kv)
         self.gate, self.up = z(chunk, f), z(chunk, f)
+        # a StackedLinear's joined output before the split; touched (paged in) only when used
+        self.stacked = lazy_zeros((chunk * max(q + 2 * kv, 2 * f),), np.float32)
         self.logits = z(cfg.vocab_size)
-        self.positions = np.zeros(chunk, dtype=np.int64)
         self.scores = z(cfg.num_heads, context)          # attention scratch
         # f16 by default (llama.cpp's default too: half the bytes; SmolLM2's logits move by ~0.02
         # of ~±15), resident only as far as the conversation has written it. The kernels read
@@ -172,7 +210,8 @@ class RunState:
         """(activation scratch bytes, KV cache bytes) this state allocates."""
         d, f = cfg.hidden_size, cfg.intermediate_size
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        scratch = 4 * (chunk * (3 * d + 2 * q + 2 * kv + 2 * f) + cfg.vocab_size + cfg.num_heads * context) + 8 * chunk
+        stacked = chunk * max(q + 2 * kv, 2 * f)
+        scratch = 4 * (chunk * (3 * d + 2 * q + 2 * kv + 2 * f) + stacked + cfg.vocab_size + cfg.num_heads * context)
         return scratch, cfg.kv_cache_bytes(context, np.dtype(KV_DTYPES[kv_dtype]).itemsize)
 
 
@@ -195,7 +234,15 @@ class HostOps:
         self.cfg, self.st, self.cos, self.sin = cfg, state, cos, sin
 
     def place(self, layer: Layer, i: int) -> Layer:
-        return layer                        # read into host memory already
+        """The layer as read into host memory, with the linears of each shared input joined
+        where their codec can (q/k/v, gate/up)."""
+        for names in (QKV, GATE_UP):
+            stacked = StackedLinear.of([getattr(layer, n) for n in names])
+            if stacked is not None:
+                layer.stacked[names] = stacked
+                for n in names:
+                    setattr(layer, n, None)
+        return layer
 
     def place_head(self, norm, lm_head):
         return norm, lm_head
@@ -223,10 +270,23 @@ class HostOps:
         else:
             _linear(w, x, out, bias)
 
+    def linears(self, L: Layer, names: tuple, x, outs) -> list:
+        """x (T, n) @ W.T + bias for layer L's linears `names`, which share x: one call when
+        placement stacked them. Returns the results: `outs` (T, d_j), or for one token views of
+        the stacked output (no copy)."""
+        stacked = L.stacked.get(names)
+        if stacked is not None:
+            outs = stacked(x, outs, self.st.stacked)
+        for name, out in zip(names, outs):
+            if stacked is None:
+                _linear(getattr(L, name), x, out)
+            bias = getattr(L, name + "_bias")
+            if bias is not None:
+                out += bias
+        return outs
+
     def rope(self, x3, start: int):
-        pos = self.st.positions[:x3.shape[0]]
-        pos[:] = np.arange(start, start + x3.shape[0])
-        kernels.rope(x3, pos, self.cos, self.sin)
+        kernels.rope(x3, start, self.cos, self.sin)
 
     def attention(self, i: int, q3, k3, v3, start: int, att3):
         """Append k, v (T, Hkv, D) to layer i's cache at `start`; att = causal attention of q."""
@@ -273,6 +333,11 @@ class Transformer:
             if self.ops[i] is not host:
                 for key in [k for k in weights.tensors if k.startswith(f"model.layers.{i}.")]:
                     del weights.tensors[key]
+            for names in layer.stacked:          # the joined copy replaces the separate ones
+                for n in names:
+                    del weights.tensors[f"model.layers.{i}.{LAYER_TENSORS[n]}"]
+            if layer.stacked:
+                trim_heap()                      # their pages now, so the next layer's copy does not add up
         self.norm, self.lm_head = head_ops.place_head(weights["model.norm.weight"], weights["lm_head.weight"])
 
     def release(self) -> None:
@@ -336,13 +401,11 @@ class Transformer:
         cfg, L, ops = self.cfg, self.layers[i], self.ops[i]
         T, H, Hkv, D, eps = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         st = ops.st
-        xb, q, k, v, att = st.xb[:T], st.q[:T], st.k[:T], st.v[:T], st.att[:T]
+        xb, att = st.xb[:T], st.att[:T]
         h = ops.enter(x, i)
         # attention
         ops.rmsnorm(h, L.input_norm, eps, xb)
-        ops.linear(L.q, xb, q, L.q_bias)
-        ops.linear(L.k, xb, k, L.k_bias)
-        ops.linear(L.v, xb, v, L.v_bias)
+        q, k, v = ops.linears(L, QKV, xb, (st.q[:T], st.k[:T], st.v[:T]))
         if cfg.qk_norm:
             ops.rmsnorm(q.reshape(T * H, D), L.q_norm, eps, q.reshape(T * H, D))
             ops.rmsnorm(k.reshape(T * Hkv, D), L.k_norm, eps, k.reshape(T * Hkv, D))

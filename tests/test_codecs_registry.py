@@ -100,6 +100,40 @@ def test_codec_kernels_match_reference(name, i, shape, threads):
         _close(row, W[r], f"{name} {params} row {r}")
 
 
+@pytest.mark.parametrize("name,i", CASES)
+def test_stacked_linears_compute_their_members(name, i, threads):
+    # q/k/v and gate/up share an input (one Hessian) and are joined by rows at load (model.StackedLinear)
+    codec, params = get_codec(name), CODECS[name].example_params[i]
+    n = 300
+    _, H = _matrix(64, n, seed=3)
+    rng = np.random.default_rng(5 + i)
+    members = [codec.load(codec.encode((0.05 * rng.standard_normal((d, n))).astype(np.float32), params, H), params)
+               for d in (128, 64, 64)]
+    joined = type(members[0]).stack(members)
+    if joined is None:
+        assert name == "bitstack", f"{name} {params}: rows not joined"     # BitStack resizes each matrix live
+        return
+    assert joined.shape == (256, n) and joined.codec == name
+    x = rng.standard_normal(n).astype(np.float32)
+    parts = [np.empty(m.shape[0], np.float32) for m in members]
+    for m, o in zip(members, parts):
+        m.matvec(x, o)
+    out = np.full(256, np.nan, np.float32)
+    joined.matvec(x, out)
+    _close(out, np.concatenate(parts), f"{name} {params} stacked matvec", 1e-6)
+    X = rng.standard_normal((9, n)).astype(np.float32)
+    outs = [np.empty((9, m.shape[0]), np.float32) for m in members]
+    for m, o in zip(members, outs):
+        m.matmul(X, o)
+    out = np.full((9, 256), np.nan, np.float32)
+    joined.matmul(X, out)
+    _close(out, np.concatenate(outs, axis=1), f"{name} {params} stacked matmul", 1e-5)
+    row, want = np.empty(n, np.float32), np.empty(n, np.float32)
+    joined.row(130, row)
+    members[1].row(2, want)
+    np.testing.assert_array_equal(row, want)
+
+
 @pytest.mark.parametrize("name", sorted(CODECS))
 def test_recipe_rules_from_the_registry(name):
     cls = codec_class(name)

@@ -183,3 +183,21 @@ class Linear:
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
         raise NotImplementedError
+
+    @classmethod
+    def stack(cls, linears: list) -> "Linear | None":
+        """One Linear whose rows are those of `linears` in order (W = [W1; W2; ...]), or None
+        when this codec cannot join these (the default). Weights that share an input (q/k/v,
+        gate/up) then run as one matvec: the input is prepared once, and one kernel call (one
+        parallel region) replaces several that each cost microseconds (model.StackedLinear)."""
+        return None
+
+
+def stack_outliers(csrs: list) -> tuple:
+    """The CSR outliers (rowptr, col, val) of matrices stacked by rows, in order."""
+    rps, off = [csrs[0][0]], int(csrs[0][0][-1])
+    for rp, _, _ in csrs[1:]:
+        rps.append(rp[1:] + off)
+        off += int(rp[-1])
+    return (np.concatenate(rps).astype(np.int32), np.concatenate([c for _, c, _ in csrs]),
+            np.concatenate([v for _, _, v in csrs]))

@@ -64,7 +64,7 @@ class DeviceOps:
         up = {}
         for f in dataclasses.fields(layer):
             a = getattr(layer, f.name)
-            if f.name == "ffn" or a is None:
+            if f.name in ("ffn", "stacked") or a is None:
                 up[f.name] = a
             elif f.name in LINEARS:
                 up[f.name] = to_device(a)
@@ -112,6 +112,11 @@ class DeviceOps:
 
     def linear(self, w, x, out, bias=None, accumulate=False):
         w.matmul(x, out, bias, accumulate=accumulate)
+
+    def linears(self, L, names: tuple, x, outs) -> list:
+        for name, out in zip(names, outs):
+            self.linear(getattr(L, name), x, out, getattr(L, name + "_bias"))
+        return outs
 
     def rope(self, x3, start: int):
         K.launch_rope(x3, start, self.st.cos, self.st.sin)

@@ -14,6 +14,8 @@ permute for K = 32 (`vpermi2ps`) and a gather from an L1 float32 table for K ≥
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -22,7 +24,7 @@ from numba.extending import intrinsic
 
 from ...isa import _concat, byte_table_lookup, half_to_float, signed_byte_dot, table_lookup
 from ...kernels import f16_to_f32
-from ..base import Linear
+from ..base import Linear, stack_outliers
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, _planes, int8_codebook
 
@@ -156,7 +158,7 @@ def _block_index_bytes(builder, pblock, bits):
     return idx
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
     """float32 Σ_b dx[b] · Σ_j cb8[q_j]·x8[32b + j] over `nblk` 32-weight blocks of codes[coff:],
     int8 codebook entries at cb8.flat[cboff:] (K ≤ 32): the codebook scale is the caller's."""
@@ -198,13 +200,13 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
             v = _concat(builder, v, ir.Constant(v8f, [0.0] * 8))
             builder.store(_hsum(builder, v), res)
 
-        switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit)
+        switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[7])
         return builder.load(res)
 
     return types.float32(codes, coff, x8, dx, cb8, cboff, nblk, bits), codegen
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
     """float32 Σ decode(codes[coff:] blocks)·x[xoff:] over `nblk` 32-weight blocks, for the
     float matvec of bits ≥ 6 (below, the matvec is _dot_blocks_i8): float32 tab, the codebook
@@ -244,14 +246,14 @@ def _dot_blocks(typingctx, codes, coff, x, xoff, cb, cboff, tab, nblk, bits):
             s23 = builder.fadd(builder.load(accs[2]), builder.load(accs[3]), flags=fast)
             builder.store(_hsum(builder, builder.fadd(s01, s23, flags=fast)), res)
 
-        switch_on_bits(builder, bits_v, range(INT8_MAX_BITS + 1, 9), emit)     # K ≤ 32: _dot_blocks_i8
+        switch_on_bits(builder, bits_v, range(INT8_MAX_BITS + 1, 9), emit, sig.args[8])     # K ≤ 32: _dot_blocks_i8
         return builder.load(res)
 
     sig = types.float32(codes, coff, x, xoff, cb, cboff, tab, nblk, bits)
     return sig, codegen
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def _decode_blocks(typingctx, codes, coff, cb, cboff, tab, nblk, bits, out, ooff):
     """out[ooff : ooff + 32·nblk] = decode(codes[coff:] blocks) as float32 (codebook as above)."""
     def codegen(context, builder, sig, args):
@@ -270,7 +272,7 @@ def _decode_blocks(typingctx, codes, coff, cb, cboff, tab, nblk, bits, out, ooff
                 builder.store(look(lo), builder.bitcast(ob, _V16F32.as_pointer()), align=4)
                 builder.store(look(hi), builder.bitcast(ob1, _V16F32.as_pointer()), align=4)
 
-        switch_on_bits(builder, bits_v, range(2, 9), emit)
+        switch_on_bits(builder, bits_v, range(2, 9), emit, sig.args[6])
         return context.get_dummy_value()
 
     sig = types.none(codes, coff, cb, cboff, tab, nblk, bits, out, ooff)
@@ -304,9 +306,9 @@ def _sparse_add(rp, oc, ov, i, out):
 
 
 @njit(**_JIT)
-def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr):
+def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr, bits):
     # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits, CSR outliers @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
-    n, bits, group_rows = meta[1], meta[2], meta[3]
+    n, group_rows = meta[1], meta[3]
     K = cb.shape[1]
     nfull = n // 32
     tail = n - nfull * 32
@@ -342,9 +344,9 @@ def _quantize_x(x, x8, dx):
 
 
 @njit(**_JIT)
-def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1):
+def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1, bits):
     # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, dx from _quantize_x
-    bits, group_rows = meta[2], meta[3]
+    group_rows = meta[3]
     nblk = dx.shape[0]
     rowbytes = codes.shape[1]
     for i in range(r0, r1):
@@ -356,53 +358,66 @@ def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1):
         out[i] = acc
 
 
+@functools.cache
+def first_token_kernels(bits: int) -> tuple:
+    """(int8 matvec, its parallel twin, row decode) for one bit width (the matvecs for K ≤ 32).
+    `bits` is a closure constant, so the IR intrinsics emit only that width's code
+    (switch_on_bits): less to compile before the first token on a cold cache, each width cached
+    apart. The batched kernels below take bits at run time (a child process compiles them)."""
+
+    @njit(**_JIT)
+    def matvec_i8(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out):
+        # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch
+        _quantize_x(x, x8, dx)
+        _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, 0, meta[0], bits)
+
+    @njit(**_JIT_PAR)
+    def matvec_i8_par(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, nb):
+        # as matvec_i8, prange over nb row blocks
+        _quantize_x(x, x8, dx)
+        d = meta[0]
+        step = (d + nb - 1) // nb
+        for b in prange(nb):
+            _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step), bits)
+
+    @njit(**_JIT)
+    def row(codes, cb, meta, rp, oc, ov, i, out, scr):
+        # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
+        _row(codes, cb, meta, rp, oc, ov, i, out, scr, bits)
+
+    return matvec_i8, matvec_i8_par, row
+
+
 @njit(**_JIT)
-def matvec_cluster_i8(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out):
-    # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch
-    _quantize_x(x, x8, dx)
-    _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, 0, meta[0])
-
-
-@njit(**_JIT_PAR)
-def matvec_cluster_i8_par(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, nb):
-    # as matvec_cluster_i8, prange over nb row blocks
-    _quantize_x(x, x8, dx)
-    d = meta[0]
-    step = (d + nb - 1) // nb
-    for b in prange(nb):
-        _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step))
-
-
-@njit(**_JIT)
-def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr):
+def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr, bits):
     # codes, cb, outlier CSR rp/oc/ov: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
-    _mv_rows(codes, cb, meta, rp, oc, ov, x, out, 0, meta[0], scr[0])
+    _mv_rows(codes, cb, meta, rp, oc, ov, x, out, 0, meta[0], scr[0], bits)
 
 
 @njit(**_JIT_PAR)
-def matvec_cluster_par(codes, cb, meta, rp, oc, ov, x, out, scr):
+def matvec_cluster_par(codes, cb, meta, rp, oc, ov, x, out, scr, bits):
     # codes, cb, rp/oc/ov: parts; x (n,) -> out (d,); prange over scr.shape[0] row blocks
     d = meta[0]
     nb = scr.shape[0]
     step = (d + nb - 1) // nb
     for b in prange(nb):
-        _mv_rows(codes, cb, meta, rp, oc, ov, x, out, b * step, min(d, (b + 1) * step), scr[b])
+        _mv_rows(codes, cb, meta, rp, oc, ov, x, out, b * step, min(d, (b + 1) * step), scr[b], bits)
 
 
 @njit(**_JIT)
-def _decode_row(codes, cb, meta, rp, oc, ov, i, out, scr):
+def _decode_row(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
     # row i of the parts -> out[:nblk*32] f32 (padding decoded too); scr (SCRATCH,) f32
     g = i // meta[3]
-    _load_table(cb, g, meta[2], scr)
-    nblk = codes.shape[1] // (4 * meta[2])
-    _decode_blocks(codes, i * codes.shape[1], cb, g * cb.shape[1], scr, nblk, meta[2], out, 0)
+    _load_table(cb, g, bits, scr)
+    nblk = codes.shape[1] // (4 * bits)
+    _decode_blocks(codes, i * codes.shape[1], cb, g * cb.shape[1], scr, nblk, bits, out, 0)
     _sparse_add(rp, oc, ov, i, out)
 
 
-@njit(**_JIT)
-def row_cluster(codes, cb, meta, rp, oc, ov, i, out, scr):
+@njit(inline="always", **_JIT)
+def _row(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
     # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
-    n, bits = meta[1], meta[2]
+    n = meta[1]
     nfull = n // 32
     g = i // meta[3]
     cboff = g * cb.shape[1]
@@ -416,7 +431,7 @@ def row_cluster(codes, cb, meta, rp, oc, ov, i, out, scr):
 
 
 @njit(**_JIT)
-def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr):
+def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr, bits):
     # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, nblk*32) f32 scratch
     T = X.shape[0]
     n = meta[1]
@@ -424,7 +439,7 @@ def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr):
         nr = min(4, r1 - i0)
         for r in range(4):
             if r < nr:
-                _decode_row(codes, cb, meta, rp, oc, ov, i0 + r, tile[r], scr)
+                _decode_row(codes, cb, meta, rp, oc, ov, i0 + r, tile[r], scr, bits)
             else:
                 tile[r, :] = 0.0
         w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
@@ -447,19 +462,19 @@ def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr):
 
 
 @njit(**_JIT)
-def matmul_cluster(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
+def matmul_cluster(codes, cb, meta, rp, oc, ov, X, out, tiles, scr, bits):
     # X (T, n) @ W.T -> out (T, d); tiles (1, 4, nblk*32), scr (1, SCRATCH) f32
-    _mm_rows(codes, cb, meta, rp, oc, ov, X, out, 0, meta[0], tiles[0], scr[0])
+    _mm_rows(codes, cb, meta, rp, oc, ov, X, out, 0, meta[0], tiles[0], scr[0], bits)
 
 
 @njit(**_JIT_PAR)
-def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr):
+def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr, bits):
     # X (T, n) @ W.T -> out (T, d); prange over tiles.shape[0] row blocks (multiples of 4 rows)
     d = meta[0]
     nb = tiles.shape[0]
     step = ((d + nb - 1) // nb + 3) // 4 * 4
     for b in prange(nb):
-        _mm_rows(codes, cb, meta, rp, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b])
+        _mm_rows(codes, cb, meta, rp, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b], bits)
 
 
 class ClusterLinear(Linear):
@@ -480,6 +495,7 @@ class ClusterLinear(Linear):
         self._ncols = self.codes.shape[1] // (4 * bits) * BLOCK
         self._scr = np.zeros((1, SCRATCH), np.float32)
         self._tiles = None
+        self._mv, self._mv_par, self._row = first_token_kernels(bits)
         if bits <= INT8_MAX_BITS:   # the int8 matvec's codebooks and activation scratch
             self.cb8, self.cbs = int8_codebook(self.codebook)
             nblk = self.codes.shape[1] // (4 * bits)
@@ -496,15 +512,15 @@ class ClusterLinear(Linear):
         if self.bits <= INT8_MAX_BITS:
             args = (self.codes, self.cb8, self.cbs, self.meta, self.rp, self.oc, self.ov, x, self.x8, self.dx, out)
             if threads > 1:
-                matvec_cluster_i8_par(*args, threads)
+                self._mv_par(*args, threads)
             else:
-                matvec_cluster_i8(*args)
+                self._mv(*args)
             return
         if threads > 1:
             matvec_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out,
-                               self._scratch(threads))
+                               self._scratch(threads), self.bits)
         else:
-            matvec_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out, self._scr)
+            matvec_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out, self._scr, self.bits)
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         # out (T, d) = X (T, n) @ W.T: rows decoded 4 at a time into L1, register-blocked dots
@@ -514,11 +530,27 @@ class ClusterLinear(Linear):
             self._tiles = np.zeros((nb, TILE_ROWS, self._ncols), np.float32)
         if nb > 1:
             matmul_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
-                               self._tiles[:nb], self._scratch(nb))
+                               self._tiles[:nb], self._scratch(nb), self.bits)
         else:
             matmul_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
-                           self._tiles, self._scr)
+                           self._tiles, self._scr, self.bits)
+
+    @classmethod
+    def stack(cls, linears: list) -> "ClusterLinear | None":
+        """The rows of `linears` as one ClusterLinear when they share bits, width and rows per
+        codebook and every part ends on a whole codebook group."""
+        a = linears[0]
+        if any(type(w) is not cls or (w.bits, w.group_rows, w.shape[1]) != (a.bits, a.group_rows, a.shape[1])
+               or w.shape[0] % a.group_rows for w in linears):
+            return None
+        d = sum(w.shape[0] for w in linears)
+        rp, oc, ov = stack_outliers([(w.rp, w.oc, w.ov) for w in linears])
+        parts = {"meta": np.array([d, a.shape[1], a.bits, a.group_rows], np.int32),
+                 "codes": np.concatenate([w.codes for w in linears]),
+                 "codebook": np.concatenate([w.codebook for w in linears]),
+                 "outlier_rowptr": rp, "outlier_col": oc, "outlier_val": ov}
+        return cls(parts)
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
-        row_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0])
+        self._row(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0])

@@ -349,6 +349,13 @@ class DenseLinear(Linear):
         else:
             self._mm(X, self.W, out, 0, d, tiles[0])
 
+    @classmethod
+    def stack(cls, linears: list) -> "DenseLinear | None":
+        """The rows of `linears` as one DenseLinear (same storage type)."""
+        if any(type(w) is not cls or w.dtype != linears[0].dtype for w in linears):
+            return None
+        return cls(np.concatenate([w.W for w in linears]), linears[0].dtype)
+
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
         if self.dtype == "f32":

@@ -2,6 +2,8 @@
 `SpQRLinear` (formats/codec-spqr.md)."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -12,7 +14,7 @@ from ...errors import UnsupportedModelError
 from ...isa import _const_like, byte_pair_dot, half_to_float
 from ...kernels import f16_to_f32
 from ...memory import thread_scratch
-from ..base import Linear
+from ..base import Linear, stack_outliers
 from ..dense.kernels import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import REQUIRED_PARTS, _check_shapes, params_of
@@ -329,7 +331,7 @@ def _prefetch(builder, p):
     builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     """out[i] = Σ_j W'[i, j] x'[j] without outliers for rows i0 <= i < i1 of one stat block:
     codes, stq as stored (G groups), xc (C + 1, XC_FLOATS) prepared x (_prep_x), sf (C + 1, 4, 16) the block's
@@ -363,7 +365,7 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
                 row_groups(1, builder.load(start), lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask,
                                                                       sshift, full=False))
 
-        switch_on_bits(builder, bits_v, (2, 3, 4), emit)
+        switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[9])
         return context.get_dummy_value()
 
     return types.none(codes, stq, xc, sf, out, i0, i1, G, sbits, bits), codegen
@@ -409,7 +411,7 @@ def _widen_stats(typingctx, st2, rb, G, sf):
     return types.none(st2, rb, G, sf), codegen
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff):
     """out.flat[ooff + t·G + g] = W'[i, 16g + t] without outliers (positions t-major, stride G);
     codes at codes.flat[coff:], stat bytes at stq.flat[soff:], sf (C, 4, 16) as in _dot_block."""
@@ -441,7 +443,7 @@ def _decode_row(typingctx, codes, coff, stq, soff, sf, G, sbits, bits, out, ooff
                         builder.call(store, [v, builder.bitcast(p, ir.PointerType()), mask])
             _chunks_ir(builder, G_v, bits, body)
 
-        switch_on_bits(builder, bits_v, (2, 3, 4), emit)
+        switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[7])
         return context.get_dummy_value()
 
     return types.none(codes, coff, stq, soff, sf, G, sbits, bits, out, ooff), codegen
@@ -552,24 +554,31 @@ def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, 
         out[r] = acc
 
 
-@njit(**_JIT)
-def _matvec(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
-    # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xidx from _x_index; xc (C + 1, XC_FLOATS)
-    # and xb (its bytes), sf (1, C + 1, 4, 16) scratch
-    _prep_x(x, xidx, xc)
-    _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0])
+@functools.cache
+def matvec_kernels(bits: int) -> tuple:
+    """(serial, parallel) one-token matvec kernels for one bit width. `bits` is a closure
+    constant, so the IR intrinsics emit only that width's code (switch_on_bits): a third of the
+    compile on a cold cache (the first token waits for the serial one), each width cached apart."""
 
+    @njit(**_JIT)
+    def matvec(codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
+        # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xidx from _x_index; xc (C + 1, XC_FLOATS)
+        # and xb (its bytes), sf (1, C + 1, 4, 16) scratch
+        _prep_x(x, xidx, xc)
+        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0])
 
-@njit(**_JIT_PAR)
-def _matvec_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
-    # SpQR W (d, n) @ x (n,) -> out (d,); prange over sf.shape[0] row ranges of whole stat blocks
-    _prep_x(x, xidx, xc)
-    d = codes.shape[0]
-    nblocks = sf.shape[0]
-    step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
-    for blk in prange(nblocks):
-        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out,
-                 min(d, blk * step), min(d, (blk + 1) * step), sf[blk])
+    @njit(**_JIT_PAR)
+    def matvec_par(codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
+        # SpQR W (d, n) @ x (n,) -> out (d,); prange over sf.shape[0] row ranges of whole stat blocks
+        _prep_x(x, xidx, xc)
+        d = codes.shape[0]
+        nblocks = sf.shape[0]
+        step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
+        for blk in prange(nblocks):
+            _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out,
+                     min(d, blk * step), min(d, (blk + 1) * step), sf[blk])
+
+    return matvec, matvec_par
 
 
 @njit(**_JIT)
@@ -657,6 +666,7 @@ class SpQRLinear(Linear):
         self.sf = np.zeros((1, C, 4, 16), np.float32)
         # the kernels' leading arguments, built once (a matvec of a small matrix is ~2 µs)
         self._args = (self.bits, self.codes, self.stq, self.st2, self.rp, self.oc, self.ov, self.sg, self.sbits)
+        self._mv, self._mv_par = matvec_kernels(self.bits)
 
     def _scratch(self, threads: int) -> np.ndarray:
         if self.sf.shape[0] < threads:
@@ -668,9 +678,9 @@ class SpQRLinear(Linear):
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         if threads > 1:
-            _matvec_par(*self._args, x, self.xidx, self.xc, self.xb, out, self._scratch(threads))
+            self._mv_par(*self._args[1:], x, self.xidx, self.xc, self.xb, out, self._scratch(threads))
         else:
-            _matvec(*self._args, x, self.xidx, self.xc, self.xb, out, self.sf)
+            self._mv(*self._args[1:], x, self.xidx, self.xc, self.xb, out, self.sf)
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         # out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply
@@ -684,6 +694,22 @@ class SpQRLinear(Linear):
             _mm_par(*self._args, Xp, out, tiles, sf)
         else:
             _mm_rows(*self._args, Xp, out, 0, self.shape[0], tiles[0], sf[0])
+
+    @classmethod
+    def stack(cls, linears: list) -> "SpQRLinear | None":
+        """The rows of `linears` as one SpQRLinear when they share the column permutation and
+        params (q/k/v and gate/up do: act-order sorts the Hessian they share) and every part
+        ends on a whole stat block."""
+        a = linears[0]
+        if any(type(w) is not cls or (w.bits, w.sbits, w.sg) != (a.bits, a.sbits, a.sg)
+               or w.shape[0] % a.sg or not np.array_equal(w.perm, a.perm) for w in linears):
+            return None
+        rp, oc, ov = stack_outliers([(w.rp, w.oc, w.ov) for w in linears])
+        parts = {"codes": np.concatenate([w.codes for w in linears]), "perm": a.perm,
+                 "stat_codes": np.concatenate([w.stq for w in linears]),
+                 "stats": np.concatenate([w.st2 for w in linears]),
+                 "outlier_rowptr": rp, "outlier_col": oc, "outlier_val": ov}
+        return cls(parts, {"bits": a.bits, "stat_bits": a.sbits, "stat_group": a.sg})
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
