@@ -234,7 +234,8 @@ def _nll(normed: np.ndarray, targets: np.ndarray, head: np.ndarray, noise_scale:
 
 def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, list[Option]],
             progress=None) -> dict[str, float]:
-    """Fill each option's `error` and `loss` (module docstring); returns a_g per group measured.
+    """Fill each option's `error` and `loss` (module docstring); returns the sensitivity a of each role
+    measured ("attention", "ffn", "embed.input", "embed.output" or "head") and "base_nll".
     `sequences` (n, T) calibration windows; `progress(done, total)` per layer."""
     from ..calibrate import SHARED_INPUT, HessianAccumulator, RecordingLinear, f32_linear
     from ..kernels import rmsnorm_rows
