@@ -232,14 +232,21 @@ def main():
               help="The .ebin file to write (written atomically).")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True,
               help="Storage type of the matrices that are not compressed (norms and biases stay f32).")
-@click.option("--codec", type=click.Choice(codec_names()), default="dense",
-              show_default=True, help="Compress the attention and feed-forward matrices with this codec.")
+@click.option("--codec", type=click.Choice(codec_names()), default=None,
+              help="Compress the attention and feed-forward matrices with this codec (default: dense).")
 @click.option("--bits", type=click.IntRange(1), default=None,
               help="The argument of --codec, ARG of a recipe rule CODEC:ARG (bits per weight, or blocks per "
                    "matrix for bitstack); default: the codec's own. An out-of-range value names the valid range.")
 @click.option("--recipe", default=None, metavar="GROUP=RULE,...",
               help="Per tensor group codecs, e.g. 'embed=cluster:8,attention=spqr:4,ffn=spqr:3'. Groups: "
                    "embed, attention, ffn, head; rules: f32, f16, bf16, CODEC:ARG.")
+@click.option("--bpw", type=float, default=None, metavar="BITS",
+              help="Choose the codecs per group (embed, attention, ffn, head) to fit BITS bits per weight, "
+                   "every stored byte counted (codes, scales, codebooks, outliers, norms, embeddings, head), "
+                   "guided by each group's loss measured on the calibration text (edgerun/convert/budget.py). "
+                   "Not with --codec/--bits/--recipe.")
+@click.option("--size", "target_size", default=None, metavar="SIZE",
+              help="Like --bpw, for a file of at most SIZE (e.g. 900MB, 1GiB).")
 @click.option("--calib", "calib_file", type=click.File("r", encoding="utf-8"), default=None,
               help="Calibration text for compressed codecs (default: a bundled WikiText-2 excerpt).")
 @click.option("--calib-tokens", type=click.IntRange(256), default=None,
@@ -249,7 +256,7 @@ def main():
 @click.option("-t", "--threads", type=click.IntRange(1), default=None,
               help="CPU threads for calibrating compressed packs (default: the physical cores, but no more "
                    "than are idle now).")
-def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layout, threads):
+def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, calib_tokens, layout, threads):
     """Convert a checkpoint into an .ebin.
 
     SRC is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a
@@ -261,19 +268,49 @@ def pack(src, output, dtype, codec, bits, recipe, calib_file, calib_tokens, layo
       edgerun pack ./model-dir -o model.ebin                 # f16
       edgerun pack model.gguf -o model-q3.ebin --codec spqr --bits 3
       edgerun pack ./model-dir -o mix.ebin --recipe embed=cluster:8,attention=spqr:4,ffn=spqr:3
+      edgerun pack model.gguf -o small.ebin --bpw 3.5        # or --size 900MB
+
+    --bpw/--size size every candidate of every codec exactly, measure how much each group's error
+    costs on the calibration text (the relative output error of a trial encode on sampled rows,
+    times the group's loss per unit of output error, measured with a fixed perturbation), and
+    pick the recipe with the least predicted loss that fits; they print what they chose.
     """
-    from .codecs import describe_rule
+    from .convert.budget import rule_label
     from .convert.pack import DEFAULT_CALIB_TOKENS, make_recipe, pack as do_pack
-    rules = make_recipe(dtype, codec, bits, recipe)
-    described = ", ".join(f"{g} {describe_rule(r)}" for g, r in rules.items() if g != "vectors")
+    calib_text = calib_file.read() if calib_file else None
+    choice = None
+    if bpw is not None or target_size is not None:
+        target = "--bpw" if bpw is not None else "--size"
+        if bpw is not None and target_size is not None:
+            raise EdgerunError("give --bpw or --size, not both")
+        explicit = [f for f, v in (("--codec", codec), ("--bits", bits), ("--recipe", recipe)) if v is not None]
+        if explicit:
+            raise EdgerunError(f"{target} chooses the codecs itself: give {'/'.join(explicit)} or {target}, not both")
+        if layout != "standard":
+            raise EdgerunError("--bpw/--size choose compressed codecs: use --layout standard")
+        from .convert.budget import auto_recipe
+        from .memory import parse_size
+        choice = auto_recipe(src, bpw=bpw, size=parse_size(target_size) if target_size else None,
+                             calib_text=calib_text, threads=threads, log=_err,
+                             progress=progress_bar("measuring sensitivity", unit="layers"))
+        rules = choice.recipe
+    else:
+        rules = make_recipe(dtype, codec, bits, recipe)
+    described = ", ".join(f"{g} {rule_label(r)}" for g, r in rules.items() if g != "vectors")
     _err(f"packing {src} -> {output} ({described})")
-    summary = do_pack(src, output, recipe=rules, calib_text=calib_file.read() if calib_file else None,
+    summary = do_pack(src, output, recipe=rules, calib_text=calib_text,
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, progress=progress_bar("packing"),
                       layer_progress=progress_bar("calibrating and compressing layers", unit="layers"),
                       order_progress=progress_bar("ordering BitStack blocks (measured loss per matrix)",
                                                   unit="matrices"),
                       layout=layout, threads=threads)
     _err(str(summary))
+    if choice is not None:
+        s = choice.size
+        lin = [g for g in ("embed", "attention", "ffn", "head") if summary.group_params.get(g)]
+        achieved = 8 * sum(summary.group_bytes[g] for g in lin) / sum(summary.group_params[g] for g in lin)
+        _err(f"achieved {summary.bits_per_weight:.3f} bits/weight over all weights ({summary.weight_bytes:,} bytes; "
+             f"planned {s.weight_bytes:,}), {achieved:.3f} over the matrices; file {summary.file_bytes:,} bytes")
 
 
 @main.command()

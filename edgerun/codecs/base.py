@@ -81,6 +81,21 @@ class Codec:
         """The rule text of `params`, e.g. `spqr:3` (pack summaries)."""
         return f"{cls.name}:{(params or {}).get(cls.arg, cls.default_arg)}"
 
+    # -- sizes: what `pack --bpw/--size` chooses among (edgerun/convert/budget.py) -------------
+    @classmethod
+    def part_nbytes(cls, shape: tuple, params: dict) -> dict[str, int] | None:
+        """Exact bytes of each part `encode` makes for a weight of `shape` with `params`, known
+        before encoding; None when some part's size depends on the values (e.g. outliers above
+        a threshold). pack --bpw/--size sizes recipes with it."""
+        return None
+
+    @classmethod
+    def candidates(cls) -> tuple[dict, ...]:
+        """The params `pack --bpw/--size` may choose for a group of matrices (each must have an
+        exact `part_nbytes`); () = never chosen automatically. A new codec plugs into the
+        size-targeted packs by returning its options here."""
+        return ()
+
     # -- the format ---------------------------------------------------------------------------
     @staticmethod
     def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:

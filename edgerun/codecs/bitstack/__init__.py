@@ -48,6 +48,13 @@ class BitStackCodec(Codec, name="bitstack"):
         return {"blocks": blocks, "rank": RANK, "overshoot": OVERSHOOT, "signs": SIGNS,
                 "joint": min(JOINT, blocks)}
 
+    @classmethod
+    def part_nbytes(cls, shape: tuple, params: dict) -> dict[str, int]:
+        """formats/codec-bitstack.md (no candidates: a stack's size is chosen at load time)."""
+        d, n = shape
+        K, k = params_of(params)[:2]
+        return {"meta": 16, "inv_scale": 4 * n, **{f"block.{i}": block_layout(d, n, k)[2] for i in range(K)}}
+
     @staticmethod
     def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
         """float32 (d, n) -> {"meta", "inv_scale", "block.0" .. "block.K-1"} (encode.encode)."""

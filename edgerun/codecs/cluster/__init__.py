@@ -29,6 +29,23 @@ class ClusterCodec(Codec, name="cluster"):
     def params_from_arg(cls, arg=None) -> dict:
         return {**super().params_from_arg(arg), "outliers": OUTLIERS}
 
+    @classmethod
+    def part_nbytes(cls, shape: tuple, params: dict) -> dict[str, int]:
+        """formats/codec-cluster.md: codes, codebooks, meta, and the CSR outliers (their count is
+        round(outliers · d · n), fixed before encoding)."""
+        d, n = shape
+        bits, g, frac = params_of(params, n)
+        sizes = {"codes": d * -(-n // BLOCK) * 4 * bits, "codebook": -(-d // min(g, d)) * (1 << bits) * 2,
+                 "meta": 16}
+        if frac:
+            k = int(round(frac * d * n))
+            sizes.update(outlier_rowptr=4 * (d + 1), outlier_col=2 * k, outlier_val=2 * k)
+        return sizes
+
+    @classmethod
+    def candidates(cls) -> tuple[dict, ...]:
+        return tuple(cls.params_from_arg(b) for b in range(cls.arg_range[0], cls.arg_range[1] + 1))
+
     @staticmethod
     def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """float32 (d, n) -> {"codes", "codebook", "meta"} + outlier parts (encode.encode)."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..base import Codec
 from . import encode as _encode, kernels, reference
-from .format import DTYPES, bf16_bits_to_f32, f32_to_bf16_bits  # noqa: F401
+from .format import DTYPES, bf16_bits_to_f32, dtype_of, f32_to_bf16_bits  # noqa: F401
 from .kernels import MATMUL_MIN_T, PAR_MIN_MACS, PAR_MIN_WEIGHTS, TILE_ROWS, DenseLinear  # noqa: F401
 
 
@@ -21,6 +21,14 @@ class DenseCodec(Codec, name="dense"):
     shorthands = DTYPES
     calibrated = False
     example_params = ({"dtype": "f32"}, {"dtype": "f16"}, {"dtype": "bf16"})
+
+    @classmethod
+    def part_nbytes(cls, shape: tuple, params: dict) -> dict[str, int]:
+        return {"weight": int(np.prod(shape)) * (4 if dtype_of(params) == "f32" else 2)}
+
+    @classmethod
+    def candidates(cls) -> tuple[dict, ...]:
+        return ({"dtype": "f16"},)
 
     @staticmethod
     def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -25,6 +25,23 @@ class SpQRCodec(Codec, name="spqr"):
     example_params = ({"bits": 2}, {"bits": 3}, {"bits": 4, "outlier_threshold": 0.05},
                       {"bits": 3, "permute": None, "stat_group": 8})
 
+    @classmethod
+    def part_nbytes(cls, shape: tuple, params: dict) -> dict[str, int] | None:
+        """formats/codec-spqr.md; None with outliers (how many pass the threshold depends on W)."""
+        d, n = shape
+        p = params_of(params)
+        if p["outlier_threshold"] not in (None, float("inf")):
+            return None
+        G = -(-n // p["group"])
+        return {"codes": d * 2 * p["bits"] * G, "stat_codes": d * G, "stats": -(-d // p["stat_group"]) * 4 * G * 2,
+                "perm": n * (2 if n <= 65536 else 4), "outlier_rowptr": 4 * (d + 1), "outlier_col": 0,
+                "outlier_val": 0}
+
+    @classmethod
+    def candidates(cls) -> tuple[dict, ...]:
+        # without outliers: the only SpQR whose size is known before encoding
+        return tuple({"bits": b, "outlier_threshold": None} for b in range(cls.arg_range[0], cls.arg_range[1] + 1))
+
     @staticmethod
     def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None = None) -> dict:
         """float32 W (d, n) -> parts (formats/codec-spqr.md). `hessian` is H = E[x xᵀ] (n, n) of
