@@ -293,7 +293,7 @@ def run(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     packs = []
     engines = []                      # (name, worker, model path, numba cache mode)
-    for dtype in ["f16"] + (["f32"] if args.f32 else []):
+    for dtype in ([] if args.no_f16 else ["f16"]) + (["f32"] if args.f32 else []):
         path, pk = ensure_ebin(gguf, dtype, out_dir, args)
         if pk:
             packs.append(pk)
@@ -426,6 +426,8 @@ def main(argv=None) -> None:
     p.add_argument("-t", "--threads", type=int, default=2, help="threads for both engines (default: %(default)s)")
     p.add_argument("-c", "--context", type=int, default=2048, help="context length for both (default: %(default)s)")
     p.add_argument("-r", "--reps", type=int, default=5, help="interleaved repetitions (default: %(default)s)")
+    p.add_argument("--no-f16", action="store_true",
+                   help="skip the f16 .ebin (a large model: only the --ebin packs against llama.cpp)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-Numba-cache edgerun runs")
     p.add_argument("--cold-files", action="store_true",
                    help="drop the model files from the page cache before each repetition instead of reading them")
