@@ -54,7 +54,7 @@ class StackedLinear:
         """The linears joined, or None when one is absent or their codec cannot join them."""
         if any(w is None for w in linears):
             return None
-        joined = type(linears[0]).stack(linears) if hasattr(type(linears[0]), "stack") else None
+        joined = type(linears[0]).stack(linears)          # codecs.base.Linear.stack: None by default
         return None if joined is None else cls(joined, [w.shape[0] for w in linears])
 
     def __call__(self, x, outs, buf) -> list:
