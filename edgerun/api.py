@@ -118,8 +118,8 @@ def _warm_up_file(path, threads: int, missing_ok: bool = False) -> None:
 
 
 def _warm_up(ebin, batched: bool) -> None:
-    # batched=False: what the first token needs (serial matvec, row, the layer ops at T=1);
-    # True: the prefill matmul (T >= 4) and, with threads, the parallel kernels
+    # batched=False: what the first token needs (serial matvec and row); True: the prefill matmul
+    # (T >= 4), the layer ops and, with threads, the parallel kernels
     manifest = ebin.manifest
     kinds: dict[str, list] = {}
     for entry in manifest["tensors"].values():
@@ -150,9 +150,11 @@ def _warm_up(ebin, batched: bool) -> None:
     if "flash" in manifest and not batched:
         from . import streaming
         streaming.warm_up(manifest)
-    # the ops every layer runs; the parallel attention is chosen for long prefills when threads > 1
+    # the ops every layer runs (with threads, also the parallel attention of long prefills): not
+    # first-token kernels, the model runs their NumPy stand-ins until they are ready
+    # (kernels.NumpyLayerOps), so on a cold cache the child compiles them
     H, D = 8, 64
-    for T in ((64,) if parallel else () if batched else (1,)):
+    for T in ((1, 64) if parallel else (1,) if batched else ()):
         x = rng.standard_normal((T, H, D), dtype=np.float32)
         kernels.rmsnorm_rows(x.reshape(T * H, D), np.ones(D, np.float32), 1e-5, x.reshape(T * H, D))
         cos, sin = kernels.rope_tables(D, T, 10000.0, None)

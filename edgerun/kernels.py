@@ -427,3 +427,63 @@ def attention(q, k_cache, v_cache, start, out, scores=None):
         _attention_par(q, k_cache, v_cache, start, out, scores)
     else:
         _attend(q, k_cache, v_cache, start, out, scores, 0, k_cache.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy stand-ins for the layer ops while a cold JIT cache compiles ("Cold JIT cache" above).
+# rmsnorm_rows, rope, attention and silu_mul cost ~1.5 s of compile on an empty cache (attention
+# 0.9 s of it), half of a first token's; NumPy needs none. So on a cold cache the child compiles
+# them with the batched kernels and the model runs these until it is done. Same contracts and
+# float32 math as the kernels (summation order differs: results agree to float rounding). They
+# allocate temporaries: a few MB at most, and only for the first seconds after install.
+
+class NumpyLayerOps:
+    """The layer ops of this module, computed with NumPy (no compile)."""
+
+    @staticmethod
+    def rmsnorm_rows(X, w, eps, out):
+        ms = np.einsum("ti,ti->t", X, X, dtype=np.float32) / np.float32(X.shape[1])
+        inv = np.float32(1.0) / np.sqrt(ms + np.float32(eps))
+        np.multiply(X * inv[:, None], w, out=out)
+
+    @staticmethod
+    def rope(x, start, cos, sin):
+        T, half = x.shape[0], x.shape[2] // 2
+        c, s = cos[start:start + T, None, :], sin[start:start + T, None, :]
+        x1, x2 = x[..., :half].copy(), x[..., half:].copy()
+        x[..., :half] = x1 * c - x2 * s
+        x[..., half:] = x2 * c + x1 * s
+
+    @staticmethod
+    def attention(q, k_cache, v_cache, start, out, scores=None):
+        T, H, D = q.shape
+        Hkv, L = k_cache.shape[0], start + T
+        group = H // Hkv
+        k, v = _kv_as_f32(k_cache[:, :L]), _kv_as_f32(v_cache[:, :L])          # (Hkv, L, D)
+        qs = q.reshape(T, Hkv, group, D) * np.float32(1.0 / math.sqrt(D))
+        for t in range(T):          # one (H, start+t+1) score matrix at a time, like the kernel
+            n = start + t + 1
+            s = np.matmul(qs[t], k[:, :n].transpose(0, 2, 1))                   # (Hkv, group, n)
+            s -= s.max(axis=2, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=2, keepdims=True)
+            out[t] = np.matmul(s, v[:, :n]).reshape(H, D)
+
+    @staticmethod
+    def silu_mul(gate, up, out):
+        with np.errstate(over="ignore"):                # exp(-g) = inf for g < -88: silu -> -0
+            np.multiply(gate / (np.float32(1.0) + np.exp(-gate)), up, out=out)
+
+
+def _kv_as_f32(cache: np.ndarray) -> np.ndarray:
+    """A KV cache slice as float32 (the f16 cache holds the uint16 bits of float16)."""
+    return cache.view(np.float16).astype(np.float32) if cache.dtype == np.uint16 else cache
+
+
+def layer_ops():
+    """What the model calls rmsnorm_rows, rope, attention and silu_mul on: this module's kernels,
+    or NumpyLayerOps while a cold JIT cache's child compiles them."""
+    return _this_module if full_kernels_ready() else NumpyLayerOps
+
+
+_this_module = sys.modules[__name__]

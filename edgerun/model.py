@@ -259,7 +259,7 @@ class HostOps:
         return x
 
     def rmsnorm(self, x, w, eps, out):
-        kernels.rmsnorm_rows(x, w, eps, out)
+        kernels.layer_ops().rmsnorm_rows(x, w, eps, out)
 
     def linear(self, w, x, out, bias=None, accumulate=False):
         """out (T, d) (+)= x (T, n) @ W.T (+ bias)."""
@@ -286,17 +286,17 @@ class HostOps:
         return outs
 
     def rope(self, x3, start: int):
-        kernels.rope(x3, start, self.cos, self.sin)
+        kernels.layer_ops().rope(x3, start, self.cos, self.sin)
 
     def attention(self, i: int, q3, k3, v3, start: int, att3):
         """Append k, v (T, Hkv, D) to layer i's cache at `start`; att = causal attention of q."""
         st, T = self.st, q3.shape[0]
         st.key_cache[i, :, start:start + T] = k3.transpose(1, 0, 2)          # rounded to f16
         st.value_cache[i, :, start:start + T] = v3.transpose(1, 0, 2)
-        kernels.attention(q3, st.key_bits[i], st.value_bits[i], start, att3, st.scores)
+        kernels.layer_ops().attention(q3, st.key_bits[i], st.value_bits[i], start, att3, st.scores)
 
     def silu_mul(self, gate, up, out):
-        kernels.silu_mul(gate, up, out)
+        kernels.layer_ops().silu_mul(gate, up, out)
 
     def logits(self, lm_head, x, out):
         _linear(lm_head, x, out)

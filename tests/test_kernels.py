@@ -39,18 +39,25 @@ def test_rmsnorm(rng):
     np.testing.assert_allclose(out, x / np.sqrt(np.mean(x * x) + 1e-6) * w, rtol=1e-5, atol=1e-6)
 
 
-def test_rmsnorm_rows(rng):
+# the layer ops: the Numba kernels and their NumPy stand-ins for a cold JIT cache (same contract)
+LAYER_OPS = pytest.mark.parametrize("ops", [K, K.NumpyLayerOps], ids=["numba", "numpy"])
+
+
+@LAYER_OPS
+def test_rmsnorm_rows(rng, ops):
     X, w = randn(rng, 7, 45, scale=3.0), randn(rng, 45)
     out = np.empty_like(X)
-    K.rmsnorm_rows(X, w, 1e-5, out)
+    ops.rmsnorm_rows(X, w, 1e-5, out)
     ref = X / np.sqrt(np.mean(X * X, axis=1, keepdims=True) + 1e-5) * w
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_silu_mul_and_add(rng):
+@LAYER_OPS
+def test_silu_mul_and_add(rng, ops):
     g, u = randn(rng, 3, 37, scale=8.0), randn(rng, 3, 37)
+    g[0, :3] = [-100.0, 100.0, -88.5]          # exp overflows: silu is -0 / g
     out = np.empty_like(g)
-    K.silu_mul(g, u, out)
+    ops.silu_mul(g, u, out)
     g64 = g.astype(np.float64)
     np.testing.assert_allclose(out, g64 / (1 + np.exp(-g64)) * u, rtol=1e-5, atol=1e-6)
     x, y = randn(rng, 37), randn(rng, 37)
@@ -79,14 +86,15 @@ def hf_rope(x, positions, inv_freq):
     return x * cos + rot * sin
 
 
-def test_rope_matches_hf(rng):
+@LAYER_OPS
+def test_rope_matches_hf(rng, ops):
     T, H, D, theta = 5, 3, 8, 10000.0
     x = randn(rng, T, H, D)
     start = 13
     cos, sin = K.rope_tables(D, 32, theta, None)
     inv = 1.0 / theta ** (np.arange(0, D, 2) / D)
     ref = hf_rope(x.astype(np.float64), np.arange(start, start + T), inv)
-    K.rope(x, start, cos, sin)
+    ops.rope(x, start, cos, sin)
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -169,6 +177,14 @@ def test_attention(rng, threads, T, H, Hkv, D, start, C):
     finally:
         K.ATTN_PAR_MIN = old
     np.testing.assert_allclose(out2, ref, rtol=1e-4, atol=1e-5)
+    # the NumPy stand-in (cold JIT cache), on float32 and on the model's f16-bits cache
+    K.NumpyLayerOps.attention(q, k, v, start, out2)
+    np.testing.assert_allclose(out2, ref, rtol=1e-4, atol=1e-5)
+    with np.errstate(over="ignore"):            # the 1e6 garbage tail becomes inf: still ignored
+        kb, vb = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+    K.attention(q, kb, vb, start, out)
+    K.NumpyLayerOps.attention(q, kb, vb, start, out2)
+    np.testing.assert_allclose(out2, out, rtol=1e-4, atol=1e-5)
 
 
 # --- dense codec --------------------------------------------------------------------------
@@ -311,11 +327,13 @@ def test_cold_cache_runs_serial_kernels_until_the_child_is_done(rng, monkeypatch
         X, out = randn(rng, 8, 48), np.full((8, 64), np.nan, np.float32)
         lin.matmul(X, out)
         assert batched == [] and not finished and lin.threads_for(True) == 1 and not K.full_kernels_ready()
+        assert K.layer_ops() is K.NumpyLayerOps
         np.testing.assert_allclose(out, X @ codec.decode(parts, params).T, rtol=1e-4, atol=1e-4)
         child.stdin.close()
         child.wait()
         lin.matmul(X, out)
         assert batched == [8] and finished == [True] and lin.threads_for(True) == 2
+        assert K.layer_ops() is K
     finally:
         child.kill()
         K._pending = None

@@ -42,8 +42,13 @@ def check_model(m, ref, ids, n_greedy=12):
         assert expected[len(got)] in m.stop_ids
 
 
+@pytest.mark.parametrize("ops", ["numba", "numpy"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_tiny_matches_transformers(arch, tiny_dir, tmp_path):
+def test_tiny_matches_transformers(arch, ops, tiny_dir, tmp_path, monkeypatch):
+    """ops "numpy": the layer ops' NumPy stand-ins that run while a cold JIT cache compiles."""
+    if ops == "numpy":
+        from edgerun import kernels
+        monkeypatch.setattr(kernels, "layer_ops", lambda: kernels.NumpyLayerOps)
     src = tiny_dir(arch)
     out = tmp_path / "tiny.ebin"
     pack(src, out, dtype="f32")
