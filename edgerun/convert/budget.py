@@ -37,6 +37,7 @@ from ..codecs import codec_class, codec_names, describe_rule, parse_rule
 from ..config import ModelConfig, tensor_shapes
 from ..ebin import ALIGN
 from ..errors import EdgerunError
+from .pack import GroupTotals
 
 CHOSEN = ("embed", "attention", "ffn", "head")     # groups the chooser sets ("vectors" stay f32)
 VECTORS_RULE = {"codec": "dense", "params": {"dtype": "f32"}}
@@ -78,7 +79,7 @@ def _tensor_cost(name: str, shape: tuple, rule: dict) -> tuple[int, int, int] | 
 
 
 @dataclass
-class RecipeSize:
+class RecipeSize(GroupTotals):
     """The exact bytes a recipe stores for a model (formats/ebin.md)."""
     group_params: dict = field(default_factory=lambda: defaultdict(int))
     group_bytes: dict = field(default_factory=lambda: defaultdict(int))
@@ -86,21 +87,8 @@ class RecipeSize:
     manifest_bound: int = 0        # an upper bound of the manifest's length
 
     @property
-    def parameters(self) -> int:
-        return sum(self.group_params.values())
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(self.group_bytes.values())
-
-    @property
     def file_bound(self) -> int:
         return self.data_bytes + self.manifest_bound
-
-    def bits(self, groups=None) -> float:
-        """Bits/weight over `groups` (default: every weight)."""
-        groups = [g for g in (groups or list(self.group_params)) if self.group_params.get(g)]
-        return 8 * sum(self.group_bytes[g] for g in groups) / max(1, sum(self.group_params[g] for g in groups))
 
 
 def manifest_overhead(meta) -> int:

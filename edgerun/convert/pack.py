@@ -161,13 +161,8 @@ def array_name(tensor: str, part: str) -> str:
     return tensor if part == "weight" else tensor.rsplit(".", 1)[0] + "." + part
 
 
-@dataclass
-class PackSummary:
-    path: Path
-    file_bytes: int
-    seconds: float
-    group_params: dict = field(default_factory=dict)
-    group_bytes: dict = field(default_factory=dict)
+class GroupTotals:
+    """Parameters and stored bytes per tensor group (`group_params`, `group_bytes`: dicts)."""
 
     @property
     def parameters(self) -> int:
@@ -177,9 +172,23 @@ class PackSummary:
     def weight_bytes(self) -> int:
         return sum(self.group_bytes.values())
 
+    def bits(self, groups=None) -> float:
+        """Bits/weight over `groups` (default: every weight)."""
+        groups = [g for g in (groups or list(self.group_params)) if self.group_params.get(g)]
+        return 8 * sum(self.group_bytes[g] for g in groups) / max(1, sum(self.group_params[g] for g in groups))
+
+
+@dataclass
+class PackSummary(GroupTotals):
+    path: Path
+    file_bytes: int
+    seconds: float
+    group_params: dict = field(default_factory=dict)
+    group_bytes: dict = field(default_factory=dict)
+
     @property
     def bits_per_weight(self) -> float:
-        return self.weight_bytes * 8 / max(self.parameters, 1)
+        return self.bits()
 
     def __str__(self):
         groups = ", ".join(f"{g} {self.group_bytes[g] * 8 / self.group_params[g]:.2f}"
