@@ -57,8 +57,7 @@ class HessianAccumulator:
     alone took most of a layer's ten minutes (BENCHMARKS.md, pack time). Only the lower block
     triangle is multiplied (column panels of PANEL, BLAS gemm on the kernel threads): NumPy's
     `B.T @ B` costs a full gemm. `hessian()` mirrors it. The sum is float32 (a dozen batch sums
-    per layer; the encoders factor in float64), half the memory of the 1.5B's largest Hessian
-    (321 MB)."""
+    per layer), half the memory of float64 for the 1.5B's largest Hessian (321 MB)."""
 
     BUFFER_BYTES = 32 << 20
     PANEL = 512

@@ -16,23 +16,36 @@ def inverse_cholesky(H: np.ndarray, percdamp: float, perm: np.ndarray | None = N
     padded with zero rows/columns to `size`, after zeroing dead inputs (H'_jj <= 0, their
     diagonal set to 1): -> U (size, size) float32, dead (size,) bool.
 
-    One float64 size×size buffer and panel-sized temporaries: with J the reversal, U = J M⁻¹ J
-    where J H' J = M Mᵀ (lower Cholesky), so a Cholesky and a triangular inverse, both blocked
-    and in place, replace GPTQ's Cholesky, inverse, product and second Cholesky (a quarter of
-    the flops; for the 1.5B model's down_proj, n = 8960, 4 GB of temporaries became none)."""
+    One size×size buffer, which becomes U, and panel-sized temporaries: with J the reversal,
+    U = J M⁻¹ J where J H' J = M Mᵀ (lower Cholesky), so a Cholesky and a triangular inverse,
+    both blocked and in place, replace GPTQ's Cholesky, inverse, product and second Cholesky (a
+    quarter of the flops; for the 1.5B model's down_proj, n = 8960, 4 GB of temporaries became
+    none). In float32, as GPTQ's reference code factors (the damping bounds the condition
+    number): half the memory and time of float64 (BENCHMARKS.md, pack time)."""
     n = H.shape[0]
     N = n if size is None else size
     rev = (np.arange(n) if perm is None else np.asarray(perm))[::-1]
-    A = np.zeros((N, N))             # J H' J: padded columns (logically last) come first
+    A = np.zeros((N, N), np.float32)    # J H' J: padded columns (logically last) come first
     for r in range(0, n, BLOCK):
-        A[N - n + r:N - n + r + BLOCK, N - n:] = np.asarray(H[rev[r:r + BLOCK]][:, rev], np.float64)
+        A[N - n + r:N - n + r + BLOCK, N - n:] = H[rev[r:r + BLOCK]][:, rev]
     diag = np.einsum("ii->i", A)     # a view: writes go to A
     dead = diag <= 0
     diag[dead] = 1.0
-    diag += percdamp * np.mean(np.abs(diag))
+    diag += np.float32(percdamp * np.mean(np.abs(diag), dtype=np.float64))
     _cholesky_lower(A)
     _invert_lower(A)
-    return np.ascontiguousarray(A[::-1, ::-1], dtype=np.float32), dead[::-1].copy()
+    _reverse_in_place(A.reshape(-1))  # J M⁻¹ J: both axes reversed is the flat order reversed
+    return A, dead[::-1].copy()
+
+
+def _reverse_in_place(a: np.ndarray, chunk: int = 1 << 20) -> None:
+    """a (m,) -> a[::-1], swapping chunks from both ends (NumPy's a[:] = a[::-1] copies all of a)."""
+    m = a.shape[0]
+    for k in range(0, m // 2, chunk):
+        c = min(chunk, m // 2 - k)
+        lo = a[k:k + c].copy()
+        a[k:k + c] = a[m - k - c:m - k][::-1]
+        a[m - k - c:m - k] = lo[::-1]
 
 
 def _cholesky_lower(A: np.ndarray) -> None:
@@ -72,7 +85,7 @@ def _invert_lower(L: np.ndarray) -> None:
 
             def rows(span):       # rows r0..r1 of X21; X22's column panel c is zero above row c
                 r0, r1 = span
-                T = np.zeros((r1 - r0, j1 - j))
+                T = np.zeros((r1 - r0, j1 - j), L.dtype)
                 for c in range(j1, r1, BLOCK):
                     c1 = min(n, c + BLOCK)
                     a = max(c, r0)
