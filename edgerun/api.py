@@ -233,7 +233,8 @@ class Model:
                 self._log_plan(p, log, verbose)
                 read_parts = None if p.order is None else prefix_reader(ebin, p.order, p.blocks)
                 weights = Weights.from_ebin(ebin, self.config, progress=lambda done, total: report(done / total),
-                                            read_parts=read_parts, total=p.weights - p.ffn_bytes)
+                                            read_parts=read_parts, total=p.weights - p.ffn_bytes,
+                                            mapped=p.mapped)
                 self._stack = None if p.order is None else BlockStack(
                     p.order, manifest, {name: weights[name] for name in p.order.stacked}, p.blocks)
             self.weight_bytes = weights.nbytes

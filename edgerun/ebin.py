@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import stat
 import struct
@@ -437,6 +438,23 @@ class EbinFile:
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(f"read_into {name!r}: out must be C-contiguous and writable")
         self._read_checked(a, out, verify)
+
+    def map(self, name: str, verify: bool = True) -> tuple[np.ndarray, mmap.mmap | None]:
+        """Array `name` as a mapping of the file, and the mapping: only the pages a reader touches
+        become resident, as clean file pages (`mmap.madvise(MADV_DONTNEED)` hands them back).
+        Copy-on-write, so the array is an ordinary writable one to NumPy and Numba (a read-only
+        array would be another type to compile kernels for); nothing writes to it. Its crc32 is
+        checked first unless `verify` is False (one pass through a small buffer, page cache
+        dropped): what the mapping then reads is what was checked, unless the file changes."""
+        a = self.info(name)
+        if verify:
+            self.verify(names=[name], chunk=4 << 20)
+        dtype = np.dtype(a.dtype).newbyteorder("<")
+        if not a.length:
+            return np.zeros(a.shape, dtype), None
+        start = a.offset - a.offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self._fd, a.end - start, access=mmap.ACCESS_COPY, offset=start)
+        return np.frombuffer(mm, dtype, a.length // dtype.itemsize, a.offset - start).reshape(a.shape), mm
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) along axis 0 as a new array: one contiguous read (streaming).

@@ -12,6 +12,7 @@ one forward pass calls: each layer runs on a device's ops (`HostOps` here; edger
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,33 @@ def load_tensor(entry: dict, parts: dict):
     return np.ascontiguousarray(codec.decode(parts, entry["params"]), dtype=np.float32)
 
 
+class MappedRows:
+    """An embedding whose row parts are mapped from the file (plan.mapped_parts): a lookup reads
+    its row's pages, and every MAPPED_LOOKUPS lookups the pages touched are handed back (clean
+    file pages: they stay in the page cache), so the mapping holds a few rows' pages of RSS
+    instead of the whole matrix. Reading the file while another program truncates it is the
+    risk every mapping takes (SIGBUS): a loaded pack must not be rewritten in place (pack
+    writes a new file and renames it)."""
+
+    def __init__(self, linear, maps: list):
+        from .plan import MAPPED_LOOKUPS
+        self.linear, self.maps, self.every, self.lookups = linear, maps, MAPPED_LOOKUPS, 0
+        self.shape = linear.shape
+        self.release()              # what loading and checking the parts touched
+
+    def row(self, i: int, out) -> None:
+        """out (n,) = row i of the weight (as the codec's row)."""
+        self.linear.row(i, out)
+        self.lookups += 1
+        if self.lookups >= self.every:
+            self.release()
+
+    def release(self) -> None:
+        for mm in self.maps:
+            mm.madvise(mmap.MADV_DONTNEED)
+        self.lookups = 0
+
+
 class Weights:
     """Every tensor of the model by HF name."""
 
@@ -138,9 +166,11 @@ class Weights:
             self.tensors["lm_head.weight"] = self.tensors["model.embed_tokens.weight"]
 
     @classmethod
-    def from_ebin(cls, ebin, cfg: ModelConfig, progress=None, read_parts=None, total: int | None = None) -> "Weights":
+    def from_ebin(cls, ebin, cfg: ModelConfig, progress=None, read_parts=None, total: int | None = None,
+                  mapped: dict | None = None) -> "Weights":
         """Read every tensor; `read_parts(name, entry) -> {part: array}` may read a subset (e.g. a
-        BitStack prefix); `progress(done_bytes, total_bytes)` after each tensor."""
+        BitStack prefix); `mapped` {tensor: parts} are left in the file (plan.mapped_parts,
+        MappedRows); `progress(done_bytes, total_bytes)` after each tensor."""
         entries = ebin.manifest["tensors"]
         if total is None:
             total = sum(ebin.arrays[a].length for e in entries.values() for a in e["parts"].values())
@@ -150,14 +180,18 @@ class Weights:
         for name, entry in entries.items():
             # every array's crc32 is checked as it is read (EbinFile.read), the index parts'
             # contents before the codec builds its kernels' view, the result's shape after
-            if read_parts is not None:
+            in_file = (mapped or {}).get(name, ())
+            maps = {p: ebin.map(a) for p, a in entry["parts"].items() if p in in_file}
+            if read_parts is not None and not maps:
                 parts = read_parts(name, entry)
             else:
-                parts = {p: ebin.read(a) for p, a in entry["parts"].items()}
+                parts = {p: maps[p][0] if p in maps else ebin.read(a) for p, a in entry["parts"].items()}
             check_parts(ebin.path, name, entry, parts)
             tensors[name] = load_tensor(entry, parts)
             check_linear(ebin.path, name, entry, tensors[name])
-            done += sum(a.nbytes for a in parts.values())
+            if maps:
+                tensors[name] = MappedRows(tensors[name], [mm for _, mm in maps.values() if mm is not None])
+            done += sum(a.nbytes for p, a in parts.items() if p not in maps)
             if progress is not None:
                 progress(min(done, total), total)
         return cls(tensors, cfg, nbytes=done)

@@ -30,6 +30,25 @@ PACK_LADDER = (("--codec spqr --bits 4", "spqr4", 4.96), ("--codec spqr --bits 3
                ("--codec cluster --bits 4", "cluster4", 4.57), ("--codec cluster --bits 3", "cluster3", 3.77))
 
 
+EMBEDDING = "model.embed_tokens.weight"
+# A mapped embedding hands its touched pages back every MAPPED_LOOKUPS lookups (model.MappedRows);
+# a page fault maps up to FAULT_AROUND bytes of cached file pages around the faulting one (Linux)
+MAPPED_LOOKUPS = 32
+FAULT_AROUND = 64 << 10
+
+
+def mapped_parts(manifest: dict, cfg) -> dict[str, tuple]:
+    """tensor -> the parts that stay in the file, mapped (model.MappedRows): the token
+    embedding's row parts (Codec.row_parts) when the output head is a tensor of its own, so that
+    the embedding is only looked up, one row a token (llama.cpp maps its whole file likewise)."""
+    from .codecs import codec_class
+    entry = manifest["tensors"].get(EMBEDDING)
+    if entry is None or cfg.tie_word_embeddings:
+        return {}
+    rows = tuple(p for p in codec_class(entry["codec"]).row_parts if p in entry["parts"])
+    return {EMBEDDING: rows} if rows else {}
+
+
 def tensor_group(name: str) -> str:
     return next((group for group, key in GROUPS if key in name), "other")
 
@@ -67,6 +86,8 @@ class Plan:
     ffn: object = None           # flash layout: streaming.StreamingPlan (resident or streamed)
     stream_args: dict = field(default_factory=dict)   # what built `ffn` (streaming.attach takes them again)
     gpu: GpuPlan | None = None   # CUDA offload
+    mapped: dict = field(default_factory=dict)   # tensor -> parts left in the file (mapped_parts) ...
+    mapped_bytes: int = 0                        # ... and their size there
     minimum: int = 0             # the least --ram any plan of this pack needs at this context
 
     @property
@@ -82,9 +103,16 @@ class Plan:
         return sum(self.parts.values()) + self.stack_bytes + self.ffn_bytes
 
     @property
+    def mapped_pages(self) -> int:
+        """RSS of the mapped parts: the pages of the last MAPPED_LOOKUPS rows, each part's
+        fault-around at most."""
+        return MAPPED_LOOKUPS * FAULT_AROUND * sum(len(parts) for parts in self.mapped.values())
+
+    @property
     def resident(self) -> int:
         """Everything but the FFN's streaming buffers: runtime, fixed weights, KV cache, scratch."""
-        return self.runtime + sum(self.parts.values()) + self.stack_bytes + self.kv_cache + self.scratch + HEADROOM_BYTES
+        return (self.runtime + sum(self.parts.values()) + self.mapped_pages + self.stack_bytes + self.kv_cache
+                + self.scratch + HEADROOM_BYTES)
 
     @property
     def total(self) -> int:
@@ -97,6 +125,9 @@ class Plan:
     def lines(self) -> list[str]:
         rows = [("runtime (measured: interpreter, libraries, JIT code, tokenizer)", self.runtime)]
         rows += [(f"weights: {g}", n) for g, n in self.parts.items() if n]
+        if self.mapped:
+            rows.append((f"embedding rows read through a mapping of the file ({fmt(self.mapped_bytes)} there)",
+                         self.mapped_pages))
         if self.order is not None:
             rows.append((f"weights: BitStack blocks ({self.blocks} of {self.order.total})", self.stack_bytes))
         if self.ffn is not None:
@@ -132,13 +163,16 @@ def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, kv_d
     cfg = ModelConfig.from_dict(manifest["config"])
     sizes = array_bytes(manifest)
     order = BlockOrder(manifest) if manifest.get("bitstack") else None
-    blocks = set() if order is None else order.block_arrays
+    mapped = mapped_parts(manifest, cfg)
+    in_file = {manifest["tensors"][t]["parts"][part] for t, ps in mapped.items() for part in ps}
+    skip = in_file | (set() if order is None else order.block_arrays)
     parts: dict[str, int] = {}
     for name, entry in manifest["tensors"].items():
-        n = sum(sizes[a] for a in entry["parts"].values() if a not in blocks)
+        n = sum(sizes[a] for a in entry["parts"].values() if a not in skip)
         parts[tensor_group(name)] = parts.get(tensor_group(name), 0) + n
     scratch, kv = RunState.nbytes(cfg, context, chunk, kv_dtype)
-    p = Plan(context, budget, runtime, parts, kv, scratch, kv_dtype, order=order,
+    p = Plan(context, budget, runtime, parts, kv, scratch, kv_dtype, order=order, mapped=mapped,
+             mapped_bytes=sum(sizes[a] for a in in_file),
              blocks=order.minimum if order else 0,      # the least first: what must fit
              stream_args=dict(mode=stream or "auto", criterion=criterion or "off", threads=threads))
     least_ffn = 0
@@ -240,6 +274,8 @@ def refusal(p: Plan, manifest: dict, cfg, least_ffn: int) -> BudgetError:
                   f"the window's buffers are {mib_ceil(need - B)} short")
     else:
         items = [(g, n) for g, n in p.parts.items() if n]
+        if p.mapped:
+            items.append(("embedding rows (mapped)", p.mapped_pages))
         if p.order is not None:
             items.append(("BitStack blocks", p.stack_bytes))
         items += [("runtime", p.runtime), ("KV cache", p.kv_cache), ("scratch and headroom", p.scratch + HEADROOM_BYTES)]

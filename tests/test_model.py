@@ -112,3 +112,43 @@ def test_smollm2_matches_transformers(source, smollm2_hf, smollm2_gguf, tmp_path
         step = [tf.forward(ids[:5], 0).copy()] + [tf.forward([i], pos).copy() for pos, i in enumerate(ids[5:], 5)]
         err = np.abs(np.stack(step) - theirs[4:]).max()
         assert 0 < err <= 0.1, err
+
+
+def test_mapped_embedding_reads_rows_and_hands_their_pages_back(tmp_path):
+    """An untied embedding's rows stay in the file (plan.mapped_parts): MappedRows gives the same
+    rows as the loaded matrix, and the pages its lookups touch are handed back every
+    MAPPED_LOOKUPS lookups, so a whole pass over a 64 MiB matrix leaves RSS near where it was
+    (a plain mapping keeps every page it touched)."""
+    import psutil
+    from edgerun.codecs import get_codec
+    from edgerun.ebin import EbinFile, EbinWriter
+    from edgerun.model import MappedRows
+    rng = np.random.default_rng(0)
+    V, d = 4096, 4096
+    w = rng.standard_normal((V, d), dtype=np.float32)
+    with EbinWriter(tmp_path / "e.ebin") as wr:
+        wr.add_array("embed", w)
+        wr.close({"tensors": {}})
+    del w
+    dense, params = get_codec("dense"), {"dtype": "f32"}
+    rss = lambda: psutil.Process().memory_info().rss      # noqa: E731
+    out = np.empty(d, np.float32)
+    with EbinFile(tmp_path / "e.ebin") as e:
+        arr, mm = e.map("embed")
+        ref = np.array(arr[[0, 1234, V - 1]])
+        emb = MappedRows(dense.load({"weight": arr}, params), [mm])
+        before = rss()
+        for i in range(V):
+            emb.row(i, out)
+        grown = rss() - before
+        for k, i in enumerate([0, 1234, V - 1]):
+            emb.row(i, out)
+            np.testing.assert_array_equal(out, ref[k])
+        arr2, mm2 = e.map("embed")           # the same without handing pages back
+        before = rss()
+        for i in range(V):
+            out[:] = arr2[i]
+        kept = rss() - before
+        del arr2
+        mm2.close()
+    assert kept > 48 * 2**20 and grown < 8 * 2**20, (kept, grown)

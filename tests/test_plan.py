@@ -5,18 +5,19 @@ import pytest
 
 from edgerun.cuda import CudaError
 from edgerun.errors import BudgetError
-from edgerun.plan import HEADROOM_BYTES, device_scratch_bytes, kv_bytes, layers_on_device, plan
+from edgerun.plan import (FAULT_AROUND, HEADROOM_BYTES, MAPPED_LOOKUPS, device_scratch_bytes, kv_bytes,
+                          layers_on_device, plan)
 
 MiB = 2**20
 RUNTIME = 40 * MiB
 CTX = 256
 
 
-def manifest(L=2, d=256, f=768, V=4000, flash=False, blocks=0, block_bytes=20_000, itemsize=4):
+def manifest(L=2, d=256, f=768, V=4000, flash=False, blocks=0, block_bytes=20_000, itemsize=4, tied=False):
     """A manifest with the arrays table a pack writes (only the sizes matter to the plan)."""
     cfg = dict(architectures=["LlamaForCausalLM"], hidden_size=d, intermediate_size=f, num_hidden_layers=L,
                num_attention_heads=4, num_key_value_heads=2, vocab_size=V, max_position_embeddings=4096,
-               rms_norm_eps=1e-5, tie_word_embeddings=False)
+               rms_norm_eps=1e-5, tie_word_embeddings=tied)
     tensors, arrays = {}, {}
 
     def add(name, shape, parts):
@@ -27,7 +28,8 @@ def manifest(L=2, d=256, f=768, V=4000, flash=False, blocks=0, block_bytes=20_00
             tensors[name]["parts"][part] = array
 
     add("model.embed_tokens.weight", (V, d), {"weight": V * d * itemsize})
-    add("lm_head.weight", (V, d), {"weight": V * d * itemsize})
+    if not tied:
+        add("lm_head.weight", (V, d), {"weight": V * d * itemsize})
     add("model.norm.weight", (d,), {"weight": 4 * d})
     stacked = []
     for i in range(L):
@@ -59,15 +61,30 @@ def weights_of(m):
 
 
 def test_fits_resident_and_accounts_every_part():
-    m = manifest()
+    m = manifest(tied=True)
     p = plan(m, None, CTX, RUNTIME)
-    assert p.ffn is None and p.order is None and p.gpu is None
+    assert p.ffn is None and p.order is None and p.gpu is None and p.mapped == {}
     assert p.weights == weights_of(m)
     assert p.total == RUNTIME + p.weights + p.kv_cache + p.scratch + HEADROOM_BYTES == p.minimum
-    assert set(p.parts) >= {"embeddings", "output head", "attention", "feed-forward", "norms"}
+    assert set(p.parts) >= {"embeddings", "attention", "feed-forward", "norms"}
     assert plan(m, p.total, CTX, RUNTIME).total == p.total          # exactly the minimum fits
     text = "\n".join(p.lines())
     assert "weights: embeddings" in text and "KV cache (f16, context 256)" in text
+
+
+def test_untied_embedding_rows_stay_in_the_file():
+    """An embedding that is only looked up (the head is its own tensor) is mapped, not read: the
+    plan counts the pages of the last MAPPED_LOOKUPS rows, not the matrix (model.MappedRows)."""
+    m = manifest()
+    p = plan(m, None, CTX, RUNTIME)
+    assert p.mapped == {"model.embed_tokens.weight": ("weight",)}
+    embed = m["arrays"]["model.embed_tokens.weight"]["length"]
+    assert p.weights == weights_of(m) - embed and p.mapped_pages == MAPPED_LOOKUPS * FAULT_AROUND
+    assert p.total == RUNTIME + p.weights + p.mapped_pages + p.kv_cache + p.scratch + HEADROOM_BYTES
+    assert "embedding rows read through a mapping of the file (3.9 MiB there)" in "\n".join(p.lines())
+    # a codec without row parts (BitStack's blocks span rows) is read as before
+    m["tensors"]["model.embed_tokens.weight"]["codec"] = "bitstack"
+    assert plan(m, None, CTX, RUNTIME).mapped == {}
 
 
 def test_refusal_names_the_minimum_and_a_pack_that_fits():
@@ -78,7 +95,8 @@ def test_refusal_names_the_minimum_and_a_pack_that_fits():
         plan(m, budget, CTX, RUNTIME)
     msg = str(e.value)
     assert e.value.minimum_bytes == need and f"--ram {-(-need // MiB)}MiB" in msg
-    assert "the model needs at least" in msg and "embeddings" in msg and "output head" in msg and "runtime" in msg
+    assert "the model needs at least" in msg and "embedding rows (mapped)" in msg and "output head" in msg \
+        and "runtime" in msg
     assert "`edgerun pack tiny.gguf -o tiny-spqr4.ebin --codec spqr --bits 4`" in msg
 
 
@@ -115,7 +133,7 @@ def test_flash_refusal_names_the_part_that_does_not_fit():
         plan(m, resident - 1, CTX, RUNTIME)
     msg = str(e.value)
     assert "the resident part (all but the streamed FFN) alone needs" in msg
-    assert "embeddings" in msg and "output head" in msg and "attention" in msg and "runtime" in msg
+    assert "embedding rows" in msg and "output head" in msg and "attention" in msg and "runtime" in msg
     assert e.value.minimum_bytes == p.minimum
 
 

@@ -36,12 +36,13 @@ def build(path, context, budget=None, mode="auto", criterion="off", window=4, ba
     from edgerun.ebin import EbinFile
     from edgerun.memory import HEADROOM_BYTES, current_rss
     from edgerun.model import RunState, Transformer, Weights
+    from edgerun.plan import mapped_parts
     with EbinFile(path) as e:
         man = e.manifest
         cfg = ModelConfig.from_dict(man["config"])
         warm_up_kernels(e)             # includes streaming.warm_up for flash packs
         runtime = current_rss() if baseline is None else baseline
-        w = Weights.from_ebin(e, cfg)
+        w = Weights.from_ebin(e, cfg, mapped=mapped_parts(man, cfg))   # as edgerun.load
     scratch, kv = RunState.nbytes(cfg, context, 64)
     ffn_budget = 1 << 40 if budget is None else budget - runtime - w.nbytes - scratch - kv - HEADROOM_BYTES
     tf = Transformer(cfg, w, context, 64)

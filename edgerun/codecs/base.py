@@ -38,6 +38,9 @@ class Codec:
     # parts "block.i" form an ordered stack that pack writes last, in a global importance order
     # (`block_importance`), and a model may load any prefix of (BitStack)
     stacked: bool = False
+    # parts whose row i holds row i's data and nothing else: an embedding that is only looked up
+    # (not the output head) leaves these in the file and reads a token's row on demand (plan.py)
+    row_parts: tuple = ()
 
     def __init_subclass__(cls, name: str | None = None, **kw):
         super().__init_subclass__(**kw)

@@ -22,6 +22,7 @@ class ClusterCodec(Codec, name="cluster"):
     "gptq": True, "percdamp": 0.01}. Recipe rule `cluster:BITS` (outliers 0.3%)."""
 
     arg, default_arg, arg_range = "bits", 4, (2, 8)
+    row_parts = ("codes",)
     example_params = ({"bits": 3}, {"bits": 4, "outliers": 0.01}, {"bits": 5, "group_rows": 2},
                       {"bits": 8})
 

@@ -19,6 +19,7 @@ class DenseCodec(Codec, name="dense"):
 
     arg, default_arg, arg_range = "dtype", "f16", DTYPES
     shorthands = DTYPES
+    row_parts = ("weight",)
     calibrated = False
     example_params = ({"dtype": "f32"}, {"dtype": "f16"}, {"dtype": "bf16"})
 

@@ -22,6 +22,7 @@ class SpQRCodec(Codec, name="spqr"):
     "permute": "act_order" | None, "percdamp": 0.01, "blocksize": 128}. Recipe rule `spqr:BITS`."""
 
     arg, default_arg, arg_range = "bits", 4, (2, 4)
+    row_parts = ("codes", "stat_codes")
     example_params = ({"bits": 2}, {"bits": 3}, {"bits": 4, "outlier_threshold": 0.05},
                       {"bits": 3, "permute": None, "stat_group": 8})
 
