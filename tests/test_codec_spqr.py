@@ -131,10 +131,12 @@ def test_kernels_match_decode(bits, d, n, threads, monkeypatch):
         np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         # and int8 activations with one scale per 16 cost well under the 4-bit weights' own error
         assert np.abs(out - ref @ x).max() <= 0.02 * np.abs(ref @ x).max()
-        for T in (3, 9):
+        # matmul: int8 activations as the matvec's for every T (a loop of matvecs below
+        # matmul_min_t); T = 9, 11 leave 1 and 3 tokens past whole token blocks
+        for T in (3, 9, 11):
             Y = np.empty((T, d), np.float32)
             lin.matmul(X[:T], Y)
-            Xq = X[:T] if T >= lin.matmul_min_t else np.stack([quantize_activations(v, parts["perm"]) for v in X[:T]])
+            Xq = np.stack([quantize_activations(v, parts["perm"]) for v in X[:T]])
             np.testing.assert_allclose(Y, Xq @ ref.T, rtol=1e-4, atol=1e-4 * np.abs(Y).max())
         row = np.empty(n, np.float32)
         for i in (0, d - 1):
