@@ -373,11 +373,12 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     return types.none(codes, stq, xc, sf, out, i0, i1, G, sbits, bits), codegen
 
 
-def _mm_tile_ir(builder, R, K, i, t, pc0, ps0, px, xstride, psf, po, d, G, bits, smask, sshift):
+def _mm_tile_ir(builder, R, K, i, t, pc0, ps0, px, xstride, psf, po, d, G, bits, smask, sshift,
+                full=True, tail=True):
     """IR: po[(t + k)·d + i + r] = Σ_j W'[i + r, j] x'_{t + k}[j] (no outliers) for r < R rows and
-    k < K tokens, full chunks and the masked tail chunk alike: each chunk's codes and stats are
-    unpacked once for the K tokens, each token's x load serves the R rows. px: xc of token 0,
-    xstride floats apart."""
+    k < K tokens over the full chunks and/or the masked tail chunk (without the full chunks, +=
+    the tail's part): each chunk's codes and stats are unpacked once for the K tokens, each
+    token's x load serves the R rows. px: xc of token 0, xstride floats apart."""
     i64 = G.type
     rowb = builder.mul(G, ir.Constant(i64, 2 * bits))
     rows = [builder.add(i, ir.Constant(i64, r)) for r in range(R)]
@@ -403,12 +404,13 @@ def _mm_tile_ir(builder, R, K, i, t, pc0, ps0, px, xstride, psf, po, d, G, bits,
                 v = builder.fadd(_lanes(builder, v, 0, 8), _lanes(builder, v, 8, 8), flags=_FAST)
                 builder.store(builder.fadd(builder.load(acc[r][k]), v, flags=_FAST), acc[r][k])
 
-    _chunks_ir(builder, G, bits, body)
+    _chunks_ir(builder, G, bits, body, full, tail)
     for r in range(R):
         for k in range(K):
-            v = builder.shuffle_vector(builder.load(acc[r][k]), ir.Constant(v8, [0.0] * 8), _mask(range(16)))
-            builder.store(_hsum(builder, v),
-                          _gep(builder, po, builder.add(builder.mul(toks[k], d), rows[r]), _F32))
+            v = _hsum(builder, builder.shuffle_vector(builder.load(acc[r][k]), ir.Constant(v8, [0.0] * 8),
+                                                      _mask(range(16))))
+            p = _gep(builder, po, builder.add(builder.mul(toks[k], d), rows[r]), _F32)
+            builder.store(v if full else builder.fadd(builder.load(p), v, flags=_FAST), p)
 
 
 @intrinsic(prefer_literal=True)
@@ -435,11 +437,25 @@ def _mm_block(typingctx, codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits
             return builder.add(start, builder.mul(n, ir.Constant(i64, step)))
 
         def emit(bits):
-            def rows(R, i):
+            def rows(R, i, full=True, tail=False):
                 tile = lambda K: lambda t: _mm_tile_ir(builder, R, K, i, t, pc, ps, px, xstride, psf, po, d,  # noqa: E731
-                                                       G_v, bits, smask, sshift)
+                                                       G_v, bits, smask, sshift, full, tail)
                 groups(1, groups(MM_TOKENS, t0_v, t1_v, tile(MM_TOKENS)), t1_v, tile(1))
+            # full chunks, then the tail chunk as _dot_block does it: rows packed 16 // w to a
+            # vector for tails of w = 4 or 8 groups (one token at a time), the rest masked
             groups(1, groups(MM_ROWS, i0_v, i1_v, lambda i: rows(MM_ROWS, i)), i1_v, lambda i: rows(1, i))
+            w = builder.and_(G_v, ir.Constant(i64, 15))
+            start = cgutils.alloca_once_value(builder, i0_v)
+            for wc in (4, 8):
+                with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
+                    def packed(t, wc=wc):
+                        tok = lambda p, n: _gep(builder, p, builder.mul(t, n), _F32)    # noqa: E731
+                        builder.store(groups(16 // wc, i0_v, i1_v, lambda i: _packed_tail_ir(
+                            builder, wc, i, pc, ps, tok(px, xstride), psf, tok(po, d), G_v, bits, smask,
+                            sshift)), start)
+                    groups(1, t0_v, t1_v, packed)
+            with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
+                groups(1, builder.load(start), i1_v, lambda i: rows(1, i, full=False, tail=True))
 
         switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[11])
         return context.get_dummy_value()
