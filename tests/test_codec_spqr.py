@@ -114,6 +114,7 @@ def test_decode_matches_spec(bits, n):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernels_match_decode(bits, d, n, threads, monkeypatch):
     import edgerun.codecs.spqr as spqr
+    from edgerun.codecs.spqr import reference
     from edgerun.codecs.spqr.reference import quantize_activations
     monkeypatch.setattr(spqr.kernels, "PAR_MIN_WEIGHTS", 0)          # exercise the prange path on small shapes
     W, X, H = _problem(d, n, seed=d + n)
@@ -131,11 +132,13 @@ def test_kernels_match_decode(bits, d, n, threads, monkeypatch):
         np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         # and int8 activations with one scale per 16 cost well under the 4-bit weights' own error
         assert np.abs(out - ref @ x).max() <= 0.02 * np.abs(ref @ x).max()
-        for T in (3, 9):
+        # matmul: int8 activations as the matvec's for every T (a loop of matvecs below
+        # matmul_min_t); T = 9, 11 leave 1 and 3 tokens past whole token blocks
+        for T in (3, 9, 11):
             Y = np.empty((T, d), np.float32)
             lin.matmul(X[:T], Y)
-            Xq = X[:T] if T >= lin.matmul_min_t else np.stack([quantize_activations(v, parts["perm"]) for v in X[:T]])
-            np.testing.assert_allclose(Y, Xq @ ref.T, rtol=1e-4, atol=1e-4 * np.abs(Y).max())
+            want = reference.matmul(parts, params, X[:T])
+            np.testing.assert_allclose(Y, want, rtol=1e-4, atol=1e-4 * np.abs(Y).max())
         row = np.empty(n, np.float32)
         for i in (0, d - 1):
             lin.row(i, row)

@@ -83,11 +83,12 @@ def _close(a, b, tol=1e-4, what=""):
     assert err < tol, f"{what}: relative error {err:.3g}"
 
 
-def _check_linear(cpu, name, rng, Wref, ref_matvec=None):
+def _check_linear(cpu, name, rng, Wref, ref_matvec=None, ref_matmul=None):
     """CUDA matvec (T = 1) and matmul (T = 5: a full and a partial token tile) vs the codec's
     NumPy decode `Wref` (the format spec), with bias and with the residual accumulate; the CPU
-    Linear vs the same, or for its one-token matvecs vs `ref_matvec` (the codec's
-    reference.matvec where the CPU matvec quantizes the activations; the device kernels do not)."""
+    Linear vs the same, or for its one-token matvecs vs `ref_matvec` and its batched matmul vs
+    `ref_matmul` (the codec's reference.matvec / matmul where the CPU kernels quantize the
+    activations; the device kernels do not)."""
     from numba import cuda
 
     from edgerun.cuda.codecs import to_device
@@ -104,7 +105,8 @@ def _check_linear(cpu, name, rng, Wref, ref_matvec=None):
         else:
             cpu.matmul(X, got)
         one_token = T == 1 or T < cpu.matmul_min_t
-        want = np.stack([ref_matvec(x) for x in X]) if one_token and ref_matvec else ref
+        want = (np.stack([ref_matvec(x) for x in X]) if one_token and ref_matvec
+                else ref_matmul(X) if not one_token and ref_matmul else ref)
         _close(got, want, what=f"{name} T={T}: the CPU kernel vs its reference")
         out = cuda.to_device(np.zeros((T, d), np.float32))
         dev.matmul(cuda.to_device(X), out, cuda.to_device(bias))
@@ -143,7 +145,7 @@ def case_codec(codec):
             p = {"bits": bits}
             parts = c.encode(W, p)
             _check_linear(c.load(parts, p), f"spqr {bits}", rng, c.decode(parts, p),
-                          lambda x: reference.matvec(parts, p, x))
+                          lambda x: reference.matvec(parts, p, x), lambda X: reference.matmul(parts, p, X))
         assert parts["outlier_rowptr"][-1] > 0, "the test should exercise outliers"
     elif codec == "bitstack":
         p = {"blocks": 3, "rank": 4}

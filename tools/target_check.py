@@ -13,8 +13,8 @@ so both architectures run exactly the same bytes. `run` runs each unit in its ow
 process (LLVM aborts on an ISA intrinsic the target lacks) is reported as that unit's failure and
 the others still run. Per unit it records the Linear's matvec / matmul (T = 1, 3, 9) / row outputs
 next to what its NumPy reference computes (reference.matvec: the decoded W, times the int8 activations
-where the codec's matvec quantizes them; float64 products with the decode for batched matmuls
-and rows), the logits of a fixed prompt and 8 greedy
+where the codec's matvec quantizes them; reference.matmul where the codec has one, else float64
+products with the decode, for batched matmuls; the decode for rows), the logits of a fixed prompt and 8 greedy
 tokens. `compare` checks, per unit: both runs finished, each run's kernels match its NumPy decode,
 the two runs' kernel outputs and logits agree within float tolerance and the greedy tokens are
 identical.
@@ -169,8 +169,12 @@ def run_kernels(directory: Path, cases: list[str], fixture: dict) -> tuple[dict,
                 Y = np.full((T, d), np.nan, np.float32)
                 lin.matmul(X[:T].copy(), Y)
                 got[f"matmul{T}"] = Y
-                want[f"matmul{T}"] = X[:T].astype(np.float64) @ W.T if T >= lin.matmul_min_t else np.stack(
-                    [mv(v) for v in X[:T]])
+                if T < lin.matmul_min_t:
+                    want[f"matmul{T}"] = np.stack([mv(v) for v in X[:T]])
+                elif hasattr(ref, "matmul"):        # a batched kernel that quantizes activations
+                    want[f"matmul{T}"] = ref.matmul(parts, rule["params"], X[:T]).astype(np.float64)
+                else:
+                    want[f"matmul{T}"] = X[:T].astype(np.float64) @ W.T
             for i in (0, d - 1):
                 r = np.full(n, np.nan, np.float32)
                 lin.row(i, r)

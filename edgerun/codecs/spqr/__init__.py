@@ -12,7 +12,7 @@ from ..base import Codec
 from . import kernels, reference
 from .encode import encode
 from .format import DEFAULTS, _pack_codes, _unpack_codes, params_of  # noqa: F401
-from .kernels import MATMUL_MIN_T, PAR_MIN_WEIGHTS, TILE_ROWS, SpQRLinear  # noqa: F401
+from .kernels import MATMUL_MIN_T, PAR_MIN_WEIGHTS, SpQRLinear  # noqa: F401
 from .reference import decode  # noqa: F401
 
 

@@ -11,11 +11,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...errors import UnsupportedModelError
-from ...isa import _const_like, byte_pair_dot, half_to_float
+from ...isa import _const_like, _lanes, byte_pair_dot, half_to_float
 from ...kernels import f16_to_f32
 from ...memory import thread_scratch
 from ..base import Linear, stack_outliers
-from ..dense.kernels import _mm_rows as _dense_mm     # X (T, n) @ A[a0:a1].T, 4x4 register blocks
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import REQUIRED_PARTS, _check_shapes, params_of
 
@@ -26,8 +25,11 @@ _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_w
 # OpenMP, DESIGN §6 says up to 10): 576x576 q/o gain (measured: 15 -> 11 µs a matvec in a real token
 # at 2 threads), 192x576 k/v do not
 PAR_MIN_WEIGHTS = 1 << 18
-TILE_ROWS = 16          # rows dequantized per tile in matmul (16 x n_pad f32 stays in L1/L2)
 MATMUL_MIN_T = 4        # below this many tokens matmul is a loop of matvecs
+# matmul register block, rows x tokens per chunk pass: measured on Zen 3 (Qwen2.5-1.5B up/down,
+# T = 64, CPU ms): 1x8 20.5/25.4, 1x4 22.4/27.0, 2x4 23.2/29.7, 1x2 25.5/31.5, 2x2 26.9/32.7
+MM_ROWS, MM_TOKENS = 1, 8
+XC_TILE_BYTES = 1 << 18     # prepared x of one token tile: stays in L2 while the rows pass
 
 
 # --- kernels -------------------------------------------------------------------------------
@@ -48,6 +50,12 @@ MATMUL_MIN_T = 4        # below this many tokens matmul is a loop of matvecs
 # into one 16-deep chain and the kernel is FMA-latency bound (2x slower in cache); a masked tail
 # of 4 groups cost as much as a full chunk (+35 % on 576 columns); rows of 768 bytes read in
 # pairs lost the hardware prefetcher (2x slower from DRAM) without the software prefetch.
+# The matmul (prefill) is the same arithmetic per token: all T tokens are prepared by _prep_x,
+# then each row's chunk is unpacked once and dotted with MM_TOKENS tokens (_mm_tile_ir), the
+# tokens' prepared x tiled to stay in L2. Measured on Zen 3 (Qwen2.5-1.5B, T = 64, one thread):
+# 66-77 GFLOP/s vs 47-50 for dequantized f32 tiles with the register-blocked f32 kernel (OpenBLAS
+# sgemm on the decoded f32 matrix: 72-80); compute-bound, the tile size (16 KiB-256 KiB) made no
+# difference.
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V16I8, _V16I32, _V16F32 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
@@ -371,6 +379,96 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     return types.none(codes, stq, xc, sf, out, i0, i1, G, sbits, bits), codegen
 
 
+def _mm_tile_ir(builder, R, K, i, t, pc0, ps0, px, xstride, psf, po, d, G, bits, smask, sshift,
+                full=True, tail=True):
+    """IR: po[(t + k)·d + i + r] = Σ_j W'[i + r, j] x'_{t + k}[j] (no outliers) for r < R rows and
+    k < K tokens over the full chunks and/or the masked tail chunk (without the full chunks, +=
+    the tail's part): each chunk's codes and stats are unpacked once for the K tokens, each
+    token's x load serves the R rows. px: xc of token 0, xstride floats apart."""
+    i64 = G.type
+    rowb = builder.mul(G, ir.Constant(i64, 2 * bits))
+    rows = [builder.add(i, ir.Constant(i64, r)) for r in range(R)]
+    pcs = [_gep(builder, pc0, builder.mul(rowb, ri), _I8) for ri in rows]
+    pss = [_gep(builder, ps0, builder.mul(G, ri), _I8) for ri in rows]
+    toks = [builder.add(t, ir.Constant(i64, k)) for k in range(K)]
+    pxs = [_gep(builder, px, builder.mul(xstride, tk), _F32) for tk in toks]
+    v8 = ir.VectorType(_F32, 8)         # 8-lane sums: half the accumulator registers
+    acc = [[cgutils.alloca_once_value(builder, ir.Constant(v8, [0.0] * 8)) for _ in range(K)] for _ in range(R)]
+
+    def body(c, off, step, mask):
+        a = [_code_pairs(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask) for r in range(R)]
+        pcsf = _gep(builder, psf, builder.mul(c, ir.Constant(i64, 64)), _F32)
+        g0 = builder.shl(c, ir.Constant(i64, 4))
+        sz = [_chunk_stats(builder, _gep(builder, pss[r], g0, _I8), pcsf, mask, smask, sshift) for r in range(R)]
+        for k in range(K):
+            pxc = _gep(builder, pxs[k], builder.mul(c, ir.Constant(i64, XC_FLOATS)), _F32)
+            dots = _chunk_dot(builder, a, pxc, R)
+            xsv = _vload(builder, pxc, XC_XS)
+            for r in range(R):
+                s, z = sz[r]
+                v = _scaled(builder, dots[r], s, z, xsv)
+                v = builder.fadd(_lanes(builder, v, 0, 8), _lanes(builder, v, 8, 8), flags=_FAST)
+                builder.store(builder.fadd(builder.load(acc[r][k]), v, flags=_FAST), acc[r][k])
+
+    _chunks_ir(builder, G, bits, body, full, tail)
+    for r in range(R):
+        for k in range(K):
+            v = _hsum(builder, builder.shuffle_vector(builder.load(acc[r][k]), ir.Constant(v8, [0.0] * 8),
+                                                      _mask(range(16))))
+            p = _gep(builder, po, builder.add(builder.mul(toks[k], d), rows[r]), _F32)
+            builder.store(v if full else builder.fadd(builder.load(p), v, flags=_FAST), p)
+
+
+@intrinsic(prefer_literal=True)
+def _mm_block(typingctx, codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits):
+    """out[t, i] = Σ_j W'[i, j] x'_t[j] without outliers for rows i0 <= i < i1 of one stat block
+    and tokens t0 <= t < t1: xc (T, C + 1, XC_FLOATS) the tokens' prepared x (_prep_x), sf as in
+    _dot_block, out (T, d). MM_ROWS rows x MM_TOKENS tokens at a time, then what is left of
+    either one at a time."""
+    def codegen(context, builder, sig, args):
+        i0_v, i1_v, t0_v, t1_v, G_v, sbits_v, bits_v = args[5:]
+        i64 = G_v.type
+        pc, ps, px, psf, po = [_data(context, builder, sig.args[k], args[k]) for k in range(5)]
+        xarr = context.make_array(sig.args[2])(context, builder, args[2])
+        oarr = context.make_array(sig.args[4])(context, builder, args[4])
+        xstride = builder.mul(builder.extract_value(xarr.shape, 1), builder.extract_value(xarr.shape, 2))
+        d = builder.extract_value(oarr.shape, 1)
+        smask, sshift = _stat_consts(builder, sbits_v)
+
+        def groups(step, start, end, fn):
+            """fn(i) for i = start, start + step, ... while i + step <= end; returns the first left."""
+            n = builder.sdiv(builder.sub(end, start), ir.Constant(i64, step))
+            with cgutils.for_range(builder, n) as loop:
+                fn(builder.add(start, builder.mul(loop.index, ir.Constant(i64, step))))
+            return builder.add(start, builder.mul(n, ir.Constant(i64, step)))
+
+        def emit(bits):
+            def rows(R, i, full=True, tail=False):
+                tile = lambda K: lambda t: _mm_tile_ir(builder, R, K, i, t, pc, ps, px, xstride, psf, po, d,  # noqa: E731
+                                                       G_v, bits, smask, sshift, full, tail)
+                groups(1, groups(MM_TOKENS, t0_v, t1_v, tile(MM_TOKENS)), t1_v, tile(1))
+            # full chunks, then the tail chunk as _dot_block does it: rows packed 16 // w to a
+            # vector for tails of w = 4 or 8 groups (one token at a time), the rest masked
+            groups(1, groups(MM_ROWS, i0_v, i1_v, lambda i: rows(MM_ROWS, i)), i1_v, lambda i: rows(1, i))
+            w = builder.and_(G_v, ir.Constant(i64, 15))
+            start = cgutils.alloca_once_value(builder, i0_v)
+            for wc in (4, 8):
+                with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
+                    def packed(t, wc=wc):
+                        tok = lambda p, n: _gep(builder, p, builder.mul(t, n), _F32)    # noqa: E731
+                        builder.store(groups(16 // wc, i0_v, i1_v, lambda i: _packed_tail_ir(
+                            builder, wc, i, pc, ps, tok(px, xstride), psf, tok(po, d), G_v, bits, smask,
+                            sshift)), start)
+                    groups(1, t0_v, t1_v, packed)
+            with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
+                groups(1, builder.load(start), i1_v, lambda i: rows(1, i, full=False, tail=True))
+
+        switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[11])
+        return context.get_dummy_value()
+
+    return types.none(codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits), codegen
+
+
 @intrinsic
 def _widen_stats(typingctx, st2, rb, G, sf):
     """sf (C + 1, 4, 16) float32 = fp16 stats st2 (R, 4, G) of row block rb, chunk-major (lanes
@@ -582,6 +680,60 @@ def matvec_kernels(bits: int) -> tuple:
 
 
 @njit(**_JIT)
+def _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, sf, tt):
+    # SpQR W[r0:r1] @ x_t for the tokens prepared in xc (T, C + 1, XC_FLOATS) (xb its bytes)
+    # -> out[:, r0:r1]; tokens tt at a time (their xc stays in L2), sf (C + 1, 4, 16) scratch
+    G = stq.shape[1]
+    T = xc.shape[0]
+    for t0 in range(0, T, tt):
+        t1 = min(T, t0 + tt)
+        i = r0
+        while i < r1:                  # one stat block at a time: stats widened once per block
+            rb = i // sg
+            e = min(r1, (rb + 1) * sg)
+            _widen_stats(st2, rb, G, sf)
+            _mm_block(codes, stq, xc, sf, out, i, e, t0, t1, G, sbits, bits)
+            for tok in range(t0, t1):  # outliers as in _mv_rows, a token at a time (its xc in L1)
+                for r in range(i, e):
+                    acc = out[tok, r]
+                    for k in range(rp[r], rp[r + 1]):
+                        c = np.int32(oc[k])
+                        ch, g, t = c >> 8, (c >> 4) & 15, c & 15
+                        acc += f16_to_f32(ov[k]) * (xc[tok, ch, XC_DX + g] * xb[tok, ch, _x8_offset(g, t)])
+                    out[tok, r] = acc
+            i = e
+
+
+@functools.cache
+def matmul_kernels(bits: int) -> tuple:
+    """(serial, parallel) multi-token kernels for one bit width (closure constant as in
+    matvec_kernels): every token's x quantized to int8 as the matvec does (_prep_x), then
+    int8 dots of each unpacked code chunk with MM_TOKENS tokens at a time."""
+
+    @njit(**_JIT)
+    def matmul(codes, stq, st2, rp, oc, ov, sg, sbits, X, xidx, xc, xb, out, sf, tt):
+        # SpQR X (T, n) @ W (d, n).T -> out (T, d), one thread; xc (T, C + 1, XC_FLOATS), xb its
+        # bytes, sf (1, C + 1, 4, 16) scratch
+        for t in range(X.shape[0]):
+            _prep_x(X[t], xidx, xc[t])
+        _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0], tt)
+
+    @njit(**_JIT_PAR)
+    def matmul_par(codes, stq, st2, rp, oc, ov, sg, sbits, X, xidx, xc, xb, out, sf, tt):
+        # as matmul; prange over sf.shape[0] row ranges of whole stat blocks
+        for t in range(X.shape[0]):
+            _prep_x(X[t], xidx, xc[t])
+        d = codes.shape[0]
+        nblocks = sf.shape[0]
+        step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
+        for blk in prange(nblocks):
+            _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out,
+                     min(d, blk * step), min(d, (blk + 1) * step), sf[blk], tt)
+
+    return matmul, matmul_par
+
+
+@njit(**_JIT)
 def _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf):
     # SpQR rows r0:r1 -> tile (>= r1-r0, 16G) float32, column t·G + g = storage column 16g + t
     G = stq.shape[1]
@@ -597,39 +749,6 @@ def _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf)
         for k in range(rp[i], rp[i + 1]):
             c = np.int32(oc[k])
             tile[r, (c & 15) * G + (c >> 4)] += f16_to_f32(ov[k])
-
-
-@njit(**_JIT)
-def _prep_X(X, perm, G, Xp):
-    # X (T, n) -> Xp (T, 16G) in tile column order: Xp[t, (j%16)·G + j//16] = X[t, perm[j]] (0 past n)
-    n = perm.shape[0]
-    for t in range(X.shape[0]):
-        for j in range(n, Xp.shape[1]):
-            Xp[t, (j & 15) * G + (j >> 4)] = 0.0
-        for j in range(n):
-            Xp[t, (j & 15) * G + (j >> 4)] = X[t, perm[j]]
-
-
-@njit(**_JIT)
-def _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out, r0, r1, tile, sf):
-    # SpQR W[r0:r1] @ Xp.T -> out[:, r0:r1], dequantizing tile.shape[0] rows at a time into tile
-    tr = tile.shape[0]
-    for a in range(r0, r1, tr):
-        b = min(r1, a + tr)
-        _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, a, b, tile, sf)
-        _dense_mm(Xp, tile, 0, b - a, out, a)
-
-
-@njit(**_JIT_PAR)
-def _mm_par(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out, tiles, sf):
-    # SpQR W (d, n_pad) @ Xp (T, n_pad).T -> out (T, d); prange over tiles.shape[0] row blocks
-    d = codes.shape[0]
-    nblocks = tiles.shape[0]
-    tr = tiles.shape[1]
-    step = ((d + nblocks - 1) // nblocks + tr - 1) // tr * tr
-    for blk in prange(nblocks):
-        _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, Xp, out,
-                 min(d, blk * step), min(d, (blk + 1) * step), tiles[blk], sf[blk])
 
 
 @njit(**_JIT)
@@ -683,17 +802,18 @@ class SpQRLinear(Linear):
             self._mv(*self._args[1:], x, self.xidx, self.xc, self.xb, out, self.sf)
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
-        # out (T, d) = X (T, n) @ W.T: dequantize row tiles to f32, register-blocked multiply
+        # out (T, d) = X (T, n) @ W.T with int8 activations, as T matvecs would compute it
+        if not X.flags.c_contiguous:
+            X = np.ascontiguousarray(X)
         T = X.shape[0]
-        Xp = thread_scratch("spqr.xp", (T, self.n_pad))
-        _prep_X(X, self.perm, self.G, Xp)
-        nb = self.threads_for(self.shape[0] >= 4 * TILE_ROWS)
-        tiles = thread_scratch("spqr.tiles", (nb, TILE_ROWS, self.n_pad))
-        sf = self._scratch(nb)
+        xc = thread_scratch("spqr.xc", (T,) + self.xc.shape)
+        tt = max(MM_TOKENS, XC_TILE_BYTES // self.xc.nbytes // MM_TOKENS * MM_TOKENS)
+        nb = self.threads_for(self.shape[0] >= 4 * self.sg)
+        mm, mm_par = matmul_kernels(self.bits)
         if nb > 1:
-            _mm_par(*self._args, Xp, out, tiles, sf)
+            mm_par(*self._args[1:], X, self.xidx, xc, xc.view(np.int8), out, self._scratch(nb), tt)
         else:
-            _mm_rows(*self._args, Xp, out, 0, self.shape[0], tiles[0], sf[0])
+            mm(*self._args[1:], X, self.xidx, xc, xc.view(np.int8), out, self.sf, tt)
 
     @classmethod
     def stack(cls, linears: list) -> "SpQRLinear | None":

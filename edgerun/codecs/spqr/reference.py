@@ -49,3 +49,9 @@ def quantize_activations(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
 def matvec(parts: dict, params: dict | None, x: np.ndarray) -> np.ndarray:
     """W @ x (n,) -> (d,) float32 as the kernels compute it: the decoded W times the quantized x."""
     return decode(parts, params) @ quantize_activations(x, parts["perm"])
+
+
+def matmul(parts: dict, params: dict | None, X: np.ndarray) -> np.ndarray:
+    """X (T, n) @ Wᵀ -> (T, d) float32 as the kernels compute it: every token's x quantized as
+    for the matvec (the batched kernel is T matvecs sharing each weight unpack)."""
+    return np.stack([quantize_activations(x, parts["perm"]) for x in X]) @ decode(parts, params).T
