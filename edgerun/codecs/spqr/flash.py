@@ -131,49 +131,50 @@ def _bundle_kernels(bits: int) -> tuple:
     width only (as kernels.matvec_kernels)."""
 
     @njit(inline="always", **_JIT)
-    def quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, m, t4, out):
-        # out[k] = row m (gate or up) of bundles k = sel[s : s + QUAD] · x, outliers included;
-        # m = (codes offset, stat bytes offset, xc, xb, widened stats (blocks, C + 1, 4, 16), CSR)
-        coff, soff, xc, xb, sf, rp, oc, ov = m
+    def quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
+        # out[k] = one row (gate or up: codes at coff, stat bytes at soff) of bundles k = sel[s : s +
+        # QUAD] · x, outliers included; xc / xb the prepared x, sf its widened stats, CSR rp, oc, ov
         k0, k1, k2, k3 = sel[s], sel[s + 1], sel[s + 2], sel[s + 3]
-        rows = (_row(wa, wb, codes[k0]), _row(wa, wb, codes[k1]), _row(wa, wb, codes[k2]), _row(wa, wb, codes[k3]))
-        sfs = (sf[nid[ids[k0]] // sg], sf[nid[ids[k1]] // sg], sf[nid[ids[k2]] // sg], sf[nid[ids[k3]] // sg])
-        _dot_rows(rows, coff, soff, xc, sfs, t4, G, sbits, bits)
+        _dot_rows(wa, wb, (codes[k0], codes[k1], codes[k2], codes[k3]), coff, soff, xc, sf,
+                  (nid[ids[k0]] // sg, nid[ids[k1]] // sg, nid[ids[k2]] // sg, nid[ids[k3]] // sg), t4, G, sbits, bits)
         for q in range(QUAD):
             k = sel[s + q]
             out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[q])
 
     @njit(inline="always", **_JIT)
-    def one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, m, t4, out):
-        coff, soff, xc, xb, sf, rp, oc, ov = m
+    def one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
         k = sel[s]
-        _dot_rows((_row(wa, wb, codes[k]),), coff, soff, xc, (sf[nid[ids[k]] // sg],), t4, G, sbits, bits)
+        _dot_rows(wa, wb, (codes[k],), coff, soff, xc, sf, (nid[ids[k]] // sg,), t4, G, sbits, bits)
         out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[0])
 
     @njit(**_JIT)
     def rows(wa, wb, codes, ids, sel, nid, sg, G, sbits, m, t4, out):
-        # out[k] = row m of bundle codes[k] (stored neuron ids[k]) · x for k in sel
+        # out[k] = row m of bundle codes[k] (stored neuron ids[k]) · x for k in sel;
+        # m = (codes offset, stat bytes offset, xc, xb, widened stats (blocks, C + 1, 4, 16), CSR)
+        coff, soff, xc, xb, sf, rp, oc, ov = m
         n = sel.shape[0]
         s = 0
         while s + QUAD <= n:
-            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, m, t4, out)
+            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
             s += QUAD
         while s < n:
-            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, m, t4, out)
+            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
             s += 1
 
     @njit(**_JIT)
     def act(wa, wb, codes, ids, sel, nid, sg, G, sbits, mg, mu, t4, g, u, h):
         # h[k] = silu(gate_n · x) · (up_n · x) for k in sel: both rows of QUAD bundles at a time
+        gc, gs, gx, gxb, gsf, grp, goc, gov = mg
+        uc, us, ux, uxb, usf, urp, uoc, uov = mu
         n = sel.shape[0]
         s = 0
         while s + QUAD <= n:
-            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, mg, t4, g)
-            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, mu, t4, u)
+            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
+            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
             s += QUAD
         while s < n:
-            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, mg, t4, g)
-            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, mu, t4, u)
+            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
+            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
             s += 1
         for s in range(n):
             k = sel[s]
@@ -186,10 +187,12 @@ def _bundle_kernels(bits: int) -> tuple:
         # down_proj as SpQRLinear quantizes down's input; columns without a bundle read `zero`
         hs[:] = 0.0
         addr[:] = zero.ctypes.data
+        pa, pb = wa.ctypes.data + coff, wb.ctypes.data + coff      # (no array view per bundle)
         for k in range(codes.shape[0]):
             j = pos[ids[k]]
             hs[j] = h[k]
-            addr[j] = _row(wa, wb, codes[k]).ctypes.data + coff
+            c = codes[k]
+            addr[j] = pa + c * wa.strides[0] if c >= 0 else pb + (-1 - c) * wb.strides[0]
         quant16(hs, x8, dx, xs)
         acc[:] = 0.0
         _dot_columns(addr, x8, dx, xs, stq, st, acc, G, sbits, bits)
@@ -294,21 +297,24 @@ def _codes_row(r, base, G, bits, q):
 
 def lane_stats(stat_codes: np.ndarray, stats: np.ndarray, sg: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     """down_proj's stat_codes (d, Gf) and fp16 stats (R, 4, Gf) rearranged once at load into the
-    output-row lanes _dot_columns reads: (Gf, 16, G) [g, t, gi] = stat byte of row 16gi + t, and
-    (Gf, 4, T, G) [g, plane, t, gi] = its block's stats, T = 1 when stat_group is a multiple of 16
-    (as many bytes as stored), else 16 (one copy per row). Rows past d are zero."""
+    output-row lanes _dot_columns reads, zero-padded to Gp = 16·ceil(G / 16) lanes (whole-vector
+    loads in the tail chunk): (Gf, 16, Gp) [g, t, gi] = stat byte of row 16gi + t, and
+    (Gf, 4, T, Gp) [g, plane, t, gi] = its block's stats, T = 1 when stat_group is a multiple of 16
+    (as many bytes as stored, plus the padding), else 16 (one copy per row)."""
     Gf = stat_codes.shape[1]
     G = -(-d // 16)
-    sc = np.zeros((16 * G, Gf), np.uint8)
+    Gp = -(-G // 16) * 16
+    sc = np.zeros((16 * Gp, Gf), np.uint8)
     sc[:d] = stat_codes
-    stq = np.ascontiguousarray(sc.reshape(G, 16, Gf).transpose(2, 1, 0))
+    stq = np.ascontiguousarray(sc.reshape(Gp, 16, Gf).transpose(2, 1, 0))
     rows = np.arange(16 * G)
     if sg % 16 == 0:
         blk = (rows[::16] // sg)[None, :]                          # (1, G)
     else:
         blk = np.minimum(rows // sg, stats.shape[0] - 1).reshape(G, 16).T      # (16, G) [t, gi]
-    st = stats[blk]                                                # (T, G, 4, Gf)
-    return stq, np.ascontiguousarray(st.transpose(3, 2, 0, 1))
+    st = np.zeros((Gf, 4, blk.shape[0], Gp), np.uint16)
+    st[..., :G] = stats[blk].transpose(3, 2, 0, 1)                # (T, G, 4, Gf) -> (Gf, 4, T, G)
+    return stq, st
 
 
 def _check_shared(a: dict, nid: np.ndarray, sg: int, d: int, f: int) -> None:

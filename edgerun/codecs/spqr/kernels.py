@@ -388,27 +388,43 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     return types.none(codes, stq, xc, sf, out, i0, i1, G, sbits, bits), codegen
 
 
+def _row_ptr(context, builder, ty, arr, i):
+    """IR: pointer to row i of a Numba array argument (its first stride times i past its data)."""
+    a = context.make_array(ty)(context, builder, arr)
+    stride = cgutils.unpack_tuple(builder, a.strides, ty.ndim)[0]
+    return _gep(builder, a.data, builder.mul(i, stride), _I8)
+
+
 @intrinsic(prefer_literal=True)
-def _dot_rows(typingctx, rows, coff, soff, xc, sfs, out, G, sbits, bits):
-    """out[r] = Σ_j W'[r, j] x'[j] without outliers for R = len(rows) rows that lie anywhere (the
-    flash layout's bundles, formats/flash-layout.md § spqr): row r's codes at rows[r][coff:] and
-    its stat bytes at rows[r][soff:] (rows: a tuple of uint8 arrays), sfs[r] its block's stats
-    widened by _widen_stats, xc as in _dot_block. The same arithmetic as _dot_block: full chunks
-    ROWS rows at a time; a tail chunk of w = 4 or 8 groups packed 16 // w rows per vector when R is
-    a multiple of 16 // w, any other tail one row at a time with masked loads."""
-    if not (isinstance(rows, types.UniTuple) and isinstance(sfs, types.UniTuple) and rows.count == sfs.count):
+def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bits):
+    """out[r] = Σ_j W'[r, j] x'[j] without outliers for R = len(cs) rows that lie anywhere (the
+    flash layout's bundles, formats/flash-layout.md § spqr): row r is row cs[r] of wa when
+    cs[r] >= 0, else row -1 - cs[r] of wb (uint8 arrays); its codes start at byte coff of that row
+    and its stat bytes at soff; its block's stats widened by _widen_stats are sf[blks[r]]; xc as
+    in _dot_block. The same arithmetic as _dot_block: full chunks ROWS rows at a time; a tail
+    chunk of w = 4 or 8 groups packed 16 // w rows per vector when R is a multiple of 16 // w, any
+    other tail one row at a time with masked loads. (Indices, not array views: a view per row
+    costs reference counting comparable to the row's arithmetic.)"""
+    if not (isinstance(cs, types.UniTuple) and isinstance(blks, types.UniTuple) and cs.count == blks.count):
         return None
-    R = rows.count
+    R = cs.count
 
     def codegen(context, builder, sig, args):
-        rows_v, coff_v, soff_v, xc_v, sfs_v, out_v, G_v, sbits_v, bits_v = args
+        wa_v, wb_v, cs_v, coff_v, soff_v, xc_v, sf_v, blks_v, out_v, G_v, sbits_v, bits_v = args
         i64 = G_v.type
-        base = [_data(context, builder, sig.args[0].dtype, v) for v in cgutils.unpack_tuple(builder, rows_v, R)]
+        base = []
+        for c in cgutils.unpack_tuple(builder, cs_v, R):
+            neg = builder.icmp_signed("<", c, ir.Constant(i64, 0))
+            pa = _row_ptr(context, builder, sig.args[0], wa_v, builder.select(neg, ir.Constant(i64, 0), c))
+            pb = _row_ptr(context, builder, sig.args[1], wb_v, builder.select(neg, builder.sub(ir.Constant(i64, -1), c),
+                                                                             ir.Constant(i64, 0)))
+            base.append(builder.select(neg, pb, pa))
         pcs = [_gep(builder, b, coff_v, _I8) for b in base]
         pss = [_gep(builder, b, soff_v, _I8) for b in base]
-        psfs = [_data(context, builder, sig.args[4].dtype, v) for v in cgutils.unpack_tuple(builder, sfs_v, R)]
-        px = _data(context, builder, sig.args[3], xc_v)
-        po = _data(context, builder, sig.args[5], out_v)
+        psfs = [builder.bitcast(_row_ptr(context, builder, sig.args[6], sf_v, b), ir.PointerType())
+                for b in cgutils.unpack_tuple(builder, blks_v, R)]
+        px = _data(context, builder, sig.args[5], xc_v)
+        po = _data(context, builder, sig.args[8], out_v)
         pos = [_gep(builder, po, ir.Constant(i64, r), _F32) for r in range(R)]
         smask, sshift = _stat_consts(builder, sbits_v)
 
@@ -436,10 +452,10 @@ def _dot_rows(typingctx, rows, coff, soff, xc, sfs, out, G, sbits, bits):
                             _rows_ir(builder, pcs[r:r + 1], pss[r:r + 1], psfs[r:r + 1], px, pos[r:r + 1], G_v,
                                      bits, smask, sshift, full=False)
 
-        switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[8])
+        switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[11])
         return context.get_dummy_value()
 
-    return types.none(rows, coff, soff, xc, sfs, out, G, sbits, bits), codegen
+    return types.none(wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bits), codegen
 
 
 _INTERLEAVE = [b for k in range(16) for b in (k, 16 + k)]
@@ -453,16 +469,22 @@ def _column_dots(builder, pcs, xpairs, step, bits, mask):
     pair, so each vpmaddubsw (isa.byte_pair_dot) does 32 weights, as in the row dot (_chunk_dot)."""
     i64 = ir.IntType(64)
     k8 = lambda v: ir.Constant(_V32I8, [v] * 32)      # noqa: E731
-    if bits == 4 and mask is None:
-        # a 32-byte load of sections 2j, 2j + 1 holds positions 4j, 4j + 1 (lo, hi nibble, groups
-        # 0-15) then 4j + 2, 4j + 3: in-lane byte unpacks of two columns' nibbles give pairs of
-        # positions (4j | 4j + 2) x groups (0-7 | 8-15), reordered once after the 8 column pairs
+    def sections(p, j):         # sections 2j, 2j + 1 as one <32 x i8> (one load in a full chunk)
+        if mask is None:
+            return builder.load(_gep(builder, p, ir.Constant(i64, 32 * j), _I8), typ=_V32I8, align=1)
+        sec = [builder.trunc(_load_bytes(builder, _gep(builder, p, builder.mul(step, ir.Constant(i64, 2 * j + e)), _I8),
+                                         mask, _I16), _V16I8) for e in range(2)]
+        return builder.shuffle_vector(sec[0], sec[1], _mask(range(32)))
+
+    if bits == 4:
+        # sections 2j, 2j + 1 hold positions 4j, 4j + 1 (lo, hi nibble, groups 0-15) then 4j + 2,
+        # 4j + 3: in-lane byte unpacks of two columns' nibbles give pairs of positions
+        # (4j | 4j + 2) x groups (0-7 | 8-15), reordered once after the 8 column pairs
         out = [None] * 16
         for j in range(4):
             acc = [None] * 4
             for v in range(8):
-                ld = [builder.load(_gep(builder, pcs[2 * v + e], ir.Constant(i64, 32 * j), _I8), typ=_V32I8, align=1)
-                      for e in range(2)]
+                ld = [sections(pcs[2 * v + e], j) for e in range(2)]
                 lo = [builder.and_(a, k8(15)) for a in ld]
                 hi = [builder.and_(builder.lshr(a, k8(4)), k8(15)) for a in ld]
                 prs = [builder.shuffle_vector(lo[0], lo[1], _mask(_UNPACK_LO)),
@@ -493,10 +515,10 @@ def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
     columns (the flash layout's down column of a bundle: one spqr codes row over the d output
     rows, formats/flash-layout.md § spqr): column j's codes at address addr[j], int8 activations
     x8 (16·Gf,) with steps dx (Gf,) and xs = dx·Σ_t x8 per group of 16 columns (as _prep_x); the
-    group's stats in output-row lanes: stat bytes stq (Gf, 16, G) [g, t, gi] and the fp16 block
-    stats of row 16gi + t, st (Gf, 4, T, G) [g, plane, t, gi] with T = 1 when stat_group is a
-    multiple of 16 (a block holds whole groups of 16 rows), else T = 16; acc (16, 16·ceil(G / 16))
-    float32. A group whose x8 are all zero
+    group's stats in output-row lanes, zero-padded to Gp = 16·ceil(G / 16) lanes: stat bytes stq
+    (Gf, 16, Gp) [g, t, gi] and the fp16 block stats of row 16gi + t, st (Gf, 4, T, Gp) [g, plane,
+    t, gi] with T = 1 when stat_group is a multiple of 16 (a block holds whole groups of 16 rows),
+    else T = 16; acc (16, Gp) float32. A group whose x8 are all zero
     is skipped. Per group and chunk of 256 output rows: 8 column pairs of vpmaddubsw into i16
     (_column_dots), then the 16 groups' scales and zeros once, as the row dot (_rows_ir)."""
     def codegen(context, builder, sig, args):
@@ -506,12 +528,41 @@ def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
         smask, sshift = _stat_consts(builder, sbits_v)
         Gf = builder.udiv(context.make_array(sig.args[1])(context, builder, args[1]).nitems, ir.Constant(i64, 16))
         Gp = builder.shl(builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4)), ir.Constant(i64, 4))
-        h16 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            _V16I16, [ir.PointerType(), _V16I1, _V16I16]), "llvm.masked.load.v16i16.p0")
         sh = cgutils.unpack_tuple(builder, context.make_array(sig.args[5])(context, builder, args[5]).shape, 4)
         T = sh[2]
+        w = builder.and_(G_v, ir.Constant(i64, 15))
 
         def emit(bits):
+            nsec = 2 * bits
+            # the tail chunk's sections of the 16 columns, copied into whole 16-byte sections
+            # (zero lanes past w): masked byte loads are scalarized on x86 (measured: the tail of 4
+            # groups of d = 576 cost 8x the two full chunks); the stats arrays are padded instead
+            tail = cgutils.alloca_once(builder, ir.ArrayType(_I8, 16 * nsec * 16))
+            builder.store(ir.Constant(ir.ArrayType(_I8, 16 * nsec * 16), None), tail)
+            tails = [_gep(builder, builder.bitcast(tail, ir.PointerType()), ir.Constant(i64, u * nsec * 16), _I8)
+                     for u in range(16)]
+
+            def copy_tail(cols, off):
+                done = builder.append_basic_block("tail_done")
+                sw = builder.switch(w, done)
+                for wc in range(1, 16):
+                    bb = builder.append_basic_block(f"tail{wc}")
+                    sw.add_case(ir.Constant(i64, wc), bb)
+                    builder.position_at_end(bb)
+                    vt, v2 = ir.VectorType(_I8, wc), ir.VectorType(_I8, 2 * wc)
+                    spread = _mask([k if k < wc else k - 16 + wc if 16 <= k < 16 + wc else 2 * wc
+                                    for k in range(32)])       # 2wc: a lane of the zero vector
+                    for u in range(16):
+                        for sec in range(0, nsec, 2):     # two sections a store, as _column_dots loads them
+                            lo, hi = [builder.load(_gep(builder, cols[u], builder.add(off, ir.Constant(i64, (sec + e) * wc)),
+                                                        _I8), typ=vt, align=1) for e in range(2)]
+                            v = builder.shuffle_vector(builder.shuffle_vector(lo, hi, _mask(range(2 * wc))),
+                                                       ir.Constant(v2, None), spread)
+                            builder.store(v, builder.bitcast(_gep(builder, tails[u], ir.Constant(i64, 16 * sec), _I8),
+                                                             _V32I8.as_pointer()), align=1)
+                    builder.branch(done)
+                builder.position_at_end(done)
+
             with cgutils.for_range(builder, Gf) as loop:
                 g = loop.index
                 x16 = builder.load(_gep(builder, px8, builder.shl(g, ir.Constant(i64, 4)), _I8), typ=ir.IntType(128),
@@ -525,23 +576,27 @@ def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
                                                                i64)), ir.PointerType()) for u in range(16)]
                     dxg = _splat(builder, builder.load(_gep(builder, pdx, g, _F32)))
                     xsg = _splat(builder, builder.load(_gep(builder, pxs, g, _F32)))
-                    pqg = _gep(builder, pq, builder.mul(g, builder.shl(G_v, ir.Constant(i64, 4))), _I8)
-                    psg = _gep(builder, pst, builder.mul(g, builder.mul(G_v, builder.shl(T, ir.Constant(i64, 2)))), _I16)
+                    pqg = _gep(builder, pq, builder.mul(g, builder.shl(Gp, ir.Constant(i64, 4))), _I8)
+                    psg = _gep(builder, pst, builder.mul(g, builder.mul(Gp, builder.shl(T, ir.Constant(i64, 2)))), _I16)
 
                     def body(c, off, step, mask):
                         g0 = builder.shl(c, ir.Constant(i64, 4))
-                        dots = _column_dots(builder, [_gep(builder, p, off, _I8) for p in cols], xpairs, step, bits, mask)
-                        m16 = mask if mask is not None else ir.Constant(_V16I1, [1] * 16)
+                        if mask is None:
+                            pcs = [_gep(builder, p, off, _I8) for p in cols]
+                        else:
+                            copy_tail(cols, off)
+                            pcs = tails
+                        dots = _column_dots(builder, pcs, xpairs, ir.Constant(i64, 16), bits, None)
 
                         def block_stats(t):      # (4, 16) widened block stats of position t (plane m at m·T + t)
-                            return [half_to_float(builder, builder.call(h16, [_gep(builder, psg, builder.add(builder.mul(
-                                G_v, builder.add(builder.mul(T, ir.Constant(i64, m)), ir.Constant(i64, t))), g0), _I16),
-                                m16, ir.Constant(_V16I16, [0] * 16)])) for m in range(4)]
+                            return [half_to_float(builder, builder.load(_gep(builder, psg, builder.add(builder.mul(
+                                Gp, builder.add(builder.mul(T, ir.Constant(i64, m)), ir.Constant(i64, t))), g0), _I16),
+                                typ=_V16I16, align=2)) for m in range(4)]
 
                         def accumulate(sf_of):
                             for t in range(16):
                                 qb = _load_bytes(builder, _gep(builder, pqg, builder.add(builder.mul(
-                                    G_v, ir.Constant(i64, t)), g0), _I8), mask)
+                                    Gp, ir.Constant(i64, t)), g0), _I8), None)
                                 s, z = _scale_zero(builder, qb, None, smask, sshift, sf_of(t))
                                 v = _scaled(builder, builder.fmul(builder.sitofp(dots[t], _V16F32), dxg, flags=_FAST),
                                             s, z, xsg)
