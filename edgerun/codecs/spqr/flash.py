@@ -229,10 +229,9 @@ def quant16(v, x8, dx, xs):
 
 
 @njit(**_JIT)
-def prep_x(x, xidx, xc, st2, G, sf):
-    # x (d,) -> xc prepared for one matrix's rows (kernels._prep_x), its stats widened (widen_all)
+def _prep(x, xidx, xc):
+    # x (d,) -> xc, x quantized as the row kernels read it (kernels._prep_x)
     _prep_x(x, xidx, xc)
-    widen_all(st2, G, sf)
 
 
 @njit(**_JIT)
@@ -373,8 +372,10 @@ class SpQRBundles:
         if key not in scratch:
             scratch[key] = {k: np.zeros(shape, dt) for k, (shape, dt) in self._scratch_shapes(d, f, self.sg).items()}
         s = self.s = scratch[key]
-        self._m = {m: (self.off[2 * i], self.off[2 * i + 1], s[f"xc.{m}"], s[f"xc.{m}"].view(np.int8), s[f"sf.{m}"],
-                       a[f"{m}.outlier_rowptr"], a[f"{m}.outlier_col"], a[f"{m}.outlier_val"])
+        # act-order sorts gate's and up's columns by the Hessian they share: one prepared x for both
+        self.xc = {"gate": "gate", "up": "gate" if np.array_equal(a["gate.perm"], a["up.perm"]) else "up"}
+        self._m = {m: (self.off[2 * i], self.off[2 * i + 1], s[f"xc.{self.xc[m]}"], s[f"xc.{self.xc[m]}"].view(np.int8),
+                       s[f"sf.{m}"], a[f"{m}.outlier_rowptr"], a[f"{m}.outlier_col"], a[f"{m}.outlier_val"])
                    for i, m in enumerate(("gate", "up"))}
         self._rows, self._act, self._down = _bundle_kernels(self.bits)
 
@@ -402,7 +403,9 @@ class SpQRBundles:
         s, a = self.s, self.a
         x = np.ascontiguousarray(x, np.float32)
         for m in ("gate", "up"):
-            prep_x(x, self.xidx[m], s[f"xc.{m}"], a[f"{m}.stats"], self.G, s[f"sf.{m}"])
+            if self.xc[m] == m:
+                _prep(x, self.xidx[m], s[f"xc.{m}"])
+            widen_all(a[f"{m}.stats"], self.G, s[f"sf.{m}"])
 
     def act(self, wa, wb, codes, ids, sel, x, h):
         s = self.s
