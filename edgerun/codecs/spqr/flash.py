@@ -131,50 +131,54 @@ def _bundle_kernels(bits: int) -> tuple:
     width only (as kernels.matvec_kernels)."""
 
     @njit(inline="always", **_JIT)
-    def quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
+    def quad(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
         # out[k] = one row (gate or up: codes at coff, stat bytes at soff) of bundles k = sel[s : s +
         # QUAD] · x, outliers included; xc / xb the prepared x, sf its widened stats, CSR rp, oc, ov
         k0, k1, k2, k3 = sel[s], sel[s + 1], sel[s + 2], sel[s + 3]
         _dot_rows(wa, wb, (codes[k0], codes[k1], codes[k2], codes[k3]), coff, soff, xc, sf,
-                  (nid[ids[k0]] // sg, nid[ids[k1]] // sg, nid[ids[k2]] // sg, nid[ids[k3]] // sg), t4, G, sbits, bits)
+                  (blk[ids[k0]], blk[ids[k1]], blk[ids[k2]], blk[ids[k3]]), t4, G, sbits, bits)
         for q in range(QUAD):
             k = sel[s + q]
             out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[q])
 
     @njit(inline="always", **_JIT)
-    def one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
+    def one(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
+        # bundle k = sel[s] through the QUAD code, repeated: with fast-math, code for fewer rows
+        # may round differently, and a row's floats must not depend on its neighbours (the
+        # streaming modes split the same bundles into different calls)
         k = sel[s]
-        _dot_rows(wa, wb, (codes[k],), coff, soff, xc, sf, (nid[ids[k]] // sg,), t4, G, sbits, bits)
+        c, b = codes[k], blk[ids[k]]
+        _dot_rows(wa, wb, (c, c, c, c), coff, soff, xc, sf, (b, b, b, b), t4, G, sbits, bits)
         out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[0])
 
     @njit(**_JIT)
-    def rows(wa, wb, codes, ids, sel, nid, sg, G, sbits, m, t4, out):
+    def rows(wa, wb, codes, ids, sel, blk, G, sbits, m, t4, out):
         # out[k] = row m of bundle codes[k] (stored neuron ids[k]) · x for k in sel;
         # m = (codes offset, stat bytes offset, xc, xb, widened stats (blocks, C + 1, 4, 16), CSR)
         coff, soff, xc, xb, sf, rp, oc, ov = m
         n = sel.shape[0]
         s = 0
         while s + QUAD <= n:
-            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
+            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
             s += QUAD
         while s < n:
-            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
+            one(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
             s += 1
 
     @njit(**_JIT)
-    def act(wa, wb, codes, ids, sel, nid, sg, G, sbits, mg, mu, t4, g, u, h):
+    def act(wa, wb, codes, ids, sel, blk, G, sbits, mg, mu, t4, g, u, h):
         # h[k] = silu(gate_n · x) · (up_n · x) for k in sel: both rows of QUAD bundles at a time
         gc, gs, gx, gxb, gsf, grp, goc, gov = mg
         uc, us, ux, uxb, usf, urp, uoc, uov = mu
         n = sel.shape[0]
         s = 0
         while s + QUAD <= n:
-            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
-            quad(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
+            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
+            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
             s += QUAD
         while s < n:
-            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
-            one(wa, wb, codes, ids, sel, s, nid, sg, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
+            one(wa, wb, codes, ids, sel, s, blk, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
+            one(wa, wb, codes, ids, sel, s, blk, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
             s += 1
         for s in range(n):
             k = sel[s]
@@ -359,6 +363,7 @@ class SpQRBundles:
         self.bits, self.sbits, self.sg = p["bits"], p["stat_bits"], p["stat_group"]
         a = {k: np.ascontiguousarray(v) for k, v in shared.items()}
         self.nid = np.ascontiguousarray(nid, np.int64)
+        self.blk = self.nid // self.sg             # stored neuron -> its gate / up stat block
         self.G = G = -(-d // 16)
         _check_shared(a, self.nid, p["stat_group"], d, f)
         self.dstq, self.dst = lane_stats(a.pop("down.stat_codes"), a.pop("down.stats"), self.sg, d)
@@ -409,14 +414,14 @@ class SpQRBundles:
 
     def act(self, wa, wb, codes, ids, sel, x, h):
         s = self.s
-        self._act(wa, wb, codes, ids, sel, self.nid, self.sg, self.G, self.sbits, self._m["gate"], self._m["up"],
+        self._act(wa, wb, codes, ids, sel, self.blk, self.G, self.sbits, self._m["gate"], self._m["up"],
                   s["t4"], s["g"], s["u"], h)
 
     def gate_scores(self, gb, x, out):
         """out (f,) = the gate pre-activations of all neurons (criterion gate:S) from `gb`, the
         first `gate_bytes` of every bundle (gate.codes, gate.stq), kept resident."""
         self.prepare(x)
-        self._rows(gb, gb, self.all, self.all, self.all, self.nid, self.sg, self.G, self.sbits, self._m["gate"],
+        self._rows(gb, gb, self.all, self.all, self.all, self.blk, self.G, self.sbits, self._m["gate"],
                    self.s["t4"], out)
 
     def down(self, wa, wb, codes, ids, h, out):

@@ -402,8 +402,8 @@ def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bi
     cs[r] >= 0, else row -1 - cs[r] of wb (uint8 arrays); its codes start at byte coff of that row
     and its stat bytes at soff; its block's stats widened by _widen_stats are sf[blks[r]]; xc as
     in _dot_block. The same arithmetic as _dot_block: full chunks ROWS rows at a time; a tail
-    chunk of w = 4 or 8 groups packed 16 // w rows per vector when R is a multiple of 16 // w, any
-    other tail one row at a time with masked loads. (Indices, not array views: a view per row
+    chunk of w = 4 or 8 groups packed 16 // w rows per vector, any other tail one row at a time
+    with masked loads. (Indices, not array views: a view per row
     costs reference counting comparable to the row's arithmetic.)"""
     if not (isinstance(cs, types.UniTuple) and isinstance(blks, types.UniTuple) and cs.count == blks.count):
         return None
@@ -433,18 +433,22 @@ def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bi
                 sl = slice(r0, min(R, r0 + ROWS))
                 _rows_ir(builder, pcs[sl], pss[sl], psfs[sl], px, pos[sl], G_v, bits, smask, sshift, tail=False)
             w = builder.and_(G_v, ir.Constant(i64, 15))
-            packed = [wc for wc in (4, 8) if R % (16 // wc) == 0]
-            is_packed = ir.Constant(ir.IntType(1), 0)
-            for wc in packed:
-                is_packed = builder.or_(is_packed, builder.icmp_signed("==", w, ir.Constant(i64, wc)))
+            is_packed = builder.or_(builder.icmp_signed("==", w, ir.Constant(i64, 4)),
+                                    builder.icmp_signed("==", w, ir.Constant(i64, 8)))
             with builder.if_else(is_packed) as (then, otherwise):
                 with then:
-                    for wc in packed:
+                    # rows short of a full pack repeat the last row into a discarded output, so a
+                    # row's floats do not depend on how many rows share its call (every streaming
+                    # mode computes the same floats as the resident bundles)
+                    spare = cgutils.alloca_once(builder, _F32)
+                    for wc in (4, 8):
                         P = 16 // wc
                         with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
                             for r0 in range(0, R, P):
                                 sl = slice(r0, r0 + P)
-                                _packed_tail_ir(builder, wc, pcs[sl], pss[sl], psfs[sl], px, pos[sl], G_v, bits,
+                                pad = P - len(pcs[sl])
+                                _packed_tail_ir(builder, wc, pcs[sl] + pcs[-1:] * pad, pss[sl] + pss[-1:] * pad,
+                                                psfs[sl] + psfs[-1:] * pad, px, pos[sl] + [spare] * pad, G_v, bits,
                                                 smask, sshift)
                 with otherwise:
                     with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
