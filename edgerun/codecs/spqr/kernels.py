@@ -403,8 +403,8 @@ def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bi
     and its stat bytes at soff; its block's stats widened by _widen_stats are sf[blks[r]]; xc as
     in _dot_block. The same arithmetic as _dot_block: full chunks ROWS rows at a time; a tail
     chunk of w = 4 or 8 groups packed 16 // w rows per vector, any other tail one row at a time
-    with masked loads. (Indices, not array views: a view per row
-    costs reference counting comparable to the row's arithmetic.)"""
+    with masked loads. (Row indices, not array views: a view per row costs reference counting
+    comparable to the row's arithmetic.)"""
     if not (isinstance(cs, types.UniTuple) and isinstance(blks, types.UniTuple) and cs.count == blks.count):
         return None
     R = cs.count
@@ -465,20 +465,18 @@ def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bi
 _INTERLEAVE = [b for k in range(16) for b in (k, 16 + k)]
 
 
-def _column_dots(builder, pcs, xpairs, step, bits, mask):
-    """IR: for 16 columns (neurons) whose codes of one chunk (16 groups of 16 output rows) are at
-    pcs[u], with int8 activations paired as xpairs[v] = (x8[2v], x8[2v + 1]) in every byte pair:
-    the 16 vectors <16 x i16> D_t, lane k = Σ_u q_u[16k + t]·x8[u] (output row 16(g0 + k) + t).
-    Exact in i16 (16·15·127 < 2^15). Two columns' codes of the same output row go into one byte
-    pair, so each vpmaddubsw (isa.byte_pair_dot) does 32 weights, as in the row dot (_chunk_dot)."""
+def _column_dots(builder, pcs, xpairs, bits):
+    """IR: for 16 columns (neurons) whose codes of one chunk (16 groups of 16 output rows, 2·bits
+    sections of 16 bytes) are at pcs[u], with int8 activations paired as xpairs[v] = (x8[2v],
+    x8[2v + 1]) in every byte pair: the 16 vectors <16 x i16> D_t, lane k = Σ_u q_u[16k + t]·x8[u]
+    (output row 16(g0 + k) + t). Exact in i16 (16·15·127 < 2^15). Two columns' codes of the same
+    output row go into one byte pair, so each vpmaddubsw (isa.byte_pair_dot) does 32 weights, as
+    in the row dot (_chunk_dot)."""
     i64 = ir.IntType(64)
     k8 = lambda v: ir.Constant(_V32I8, [v] * 32)      # noqa: E731
-    def sections(p, j):         # sections 2j, 2j + 1 as one <32 x i8> (one load in a full chunk)
-        if mask is None:
-            return builder.load(_gep(builder, p, ir.Constant(i64, 32 * j), _I8), typ=_V32I8, align=1)
-        sec = [builder.trunc(_load_bytes(builder, _gep(builder, p, builder.mul(step, ir.Constant(i64, 2 * j + e)), _I8),
-                                         mask, _I16), _V16I8) for e in range(2)]
-        return builder.shuffle_vector(sec[0], sec[1], _mask(range(32)))
+
+    def sections(p, j):         # sections 2j, 2j + 1 as one <32 x i8>
+        return builder.load(_gep(builder, p, ir.Constant(i64, 32 * j), _I8), typ=_V32I8, align=1)
 
     if bits == 4:
         # sections 2j, 2j + 1 hold positions 4j, 4j + 1 (lo, hi nibble, groups 0-15) then 4j + 2,
@@ -505,7 +503,8 @@ def _column_dots(builder, pcs, xpairs, step, bits, mask):
         return out
     out = [None] * 16
     for v in range(8):
-        q = [[builder.trunc(c, _V16I8) for c in _codes(builder, pcs[2 * v + e], step, bits, mask, _I16, False)]
+        q = [[builder.trunc(c, _V16I8) for c in _codes(builder, pcs[2 * v + e], ir.Constant(i64, 16), bits, None,
+                                                        _I16, False)]
              for e in range(2)]
         for t in range(16):
             p = byte_pair_dot(builder, builder.shuffle_vector(q[0][t], q[1][t], _mask(_INTERLEAVE)), xpairs[v])
@@ -522,9 +521,9 @@ def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
     group's stats in output-row lanes, zero-padded to Gp = 16·ceil(G / 16) lanes: stat bytes stq
     (Gf, 16, Gp) [g, t, gi] and the fp16 block stats of row 16gi + t, st (Gf, 4, T, Gp) [g, plane,
     t, gi] with T = 1 when stat_group is a multiple of 16 (a block holds whole groups of 16 rows),
-    else T = 16; acc (16, Gp) float32. A group whose x8 are all zero
-    is skipped. Per group and chunk of 256 output rows: 8 column pairs of vpmaddubsw into i16
-    (_column_dots), then the 16 groups' scales and zeros once, as the row dot (_rows_ir)."""
+    else T = 16; acc (16, Gp) float32. A group whose x8 are all zero is skipped. Per group and
+    chunk of 256 output rows: 8 column pairs of vpmaddubsw into i16 (_column_dots), then the 16
+    output-row groups' scales and zeros once, as in the row dot (_rows_ir)."""
     def codegen(context, builder, sig, args):
         i64 = ir.IntType(64)
         pa, px8, pdx, pxs, pq, pst, pacc = [_data(context, builder, sig.args[k], args[k]) for k in range(7)]
@@ -541,8 +540,7 @@ def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
             # the tail chunk's sections of the 16 columns, copied into whole 16-byte sections
             # (zero lanes past w): masked byte loads are scalarized on x86 (measured: the tail of 4
             # groups of d = 576 cost 8x the two full chunks); the stats arrays are padded instead
-            tail = cgutils.alloca_once(builder, ir.ArrayType(_I8, 16 * nsec * 16))
-            builder.store(ir.Constant(ir.ArrayType(_I8, 16 * nsec * 16), None), tail)
+            tail = cgutils.alloca_once(builder, ir.ArrayType(_I8, 16 * nsec * 16))     # (each copy fills it)
             tails = [_gep(builder, builder.bitcast(tail, ir.PointerType()), ir.Constant(i64, u * nsec * 16), _I8)
                      for u in range(16)]
 
@@ -558,8 +556,8 @@ def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
                                     for k in range(32)])       # 2wc: a lane of the zero vector
                     for u in range(16):
                         for sec in range(0, nsec, 2):     # two sections a store, as _column_dots loads them
-                            lo, hi = [builder.load(_gep(builder, cols[u], builder.add(off, ir.Constant(i64, (sec + e) * wc)),
-                                                        _I8), typ=vt, align=1) for e in range(2)]
+                            lo, hi = [builder.load(_gep(builder, cols[u], builder.add(
+                                off, ir.Constant(i64, (sec + e) * wc)), _I8), typ=vt, align=1) for e in range(2)]
                             v = builder.shuffle_vector(builder.shuffle_vector(lo, hi, _mask(range(2 * wc))),
                                                        ir.Constant(v2, None), spread)
                             builder.store(v, builder.bitcast(_gep(builder, tails[u], ir.Constant(i64, 16 * sec), _I8),
@@ -573,8 +571,8 @@ def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
                                    align=1)
                 with builder.if_then(builder.icmp_unsigned("!=", x16, ir.Constant(ir.IntType(128), 0))):
                     xv = builder.bitcast(x16, ir.VectorType(_I16, 8))
-                    xpairs = [builder.bitcast(_splat(builder, builder.extract_element(xv, ir.Constant(_I32, v))), _V32I8)
-                              for v in range(8)]
+                    xpairs = [builder.bitcast(_splat(builder, builder.extract_element(xv, ir.Constant(_I32, v))),
+                                              _V32I8) for v in range(8)]
                     col0 = builder.shl(g, ir.Constant(i64, 4))
                     cols = [builder.inttoptr(builder.load(_gep(builder, pa, builder.add(col0, ir.Constant(i64, u)),
                                                                i64)), ir.PointerType()) for u in range(16)]
@@ -590,7 +588,7 @@ def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
                         else:
                             copy_tail(cols, off)
                             pcs = tails
-                        dots = _column_dots(builder, pcs, xpairs, ir.Constant(i64, 16), bits, None)
+                        dots = _column_dots(builder, pcs, xpairs, bits)
 
                         def block_stats(t):      # (4, 16) widened block stats of position t (plane m at m·T + t)
                             return [half_to_float(builder, builder.load(_gep(builder, psg, builder.add(builder.mul(
