@@ -20,6 +20,10 @@ The arithmetic is the codec's (formats/codec-spqr.md § Matvec): one token quant
 of 16 storage columns to int8 for gate and up, and h the same way in down's storage order; chunks
 of `matmul_min_t` tokens or more decode bundles to float32 tiles. Only the summation order differs
 from SpQRLinear, so a flash pack computes what the standard pack computes, up to float rounding.
+One token runs on the codec's own int8 LLVM-IR kernels (kernels.py): gate and up rows through
+SpQRLinear's row code (`_dot_rows`), down columns 16 at a time, one down group (`_dot_columns`).
+A row's floats do not depend on which other bundles share its call, so every streaming mode
+computes the same floats as the resident bundles (tests/test_streaming.py).
 """
 from __future__ import annotations
 
