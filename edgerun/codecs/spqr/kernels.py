@@ -278,9 +278,9 @@ def _rows_ir(builder, pcs, pss, psfs, px, pos, G, bits, smask, sshift, full=True
             builder.store(builder.fadd(builder.load(acc[r]), _scaled(builder, dots[r], s, z, xsv), flags=_FAST), acc[r])
 
     _chunks_ir(builder, G, bits, body, full, tail)
-    for r in range(R):
-        v = _hsum(builder, builder.load(acc[r]))
-        builder.store(v if full else builder.fadd(builder.load(pos[r]), v, flags=_FAST), pos[r])
+    for r in range(R):          # no reassociation: the same tree for every row (flash bundles)
+        v = _hsum(builder, builder.load(acc[r]), flags=())
+        builder.store(v if full else builder.fadd(builder.load(pos[r]), v), pos[r])
 
 
 def _block_rows(builder, i, R, pc0, ps0, psf, po, G, bits):
@@ -333,11 +333,11 @@ def _packed_tail_ir(builder, w, pcs, pss, psfs, px, pos, G, bits, smask, sshift)
         sf.append(v)
     s, z = _scale_zero(builder, f, None, smask, sshift, sf)
     part = _scaled(builder, dot, s, z, _vload(builder, pxc, XC_XS))
-    for p, po in enumerate(pos):
-        v = builder.extract_element(part, ir.Constant(_I32, p * w))
+    for p, po in enumerate(pos):        # in order, no reassociation: a row's sum must not depend on
+        v = builder.extract_element(part, ir.Constant(_I32, p * w))      # its slot (flash bundles)
         for k in range(1, w):
-            v = builder.fadd(v, builder.extract_element(part, ir.Constant(_I32, p * w + k)), flags=_FAST)
-        builder.store(builder.fadd(builder.load(po), v, flags=_FAST), po)
+            v = builder.fadd(v, builder.extract_element(part, ir.Constant(_I32, p * w + k)))
+        builder.store(builder.fadd(builder.load(po), v), po)
 
 
 def _prefetch(builder, p):
