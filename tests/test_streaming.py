@@ -258,14 +258,20 @@ def spqr_packs(tiny_dir, tmp_path_factory):
     return d / "flash.ebin", d / "plain.ebin"
 
 
-@pytest.mark.parametrize("bits,d,f", [(2, 200, 72), (3, 72, 200), (4, 40, 56)])
-def test_spqr_bundle_kernels_match_the_codec(bits, d, f):
-    # every width, tail chunks, outliers (also in padding columns): the bundle kernels over a
-    # shuffled neuron order compute what SpQRLinear computes (one token: int8 activations; T=3:
-    # per token; T=5: decoded tiles), up to float summation order
+@pytest.mark.parametrize("bits,d,f,sg", [(2, 200, 72, 16), (3, 72, 200, 16), (4, 40, 56, 16),
+                                         # full 16-group chunks (the 4-bit down columns' fast path),
+                                         # tails of 4 / 8 groups (rows packed per vector), 1 group;
+                                         # neuron counts not a multiple of 4 (single bundles)
+                                         (4, 576, 37, 16), (4, 384, 61, 32), (3, 320, 45, 16),
+                                         (2, 264, 33, 16), (4, 320, 40, 8), (3, 272, 19, 24)])
+def test_spqr_bundle_kernels_match_the_codec(bits, d, f, sg):
+    # every width, tail chunks, outliers (also in padding columns), stat groups that are and are
+    # not multiples of 16: the bundle kernels over a shuffled neuron order compute what SpQRLinear
+    # computes (one token: int8 activations; T=3: per token; T=5: decoded tiles), up to float
+    # summation order; also a subset of the bundles, in the window's order
     from edgerun.codecs import get_codec
     rng = np.random.default_rng(bits)
-    c, P = get_codec("spqr"), {"bits": bits, "outlier_threshold": 0.05}
+    c, P = get_codec("spqr"), {"bits": bits, "outlier_threshold": 0.05, "stat_group": sg}
     parts = [c.encode(rng.standard_normal(s).astype(np.float32) * 0.1, P) for s in ((f, d), (f, d), (d, f))]
     perm = rng.permutation(f)
     bundles, shared = c.flash_cut(*parts, P, perm)
@@ -293,6 +299,20 @@ def test_spqr_bundle_kernels_match_the_codec(bits, d, f):
         mm(1, x, u)
         mm(2, (g / (1 + np.exp(-g)) * u).astype(np.float32), ref)
         np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+    # a subset of the neurons (others absent, as with a criterion), split between the window
+    # (codes >= 0) and the read scratch (codes < 0), in a shuffled order
+    x = rng.standard_normal((1, d)).astype(np.float32)
+    ids = np.sort(rng.choice(f, size=max(1, 2 * f // 3), replace=False))
+    codes = np.where(np.arange(len(ids)) % 3 == 0, -1 - np.arange(len(ids)), ids)
+    out = np.zeros((1, d), np.float32)
+    streaming.ffn_rows(kern, bundles, bundles[ids], codes, ids, x, out)
+    g, u, ref = np.zeros((1, f), np.float32), np.zeros((1, f), np.float32), np.zeros((1, d), np.float32)
+    lins[0].matvec(x[0], g[0])
+    lins[1].matvec(x[0], u[0])
+    h = np.zeros((1, f), np.float32)
+    h[0, perm[ids]] = (g / (1 + np.exp(-g)) * u)[0, perm[ids]]
+    lins[2].matvec(h[0], ref[0])
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
 
 
 def test_spqr_bundles_hold_the_standard_packs_weights(spqr_packs):

@@ -12,14 +12,14 @@ def array_data(context, builder, ty, val):
     return context.make_array(ty)(context, builder, val).data
 
 
-def hsum16(builder, v):
-    """IR: horizontal sum of a <16 x float> by halving shuffles."""
+def hsum16(builder, v, flags=("fast",)):
+    """IR: horizontal sum of a <16 x float> by halving shuffles (`flags` on the adds)."""
     n = 16
     while n > 1:
         n //= 2
         a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
         b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
-        v = builder.fadd(a, b, flags=("fast",))
+        v = builder.fadd(a, b, flags=flags)
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 

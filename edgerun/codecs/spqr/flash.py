@@ -20,8 +20,14 @@ The arithmetic is the codec's (formats/codec-spqr.md § Matvec): one token quant
 of 16 storage columns to int8 for gate and up, and h the same way in down's storage order; chunks
 of `matmul_min_t` tokens or more decode bundles to float32 tiles. Only the summation order differs
 from SpQRLinear, so a flash pack computes what the standard pack computes, up to float rounding.
+One token runs on the codec's own int8 LLVM-IR kernels (kernels.py): gate and up rows through
+SpQRLinear's row code (`_dot_rows`), down columns 16 at a time, one down group (`_dot_columns`).
+A row's floats do not depend on which other bundles share its call, so every streaming mode
+computes the same floats as the resident bundles (tests/test_streaming.py).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from numba import njit
@@ -29,7 +35,8 @@ from numba import njit
 from ...errors import FormatError
 from ...kernels import f16_to_f32
 from .format import _pack_codes, _unpack_codes, params_of
-from .kernels import MATMUL_MIN_T
+from .kernels import (MATMUL_MIN_T, XC_FLOATS, _decode_row, _dot_columns, _dot_rows, _outliers_dot, _prep_x,
+                      _widen_stats, _x_index)
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
 
@@ -106,6 +113,15 @@ def cut(gate: dict, up: dict, down: dict, params: dict, perm: np.ndarray) -> tup
 
 
 # ------------------------------------------------------------------------------ kernels
+# The codec's own int8 kernels (kernels.py), pointed at bundles: a gate / up row is a spqr row
+# anywhere in memory (_dot_rows, the IR of SpQRLinear's _dot_block), and the down columns of 16
+# bundles that share a down group (16 storage columns of down_proj) are one vpmaddubsw stream
+# (_dot_columns): two columns' codes of an output row go into one byte pair, against their two
+# int8 activations, accumulated in i16 per output row, then that group's scales and zeros once.
+
+QUAD = 4                # bundles a _dot_rows call takes: rows in pairs share x loads, and a tail
+                        # chunk of 4 groups (d = 576) packs 4 rows into one vector, as SpQRLinear
+
 
 @njit(inline="always", **_JIT)
 def _row(wa, wb, c):
@@ -113,234 +129,199 @@ def _row(wa, wb, c):
     return wa[c] if c >= 0 else wb[-1 - c]
 
 
-@njit(**_JIT)
-def _unpack_row(r, base, G, bits, q):
-    # codes of one row (formats/codec-spqr.md "codes") at r[base:] -> q (16G,) storage order
-    for g0 in range(0, G, 16):
-        w = min(16, G - g0)
-        o = base + 2 * bits * g0
-        for k in range(w):
-            j = 16 * (g0 + k)
-            if bits == 4:
-                for s in range(8):
-                    v = r[o + s * w + k]
-                    q[j + 2 * s] = v & 15
-                    q[j + 2 * s + 1] = v >> 4
-            else:
-                for s in range(4):
-                    v = r[o + s * w + k]
-                    for t in range(4):
-                        q[j + 4 * s + t] = (v >> (2 * t)) & 3
-                if bits == 3:
-                    for h in range(2):
-                        v = r[o + (4 + h) * w + k]
-                        for t in range(8):
-                            q[j + 8 * h + t] |= ((v >> t) & 1) << 2
+@functools.cache
+def _bundle_kernels(bits: int) -> tuple:
+    """(rows, act, down) for one bit width: `bits` is a closure constant, so the IR emits that
+    width only (as kernels.matvec_kernels)."""
+
+    @njit(inline="always", **_JIT)
+    def quad(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
+        # out[k] = one row (gate or up: codes at coff, stat bytes at soff) of bundles k = sel[s : s +
+        # QUAD] · x, outliers included; xc / xb the prepared x, sf its widened stats, CSR rp, oc, ov
+        k0, k1, k2, k3 = sel[s], sel[s + 1], sel[s + 2], sel[s + 3]
+        _dot_rows(wa, wb, (codes[k0], codes[k1], codes[k2], codes[k3]), coff, soff, xc, sf,
+                  (blk[ids[k0]], blk[ids[k1]], blk[ids[k2]], blk[ids[k3]]), t4, G, sbits, bits)
+        for q in range(QUAD):
+            k = sel[s + q]
+            out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[q])
+
+    @njit(inline="always", **_JIT)
+    def one(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
+        # bundle k = sel[s] through the QUAD code, repeated: with fast-math, code for fewer rows
+        # may round differently, and a row's floats must not depend on its neighbours (the
+        # streaming modes split the same bundles into different calls)
+        k = sel[s]
+        c, b = codes[k], blk[ids[k]]
+        _dot_rows(wa, wb, (c, c, c, c), coff, soff, xc, sf, (b, b, b, b), t4, G, sbits, bits)
+        out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[0])
+
+    @njit(**_JIT)
+    def rows(wa, wb, codes, ids, sel, blk, G, sbits, m, t4, out):
+        # out[k] = row m of bundle codes[k] (stored neuron ids[k]) · x for k in sel;
+        # m = (codes offset, stat bytes offset, xc, xb, widened stats (blocks, C + 1, 4, 16), CSR)
+        coff, soff, xc, xb, sf, rp, oc, ov = m
+        n = sel.shape[0]
+        s = 0
+        while s + QUAD <= n:
+            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
+            s += QUAD
+        while s < n:
+            one(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
+            s += 1
+
+    @njit(**_JIT)
+    def act(wa, wb, codes, ids, sel, blk, G, sbits, mg, mu, t4, g, u, h):
+        # h[k] = silu(gate_n · x) · (up_n · x) for k in sel: both rows of QUAD bundles at a time
+        gc, gs, gx, gxb, gsf, grp, goc, gov = mg
+        uc, us, ux, uxb, usf, urp, uoc, uov = mu
+        n = sel.shape[0]
+        s = 0
+        while s + QUAD <= n:
+            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
+            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
+            s += QUAD
+        while s < n:
+            one(wa, wb, codes, ids, sel, s, blk, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
+            one(wa, wb, codes, ids, sel, s, blk, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
+            s += 1
+        for s in range(n):
+            k = sel[s]
+            h[k] = g[k] / (np.float32(1.0) + np.exp(-g[k])) * u[k]
+
+    @njit(**_JIT)
+    def down(wa, wb, codes, ids, h, pos, coff, zero, hs, addr, x8, dx, xs, stq, st, acc, G, sbits, drp, dor, dov,
+             out):
+        # out (d,) = Σ_k h[k] · down column of bundle k, h quantized per 16 storage columns of
+        # down_proj as SpQRLinear quantizes down's input; columns without a bundle read `zero`
+        hs[:] = 0.0
+        addr[:] = zero.ctypes.data
+        pa, pb = wa.ctypes.data + coff, wb.ctypes.data + coff      # (no array view per bundle)
+        for k in range(codes.shape[0]):
+            j = pos[ids[k]]
+            hs[j] = h[k]
+            c = codes[k]
+            addr[j] = pa + c * wa.strides[0] if c >= 0 else pb + (-1 - c) * wb.strides[0]
+        quant16(hs, x8, dx, xs)
+        acc[:] = 0.0
+        _dot_columns(addr, x8, dx, xs, stq, st, acc, G, sbits, bits)
+        for i in range(out.shape[0]):
+            out[i] = acc[i & 15, i >> 4]
+        for k in range(codes.shape[0]):        # outliers, by stored neuron: output row and value
+            p = ids[k]
+            j = pos[p]
+            c = dx[j >> 4] * np.float32(x8[j])
+            if c != 0.0:
+                for e in range(drp[p], drp[p + 1]):
+                    out[np.int64(dor[e])] += c * f16_to_f32(dov[e])
+
+    return rows, act, down
 
 
-@njit(inline="always", **_JIT)
-def _sz(st, rb, g, c, sbits):
-    # (scale, zero) of stat byte c in group g of row block rb (fp16 second-level stats)
-    qs = c & ((1 << sbits) - 1)
-    qz = c >> sbits
-    s = f16_to_f32(st[rb, 0, g]) * np.float32(qs) + f16_to_f32(st[rb, 1, g])
-    z = f16_to_f32(st[rb, 2, g]) * np.float32(qz) + f16_to_f32(st[rb, 3, g])
-    return s, z
-
-
-@njit(**_JIT)
-def quant_groups(v, perm, G, xt, dx, s8):
-    # v (n,) -> per group g of 16 storage columns (v[perm[16g + t]], 0 past n): int8 codes as
-    # float32 in xt[t, g] (16, G), step dx (G,) and code sums s8 (G,) (formats/codec-spqr.md § Matvec)
-    n = perm.shape[0]
-    for g in range(G):
+@njit(cache=True, nogil=True, no_cfunc_wrapper=True)       # no fastmath: rounding as the reference
+def quant16(v, x8, dx, xs):
+    # v (16·Gf,) in storage order -> per group g of 16: int8 x8, dx[g] = max|v| / 127 and
+    # xs[g] = dx[g]·Σ x8 (formats/codec-spqr.md § Matvec; reference.quantize_activations)
+    for g in range(dx.shape[0]):
         m = np.float32(0.0)
         for t in range(16):
-            j = 16 * g + t
-            if j < n:
-                m = max(m, abs(v[perm[j]]))
+            m = max(m, abs(v[16 * g + t]))
         inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
-        s = np.float32(0.0)
+        s = 0
         for t in range(16):
-            j = 16 * g + t
-            a = v[perm[j]] if j < n else np.float32(0.0)
-            q = np.float32(np.trunc(a * inv + (np.float32(-0.5) if a < 0 else np.float32(0.5))))
-            xt[t, g] = q
+            a = v[16 * g + t]
+            q = np.int32(np.trunc(a * inv + (np.float32(-0.5) if a < 0 else np.float32(0.5))))
+            x8[16 * g + t] = q
             s += q
         dx[g] = m / np.float32(127.0)
-        s8[g] = s
-
-
-@njit(inline="always", **_JIT)
-def _chunk_codes(r, o, w, bits, qt):
-    # the codes of one 16-group chunk at r[o:] (formats/codec-spqr.md "codes") -> qt[t, k] = code
-    # of position t in group k (16, 16) float32: loops over k, the chunk's vector lanes
-    if bits == 4:
-        for s in range(8):
-            for k in range(w):
-                v = r[o + s * w + k]
-                qt[2 * s, k] = np.float32(v & 15)
-                qt[2 * s + 1, k] = np.float32(v >> 4)
-    else:
-        for s in range(4):
-            for t in range(4):
-                for k in range(w):
-                    qt[4 * s + t, k] = np.float32((r[o + s * w + k] >> (2 * t)) & 3)
-        if bits == 3:
-            for h in range(2):
-                for t in range(8):
-                    for k in range(w):
-                        qt[8 * h + t, k] += np.float32(((r[o + (4 + h) * w + k] >> t) & 1) * 4)
-
-
-@njit(inline="always", **_JIT)
-def _chunk_dot(r, o, w, bits, xt, g0, qt, dots):
-    # dots[k] = Σ_t code(t, group g0+k) · xt[t, g0+k] over one chunk; 4 bits straight from the
-    # bytes (slices: contiguous lanes the compiler vectorizes), 2 and 3 bits through qt
-    d = dots[:w]
-    d[:] = 0.0
-    if bits == 4:
-        for s in range(8):
-            seg = r[o + s * w: o + s * w + w]
-            xa = xt[2 * s, g0:g0 + w]
-            xb = xt[2 * s + 1, g0:g0 + w]
-            for k in range(w):
-                v = seg[k]
-                d[k] += np.float32(v & 15) * xa[k] + np.float32(v >> 4) * xb[k]
-    else:
-        _chunk_codes(r, o, w, bits, qt)
-        for t in range(16):
-            xa = xt[t, g0:g0 + w]
-            q = qt[t, :w]
-            for k in range(w):
-                d[k] += q[k] * xa[k]
-
-
-@njit(inline="always", **_JIT)
-def _row_dot(r, cbase, sbase, st, rb, G, bits, sbits, xt, dx, s8, rp, oc, ov, p, qt, dots):
-    # one gate/up row of a bundle · the quantized activations (+ its outliers)
-    acc = np.float32(0.0)
-    for g0 in range(0, G, 16):
-        w = min(16, G - g0)
-        _chunk_dot(r, cbase + 2 * bits * g0, w, bits, xt, g0, qt, dots)
-        for k in range(w):
-            g = g0 + k
-            s, z = _sz(st, rb, g, r[sbase + g], sbits)
-            acc += s * dx[g] * (dots[k] - z * s8[g])
-    for k in range(rp[p], rp[p + 1]):
-        j = np.int64(oc[k])
-        acc += f16_to_f32(ov[k]) * dx[j >> 4] * xt[j & 15, j >> 4]
-    return acc
+        xs[g] = np.float32(s) * dx[g]
 
 
 @njit(**_JIT)
-def bundle_act(wa, wb, codes, ids, sel, nid, off, G, bits, sbits, sg, gst, ust, xg, dxg, sxg, xu, dxu, sxu,
-               grp, goc, gov, urp, uoc, uov, qt, dots, h):
-    # h[k] = silu(gate_n · x) · (up_n · x) for k in sel, bundle codes[k] of stored neuron ids[k]
-    for s in range(sel.shape[0]):
-        k = sel[s]
-        r = _row(wa, wb, codes[k])
-        p = ids[k]
-        rb = nid[p] // sg
-        g = _row_dot(r, off[0], off[1], gst, rb, G, bits, sbits, xg, dxg, sxg, grp, goc, gov, p, qt, dots)
-        u = _row_dot(r, off[2], off[3], ust, rb, G, bits, sbits, xu, dxu, sxu, urp, uoc, uov, p, qt, dots)
-        h[k] = g / (np.float32(1.0) + np.exp(-g)) * u
+def _prep(x, xidx, xc):
+    # x (d,) -> xc, x quantized as the row kernels read it (kernels._prep_x)
+    _prep_x(x, xidx, xc)
 
 
 @njit(**_JIT)
-def gate_rows(gb, nid, off, G, bits, sbits, sg, gst, xg, dxg, sxg, grp, goc, gov, qt, dots, g):
-    # g (f,) = gate_n · x of every stored neuron p, from gb (f, >= off[2]): the bundles' gate parts
-    for p in range(gb.shape[0]):
-        g[p] = _row_dot(gb[p], off[0], off[1], gst, nid[p] // sg, G, bits, sbits, xg, dxg, sxg, grp, goc, gov, p,
-                        qt, dots)
+def widen_all(st2, G, sf):
+    # every row block's fp16 stats -> sf (blocks, C + 1, 4, 16) as the row kernels read them
+    for rb in range(sf.shape[0]):
+        _widen_stats(st2, rb, G, sf[rb])
 
 
 @njit(**_JIT)
-def down_stats(dst, dsq, sg, sbits, S, SZ):
-    # down's scale and scale·zero of (neuron group g, row i = 16·gi + t) -> S, SZ [g, t, gi] (Gf, 16, G)
-    d, Gf = dsq.shape
-    S[:] = 0.0
-    SZ[:] = 0.0
-    for i in range(d):
-        rb = i // sg
-        for g in range(Gf):
-            s, z = _sz(dst, rb, g, dsq[i, g], sbits)
-            S[g, i & 15, i >> 4] = s
-            SZ[g, i & 15, i >> 4] = s * z
-
-
-@njit(**_JIT)
-def bundle_down(wa, wb, codes, ids, h, pos, off, G, bits, S, SZ, hs, xt, dx, s8, drp, dor, dov, qt, acc, out):
-    # out (d,) = Σ_k h[k] · down column of bundle k, h quantized as SpQRLinear quantizes down's
-    # input; accumulated in acc[t, gi] (row 16·gi + t) so the chunk's lanes are contiguous
-    d = out.shape[0]
-    hs[:] = 0.0
-    for k in range(codes.shape[0]):
-        hs[pos[ids[k]]] = h[k]
-    ident = np.arange(hs.shape[0])
-    quant_groups(hs, ident, S.shape[0], xt, dx, s8)
-    acc[:] = 0.0
-    for k in range(codes.shape[0]):
-        p = ids[k]
-        j = pos[p]
-        g = j >> 4
-        c = dx[g] * xt[j & 15, g]
-        if c == 0.0:
-            continue
-        r = _row(wa, wb, codes[k])
-        for g0 in range(0, G, 16):
-            w = min(16, G - g0)
-            o = off[4] + 2 * bits * g0
-            if bits == 4:         # straight from the bytes, as _chunk_dot
-                for s in range(8):
-                    seg = r[o + s * w: o + s * w + w]
-                    for h2 in range(2):
-                        a = acc[2 * s + h2, g0:g0 + w]
-                        sc = S[g, 2 * s + h2, g0:g0 + w]
-                        sz = SZ[g, 2 * s + h2, g0:g0 + w]
-                        for kk in range(w):
-                            a[kk] += c * (sc[kk] * np.float32((seg[kk] >> (4 * h2)) & 15) - sz[kk])
-            else:
-                _chunk_codes(r, o, w, bits, qt)
-                for t in range(16):
-                    a = acc[t, g0:g0 + w]
-                    sc = S[g, t, g0:g0 + w]
-                    sz = SZ[g, t, g0:g0 + w]
-                    for kk in range(w):
-                        a[kk] += c * (sc[kk] * qt[t, kk] - sz[kk])
-        for e in range(drp[p], drp[p + 1]):
-            i = np.int64(dor[e])
-            acc[i & 15, i >> 4] += c * f16_to_f32(dov[e])
-    for i in range(d):
-        out[i] = acc[i & 15, i >> 4]
-
-
-@njit(**_JIT)
-def widen_bundles(wa, wb, codes, ids, a, b, nid, off, G, bits, sbits, sg, gst, ust, gperm, uperm,
-                  grp, goc, gov, urp, uoc, uov, pos, dst, dsq, drp, dor, dov, q, tile):
-    # bundles codes[a:b] -> tile (>= b-a, 3, d) float32: gate row, up row, down column (decoded)
+def widen_bundles(wa, wb, codes, ids, a, b, nid, off, G, bits, sbits, sg, sfg, sfu, gperm, uperm,
+                  grp, goc, gov, urp, uoc, uov, pos, dstq, dst, drp, dor, dov, q, tile):
+    # bundles codes[a:b] -> tile (>= b-a, 3, d) float32: gate row, up row, down column (decoded);
+    # sfg / sfu the widened stats of gate / up (widen_all), dstq / dst down's stats in output-row
+    # lanes (_dot_columns), q (16G,) float32 scratch
     d = tile.shape[2]
+    T = dst.shape[2]
     for k in range(a, b):
         r = _row(wa, wb, codes[k])
         p = ids[k]
         rb = nid[p] // sg
         for m in range(2):
-            st, perm = (gst, gperm) if m == 0 else (ust, uperm)
-            _unpack_row(r, off[2 * m], G, bits, q)
-            for j in range(d):
-                g = j >> 4
-                s, z = _sz(st, rb, g, r[off[2 * m + 1] + g], sbits)
-                tile[k - a, m, perm[j]] = s * (np.float32(q[j]) - z)
+            sf, perm = (sfg, gperm) if m == 0 else (sfu, uperm)
+            _decode_row(r, off[2 * m], r, off[2 * m + 1], sf[rb], G, sbits, bits, q, 0)
+            for j in range(d):         # q: position-major (kernels._decode_row)
+                tile[k - a, m, perm[j]] = q[(j & 15) * G + (j >> 4)]
             rp, oc, ov = (grp, goc, gov) if m == 0 else (urp, uoc, uov)
             for e in range(rp[p], rp[p + 1]):
                 tile[k - a, m, perm[np.int64(oc[e])]] += f16_to_f32(ov[e])
         j = pos[p]
-        _unpack_row(r, off[4], G, bits, q)
+        g = j >> 4
+        _codes_row(r, off[4], G, bits, q)
         for i in range(d):
-            s, z = _sz(dst, i // sg, j >> 4, dsq[i, j >> 4], sbits)
-            tile[k - a, 2, i] = s * (np.float32(q[i]) - z)
+            gi, t = i >> 4, i & 15
+            c = dstq[g, t, gi]
+            tt = t if T > 1 else 0
+            s = f16_to_f32(dst[g, 0, tt, gi]) * np.float32(c & ((1 << sbits) - 1)) + f16_to_f32(dst[g, 1, tt, gi])
+            z = f16_to_f32(dst[g, 2, tt, gi]) * np.float32(c >> sbits) + f16_to_f32(dst[g, 3, tt, gi])
+            tile[k - a, 2, i] = s * (q[i] - z)
         for e in range(drp[p], drp[p + 1]):
             tile[k - a, 2, np.int64(dor[e])] += f16_to_f32(dov[e])
+
+
+@njit(**_JIT)
+def _codes_row(r, base, G, bits, q):
+    # the codes of one spqr codes row at r[base:] (formats/codec-spqr.md "codes") -> q (16G,)
+    # float32, storage order
+    for g0 in range(0, G, 16):
+        w = min(16, G - g0)
+        o = base + 2 * bits * g0
+        for k in range(w):
+            j = 16 * (g0 + k)
+            for t in range(16):
+                if bits == 4:
+                    v = (r[o + (t >> 1) * w + k] >> (4 * (t & 1))) & 15
+                else:
+                    v = (r[o + (t >> 2) * w + k] >> (2 * (t & 3))) & 3
+                    if bits == 3:
+                        v |= ((r[o + (4 + (t >> 3)) * w + k] >> (t & 7)) & 1) << 2
+                q[j + t] = np.float32(v)
+
+
+def lane_stats(stat_codes: np.ndarray, stats: np.ndarray, sg: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """down_proj's stat_codes (d, Gf) and fp16 stats (R, 4, Gf) rearranged once at load into the
+    output-row lanes _dot_columns reads, zero-padded to Gp = 16·ceil(G / 16) lanes (whole-vector
+    loads in the tail chunk): (Gf, 16, Gp) [g, t, gi] = stat byte of row 16gi + t, and
+    (Gf, 4, T, Gp) [g, plane, t, gi] = its block's stats, T = 1 when stat_group is a multiple of 16
+    (as many bytes as stored, plus the padding), else 16 (one copy per row)."""
+    Gf = stat_codes.shape[1]
+    G = -(-d // 16)
+    Gp = -(-G // 16) * 16
+    sc = np.zeros((16 * Gp, Gf), np.uint8)
+    sc[:d] = stat_codes
+    stq = np.ascontiguousarray(sc.reshape(Gp, 16, Gf).transpose(2, 1, 0))
+    rows = np.arange(16 * G)
+    if sg % 16 == 0:
+        blk = (rows[::16] // sg)[None, :]                          # (1, G)
+    else:
+        blk = np.minimum(rows // sg, stats.shape[0] - 1).reshape(G, 16).T      # (16, G) [t, gi]
+    st = np.zeros((Gf, 4, blk.shape[0], Gp), np.uint16)
+    st[..., :G] = stats[blk].transpose(3, 2, 0, 1)                # (T, G, 4, Gf) -> (Gf, 4, T, G)
+    return stq, st
 
 
 def _check_shared(a: dict, nid: np.ndarray, sg: int, d: int, f: int) -> None:
@@ -374,7 +355,10 @@ def _check_shared(a: dict, nid: np.ndarray, sg: int, d: int, f: int) -> None:
 class SpQRBundles:
     """One layer's bundle kernels (streaming.ffn_rows calls them): `prepare(x)` once per token,
     then `act` on sets of bundles, `down`; `widen` for chunks of `matmul_min_t` tokens or more.
-    `scratch`: a dict shared by all layers (the per-token buffers are allocated once)."""
+    `scratch`: a dict shared by all layers (the per-token buffers are allocated once).
+
+    At load, down_proj's stat codes and stats are rearranged into output-row lanes (lane_stats:
+    the same bytes when stat_group is a multiple of 16) and the stored copies dropped."""
 
     matmul_min_t = MATMUL_MIN_T
 
@@ -382,65 +366,81 @@ class SpQRBundles:
         p = params_of(params)
         self.bits, self.sbits, self.sg = p["bits"], p["stat_bits"], p["stat_group"]
         a = {k: np.ascontiguousarray(v) for k, v in shared.items()}
-        self.a, self.nid = a, np.ascontiguousarray(nid, np.int64)
-        self.G = -(-d // 16)
-        Gf = -(-f // 16)
+        self.nid = np.ascontiguousarray(nid, np.int64)
+        self.blk = self.nid // self.sg             # stored neuron -> its gate / up stat block
+        self.G = G = -(-d // 16)
         _check_shared(a, self.nid, p["stat_group"], d, f)
+        self.dstq, self.dst = lane_stats(a.pop("down.stat_codes"), a.pop("down.stats"), self.sg, d)
+        self.a = a
         self.off = np.array([o for o, _ in bundle_parts(p, d).values()], np.int64)
         self.gate_bytes = int(self.off[2])          # gate.codes and gate.stq lead the bundle
         self.pos = a["down.pos"].astype(np.int64)
-        key = (d, f)
+        self.xidx = {m: _x_index(a[f"{m}.perm"], G) for m in ("gate", "up")}
+        self.all = np.arange(f, dtype=np.int64)
+        key = (d, f, self.sg)
         if key not in scratch:
-            G = self.G
-            scratch[key] = dict(q=np.zeros(16 * G, np.uint8), qt=np.zeros((16, 16), np.float32),
-                                dots=np.zeros(16, np.float32), acc=np.zeros((16, G), np.float32),
-                                xg=np.zeros((16, G), np.float32), dxg=np.zeros(G, np.float32),
-                                sxg=np.zeros(G, np.float32), xu=np.zeros((16, G), np.float32),
-                                dxu=np.zeros(G, np.float32), sxu=np.zeros(G, np.float32),
-                                S=np.zeros((Gf, 16, G), np.float32), SZ=np.zeros((Gf, 16, G), np.float32),
-                                hs=np.zeros(16 * Gf, np.float32), x8=np.zeros((16, Gf), np.float32),
-                                dx=np.zeros(Gf, np.float32), s8=np.zeros(Gf, np.float32))
-        self.s = scratch[key]
+            scratch[key] = {k: np.zeros(shape, dt) for k, (shape, dt) in self._scratch_shapes(d, f, self.sg).items()}
+        s = self.s = scratch[key]
+        # act-order sorts gate's and up's columns by the Hessian they share: one prepared x for both
+        self.xc = {"gate": "gate", "up": "gate" if np.array_equal(a["gate.perm"], a["up.perm"]) else "up"}
+        self._m = {m: (self.off[2 * i], self.off[2 * i + 1], s[f"xc.{self.xc[m]}"], s[f"xc.{self.xc[m]}"].view(np.int8),
+                       s[f"sf.{m}"], a[f"{m}.outlier_rowptr"], a[f"{m}.outlier_col"], a[f"{m}.outlier_val"])
+                   for i, m in enumerate(("gate", "up"))}
+        self._rows, self._act, self._down = _bundle_kernels(self.bits)
 
     @staticmethod
-    def scratch_bytes(d: int, f: int) -> int:
-        """The bytes of the shared per-token scratch (the plan counts them)."""
+    def _scratch_shapes(d: int, f: int, sg: int) -> dict:
+        """name -> (shape, dtype) of the per-token scratch shared by the layers of one shape."""
         G, Gf = -(-d // 16), -(-f // 16)
-        return 16 * G + 4 * (16 * 17 + 16 * G + 2 * 18 * G + 2 * Gf * 16 * G + 16 * Gf + 16 * Gf + 2 * Gf)
+        C = -(-G // 16) + 1                   # + the packed tail's chunk (kernels._x_index)
+        sf = ((-(-f // sg), C, 4, 16), np.float32)
+        return {"xc.gate": ((C, XC_FLOATS), np.float32), "xc.up": ((C, XC_FLOATS), np.float32),
+                "sf.gate": sf, "sf.up": sf, "t4": ((QUAD,), np.float32),
+                "g": ((f,), np.float32), "u": ((f,), np.float32), "q": ((16 * G,), np.float32),
+                "zero": ((8 * G,), np.uint8), "hs": ((16 * Gf,), np.float32), "addr": ((16 * Gf,), np.int64),
+                "x8": ((16 * Gf,), np.int8), "dx": ((Gf,), np.float32), "xs": ((Gf,), np.float32),
+                "acc": ((16, 16 * (C - 1)), np.float32)}
+
+    @classmethod
+    def scratch_bytes(cls, d: int, f: int, sg: int = 16) -> int:
+        """The bytes of the shared per-token scratch (the plan counts them)."""
+        return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in cls._scratch_shapes(d, f, sg).values())
 
     def prepare(self, x):
+        """Once per token: x quantized to int8 per 16 storage columns of gate and up (their
+        perms), and their fp16 block stats widened (the rows of a set of bundles span any block)."""
         s, a = self.s, self.a
-        quant_groups(x, a["gate.perm"], self.G, s["xg"], s["dxg"], s["sxg"])
-        quant_groups(x, a["up.perm"], self.G, s["xu"], s["dxu"], s["sxu"])
+        x = np.ascontiguousarray(x, np.float32)
+        for m in ("gate", "up"):
+            if self.xc[m] == m:
+                _prep(x, self.xidx[m], s[f"xc.{m}"])
+            widen_all(a[f"{m}.stats"], self.G, s[f"sf.{m}"])
 
     def act(self, wa, wb, codes, ids, sel, x, h):
-        s, a = self.s, self.a
-        bundle_act(wa, wb, codes, ids, sel, self.nid, self.off, self.G, self.bits, self.sbits, self.sg,
-                   a["gate.stats"], a["up.stats"], s["xg"], s["dxg"], s["sxg"], s["xu"], s["dxu"], s["sxu"],
-                   a["gate.outlier_rowptr"], a["gate.outlier_col"], a["gate.outlier_val"],
-                   a["up.outlier_rowptr"], a["up.outlier_col"], a["up.outlier_val"], s["qt"], s["dots"], h)
+        s = self.s
+        self._act(wa, wb, codes, ids, sel, self.blk, self.G, self.sbits, self._m["gate"], self._m["up"],
+                  s["t4"], s["g"], s["u"], h)
 
     def gate_scores(self, gb, x, out):
         """out (f,) = the gate pre-activations of all neurons (criterion gate:S) from `gb`, the
         first `gate_bytes` of every bundle (gate.codes, gate.stq), kept resident."""
-        s, a = self.s, self.a
         self.prepare(x)
-        gate_rows(gb, self.nid, self.off, self.G, self.bits, self.sbits, self.sg, a["gate.stats"], s["xg"], s["dxg"],
-                  s["sxg"], a["gate.outlier_rowptr"], a["gate.outlier_col"], a["gate.outlier_val"], s["qt"], s["dots"],
-                  out)
+        self._rows(gb, gb, self.all, self.all, self.all, self.blk, self.G, self.sbits, self._m["gate"],
+                   self.s["t4"], out)
 
     def down(self, wa, wb, codes, ids, h, out):
         s, a = self.s, self.a
-        down_stats(a["down.stats"], a["down.stat_codes"], self.sg, self.sbits, s["S"], s["SZ"])
-        bundle_down(wa, wb, codes, ids, h, self.pos, self.off, self.G, self.bits, s["S"], s["SZ"], s["hs"],
-                    s["x8"], s["dx"], s["s8"], a["down.outlier_rowptr"], a["down.outlier_row"],
-                    a["down.outlier_val"], s["qt"], s["acc"], out)
+        self._down(wa, wb, codes, ids, h, self.pos, self.off[4], s["zero"], s["hs"], s["addr"], s["x8"], s["dx"],
+                   s["xs"], self.dstq, self.dst, s["acc"], self.G, self.sbits, a["down.outlier_rowptr"],
+                   a["down.outlier_row"], a["down.outlier_val"], out)
 
     def widen(self, wa, wb, codes, ids, a0, b0, tile):
-        a = self.a
+        a, s = self.a, self.s
+        for m in ("gate", "up"):
+            widen_all(a[f"{m}.stats"], self.G, s[f"sf.{m}"])
         widen_bundles(wa, wb, codes, ids, a0, b0, self.nid, self.off, self.G, self.bits, self.sbits, self.sg,
-                      a["gate.stats"], a["up.stats"], a["gate.perm"], a["up.perm"],
+                      s["sf.gate"], s["sf.up"], a["gate.perm"], a["up.perm"],
                       a["gate.outlier_rowptr"], a["gate.outlier_col"], a["gate.outlier_val"],
                       a["up.outlier_rowptr"], a["up.outlier_col"], a["up.outlier_val"], self.pos,
-                      a["down.stats"], a["down.stat_codes"], a["down.outlier_rowptr"], a["down.outlier_row"],
-                      a["down.outlier_val"], self.s["q"], tile)
+                      self.dstq, self.dst, a["down.outlier_rowptr"], a["down.outlier_row"],
+                      a["down.outlier_val"], s["q"], tile)

@@ -145,12 +145,12 @@ def _chunk_stats(builder, ps, psf, mask, smask, sshift):
     return _scale_zero(builder, _load_bytes(builder, ps, mask), psf, smask, sshift)
 
 
-def _scale_zero(builder, f, psf, smask, sshift):
+def _scale_zero(builder, f, psf, smask, sshift, sf=None):
     """IR: scale and zero <16 x float> from stat bytes f <16 x i32> (quantized scale in the low
-    sbits, zero above) and widened block stats (4, 16) at psf."""
+    sbits, zero above) and widened block stats (4, 16) at psf (or given as 4 vectors sf)."""
     qs = builder.sitofp(builder.and_(f, smask), _V16F32)
     qz = builder.sitofp(builder.lshr(f, sshift), _V16F32)
-    sf = [_vload(builder, psf, 16 * k) for k in range(4)]
+    sf = sf or [_vload(builder, psf, 16 * k) for k in range(4)]
     s = builder.fadd(builder.fmul(sf[0], qs, flags=_FAST), sf[1], flags=_FAST)
     z = builder.fadd(builder.fmul(sf[2], qz, flags=_FAST), sf[3], flags=_FAST)
     return s, z
@@ -260,15 +260,14 @@ def _scaled(builder, dot, s, z, xsv):
     return builder.fmul(s, builder.fsub(dot, builder.fmul(z, xsv, flags=_FAST), flags=_FAST), flags=_FAST)
 
 
-def _rows_ir(builder, R, i, pc0, ps0, px, psf, po, G, bits, smask, sshift, full=True, tail=True):
-    """IR: po[i + r] = Σ_j W'[i + r, j] x'[j] (no outliers) for r < R over the full chunks and/or
-    the tail chunk (without the full chunks, po[i + r] += the tail's part); the R rows share each
-    x load. pc0/ps0: codes / stat bytes of row 0, px: xc, psf: sf of the rows' block."""
+def _rows_ir(builder, pcs, pss, psfs, px, pos, G, bits, smask, sshift, full=True, tail=True):
+    """IR: *pos[r] = Σ_j W'[r, j] x'[j] (no outliers) for the R = len(pcs) rows over the full chunks
+    and/or the tail chunk (without the full chunks, *pos[r] += the tail's part); the rows share
+    each x load. Row r: codes at pcs[r], stat bytes at pss[r], its block's widened stats sf at
+    psfs[r] (_widen_stats), result at pos[r]; px: the prepared x (_prep_x). The rows may lie
+    anywhere (a matrix's consecutive rows, or flash bundles)."""
+    R = len(pcs)
     i64 = G.type
-    rowb = builder.mul(G, ir.Constant(i64, 2 * bits))
-    rows = [builder.add(i, ir.Constant(i64, r)) for r in range(R)]
-    pcs = [_gep(builder, pc0, builder.mul(rowb, ri), _I8) for ri in rows]
-    pss = [_gep(builder, ps0, builder.mul(G, ri), _I8) for ri in rows]
     acc = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(R)]
 
     def body(c, off, step, mask):
@@ -280,33 +279,42 @@ def _rows_ir(builder, R, i, pc0, ps0, px, psf, po, G, bits, smask, sshift, full=
         pxc = _gep(builder, px, builder.mul(c, ir.Constant(i64, XC_FLOATS)), _F32)
         dots = _chunk_dot(builder, a, pxc, R)
         xsv = _vload(builder, pxc, XC_XS)
-        pcsf = _gep(builder, psf, builder.mul(c, ir.Constant(i64, 64)), _F32)
         g0 = builder.shl(c, ir.Constant(i64, 4))
         for r in range(R):
+            pcsf = _gep(builder, psfs[r], builder.mul(c, ir.Constant(i64, 64)), _F32)
             s, z = _chunk_stats(builder, _gep(builder, pss[r], g0, _I8), pcsf, mask, smask, sshift)
             builder.store(builder.fadd(builder.load(acc[r]), _scaled(builder, dots[r], s, z, xsv), flags=_FAST), acc[r])
 
     _chunks_ir(builder, G, bits, body, full, tail)
-    for r in range(R):
-        p = _gep(builder, po, rows[r], _F32)
-        v = _hsum(builder, builder.load(acc[r]))
-        builder.store(v if full else builder.fadd(builder.load(p), v, flags=_FAST), p)
+    for r in range(R):          # no reassociation: the same tree for every row (flash bundles)
+        v = _hsum(builder, builder.load(acc[r]), flags=())
+        builder.store(v if full else builder.fadd(builder.load(pos[r]), v), pos[r])
 
 
-def _packed_tail_ir(builder, w, i, pc0, ps0, px, psf, po, G, bits, smask, sshift):
-    """IR: po[i + p] += the tail chunk's part of row i + p for p < 16 // w, the rows packed into
-    the lanes (lane p·w + k = row i + p, group g0 + k): one chunk's work for 16 // w rows instead of
-    one each. Tail x and stats replicated per row slot at chunk nfull + 1 of xc and sf."""
+def _block_rows(builder, i, R, pc0, ps0, psf, po, G, bits):
+    """IR: (pcs, pss, psfs, pos) of rows i .. i + R - 1 of a stored matrix (codes at pc0, stat
+    bytes at ps0, one stat block's sf at psf, out at po): the row lists _rows_ir takes."""
+    i64 = G.type
+    rows = [builder.add(i, ir.Constant(i64, r)) for r in range(R)]
+    rowb = builder.mul(G, ir.Constant(i64, 2 * bits))
+    return ([_gep(builder, pc0, builder.mul(rowb, ri), _I8) for ri in rows],
+            [_gep(builder, ps0, builder.mul(G, ri), _I8) for ri in rows], [psf] * R,
+            [_gep(builder, po, ri, _F32) for ri in rows])
+
+
+def _packed_tail_ir(builder, w, pcs, pss, psfs, px, pos, G, bits, smask, sshift):
+    """IR: *pos[p] += the tail chunk's part of row p for the P = 16 // w rows (lists as _rows_ir),
+    the rows packed into the lanes (lane p·w + k = row p, group g0 + k): one chunk's work for
+    16 // w rows instead of one each. Tail x replicated per row slot at chunk nfull + 1 of xc, and
+    each row's tail stats likewise in its sf (_widen_stats); rows of different stat blocks take
+    their lanes from their own sf."""
     P = 16 // w
     i64 = G.type
     nfull = builder.ashr(G, ir.Constant(i64, 4))
-    rowb = builder.mul(G, ir.Constant(i64, 2 * bits))
     off = builder.mul(nfull, ir.Constant(i64, 32 * bits))
     g0 = builder.shl(nfull, ir.Constant(i64, 4))
-    rows = [builder.add(i, ir.Constant(i64, p)) for p in range(P)]
     nb = 2 * bits * w                   # a row's tail chunk: 2·bits sections of w bytes
-    blobs = [builder.load(_gep(builder, pc0, builder.add(builder.mul(rowb, r), off), _I8),
-                          typ=ir.VectorType(_I8, nb), align=1) for r in rows]
+    blobs = [builder.load(_gep(builder, pc, off, _I8), typ=ir.VectorType(_I8, nb), align=1) for pc in pcs]
     while len(blobs) > 1:               # concatenate: <P·nb x i8>
         blobs = [builder.shuffle_vector(blobs[k], blobs[k + 1], _mask(range(2 * blobs[k].type.count)))
                  for k in range(0, len(blobs), 2)]
@@ -318,19 +326,26 @@ def _packed_tail_ir(builder, w, i, pc0, ps0, px, psf, po, G, bits, smask, sshift
     dot = _chunk_dot(builder, [a], pxc, 1)[0]
     iw = ir.IntType(8 * w)              # a row's w stat bytes as one integer
     st = ir.Constant(ir.VectorType(iw, P), ir.Undefined)
-    for p, r in enumerate(rows):
-        v = builder.load(_gep(builder, ps0, builder.add(builder.mul(G, r), g0), _I8), typ=iw, align=1)
+    for p, ps in enumerate(pss):
+        v = builder.load(_gep(builder, ps, g0, _I8), typ=iw, align=1)
         st = builder.insert_element(st, v, ir.Constant(_I32, p))
     f = builder.zext(builder.bitcast(st, _V16I8), _V16I32)
-    pcsf = _gep(builder, psf, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, 64)), _F32)
-    s, z = _scale_zero(builder, f, pcsf, smask, sshift)
+    csf = builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, 64))
+    sf = []
+    for k in range(4):
+        v = _vload(builder, _gep(builder, psfs[0], csf, _F32), 16 * k)
+        for p in range(1, P):
+            if psfs[p] is not psfs[0]:      # lanes of row slot p from row p's own block
+                lanes = ir.Constant(_V16I1, [lane // w == p for lane in range(16)])
+                v = builder.select(lanes, _vload(builder, _gep(builder, psfs[p], csf, _F32), 16 * k), v)
+        sf.append(v)
+    s, z = _scale_zero(builder, f, None, smask, sshift, sf)
     part = _scaled(builder, dot, s, z, _vload(builder, pxc, XC_XS))
-    for p, r in enumerate(rows):
-        v = builder.extract_element(part, ir.Constant(_I32, p * w))
+    for p, po in enumerate(pos):        # in order, no reassociation: a row's sum must not depend on
+        v = builder.extract_element(part, ir.Constant(_I32, p * w))      # its slot (flash bundles)
         for k in range(1, w):
-            v = builder.fadd(v, builder.extract_element(part, ir.Constant(_I32, p * w + k)), flags=_FAST)
-        ptr = _gep(builder, po, r, _F32)
-        builder.store(builder.fadd(builder.load(ptr), v, flags=_FAST), ptr)
+            v = builder.fadd(v, builder.extract_element(part, ir.Constant(_I32, p * w + k)))
+        builder.store(builder.fadd(builder.load(po), v), po)
 
 
 def _prefetch(builder, p):
@@ -348,7 +363,7 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     def codegen(context, builder, sig, args):
         i0_v, i1_v, G_v, sbits_v, bits_v = args[5:]
         i64 = G_v.type
-        ptrs = [_data(context, builder, sig.args[k], args[k]) for k in range(5)]     # codes stq xc sf out
+        pc, ps, px, psf, po = [_data(context, builder, sig.args[k], args[k]) for k in range(5)]
         smask, sshift = _stat_consts(builder, sbits_v)
 
         def row_groups(R, start, fn):
@@ -360,18 +375,20 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
 
         def emit(bits):
             # full chunks, then the tail chunk: packed rows first, single rows for what is left
-            rest = row_groups(ROWS, i0_v, lambda i: _rows_ir(builder, ROWS, i, *ptrs, G_v, bits, smask, sshift,
-                                                               tail=False))
-            row_groups(1, rest, lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask, sshift, tail=False))
+            def rows(i, R, fn, **kw):
+                pcs, pss, psfs, pos = _block_rows(builder, i, R, pc, ps, psf, po, G_v, bits)
+                fn(pcs, pss, psfs, px, pos, G_v, bits, smask, sshift, **kw)
+
+            rest = row_groups(ROWS, i0_v, lambda i: rows(i, ROWS, lambda *a: _rows_ir(builder, *a, tail=False)))
+            row_groups(1, rest, lambda i: rows(i, 1, lambda *a: _rows_ir(builder, *a, tail=False)))
             w = builder.and_(G_v, ir.Constant(i64, 15))
             start = cgutils.alloca_once_value(builder, i0_v)
             for wc in (4, 8):
                 with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
-                    builder.store(row_groups(16 // wc, i0_v, lambda i, wc=wc: _packed_tail_ir(
-                        builder, wc, i, *ptrs, G_v, bits, smask, sshift)), start)
+                    builder.store(row_groups(16 // wc, i0_v, lambda i, wc=wc: rows(
+                        i, 16 // wc, lambda *a: _packed_tail_ir(builder, wc, *a))), start)
             with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
-                row_groups(1, builder.load(start), lambda i: _rows_ir(builder, 1, i, *ptrs, G_v, bits, smask,
-                                                                      sshift, full=False))
+                row_groups(1, builder.load(start), lambda i: rows(i, 1, lambda *a: _rows_ir(builder, *a, full=False)))
 
         switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[9])
         return context.get_dummy_value()
@@ -456,9 +473,11 @@ def _mm_block(typingctx, codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits
                 with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
                     def packed(t, wc=wc):
                         tok = lambda p, n: _gep(builder, p, builder.mul(t, n), _F32)    # noqa: E731
-                        builder.store(groups(16 // wc, i0_v, i1_v, lambda i: _packed_tail_ir(
-                            builder, wc, i, pc, ps, tok(px, xstride), psf, tok(po, d), G_v, bits, smask,
-                            sshift)), start)
+                        def tail(i, wc=wc):
+                            pcs, pss, psfs, pos = _block_rows(builder, i, 16 // wc, pc, ps, psf, tok(po, d), G_v, bits)
+                            _packed_tail_ir(builder, wc, pcs, pss, psfs, tok(px, xstride), pos, G_v, bits, smask,
+                                            sshift)
+                        builder.store(groups(16 // wc, i0_v, i1_v, tail), start)
                     groups(1, t0_v, t1_v, packed)
             with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
                 groups(1, builder.load(start), i1_v, lambda i: rows(1, i, full=False, tail=True))
@@ -467,6 +486,238 @@ def _mm_block(typingctx, codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits
         return context.get_dummy_value()
 
     return types.none(codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits), codegen
+
+
+def _row_ptr(context, builder, ty, arr, i):
+    """IR: pointer to row i of a Numba array argument (its first stride times i past its data)."""
+    a = context.make_array(ty)(context, builder, arr)
+    stride = cgutils.unpack_tuple(builder, a.strides, ty.ndim)[0]
+    return _gep(builder, a.data, builder.mul(i, stride), _I8)
+
+
+@intrinsic(prefer_literal=True)
+def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bits):
+    """out[r] = Σ_j W'[r, j] x'[j] without outliers for R = len(cs) rows that lie anywhere (the
+    flash layout's bundles, formats/flash-layout.md § spqr): row r is row cs[r] of wa when
+    cs[r] >= 0, else row -1 - cs[r] of wb (uint8 arrays); its codes start at byte coff of that row
+    and its stat bytes at soff; its block's stats widened by _widen_stats are sf[blks[r]]; xc as
+    in _dot_block. The same arithmetic as _dot_block: full chunks ROWS rows at a time; a tail
+    chunk of w = 4 or 8 groups packed 16 // w rows per vector, any other tail one row at a time
+    with masked loads. (Row indices, not array views: a view per row costs reference counting
+    comparable to the row's arithmetic.)"""
+    if not (isinstance(cs, types.UniTuple) and isinstance(blks, types.UniTuple) and cs.count == blks.count):
+        return None
+    R = cs.count
+
+    def codegen(context, builder, sig, args):
+        wa_v, wb_v, cs_v, coff_v, soff_v, xc_v, sf_v, blks_v, out_v, G_v, sbits_v, bits_v = args
+        i64 = G_v.type
+        base = []
+        for c in cgutils.unpack_tuple(builder, cs_v, R):
+            neg = builder.icmp_signed("<", c, ir.Constant(i64, 0))
+            pa = _row_ptr(context, builder, sig.args[0], wa_v, builder.select(neg, ir.Constant(i64, 0), c))
+            pb = _row_ptr(context, builder, sig.args[1], wb_v, builder.select(neg, builder.sub(ir.Constant(i64, -1), c),
+                                                                             ir.Constant(i64, 0)))
+            base.append(builder.select(neg, pb, pa))
+        pcs = [_gep(builder, b, coff_v, _I8) for b in base]
+        pss = [_gep(builder, b, soff_v, _I8) for b in base]
+        psfs = [builder.bitcast(_row_ptr(context, builder, sig.args[6], sf_v, b), ir.PointerType())
+                for b in cgutils.unpack_tuple(builder, blks_v, R)]
+        px = _data(context, builder, sig.args[5], xc_v)
+        po = _data(context, builder, sig.args[8], out_v)
+        pos = [_gep(builder, po, ir.Constant(i64, r), _F32) for r in range(R)]
+        smask, sshift = _stat_consts(builder, sbits_v)
+
+        def emit(bits):
+            for r0 in range(0, R, ROWS):
+                sl = slice(r0, min(R, r0 + ROWS))
+                _rows_ir(builder, pcs[sl], pss[sl], psfs[sl], px, pos[sl], G_v, bits, smask, sshift, tail=False)
+            w = builder.and_(G_v, ir.Constant(i64, 15))
+            is_packed = builder.or_(builder.icmp_signed("==", w, ir.Constant(i64, 4)),
+                                    builder.icmp_signed("==", w, ir.Constant(i64, 8)))
+            with builder.if_else(is_packed) as (then, otherwise):
+                with then:
+                    # rows short of a full pack repeat the last row into a discarded output, so a
+                    # row's floats do not depend on how many rows share its call (every streaming
+                    # mode computes the same floats as the resident bundles)
+                    spare = cgutils.alloca_once(builder, _F32)
+                    for wc in (4, 8):
+                        P = 16 // wc
+                        with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
+                            for r0 in range(0, R, P):
+                                sl = slice(r0, r0 + P)
+                                pad = P - len(pcs[sl])
+                                _packed_tail_ir(builder, wc, pcs[sl] + pcs[-1:] * pad, pss[sl] + pss[-1:] * pad,
+                                                psfs[sl] + psfs[-1:] * pad, px, pos[sl] + [spare] * pad, G_v, bits,
+                                                smask, sshift)
+                with otherwise:
+                    with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
+                        for r in range(R):
+                            _rows_ir(builder, pcs[r:r + 1], pss[r:r + 1], psfs[r:r + 1], px, pos[r:r + 1], G_v,
+                                     bits, smask, sshift, full=False)
+
+        switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[11])
+        return context.get_dummy_value()
+
+    return types.none(wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bits), codegen
+
+
+_INTERLEAVE = [b for k in range(16) for b in (k, 16 + k)]
+
+
+def _column_dots(builder, pcs, xpairs, bits):
+    """IR: for 16 columns (neurons) whose codes of one chunk (16 groups of 16 output rows, 2·bits
+    sections of 16 bytes) are at pcs[u], with int8 activations paired as xpairs[v] = (x8[2v],
+    x8[2v + 1]) in every byte pair: the 16 vectors <16 x i16> D_t, lane k = Σ_u q_u[16k + t]·x8[u]
+    (output row 16(g0 + k) + t). Exact in i16 (16·15·127 < 2^15). Two columns' codes of the same
+    output row go into one byte pair, so each vpmaddubsw (isa.byte_pair_dot) does 32 weights, as
+    in the row dot (_chunk_dot)."""
+    i64 = ir.IntType(64)
+    k8 = lambda v: ir.Constant(_V32I8, [v] * 32)      # noqa: E731
+
+    def sections(p, j):         # sections 2j, 2j + 1 as one <32 x i8>
+        return builder.load(_gep(builder, p, ir.Constant(i64, 32 * j), _I8), typ=_V32I8, align=1)
+
+    if bits == 4:
+        # sections 2j, 2j + 1 hold positions 4j, 4j + 1 (lo, hi nibble, groups 0-15) then 4j + 2,
+        # 4j + 3: in-lane byte unpacks of two columns' nibbles give pairs of positions
+        # (4j | 4j + 2) x groups (0-7 | 8-15), reordered once after the 8 column pairs
+        out = [None] * 16
+        for j in range(4):
+            acc = [None] * 4
+            for v in range(8):
+                ld = [sections(pcs[2 * v + e], j) for e in range(2)]
+                lo = [builder.and_(a, k8(15)) for a in ld]
+                hi = [builder.and_(builder.lshr(a, k8(4)), k8(15)) for a in ld]
+                prs = [builder.shuffle_vector(lo[0], lo[1], _mask(_UNPACK_LO)),
+                       builder.shuffle_vector(lo[0], lo[1], _mask(_UNPACK_HI)),
+                       builder.shuffle_vector(hi[0], hi[1], _mask(_UNPACK_LO)),
+                       builder.shuffle_vector(hi[0], hi[1], _mask(_UNPACK_HI))]
+                for m in range(4):
+                    p = byte_pair_dot(builder, prs[m], xpairs[v])
+                    acc[m] = p if acc[m] is None else builder.add(acc[m], p)
+            first, second = _mask(list(range(8)) + list(range(16, 24))), _mask(list(range(8, 16)) + list(range(24, 32)))
+            for m, t in ((0, 4 * j), (2, 4 * j + 1)):
+                out[t] = builder.shuffle_vector(acc[m], acc[m + 1], first)
+                out[t + 2] = builder.shuffle_vector(acc[m], acc[m + 1], second)
+        return out
+    out = [None] * 16
+    for v in range(8):
+        q = [[builder.trunc(c, _V16I8) for c in _codes(builder, pcs[2 * v + e], ir.Constant(i64, 16), bits, None,
+                                                        _I16, False)]
+             for e in range(2)]
+        for t in range(16):
+            p = byte_pair_dot(builder, builder.shuffle_vector(q[0][t], q[1][t], _mask(_INTERLEAVE)), xpairs[v])
+            out[t] = p if out[t] is None else builder.add(out[t], p)
+    return out
+
+
+@intrinsic(prefer_literal=True)
+def _dot_columns(typingctx, addr, x8, dx, xs, stq, st, acc, G, sbits, bits):
+    """acc[t, gi] += Σ_j W[16gi + t, j]·dx[j >> 4]·x8[j] (no outliers) for a matrix stored by
+    columns (the flash layout's down column of a bundle: one spqr codes row over the d output
+    rows, formats/flash-layout.md § spqr): column j's codes at address addr[j], int8 activations
+    x8 (16·Gf,) with steps dx (Gf,) and xs = dx·Σ_t x8 per group of 16 columns (as _prep_x); the
+    group's stats in output-row lanes, zero-padded to Gp = 16·ceil(G / 16) lanes: stat bytes stq
+    (Gf, 16, Gp) [g, t, gi] and the fp16 block stats of row 16gi + t, st (Gf, 4, T, Gp) [g, plane,
+    t, gi] with T = 1 when stat_group is a multiple of 16 (a block holds whole groups of 16 rows),
+    else T = 16; acc (16, Gp) float32. A group whose x8 are all zero is skipped. Per group and
+    chunk of 256 output rows: 8 column pairs of vpmaddubsw into i16 (_column_dots), then the 16
+    output-row groups' scales and zeros once, as in the row dot (_rows_ir)."""
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        pa, px8, pdx, pxs, pq, pst, pacc = [_data(context, builder, sig.args[k], args[k]) for k in range(7)]
+        G_v, sbits_v, bits_v = args[7:]
+        smask, sshift = _stat_consts(builder, sbits_v)
+        Gf = builder.udiv(context.make_array(sig.args[1])(context, builder, args[1]).nitems, ir.Constant(i64, 16))
+        Gp = builder.shl(builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4)), ir.Constant(i64, 4))
+        sh = cgutils.unpack_tuple(builder, context.make_array(sig.args[5])(context, builder, args[5]).shape, 4)
+        T = sh[2]
+        w = builder.and_(G_v, ir.Constant(i64, 15))
+
+        def emit(bits):
+            nsec = 2 * bits
+            # the tail chunk's sections of the 16 columns, copied into whole 16-byte sections
+            # (zero lanes past w): masked byte loads are scalarized on x86 (measured: the tail of 4
+            # groups of d = 576 cost 8x the two full chunks); the stats arrays are padded instead
+            tail = cgutils.alloca_once(builder, ir.ArrayType(_I8, 16 * nsec * 16))     # (each copy fills it)
+            tails = [_gep(builder, builder.bitcast(tail, ir.PointerType()), ir.Constant(i64, u * nsec * 16), _I8)
+                     for u in range(16)]
+
+            def copy_tail(cols, off):
+                done = builder.append_basic_block("tail_done")
+                sw = builder.switch(w, done)
+                for wc in range(1, 16):
+                    bb = builder.append_basic_block(f"tail{wc}")
+                    sw.add_case(ir.Constant(i64, wc), bb)
+                    builder.position_at_end(bb)
+                    vt, v2 = ir.VectorType(_I8, wc), ir.VectorType(_I8, 2 * wc)
+                    spread = _mask([k if k < wc else k - 16 + wc if 16 <= k < 16 + wc else 2 * wc
+                                    for k in range(32)])       # 2wc: a lane of the zero vector
+                    for u in range(16):
+                        for sec in range(0, nsec, 2):     # two sections a store, as _column_dots loads them
+                            lo, hi = [builder.load(_gep(builder, cols[u], builder.add(
+                                off, ir.Constant(i64, (sec + e) * wc)), _I8), typ=vt, align=1) for e in range(2)]
+                            v = builder.shuffle_vector(builder.shuffle_vector(lo, hi, _mask(range(2 * wc))),
+                                                       ir.Constant(v2, None), spread)
+                            builder.store(v, builder.bitcast(_gep(builder, tails[u], ir.Constant(i64, 16 * sec), _I8),
+                                                             _V32I8.as_pointer()), align=1)
+                    builder.branch(done)
+                builder.position_at_end(done)
+
+            with cgutils.for_range(builder, Gf) as loop:
+                g = loop.index
+                x16 = builder.load(_gep(builder, px8, builder.shl(g, ir.Constant(i64, 4)), _I8), typ=ir.IntType(128),
+                                   align=1)
+                with builder.if_then(builder.icmp_unsigned("!=", x16, ir.Constant(ir.IntType(128), 0))):
+                    xv = builder.bitcast(x16, ir.VectorType(_I16, 8))
+                    xpairs = [builder.bitcast(_splat(builder, builder.extract_element(xv, ir.Constant(_I32, v))),
+                                              _V32I8) for v in range(8)]
+                    col0 = builder.shl(g, ir.Constant(i64, 4))
+                    cols = [builder.inttoptr(builder.load(_gep(builder, pa, builder.add(col0, ir.Constant(i64, u)),
+                                                               i64)), ir.PointerType()) for u in range(16)]
+                    dxg = _splat(builder, builder.load(_gep(builder, pdx, g, _F32)))
+                    xsg = _splat(builder, builder.load(_gep(builder, pxs, g, _F32)))
+                    pqg = _gep(builder, pq, builder.mul(g, builder.shl(Gp, ir.Constant(i64, 4))), _I8)
+                    psg = _gep(builder, pst, builder.mul(g, builder.mul(Gp, builder.shl(T, ir.Constant(i64, 2)))), _I16)
+
+                    def body(c, off, step, mask):
+                        g0 = builder.shl(c, ir.Constant(i64, 4))
+                        if mask is None:
+                            pcs = [_gep(builder, p, off, _I8) for p in cols]
+                        else:
+                            copy_tail(cols, off)
+                            pcs = tails
+                        dots = _column_dots(builder, pcs, xpairs, bits)
+
+                        def block_stats(t):      # (4, 16) widened block stats of position t (plane m at m·T + t)
+                            return [half_to_float(builder, builder.load(_gep(builder, psg, builder.add(builder.mul(
+                                Gp, builder.add(builder.mul(T, ir.Constant(i64, m)), ir.Constant(i64, t))), g0), _I16),
+                                typ=_V16I16, align=2)) for m in range(4)]
+
+                        def accumulate(sf_of):
+                            for t in range(16):
+                                qb = _load_bytes(builder, _gep(builder, pqg, builder.add(builder.mul(
+                                    Gp, ir.Constant(i64, t)), g0), _I8), None)
+                                s, z = _scale_zero(builder, qb, None, smask, sshift, sf_of(t))
+                                v = _scaled(builder, builder.fmul(builder.sitofp(dots[t], _V16F32), dxg, flags=_FAST),
+                                            s, z, xsg)
+                                pa_t = builder.bitcast(_gep(builder, pacc, builder.add(builder.mul(
+                                    Gp, ir.Constant(i64, t)), g0), _F32), _V16F32.as_pointer())
+                                builder.store(builder.fadd(builder.load(pa_t, align=4), v, flags=_FAST), pa_t, align=4)
+
+                        with builder.if_else(builder.icmp_signed("==", T, ir.Constant(i64, 1))) as (one, per_t):
+                            with one:           # stat_group a multiple of 16: one block per 16 output rows
+                                sf = block_stats(0)
+                                accumulate(lambda t: sf)
+                            with per_t:
+                                accumulate(block_stats)
+                    _chunks_ir(builder, G_v, bits, body)
+
+        switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[9])
+        return context.get_dummy_value()
+
+    return types.none(addr, x8, dx, xs, stq, st, acc, G, sbits, bits), codegen
 
 
 @intrinsic
@@ -643,13 +894,19 @@ def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, 
         _widen_stats(st2, rb, G, sf)
         _dot_block(codes, stq, xc, sf, out, i, e, G, sbits, bits)
         i = e
-    for r in range(r0, r1):        # outliers (≈0.5 %): storage column c is group c >> 4, position c & 15
-        acc = out[r]
-        for k in range(rp[r], rp[r + 1]):
-            c = np.int32(oc[k])
-            ch, g, t = c >> 8, (c >> 4) & 15, c & 15
-            acc += f16_to_f32(ov[k]) * (xc[ch, XC_DX + g] * xb[ch, _x8_offset(g, t)])
-        out[r] = acc
+    for r in range(r0, r1):        # outliers (≈0.5 %)
+        out[r] = _outliers_dot(rp, oc, ov, r, xc, xb, out[r])
+
+
+@njit(inline="always", **_JIT)
+def _outliers_dot(rp, oc, ov, r, xc, xb, acc):
+    # acc + Σ value · x' over the outliers of row r (CSR rp, oc, ov) with x prepared in xc (xb its
+    # bytes): storage column c is chunk c >> 8, group (c >> 4) & 15, position c & 15
+    for k in range(rp[r], rp[r + 1]):
+        c = np.int32(oc[k])
+        ch, g, t = c >> 8, (c >> 4) & 15, c & 15
+        acc += f16_to_f32(ov[k]) * (xc[ch, XC_DX + g] * xb[ch, _x8_offset(g, t)])
+    return acc
 
 
 @functools.cache
