@@ -17,7 +17,7 @@ from numba.core import event as numba_event
 
 from . import isa, kernels
 from .ebin import EbinFile
-from .errors import Cancelled, EdgerunError, FormatError
+from .errors import Cancelled, EdgerunError
 from .generate import Generator, Stats
 from .memory import current_rss, fmt, parse_size, release_free_memory
 from .bitstack_runtime import BlockStack, prefix_reader
@@ -96,24 +96,18 @@ def warm_up_kernels(ebin, defer: bool | None = None) -> None:
     except OSError:
         _warm_up(ebin, batched=True)
         return
-    # when the child is done: load its kernels from the cache (or compile them here, with the
-    # real error if there is one, when it failed)
-    path = ebin.path
-    kernels.defer_full_kernels(child, lambda: _warm_up_file(path, kernels.get_threads(), missing_ok=True))
+    # when the child is done, each of its kernels loads from the cache at its first call here (or
+    # compiles, with the real error if there is one, when the child failed). Not by running the
+    # warm-up again: mid-generation that read the pack's smallest matrix of each kind and a
+    # prefill chunk's output outside the plan (a 1.5B pack's 147 MiB head: --ram 800MB peaked
+    # at 955 MiB, BENCHMARKS.md)
+    kernels.defer_full_kernels(child, lambda: None)
 
 
-def _warm_up_file(path, threads: int, missing_ok: bool = False) -> None:
-    """The batched and parallel kernels of the pack at `path` (the child of warm_up_kernels).
-    `missing_ok`: a pack moved or deleted since it was loaded leaves them to compile (or load
-    from the cache) at their first call instead."""
+def _warm_up_file(path, threads: int) -> None:
+    """The batched and parallel kernels of the pack at `path` (the child of warm_up_kernels)."""
     kernels.set_threads(threads)
-    try:
-        ebin = EbinFile(path)
-    except FormatError:
-        if missing_ok:
-            return
-        raise
-    with ebin:
+    with EbinFile(path) as ebin:
         _warm_up(ebin, batched=True)
 
 

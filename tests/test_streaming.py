@@ -457,3 +457,31 @@ def test_flash_with_compressed_attention_and_dense_ffn(tiny_dir, tmp_path):
     ref, _ = load(tmp_path / "plain.ebin")
     ids = list(range(3, 20))
     np.testing.assert_allclose(logits(tf, ids, 8), logits(ref, ids, 8), atol=2e-5)
+
+
+WARM_UP_COMPILES = """
+import sys
+from numba.core import event
+from edgerun import api, kernels
+from edgerun.ebin import EbinFile
+kernels.set_threads(2)
+with EbinFile(sys.argv[1]) as e, event.install_recorder("numba:compile") as rec:
+    api._warm_up(e, batched=False)
+    api._warm_up(e, batched=True)
+print(len(rec.buffer))
+"""
+
+
+def test_warm_cache_compiles_nothing(spqr_packs, tmp_path):
+    """A second process on the same JIT cache compiles no kernel: a kernel whose cache key changes
+    from process to process (e.g. a closure over other compiled functions, whose cells Numba
+    pickles) compiles at every load, and on a cold cache that made the parent re-run the warm-up
+    mid-generation."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = [subprocess.run([sys.executable, "-c", WARM_UP_COMPILES, str(spqr_packs[0])], env=env,
+                           capture_output=True, text=True, timeout=900) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert int(runs[0].stdout.split()[-1]) > 0 and int(runs[1].stdout.split()[-1]) == 0

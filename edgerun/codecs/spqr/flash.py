@@ -129,31 +129,35 @@ def _row(wa, wb, c):
     return wa[c] if c >= 0 else wb[-1 - c]
 
 
+@njit(inline="always", **_JIT)
+def _quad(bits, wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
+    # out[k] = one row (gate or up: codes at coff, stat bytes at soff) of bundles k = sel[s : s +
+    # QUAD] · x, outliers included; xc / xb the prepared x, sf its widened stats, CSR rp, oc, ov
+    k0, k1, k2, k3 = sel[s], sel[s + 1], sel[s + 2], sel[s + 3]
+    _dot_rows(wa, wb, (codes[k0], codes[k1], codes[k2], codes[k3]), coff, soff, xc, sf,
+              (blk[ids[k0]], blk[ids[k1]], blk[ids[k2]], blk[ids[k3]]), t4, G, sbits, bits)
+    for q in range(QUAD):
+        k = sel[s + q]
+        out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[q])
+
+
+@njit(inline="always", **_JIT)
+def _one(bits, wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
+    # bundle k = sel[s] through the QUAD code, repeated: with fast-math, code for fewer rows
+    # may round differently, and a row's floats must not depend on its neighbours (the
+    # streaming modes split the same bundles into different calls)
+    k = sel[s]
+    c, b = codes[k], blk[ids[k]]
+    _dot_rows(wa, wb, (c, c, c, c), coff, soff, xc, sf, (b, b, b, b), t4, G, sbits, bits)
+    out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[0])
+
+
 @functools.cache
 def _bundle_kernels(bits: int) -> tuple:
     """(rows, act, down) for one bit width: `bits` is a closure constant, so the IR emits that
-    width only (as kernels.matvec_kernels)."""
-
-    @njit(inline="always", **_JIT)
-    def quad(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
-        # out[k] = one row (gate or up: codes at coff, stat bytes at soff) of bundles k = sel[s : s +
-        # QUAD] · x, outliers included; xc / xb the prepared x, sf its widened stats, CSR rp, oc, ov
-        k0, k1, k2, k3 = sel[s], sel[s + 1], sel[s + 2], sel[s + 3]
-        _dot_rows(wa, wb, (codes[k0], codes[k1], codes[k2], codes[k3]), coff, soff, xc, sf,
-                  (blk[ids[k0]], blk[ids[k1]], blk[ids[k2]], blk[ids[k3]]), t4, G, sbits, bits)
-        for q in range(QUAD):
-            k = sel[s + q]
-            out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[q])
-
-    @njit(inline="always", **_JIT)
-    def one(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out):
-        # bundle k = sel[s] through the QUAD code, repeated: with fast-math, code for fewer rows
-        # may round differently, and a row's floats must not depend on its neighbours (the
-        # streaming modes split the same bundles into different calls)
-        k = sel[s]
-        c, b = codes[k], blk[ids[k]]
-        _dot_rows(wa, wb, (c, c, c, c), coff, soff, xc, sf, (b, b, b, b), t4, G, sbits, bits)
-        out[k] = _outliers_dot(rp, oc, ov, ids[k], xc, xb, t4[0])
+    width only (as kernels.matvec_kernels). They close over `bits` alone: a closure over other
+    compiled functions gets a new cache key in every process (Numba pickles its cells), so it
+    would compile at every load."""
 
     @njit(**_JIT)
     def rows(wa, wb, codes, ids, sel, blk, G, sbits, m, t4, out):
@@ -163,10 +167,10 @@ def _bundle_kernels(bits: int) -> tuple:
         n = sel.shape[0]
         s = 0
         while s + QUAD <= n:
-            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
+            _quad(bits, wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
             s += QUAD
         while s < n:
-            one(wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
+            _one(bits, wa, wb, codes, ids, sel, s, blk, G, sbits, coff, soff, xc, xb, sf, rp, oc, ov, t4, out)
             s += 1
 
     @njit(**_JIT)
@@ -177,12 +181,12 @@ def _bundle_kernels(bits: int) -> tuple:
         n = sel.shape[0]
         s = 0
         while s + QUAD <= n:
-            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
-            quad(wa, wb, codes, ids, sel, s, blk, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
+            _quad(bits, wa, wb, codes, ids, sel, s, blk, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
+            _quad(bits, wa, wb, codes, ids, sel, s, blk, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
             s += QUAD
         while s < n:
-            one(wa, wb, codes, ids, sel, s, blk, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
-            one(wa, wb, codes, ids, sel, s, blk, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
+            _one(bits, wa, wb, codes, ids, sel, s, blk, G, sbits, gc, gs, gx, gxb, gsf, grp, goc, gov, t4, g)
+            _one(bits, wa, wb, codes, ids, sel, s, blk, G, sbits, uc, us, ux, uxb, usf, urp, uoc, uov, t4, u)
             s += 1
         for s in range(n):
             k = sel[s]
