@@ -151,8 +151,9 @@ class MappedRows:
             self.release()
 
     def release(self) -> None:
-        for mm in self.maps:
-            mm.madvise(mmap.MADV_DONTNEED)
+        if hasattr(mmap, "MADV_DONTNEED"):      # not on Windows: the OS trims the mapping itself
+            for mm in self.maps:
+                mm.madvise(mmap.MADV_DONTNEED)
         self.lookups = 0
 
 
