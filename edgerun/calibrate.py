@@ -1,14 +1,18 @@
 """Calibration for the compressed codecs: the input statistics H = E[x xᵀ] of every linear
 layer, measured on calibration text.
 
-Layer-wise and sequential as in GPTQ/SpQR: the calibration tokens' hidden states go through one
-layer at a time; a layer's Hessians are collected with its original weights, the layer is then
-compressed, and the *compressed* layer produces the inputs of the next one, so each layer's
-compression sees (and compensates) the error of those before it. Only one layer's weights and
-Hessians are in memory at once, plus the hidden states of the calibration tokens.
+Layer-wise in one pass: the calibration tokens' hidden states go through one layer at a time
+with its original weights, which gives the layer's Hessians and the next layer's inputs; the
+layer is compressed from its Hessians on a worker thread while the next layer runs. GPTQ/SpQR's
+sequential scheme (the *compressed* layer producing the next layer's inputs) ran every layer
+twice; one pass measured the same held-out perplexity (SmolLM2 spqr:4 and cluster:3, the 1.5B
+spqr:4) and, with the overlap, packs the 1.5B in 14.6 minutes on 2 cores (BENCHMARKS.md, pack
+time). At most two layers' weights and Hessians are in memory at once, plus the hidden states of
+the calibration tokens.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
@@ -127,7 +131,7 @@ class RecordingLinear:
 
 
 class F32Linear:
-    """A float32 W (d, n) for the calibration forward passes: BLAS sgemm on whole calibration
+    """A float32 W (d, n) for the calibration forward pass: BLAS sgemm on whole calibration
     sequences, the tokens split over the kernel threads (BLAS itself runs one thread,
     edgerun/__init__.py): about twice the runtime kernels' speed at 256 tokens (BENCHMARKS.md,
     pack time)."""
@@ -152,69 +156,68 @@ def f32_linear(w: np.ndarray) -> F32Linear:
     return F32Linear(w)
 
 
-def decoded_linear(loaded) -> F32Linear:
-    """The float32 weights a loaded linear (any codec) computes with, row by row, as an F32Linear:
-    the forward through the compressed layer runs on them with BLAS rather than the codec's kernel."""
-    d, n = loaded.shape
-    w = np.empty((d, n), np.float32)
-    for r in range(d):
-        loaded.row(r, w[r])
-    return F32Linear(w)
-
-
 def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, progress=None,
                         observe=None) -> None:
-    """Run calibration layer by layer and hand every tensor to `store(name, w, hessian) -> loaded`
-    (which compresses, writes, and returns the loaded tensor as the runtime will use it).
-    `progress(layer_done, layers_total)` after each layer. `observe(layer, key, X)`, if given, sees
-    every batch of input rows X of each SHARED_INPUT key (once, e.g. "mlp_in"), before the layer's
-    tensors are stored (the flash layout's neuron order and predictor: streaming.write_flash)."""
+    """Run calibration layer by layer and hand every tensor to `store(name, w, hessian)` (which
+    compresses and writes it), in file order. `progress(layer_done, layers_total)` after each
+    layer is stored. `observe(layer, key, X)`, if given, sees every batch of input rows X of each
+    SHARED_INPUT key (once, e.g. "mlp_in"), before the layer's tensors are stored (the flash
+    layout's neuron order and predictor: streaming.write_flash); it runs on the calling thread
+    while `store` may be storing the previous layer on the worker thread."""
     n_seq, seq_len = sequences.shape
     chunk = seq_len                 # one BLAS matmul per sequence and linear
     tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=seq_len, chunk=chunk,
                      layers=[None] * cfg.num_layers)
-    # (n_seq, seq_len, d) float32; the embedding (a 1.5B model's largest matrix) is read again at
-    # the end rather than held through the layers
-    hidden = source.read("model.embed_tokens.weight")[sequences]
-    chunks = [(c, min(c + chunk, seq_len)) for c in range(0, seq_len, chunk)]
-
-    def run_layer(i, states):
-        for s in range(n_seq):
-            for c0, c1 in chunks:
-                tf.block(i, states[s, c0:c1], c0)
-
+    # (n_seq, seq_len, d) float32: only the tokens' rows of the embedding (a 1.5B model's largest
+    # matrix, read whole at the end)
+    tokens, where = np.unique(sequences, return_inverse=True)
+    hidden = source.read_rows("model.embed_tokens.weight", tokens)[where.reshape(sequences.shape)]
     available = set(source.tensor_names())
+
+    def store_layer(jobs):
+        for name, w, hessian in jobs:
+            store(name, w, hessian)
+
     if progress is not None:
         progress(0, cfg.num_layers)
-    for i in range(cfg.num_layers):
-        names = {field: f"model.layers.{i}.{name}" for field, name in LAYER_TENSORS.items()}
-        originals = {f: source.read(n) for f, n in names.items() if n in available}
-        accs = {}
-        recording = {}
-        for field, w in originals.items():
-            if field in SHARED_INPUT:
-                key = SHARED_INPUT[field]
-                if key in accs:        # q, k, v (gate, up) read the same input: record it once
-                    recording[field] = f32_linear(w)
+    # one worker: layer i is compressed and written while layer i + 1's forward runs (the
+    # compression's serial stretches fill the second core); its result is awaited before the
+    # next layer is handed over, so tensors reach `store` in file order, one layer at a time
+    with ThreadPoolExecutor(1, thread_name_prefix="edgerun-encode") as worker:
+        pending = None
+        for i in range(cfg.num_layers):
+            names = {field: f"model.layers.{i}.{name}" for field, name in LAYER_TENSORS.items()}
+            originals = {f: source.read(n) for f, n in names.items() if n in available}
+            accs = {}
+            recording = {}
+            for field, w in originals.items():
+                if field in SHARED_INPUT:
+                    key = SHARED_INPUT[field]
+                    if key in accs:        # q, k, v (gate, up) read the same input: record it once
+                        recording[field] = f32_linear(w)
+                    else:
+                        accs[key] = HessianAccumulator(w.shape[1])
+                        seen = None if observe is None else (lambda X, i=i, key=key: observe(i, key, X))
+                        recording[field] = RecordingLinear(f32_linear(w), accs[key], seen)
                 else:
-                    accs[key] = HessianAccumulator(w.shape[1])
-                    seen = None if observe is None else (lambda X, i=i, key=key: observe(i, key, X))
-                    recording[field] = RecordingLinear(f32_linear(w), accs[key], seen)
-            else:
-                recording[field] = w
-        tf.layers[i] = Layer(**{f: recording.get(f) for f in LAYER_TENSORS})
-        run_layer(i, hidden.copy())                             # original weights: collects Hessians
-        loaded = {f: store(names[f], w, accs[SHARED_INPUT[f]].hessian() if f in SHARED_INPUT else None)
-                  for f, w in originals.items()}
-        del originals, recording, accs
-        tf.layers[i] = Layer(**{f: decoded_linear(loaded[f]) if f in SHARED_INPUT and f in loaded
-                                else loaded.get(f)
-                                for f in LAYER_TENSORS})
-        del loaded
-        run_layer(i, hidden)                                    # the compressed layer feeds the next
-        tf.layers[i] = None
+                    recording[field] = w
+            tf.layers[i] = Layer(**{f: recording.get(f) for f in LAYER_TENSORS})
+            for s in range(n_seq):              # in place: the original layer feeds the next
+                tf.block(i, hidden[s], 0)
+            tf.layers[i] = None
+            jobs = [(names[f], w, accs[SHARED_INPUT[f]].hessian() if f in SHARED_INPUT else None)
+                    for f, w in originals.items()]
+            del originals, recording, accs
+            if pending is not None:
+                pending.result()
+                if progress is not None:
+                    progress(i, cfg.num_layers)
+            pending = worker.submit(store_layer, jobs)
+            del jobs
+        if pending is not None:
+            pending.result()
         if progress is not None:
-            progress(i + 1, cfg.num_layers)
+            progress(cfg.num_layers, cfg.num_layers)
 
     final = source.read("model.norm.weight")
     head_acc = HessianAccumulator(cfg.hidden_size)
@@ -229,4 +232,3 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
           head_acc.hessian() if cfg.tie_word_embeddings else None)
     if not cfg.tie_word_embeddings:
         store("lm_head.weight", source.read("lm_head.weight"), head_acc.hessian())
-

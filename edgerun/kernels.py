@@ -53,6 +53,12 @@ _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_w
 
 _threads = 1
 
+# Numba's workqueue threading layer (the one left where neither TBB nor OpenMP is installed, as
+# on macOS) aborts the process when two threads launch parallel regions at once. `pack`
+# compresses a layer on a worker thread while the next layer's forward runs
+# (calibrate.calibrate_and_store): the parallel regions either thread can reach take this lock.
+PARALLEL_REGIONS = threading.Lock()
+
 
 def set_threads(n: int) -> None:
     """Use `n` Numba threads (clamped to 1..NUMBA_NUM_THREADS) for the `prange` kernels."""
@@ -424,7 +430,8 @@ def attention(q, k_cache, v_cache, start, out, scores=None):
     if scores is None:
         scores = np.empty((H, k_cache.shape[1]), np.float32)
     if _threads > 1 and k_cache.shape[0] > 1 and T * (start + T) * H * D >= ATTN_PAR_MIN and full_kernels_ready():
-        _attention_par(q, k_cache, v_cache, start, out, scores)
+        with PARALLEL_REGIONS:
+            _attention_par(q, k_cache, v_cache, start, out, scores)
     else:
         _attend(q, k_cache, v_cache, start, out, scores, 0, k_cache.shape[0])
 

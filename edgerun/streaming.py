@@ -898,12 +898,12 @@ class CalibratedFlash:
     """`pack --layout flash` when the recipe calibrates (a compressed codec anywhere): a `store`
     for calibrate.calibrate_and_store that takes the FFN tensors out of the standard pack. One
     calibration pass gives both the codec's Hessians (GPTQ) and this layout's statistics: `observe`
-    keeps the first `calib_tokens` FFN inputs of the layer (as the compressed earlier layers
-    produce them), and once gate, up and down are stored, the layer's order, thresholds and
-    predictor come from them (layer_stats) and the encoded matrices are cut into bundles by the
-    codec (`flash_cut`; formats/flash-layout.md § "Compressed codecs"). The FFN matrices are
-    encoded exactly as in a standard pack with the same calibration (and the next layer's
-    calibration inputs come from them), so both packs hold the same weights."""
+    keeps the first `calib_tokens` FFN inputs of each layer, and once the layer's gate, up and
+    down are stored, its order, thresholds and predictor come from them (layer_stats) and the
+    encoded matrices are cut into bundles by the codec (`flash_cut`; formats/flash-layout.md §
+    "Compressed codecs"). The FFN matrices are encoded exactly as in a standard pack with the
+    same calibration, so both packs hold the same weights. `observe` sees layer i + 1 while layer
+    i is stored (on calibrate's worker thread): the inputs are kept per layer."""
 
     def __init__(self, cfg, writer, rule: dict, store, calibration: dict, calib_tokens: int = CALIB_TOKENS):
         self.cfg, self.writer, self.rule, self.store = cfg, writer, rule, store
@@ -911,15 +911,15 @@ class CalibratedFlash:
         if rule["codec"] != "dense":
             self.codec.flash_bundle_parts(rule["params"], cfg.hidden_size)     # refuses a codec without bundles now
         self.calibration, self.calib_tokens = calibration, calib_tokens
-        self.X, self.rows = [], 0
+        self.X = {}                   # layer -> its first calib_tokens FFN input rows
         self.w, self.parts = {}, {}
         self.layers, self.params, self.nbytes, self.shared_bytes = [], 0, 0, 0
 
     def observe(self, layer: int, key: str, X: np.ndarray) -> None:
-        if key == "mlp_in" and self.rows < self.calib_tokens:
-            take = X[:self.calib_tokens - self.rows]
-            self.X.append(np.array(take, np.float32))
-            self.rows += len(take)
+        kept = self.X.setdefault(layer, [])
+        rows = sum(len(x) for x in kept)
+        if key == "mlp_in" and rows < self.calib_tokens:
+            kept.append(np.array(X[:self.calib_tokens - rows], np.float32))
 
     def __call__(self, name: str, w, hessian=None):
         if not is_ffn_weight(name):
@@ -934,7 +934,7 @@ class CalibratedFlash:
         return loaded
 
     def _write_layer(self, i: int) -> None:
-        st = layer_stats(np.concatenate(self.X), self.w["gate"])
+        st = layer_stats(np.concatenate(self.X.pop(i)), self.w["gate"])
         base = f"model.layers.{i}.mlp."
         arrays = {"perm": st["perm"], "predictor_a": st["A"][st["perm"]].astype(np.float16).view(np.uint16),
                   "predictor_b": st["B"].astype(np.float16).view(np.uint16)}
@@ -958,7 +958,7 @@ class CalibratedFlash:
                 self.nbytes += arr.nbytes
                 self.shared_bytes += arr.nbytes
         self.layers.append(entry)
-        self.X, self.rows, self.w, self.parts = [], 0, {}, {}
+        self.w, self.parts = {}, {}
 
     def section(self) -> dict:
         """The manifest's "flash" section."""

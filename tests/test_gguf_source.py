@@ -242,6 +242,7 @@ def test_synthetic_llama_unpermutes_q_and_k(tmp_path):
     with GGUFSource(write_gguf(tmp_path / "m.gguf", tensors=tensors)) as src:
         np.testing.assert_array_equal(src.read("model.layers.0.self_attn.q_proj.weight"), hf_q)
         np.testing.assert_array_equal(src.read("model.layers.0.self_attn.k_proj.weight"), hf_k)
+        np.testing.assert_array_equal(src.read_rows("model.layers.0.self_attn.q_proj.weight", [17, 2]), hf_q[[17, 2]])
     # qwen2 files are not permuted
     tensors = [(n, hf_q if n == "blk.0.attn_q.weight" else d, q) for n, d, q in tensors]
     tensors += [("blk.0.attn_q.bias", np.ones(64, np.float32), None)]
@@ -268,6 +269,8 @@ def test_dequantize_block_types(tmp_path, monkeypatch, qtype):
         step = np.abs(ref).max() / 2 ** (bits - 1)
         assert w.shape == ref.shape and np.abs(w - ref).max() <= 1.01 * step
         np.testing.assert_array_equal(w, gguf.quants.dequantize(gguf.quants.quantize(ref, qtype), qtype))
+        rows = np.array([5, 0, w.shape[0] - 1, 5, 9])            # any order, repeats
+        np.testing.assert_array_equal(src.read_rows("model.layers.0.mlp.up_proj.weight", rows), w[rows])
 
 
 @pytest.mark.parametrize("qtype", [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K])
@@ -292,6 +295,8 @@ def test_k_quants_chunked_equals_whole(tmp_path, monkeypatch, qtype):
         ref = gguf.quants.dequantize(raw, qtype)
         assert np.isfinite(ref).all() and np.abs(ref).max() > 0
         np.testing.assert_array_equal(w, ref)
+        rows = np.array([95, 3, 3, 0, 50, 51, 52, 7])            # several chunks of 3 rows
+        np.testing.assert_array_equal(src.read_rows("model.layers.0.mlp.up_proj.weight", rows), ref[rows])
 
 
 def test_rope_scaling_from_metadata(tmp_path):

@@ -7,9 +7,9 @@ SRC is an f16/f32 .ebin or a GGUF (packed to f16 in a temporary .ebin first). Th
 loaded with `edgerun.load`; the tensors of `--groups` (attention, ffn, embed, head) are encoded
 with the codec and swapped in; every other tensor stays as stored. Hessians H = E[x xᵀ]:
 - `sequential` (default): `edgerun.calibrate.calibrate_and_store` exactly as `edgerun pack` does
-  (bundled calibration text, each layer sees the compressed layers before it);
-- `cache:PATH`: Hessians of the *uncompressed* model, collected once and saved to PATH
-  (float32 npz, ~0.4 GB for SmolLM2), then reused: fast for comparing encoder variants;
+  (bundled calibration text, the uncompressed model's activations, layer by layer);
+- `cache:PATH`: the same Hessians, collected once and saved to PATH (float32 npz, ~0.4 GB for
+  SmolLM2), then reused: fast for comparing encoder variants;
 - `none`: no calibration (round-to-codebook with unweighted k-means etc.).
 Perplexity follows edgerun.evaluate's protocol on tools/data/wikitext2_heldout.txt (held out:
 not the calibration text). Prints bits/weight of the encoded groups (every stored byte) and the

@@ -119,6 +119,19 @@ class GGUFSource(Source):
         self._release(t)
         return w
 
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Only `rows` of a 2-D tensor decoded (the 1.5B's embedding for the default calibration:
+        2,825 distinct rows of 151,936, 0.06 s instead of 4.7 CPU s). Rows of q/k, which the GGUF
+        stores permuted, come from `read`."""
+        shape = self.tensor_shape(name)
+        if len(shape) != 2 or (self._permute_heads is not None and name.split(".")[-2] in self._permute_heads):
+            return super().read_rows(name, rows)
+        t = self._tensor(name)
+        out = np.empty((len(rows), shape[1]), dtype=np.float32)
+        _dequantize_into(t, out, self.path, rows=np.asarray(rows, dtype=np.int64))
+        self._release(t)
+        return out
+
     def close(self) -> None:
         self._tensors = {}
         self._reader = None
@@ -266,16 +279,17 @@ def _open_reader(path: Path):
 CHUNK_BYTES = 16 << 20   # dequantize at most this much float32 at a time
 
 
-def _dequantize_into(t, out: np.ndarray, path: Path) -> None:
-    """Decode tensor `t` into `out` (rows, cols) a few MiB at a time: gguf.quants builds several
-    temporaries the size of its output, so whole-tensor calls would multiply peak memory."""
+def _dequantize_into(t, out: np.ndarray, path: Path, rows: np.ndarray | None = None) -> None:
+    """Decode tensor `t` (or only its `rows`) into `out` (rows, cols) a few MiB at a time:
+    gguf.quants builds several temporaries the size of its output, so whole-tensor calls would
+    multiply peak memory."""
     from gguf.quants import dequantize
 
-    data = t.data.reshape(out.shape[0], -1)   # one row of blocks (or values) per output row
+    data = t.data.reshape(int(np.prod(t.shape[1:])), -1)   # one row of blocks (or values) per tensor row
     step = max(1, CHUNK_BYTES // (4 * out.shape[1]))
     try:
         for r in range(0, out.shape[0], step):
-            out[r:r + step] = dequantize(data[r:r + step], t.tensor_type)
+            out[r:r + step] = dequantize(data[r:r + step] if rows is None else data[rows[r:r + step]], t.tensor_type)
     except (ValueError, NotImplementedError) as e:
         raise FormatError(f"{path.name}: cannot decode tensor {t.name}: {e}") from e
 

@@ -3,7 +3,7 @@ and write an .ebin atomically (see formats/ebin.md).
 
 Dense recipes stream tensor by tensor. Recipes with compressed codecs calibrate first: the
 model runs layer by layer over calibration text (edgerun/calibrate.py) and each linear is
-encoded with its input statistics, in the sequential order GPTQ/SpQR use.
+encoded with its input statistics (one pass, the uncompressed model's activations).
 """
 from __future__ import annotations
 

@@ -45,6 +45,11 @@ class Source:
         """The tensor as a new float32 array in HF layout. Reads only this tensor."""
         raise NotImplementedError
 
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (1-D int array) of a 2-D tensor as a new float32 (len(rows), cols) array
+        (calibration embeds its tokens with it). Sources that can decode single rows override it."""
+        return self.read(name)[rows]
+
     def close(self) -> None:
         pass
 

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import UnsupportedModelError
-from ...kernels import threaded_map
+from ...kernels import PARALLEL_REGIONS, threaded_map
 from ..gptq import inverse_cholesky as _inverse_cholesky
 from .format import BLOCK, pack_indices, params_of
 
@@ -158,7 +158,8 @@ def _colweights(hessian, n: int) -> np.ndarray:
 def _kmeans(w, colw, skip, g, K) -> np.ndarray:
     """Sorted codebooks (G, K) float16, rounded from the weighted k-means centroids."""
     cents = np.zeros((-(-w.shape[0] // g), K))
-    _kmeans_all(w, colw, skip, g, K, LLOYD_ITERS, cents)
+    with PARALLEL_REGIONS:
+        _kmeans_all(w, colw, skip, g, K, LLOYD_ITERS, cents)
     return np.sort(cents.astype(np.float16), axis=1)      # stored values; rounding keeps order
 
 
@@ -193,7 +194,8 @@ def _gptq_round(w, perm, U, cb, g, skip):
     for b0 in range(0, n, GPTQ_BLOCK):
         b1 = min(n, b0 + GPTQ_BLOCK)
         E = np.empty((d, b1 - b0), np.float32)
-        _gptq_block(Wp, U, cb, g, skipp, b0, b1, idx, E)
+        with PARALLEL_REGIONS:
+            _gptq_block(Wp, U, cb, g, skipp, b0, b1, idx, E)
         if b1 < n:       # lazy batch update of the columns after the block (a matmul per thread)
             def update(rows):
                 Wp[rows, b1:] -= E[rows] @ U[b0:b1, b1:]
@@ -281,7 +283,8 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
             idx, wq = _gptq_round(wc, perm, U, cb32, g, skip)
         else:
             idx, wq = np.empty((r1 - r0, n), np.uint8), wc
-            _assign_all(wc, cb32, g, idx)               # nearest *stored* centroid
+            with PARALLEL_REGIONS:
+                _assign_all(wc, cb32, g, idx)           # nearest *stored* centroid
         codes[r0:r1] = pack_indices(idx, bits)
         if frac:
             rr, cc = np.nonzero(skip)                   # row-major: CSR order

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import UnsupportedModelError
-from ...kernels import threaded_map
+from ...kernels import PARALLEL_REGIONS, threaded_map
 from ..cluster.encode import _colweights
 from ..gptq import inverse_cholesky
 from .format import DIM, layout, pack_codes, pair_columns, params_of
@@ -149,9 +149,10 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
     P = (wpad * inv[:, None]).reshape(d, npairs, DIM)
     cents = np.zeros((-(-d // g), K, DIM))
     kx = 1 << ((c + 1) // 2)
-    _kmeans_all(P, s.astype(np.float64) ** 2, _pair_weights(colw, cols), g, K, kx,
-                int(params.get("iters", KMEANS_ITERS)),
-                (int(params.get("kmeans_points", KMEANS_POINTS)) or 1 << 40) * K, cents)
+    with PARALLEL_REGIONS:
+        _kmeans_all(P, s.astype(np.float64) ** 2, _pair_weights(colw, cols), g, K, kx,
+                    int(params.get("iters", KMEANS_ITERS)),
+                    (int(params.get("kmeans_points", KMEANS_POINTS)) or 1 << 40) * K, cents)
     cb16 = cents.astype(np.float16)
     cb32 = cb16.astype(np.float32)
     if hessian is not None and params.get("gptq", True):
@@ -165,7 +166,8 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
     for b0 in range(0, size, GPTQ_BLOCK):
         b1 = min(size, b0 + GPTQ_BLOCK)
         E = np.empty((d, b1 - b0), np.float32)
-        _gptq_block(wpad, U, cb32, s, g, live, b0, b1, idx, E)
+        with PARALLEL_REGIONS:
+            _gptq_block(wpad, U, cb32, s, g, live, b0, b1, idx, E)
         if b1 < size:       # lazy batch update of the columns after the block
             def update(rows):
                 wpad[rows, b1:] -= E[rows] @ U[b0:b1, b1:]
