@@ -13,7 +13,8 @@ plan (edgerun/plan.py) with the model. Modes:
             budget; starts with the most frequent, then LRU over the last k tokens); each token
             reads only the missing bundles, coalesced into runs across small gaps, on a thread
             pool. Criterion off: every neuron is needed, so layer l+1's misses are read into the
-            second scratch buffer while layer l computes (the last layer prefetches layer 0);
+            second scratch buffer while layer l computes (the last layer prefetches layer 0;
+            a budget without room for two buffers reads into one, not overlapped);
             with a criterion the misses are known only from the layer's input, and their read
             overlaps computing the window's neurons;
 - layer:    every token reads each whole layer, the next layer's read overlapping this one's
@@ -385,22 +386,26 @@ def _flash(manifest: dict) -> dict:
     return fl
 
 
-def _buffers(mode: str, L: int, f: int, B: int, capacity: int) -> dict:
+def _buffers(mode: str, L: int, f: int, B: int, capacity: int, prefetch: bool = True) -> dict:
     """The bundle buffers of a streaming mode with `capacity` window slots per layer: the window,
-    and the read scratch (window and layer: two buffers, so layer l+1's read lands in one while
-    layer l computes from the other; each holds the most one layer can miss, f - capacity)."""
+    and the read scratch (window and layer: two buffers when reads are prefetched, so layer l+1's
+    read lands in one while layer l computes from the other, else one; each holds the most one
+    layer can miss, f - capacity)."""
     if mode == "naive":
         return {"FFN read scratch (one layer)": f * B + SLACK}
-    out = {"FFN read scratch (2 x the missing neurons of a layer)": 2 * (max(f - capacity, 1) * B + SLACK)}
+    if prefetch:
+        out = {"FFN read scratch (2 x the missing neurons of a layer)": 2 * (max(f - capacity, 1) * B + SLACK)}
+    else:
+        out = {"FFN read scratch (the missing neurons of a layer)": max(f - capacity, 1) * B + SLACK}
     if mode == "window":
         out["window buffers"] = L * capacity * B
     return out
 
 
-def _fit_capacity(left: int, L: int, f: int, B: int) -> int:
+def _fit_capacity(left: int, L: int, f: int, B: int, prefetch: bool = True) -> int:
     """The most window slots per layer whose buffers fit `left` bytes (their size is linear in
-    the capacity: each slot adds L bundles of window and removes 2 of scratch), or -1."""
-    size = [sum(_buffers("window", L, f, B, c).values()) for c in (0, f)]
+    the capacity: each slot adds L bundles of window and removes 1 or 2 of scratch), or -1."""
+    size = [sum(_buffers("window", L, f, B, c, prefetch).values()) for c in (0, f)]
     if min(size) > left:
         return -1
     if size[1] <= left:
@@ -421,8 +426,10 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
     """How the FFN runs within `ffn_budget` bytes (everything the FFN needs in memory: bundles,
     window buffers, read scratch, predictor, I/O buffers). mode "auto" is fit-first: resident if
     every bundle fits, else window; "window", "layer", "naive" force that streaming mode (benchmarks).
-    `gap`: coalescing distance in bundles (None: `default_gap`); `prefetch` False only to measure
-    what overlapping the next layer's reads gains."""
+    `gap`: coalescing distance in bundles (None: `default_gap`). Criterion off reads the next
+    layer's bundles while this one computes (two read buffers) when the budget has room for it,
+    else with one buffer, not overlapped; `prefetch` False forces that (to measure what the
+    overlap gains)."""
     fl = _flash(manifest)
     kind, sparsity = parse_criterion(criterion)
     L, f, d = cfg.num_layers, fl["intermediate_size"], fl["hidden_size"]
@@ -448,10 +455,16 @@ def plan_streaming(manifest: dict, cfg, ffn_budget: int, mode: str = "auto", win
         fixed["predictor (low-rank, f16)"] = L * (f + d) * fl["predictor_rank"] * 2
     elif kind == "gate":
         fixed["gate rows (resident)"] = L * f * (_gate_bytes(fl) if shared else d * np.dtype(bdt).itemsize)
-    capacity = 0
-    if mode == "window":
-        capacity = max(0, _fit_capacity(ffn_budget - sum(fixed.values()), L, f, B))
-    fixed.update(_buffers(mode, L, f, B, capacity))
+    def buffers(prefetch):
+        cap = max(0, _fit_capacity(ffn_budget - sum(fixed.values()), L, f, B, prefetch)) if mode == "window" else 0
+        return cap, _buffers(mode, L, f, B, cap, prefetch)
+
+    prefetch = prefetch and kind == "off"         # only criterion off knows the next layer's misses
+    capacity, bufs = buffers(prefetch)
+    if prefetch and sum(fixed.values()) + sum(bufs.values()) > ffn_budget:
+        prefetch = False                          # no room to overlap the reads: one buffer
+        capacity, bufs = buffers(False)
+    fixed.update(bufs)
     need = sum(fixed.values())
     if ffn_budget < need:
         short = -(-(need - ffn_budget) // 2**20)
@@ -471,8 +484,8 @@ def minimum_plan(manifest: dict, cfg, criterion: str = "off", threads: int = 2) 
     L, f = cfg.num_layers, fl["intermediate_size"]
     B = bundle_format(fl)[2]
     probe = plan_streaming(manifest, cfg, 1 << 62, "window", criterion=criterion, threads=threads)
-    other = probe.total_bytes - sum(_buffers("window", L, f, B, probe.capacity).values())
-    least = min(sum(_buffers("window", L, f, B, c).values()) for c in (0, f))
+    other = probe.total_bytes - sum(_buffers("window", L, f, B, probe.capacity, probe.prefetch).values())
+    least = min(sum(_buffers("window", L, f, B, c, False).values()) for c in (0, f))
     return plan_streaming(manifest, cfg, other + least, "window", criterion=criterion, threads=threads)
 
 
@@ -483,7 +496,7 @@ class _Shared:
 
     def __init__(self, reader: FlashReader, plan: StreamingPlan, d: int):
         self.reader, self.plan = reader, plan
-        nbuf = {"resident": 0, "naive": 1}.get(plan.mode, 2)
+        nbuf = {"resident": 0, "naive": 1}.get(plan.mode, 2 if plan.prefetch else 1)
         # criterion off reads bundles capacity.. of each layer (one run): start the rows where that
         # run's file offset sits within a page, so its pages are read straight into the buffer
         self.shift = plan.capacity * plan.bundle_bytes % ALIGN

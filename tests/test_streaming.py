@@ -85,6 +85,28 @@ def test_criterion_off_streams_identical_logits(tiny_packs):
         assert plan.stats.bytes_read > 0
 
 
+def test_budget_without_room_for_two_read_buffers_reads_into_one(tiny_packs):
+    """Criterion off prefetches the next layer into a second read buffer; at the smallest budget
+    (edgerun info's minimum) there is room for one, and the reads are not overlapped."""
+    _, flash, _ = tiny_packs
+    ids = list(range(3, 30))
+    tf, man = load(flash)
+    streaming.attach(tf, flash, man, 1 << 30, criterion="off")
+    resident = logits(tf, ids, 12)
+    least = streaming.minimum_plan(man, tf.cfg)
+    assert not least.prefetch and "FFN read scratch (the missing neurons of a layer)" in least.resident_bytes
+    double = streaming.plan_streaming(man, tf.cfg, least.total_bytes + least.neurons * least.bundle_bytes + (1 << 20),
+                                      mode="window", criterion="off")
+    assert double.prefetch                                  # with room for it, reads overlap again
+    with pytest.raises(streaming.BudgetError):
+        streaming.plan_streaming(man, tf.cfg, least.total_bytes - 1, mode="window", criterion="off")
+    tf, man = load(flash)
+    plan = streaming.attach(tf, flash, man, least.total_bytes, mode="window", window=2, criterion="off")
+    assert not plan.prefetch and len(tf.layers[0].ffn.sh.scratch) == 1
+    np.testing.assert_array_equal(logits(tf, ids, 12), resident)
+    assert plan.stats.bytes_read > 0
+
+
 def test_criterion_streamed_equals_criterion_resident(tiny_packs):
     _, flash, _ = tiny_packs
     ids = list(range(3, 30))

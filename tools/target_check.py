@@ -16,8 +16,9 @@ next to what its NumPy reference computes (reference.matvec: the decoded W, time
 where the codec's matvec quantizes them; reference.matmul where the codec has one, else float64
 products with the decode, for batched matmuls; the decode for rows), the logits of a fixed prompt and 8 greedy
 tokens. `compare` checks, per unit: both runs finished, each run's kernels match its NumPy decode,
-the two runs' kernel outputs and logits agree within float tolerance and the greedy tokens are
-identical.
+the two runs' kernel outputs agree within float tolerance, their logits within twice the model's
+own sensitivity to a float-rounding-sized perturbation (int8 activations turn rounding ties into
+whole steps), and the greedy tokens are identical.
 """
 from __future__ import annotations
 
@@ -64,9 +65,13 @@ CALIB_TOKENS = 2048
 PROMPT = "Once upon a time, in a land far away, there lived a small robot who loved to read"
 GREEDY = 8
 CONTEXT = 128
-# compare: |a - b| <= tol * max|a| per array
+# compare: |a - b| <= tol * max|a| per array. Logits: the larger of LOGITS_RTOL and twice the
+# model's own sensitivity (run_model): codecs that quantize activations to int8 turn a float
+# rounding difference on a rounding tie into a whole int8 step (measured: the spqr fixture's logits
+# move 4e-3 when one norm vector is scaled by 1 + 1e-6, on one machine)
 LOGITS_RTOL = 1e-3
 KERNEL_RTOL = 1e-4
+PERTURB = 1e-6
 
 
 def log(msg: str) -> None:
@@ -196,7 +201,15 @@ def run_model(path: Path) -> tuple[dict, dict]:
         t_load = time.perf_counter() - t0
         ids = m.tokenizer.encode(PROMPT)
         t1 = time.perf_counter()
-        logits = m.logits(ids)
+        logits = m.logits(ids).copy()
+        # the model's sensitivity to float rounding: how far its logits move when one layer's
+        # input norm is scaled by 1 + PERTURB (then restored)
+        sensitivity = 0.0
+        for layer in m._transformer.layers:
+            norm = layer.input_norm.copy()
+            layer.input_norm *= np.float32(1 + PERTURB)
+            sensitivity = max(sensitivity, rel_err(m.logits(ids), logits))
+            layer.input_norm[:] = norm
         tokens = list(m.stream_tokens(ids, max_tokens=GREEDY, temperature=0))
         t_run = time.perf_counter() - t1
         blocks = m.blocks
@@ -205,7 +218,7 @@ def run_model(path: Path) -> tuple[dict, dict]:
     log(f"  model {path.name}: load (kernel compile) {t_load:.1f} s, logits + {len(tokens)} greedy tokens "
         f"{t_run:.1f} s: {tokens}")
     return {"logits": logits.astype(np.float32), "prompt": np.array(ids, np.int64),
-            "tokens": np.array(tokens, np.int64)}, info
+            "tokens": np.array(tokens, np.int64), "sensitivity": np.float64(sensitivity)}, info
 
 
 def run_one(directory: Path, unit: str, out: Path) -> None:
@@ -312,12 +325,14 @@ def compare(a_path: Path, b_path: Path) -> dict[str, tuple[bool, str]]:
             continue
         kernel_err = max((rel_err(B[k], A[k]) for k in keys if ".k." in k), default=0.0)
         logit_err = rel_err(B[f"{unit}.m.logits"], A[f"{unit}.m.logits"])
+        logit_tol = max(LOGITS_RTOL, 2 * max(float(A[f"{unit}.m.sensitivity"]), float(B[f"{unit}.m.sensitivity"])))
         ta, tb = A[f"{unit}.m.tokens"].tolist(), B[f"{unit}.m.tokens"].tolist()
         same_prompt = np.array_equal(A[f"{unit}.m.prompt"], B[f"{unit}.m.prompt"])
-        ok = kernel_err <= KERNEL_RTOL and logit_err <= LOGITS_RTOL and ta == tb and same_prompt
+        ok = kernel_err <= KERNEL_RTOL and logit_err <= logit_tol and ta == tb and same_prompt
         nk = sum(".k." in k for k in keys)
         report = (f"kernels ({nk} outputs) max rel diff {kernel_err:.1e} (tol {KERNEL_RTOL:.0e}), "
-                  f"logits {logit_err:.1e} (tol {LOGITS_RTOL:.0e}), greedy tokens "
+                  f"logits {logit_err:.1e} (tol {logit_tol:.0e}: 2x a 1e-6 perturbation's effect, at least "
+                  f"{LOGITS_RTOL:.0e}), greedy tokens "
                   + ("identical" if ta == tb else f"differ: {ta} vs {tb}")
                   + ("" if same_prompt else ", prompt ids differ")
                   + f"; {names[1]} {ub['seconds']} s, {names[0]} {ua['seconds']} s")
