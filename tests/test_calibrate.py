@@ -128,3 +128,21 @@ def test_store_sees_file_order_and_its_errors_reach_the_caller(tiny_dir):
 
         with pytest.raises(ValueError, match="encoder failed"):
             calibrate_and_store(source, cfg, seqs, failing)
+
+
+def test_pack_runs_under_numbas_workqueue_threading_layer(tiny_dir, tmp_path):
+    """Numba's workqueue threading layer (left where neither TBB nor OpenMP is installed, as on
+    macOS) aborts the process when two threads launch parallel regions at once, and a pack's
+    forward (attention) and encode worker (cluster's k-means and GPTQ blocks) both launch them:
+    kernels.PARALLEL_REGIONS serializes those. Without it this pack aborts (measured)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, numba; from edgerun.convert.pack import make_recipe, pack; "
+            "pack(sys.argv[1], sys.argv[2], recipe=make_recipe('f16', 'cluster', 4), threads=2); "
+            "print(numba.threading_layer())")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_dir("qwen3")), str(tmp_path / "c.ebin")],
+                       env={**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-1] == "workqueue"
