@@ -111,13 +111,16 @@ def test_flash_resident_window_or_refused():
     assert full.ffn.mode == "resident" and plan(m, full.total, CTX, RUNTIME).ffn.mode == "resident"
     least = plan(m, full.minimum, CTX, RUNTIME)
     assert least.ffn.mode == "window" and least.total <= full.minimum
+    # one read buffer at the smallest budgets, then two (the next layer's reads overlap this
+    # layer's compute: worth more than the window slots the second buffer takes); within each,
     # the window grows with the budget, never past it
     caps = []
     for budget in range(full.minimum, full.total, max(1, (full.total - full.minimum) // 7)):
         p = plan(m, budget, CTX, RUNTIME)
         assert p.total <= budget and p.ffn.mode in ("window", "resident")
-        caps.append(p.ffn.capacity)
-    assert caps == sorted(caps) and 0 < max(caps) < 4096
+        caps.append((p.ffn.prefetch, p.ffn.capacity))
+    assert caps == sorted(caps) and 0 < max(c for _, c in caps) < 4096
+    assert not caps[0][0] and caps[-1][0]
     assert "window:" in "\n".join(least.lines())
 
 
