@@ -393,10 +393,8 @@ def _buffers(mode: str, L: int, f: int, B: int, capacity: int, prefetch: bool = 
     layer can miss, f - capacity)."""
     if mode == "naive":
         return {"FFN read scratch (one layer)": f * B + SLACK}
-    if prefetch:
-        out = {"FFN read scratch (2 x the missing neurons of a layer)": 2 * (max(f - capacity, 1) * B + SLACK)}
-    else:
-        out = {"FFN read scratch (the missing neurons of a layer)": max(f - capacity, 1) * B + SLACK}
+    label = "2 x the missing neurons of a layer" if prefetch else "the missing neurons of a layer"
+    out = {f"FFN read scratch ({label})": (2 if prefetch else 1) * (max(f - capacity, 1) * B + SLACK)}
     if mode == "window":
         out["window buffers"] = L * capacity * B
     return out
