@@ -227,3 +227,16 @@ def stack_outliers(csrs: list) -> tuple:
         off += int(rp[-1])
     return (np.concatenate(rps).astype(np.int32), np.concatenate([c for _, c, _ in csrs]),
             np.concatenate([v for _, _, v in csrs]))
+
+
+def outlier_rows(rp: np.ndarray) -> np.ndarray:
+    """CSR row pointers (d + 1,) -> each outlier's row (nnz,) int32, sorted. Kernels keep outliers
+    by row id (COO) and loop over outliers, not rows: a few per row made a per-row loop
+    mispredict its exit on most rows (BENCHMARKS.md, "Outliers by row id")."""
+    return np.repeat(np.arange(len(rp) - 1, dtype=np.int32), np.diff(rp))
+
+
+def outlier_rowptr(orow: np.ndarray, d: int) -> np.ndarray:
+    """outlier_rows' inverse: the CSR row pointers (d + 1,) int32 of row ids `orow`."""
+    return np.searchsorted(orow, np.arange(d + 1)).astype(np.int32)
+

@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 
 from ...isa import _concat, byte_table_lookup, half_to_float, signed_byte_dot, table_lookup
 from ...kernels import f16_to_f32
-from ..base import Linear, stack_outliers
+from ..base import Linear, outlier_rowptr, outlier_rows, stack_outliers
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, _planes, int8_codebook
 
@@ -290,23 +290,15 @@ def _load_table(cb, g, bits, tab):
 
 
 @njit(inline="always", **_JIT)
-def _sparse_dot(rp, oc, ov, i, x):
-    # row i of the CSR outliers (rp int32, oc u16 column, ov f16 bits) · x (n,) -> f32
-    acc = np.float32(0.0)
-    for p in range(rp[i], rp[i + 1]):
-        acc += f16_to_f32(ov[p]) * x[oc[p]]
-    return acc
-
-
-@njit(inline="always", **_JIT)
-def _sparse_add(rp, oc, ov, i, out):
-    # out (n,) += row i of the CSR outliers
-    for p in range(rp[i], rp[i + 1]):
+def _sparse_add(orow, oc, ov, i, out):
+    # out (n,) += row i of the outliers (orow int32 row ids (base.outlier_rows), oc u16 column,
+    # ov f16 bits)
+    for p in range(np.searchsorted(orow, i), np.searchsorted(orow, i + 1)):
         out[oc[p]] += f16_to_f32(ov[p])
 
 
 @njit(**_JIT)
-def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr, bits):
+def _mv_rows(codes, cb, meta, orow, oc, ov, x, out, r0, r1, scr, bits):
     # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits, CSR outliers @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
     n, group_rows = meta[1], meta[3]
     K = cb.shape[1]
@@ -325,7 +317,9 @@ def _mv_rows(codes, cb, meta, rp, oc, ov, x, out, r0, r1, scr, bits):
             _decode_blocks(codes, i * rowbytes + nfull * 4 * bits, cb, g * K, scr, 1, bits, scr, tb)
             for j in range(tail):
                 acc += scr[tb + j] * x[nfull * 32 + j]
-        out[i] = acc + _sparse_dot(rp, oc, ov, i, x)
+        out[i] = acc
+    for p in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):    # outliers, in row order
+        out[orow[p]] += f16_to_f32(ov[p]) * x[oc[p]]
 
 
 @njit(cache=True, nogil=True)         # no fastmath: the rounding matches format.quantize_activations
@@ -344,18 +338,17 @@ def _quantize_x(x, x8, dx):
 
 
 @njit(**_JIT)
-def _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, r0, r1, bits):
+def _mv_rows_i8(codes, cb8, cbs, meta, orow, oc, ov, x8, dx, out, r0, r1, bits):
     # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, dx from _quantize_x
     group_rows = meta[3]
     nblk = dx.shape[0]
     rowbytes = codes.shape[1]
     for i in range(r0, r1):
         g = i // group_rows
-        acc = _dot_blocks_i8(codes, i * rowbytes, x8, dx, cb8, g * 32, nblk, bits) * cbs[g]
-        for p in range(rp[i], rp[i + 1]):
-            j = np.int64(oc[p])
-            acc += f16_to_f32(ov[p]) * (dx[j >> 5] * np.float32(x8[j]))
-        out[i] = acc
+        out[i] = _dot_blocks_i8(codes, i * rowbytes, x8, dx, cb8, g * 32, nblk, bits) * cbs[g]
+    for p in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):    # outliers, in row order
+        j = np.int64(oc[p])
+        out[orow[p]] += f16_to_f32(ov[p]) * (dx[j >> 5] * np.float32(x8[j]))
 
 
 @functools.cache
@@ -366,56 +359,56 @@ def first_token_kernels(bits: int) -> tuple:
     apart. The batched kernels below take bits at run time (a child process compiles them)."""
 
     @njit(**_JIT)
-    def matvec_i8(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out):
+    def matvec_i8(codes, cb8, cbs, meta, orow, oc, ov, x, x8, dx, out):
         # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch
         _quantize_x(x, x8, dx)
-        _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, 0, meta[0], bits)
+        _mv_rows_i8(codes, cb8, cbs, meta, orow, oc, ov, x8, dx, out, 0, meta[0], bits)
 
     @njit(**_JIT_PAR)
-    def matvec_i8_par(codes, cb8, cbs, meta, rp, oc, ov, x, x8, dx, out, nb):
+    def matvec_i8_par(codes, cb8, cbs, meta, orow, oc, ov, x, x8, dx, out, nb):
         # as matvec_i8, prange over nb row blocks
         _quantize_x(x, x8, dx)
         d = meta[0]
         step = (d + nb - 1) // nb
         for b in prange(nb):
-            _mv_rows_i8(codes, cb8, cbs, meta, rp, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step), bits)
+            _mv_rows_i8(codes, cb8, cbs, meta, orow, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step), bits)
 
     @njit(**_JIT)
-    def row(codes, cb, meta, rp, oc, ov, i, out, scr):
+    def row(codes, cb, meta, orow, oc, ov, i, out, scr):
         # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
-        _row(codes, cb, meta, rp, oc, ov, i, out, scr, bits)
+        _row(codes, cb, meta, orow, oc, ov, i, out, scr, bits)
 
     return matvec_i8, matvec_i8_par, row
 
 
 @njit(**_JIT)
-def matvec_cluster(codes, cb, meta, rp, oc, ov, x, out, scr, bits):
-    # codes, cb, outlier CSR rp/oc/ov: parts; x (n,) -> out (d,); scr (1, SCRATCH) f32
-    _mv_rows(codes, cb, meta, rp, oc, ov, x, out, 0, meta[0], scr[0], bits)
+def matvec_cluster(codes, cb, meta, orow, oc, ov, x, out, scr, bits):
+    # codes, cb, outliers orow/oc/ov (ClusterLinear); x (n,) -> out (d,); scr (1, SCRATCH) f32
+    _mv_rows(codes, cb, meta, orow, oc, ov, x, out, 0, meta[0], scr[0], bits)
 
 
 @njit(**_JIT_PAR)
-def matvec_cluster_par(codes, cb, meta, rp, oc, ov, x, out, scr, bits):
-    # codes, cb, rp/oc/ov: parts; x (n,) -> out (d,); prange over scr.shape[0] row blocks
+def matvec_cluster_par(codes, cb, meta, orow, oc, ov, x, out, scr, bits):
+    # codes, cb, outliers orow/oc/ov; x (n,) -> out (d,); prange over scr.shape[0] row blocks
     d = meta[0]
     nb = scr.shape[0]
     step = (d + nb - 1) // nb
     for b in prange(nb):
-        _mv_rows(codes, cb, meta, rp, oc, ov, x, out, b * step, min(d, (b + 1) * step), scr[b], bits)
+        _mv_rows(codes, cb, meta, orow, oc, ov, x, out, b * step, min(d, (b + 1) * step), scr[b], bits)
 
 
 @njit(**_JIT)
-def _decode_row(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
+def _decode_row(codes, cb, meta, orow, oc, ov, i, out, scr, bits):
     # row i of the parts -> out[:nblk*32] f32 (padding decoded too); scr (SCRATCH,) f32
     g = i // meta[3]
     _load_table(cb, g, bits, scr)
     nblk = codes.shape[1] // (4 * bits)
     _decode_blocks(codes, i * codes.shape[1], cb, g * cb.shape[1], scr, nblk, bits, out, 0)
-    _sparse_add(rp, oc, ov, i, out)
+    _sparse_add(orow, oc, ov, i, out)
 
 
 @njit(inline="always", **_JIT)
-def _row(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
+def _row(codes, cb, meta, orow, oc, ov, i, out, scr, bits):
     # parts, row i -> out (n,) f32; scr (SCRATCH,) f32
     n = meta[1]
     nfull = n // 32
@@ -427,11 +420,11 @@ def _row(codes, cb, meta, rp, oc, ov, i, out, scr, bits):
         _decode_blocks(codes, i * codes.shape[1] + nfull * 4 * bits, cb, cboff, scr, 1, bits, scr, 256)
         for j in range(n - nfull * 32):
             out[nfull * 32 + j] = scr[256 + j]
-    _sparse_add(rp, oc, ov, i, out)
+    _sparse_add(orow, oc, ov, i, out)
 
 
 @njit(**_JIT)
-def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr, bits):
+def _mm_rows(codes, cb, meta, orow, oc, ov, X, out, r0, r1, tile, scr, bits):
     # X (T, n) @ W[r0:r1].T -> out[:, r0:r1]; tile (TILE_ROWS, nblk*32) f32 scratch
     T = X.shape[0]
     n = meta[1]
@@ -439,7 +432,7 @@ def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr, bits):
         nr = min(4, r1 - i0)
         for r in range(4):
             if r < nr:
-                _decode_row(codes, cb, meta, rp, oc, ov, i0 + r, tile[r], scr, bits)
+                _decode_row(codes, cb, meta, orow, oc, ov, i0 + r, tile[r], scr, bits)
             else:
                 tile[r, :] = 0.0
         w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
@@ -462,19 +455,19 @@ def _mm_rows(codes, cb, meta, rp, oc, ov, X, out, r0, r1, tile, scr, bits):
 
 
 @njit(**_JIT)
-def matmul_cluster(codes, cb, meta, rp, oc, ov, X, out, tiles, scr, bits):
+def matmul_cluster(codes, cb, meta, orow, oc, ov, X, out, tiles, scr, bits):
     # X (T, n) @ W.T -> out (T, d); tiles (1, 4, nblk*32), scr (1, SCRATCH) f32
-    _mm_rows(codes, cb, meta, rp, oc, ov, X, out, 0, meta[0], tiles[0], scr[0], bits)
+    _mm_rows(codes, cb, meta, orow, oc, ov, X, out, 0, meta[0], tiles[0], scr[0], bits)
 
 
 @njit(**_JIT_PAR)
-def matmul_cluster_par(codes, cb, meta, rp, oc, ov, X, out, tiles, scr, bits):
+def matmul_cluster_par(codes, cb, meta, orow, oc, ov, X, out, tiles, scr, bits):
     # X (T, n) @ W.T -> out (T, d); prange over tiles.shape[0] row blocks (multiples of 4 rows)
     d = meta[0]
     nb = tiles.shape[0]
     step = ((d + nb - 1) // nb + 3) // 4 * 4
     for b in prange(nb):
-        _mm_rows(codes, cb, meta, rp, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b], bits)
+        _mm_rows(codes, cb, meta, orow, oc, ov, X, out, min(d, b * step), min(d, (b + 1) * step), tiles[b], scr[b], bits)
 
 
 class ClusterLinear(Linear):
@@ -489,7 +482,8 @@ class ClusterLinear(Linear):
         self.codes = np.ascontiguousarray(parts["codes"])
         self.codebook = np.ascontiguousarray(parts["codebook"])
         self.meta = np.ascontiguousarray(parts["meta"], dtype=np.int64)
-        self.rp, self.oc, self.ov = _outliers(parts, d)
+        rp, self.oc, self.ov = _outliers(parts, d)
+        self.orow = outlier_rows(rp)        # outliers by row id instead of the stored row pointers
         self.bits = bits
         self.group_rows = g
         self._ncols = self.codes.shape[1] // (4 * bits) * BLOCK
@@ -501,6 +495,11 @@ class ClusterLinear(Linear):
             nblk = self.codes.shape[1] // (4 * bits)
             self.x8, self.dx = np.zeros(nblk * BLOCK, np.int8), np.zeros(nblk, np.float32)
 
+    @property
+    def rp(self) -> np.ndarray:
+        """The outliers' stored row pointers (d + 1,) int32."""
+        return outlier_rowptr(self.orow, self.shape[0])
+
     def _scratch(self, threads: int) -> np.ndarray:
         # per-thread scratch, grown once (a few KiB), never per call
         if self._scr.shape[0] < threads:
@@ -510,17 +509,17 @@ class ClusterLinear(Linear):
     def _matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
         # out (d,) = W (d, n) @ x (n,)
         if self.bits <= INT8_MAX_BITS:
-            args = (self.codes, self.cb8, self.cbs, self.meta, self.rp, self.oc, self.ov, x, self.x8, self.dx, out)
+            args = (self.codes, self.cb8, self.cbs, self.meta, self.orow, self.oc, self.ov, x, self.x8, self.dx, out)
             if threads > 1:
                 self._mv_par(*args, threads)
             else:
                 self._mv(*args)
             return
         if threads > 1:
-            matvec_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out,
+            matvec_cluster_par(self.codes, self.codebook, self.meta, self.orow, self.oc, self.ov, x, out,
                                self._scratch(threads), self.bits)
         else:
-            matvec_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, x, out, self._scr, self.bits)
+            matvec_cluster(self.codes, self.codebook, self.meta, self.orow, self.oc, self.ov, x, out, self._scr, self.bits)
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
         # out (T, d) = X (T, n) @ W.T: rows decoded 4 at a time into L1, register-blocked dots
@@ -529,10 +528,10 @@ class ClusterLinear(Linear):
         if self._tiles is None or self._tiles.shape[0] < nb:
             self._tiles = np.zeros((nb, TILE_ROWS, self._ncols), np.float32)
         if nb > 1:
-            matmul_cluster_par(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
+            matmul_cluster_par(self.codes, self.codebook, self.meta, self.orow, self.oc, self.ov, X, out,
                                self._tiles[:nb], self._scratch(nb), self.bits)
         else:
-            matmul_cluster(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, X, out,
+            matmul_cluster(self.codes, self.codebook, self.meta, self.orow, self.oc, self.ov, X, out,
                            self._tiles, self._scr, self.bits)
 
     @classmethod
@@ -553,4 +552,4 @@ class ClusterLinear(Linear):
 
     def row(self, i: int, out: np.ndarray) -> None:
         """out (n,) = W[i] as float32 (embedding lookup)."""
-        self._row(self.codes, self.codebook, self.meta, self.rp, self.oc, self.ov, int(i), out, self._scr[0])
+        self._row(self.codes, self.codebook, self.meta, self.orow, self.oc, self.ov, int(i), out, self._scr[0])

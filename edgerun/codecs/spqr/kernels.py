@@ -14,7 +14,7 @@ from ...errors import UnsupportedModelError
 from ...isa import _const_like, _lanes, byte_pair_dot, half_to_float
 from ...kernels import f16_to_f32
 from ...memory import thread_scratch
-from ..base import Linear, stack_outliers
+from ..base import Linear, outlier_rowptr, outlier_rows, stack_outliers
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import REQUIRED_PARTS, _check_shapes, params_of
 
@@ -883,9 +883,9 @@ def _x8_offset(g, t):
 
 
 @njit(**_JIT)
-def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, sf):
+def _mv_rows(bits, codes, stq, st2, orow, oc, ov, sg, sbits, xc, xb, out, r0, r1, sf):
     # SpQR W (d, n_pad) @ x (prepared in xc (C + 1, XC_FLOATS), xb its bytes) -> out[r0:r1];
-    # sf (C + 1, 4, 16) scratch
+    # sf (C + 1, 4, 16) scratch; outliers by row (orow, oc, ov: see SpQRLinear)
     G = stq.shape[1]
     i = r0
     while i < r1:                  # one stat block at a time: stats widened once per block
@@ -894,8 +894,17 @@ def _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, 
         _widen_stats(st2, rb, G, sf)
         _dot_block(codes, stq, xc, sf, out, i, e, G, sbits, bits)
         i = e
-    for r in range(r0, r1):        # outliers (≈0.5 %)
-        out[r] = _outliers_dot(rp, oc, ov, r, xc, xb, out[r])
+    _add_outliers(orow, oc, ov, r0, r1, xc, xb, out)
+
+
+@njit(inline="always", **_JIT)
+def _add_outliers(orow, oc, ov, r0, r1, xc, xb, out):
+    # out[r] += value · x' for the outliers of rows r0 <= r < r1 (row ids orow, base.outlier_rows),
+    # in stored order: a row's adds in the order a per-row loop made them, the same float result
+    for k in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):
+        c = np.int32(oc[k])
+        ch, g, t = c >> 8, (c >> 4) & 15, c & 15
+        out[orow[k]] += f16_to_f32(ov[k]) * (xc[ch, XC_DX + g] * xb[ch, _x8_offset(g, t)])
 
 
 @njit(inline="always", **_JIT)
@@ -916,28 +925,28 @@ def matvec_kernels(bits: int) -> tuple:
     compile on a cold cache (the first token waits for the serial one), each width cached apart."""
 
     @njit(**_JIT)
-    def matvec(codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
+    def matvec(codes, stq, st2, orow, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
         # SpQR W (d, n) @ x (n,) -> out (d,), one thread; xidx from _x_index; xc (C + 1, XC_FLOATS)
         # and xb (its bytes), sf (1, C + 1, 4, 16) scratch
         _prep_x(x, xidx, xc)
-        _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0])
+        _mv_rows(bits, codes, stq, st2, orow, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0])
 
     @njit(**_JIT_PAR)
-    def matvec_par(codes, stq, st2, rp, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
+    def matvec_par(codes, stq, st2, orow, oc, ov, sg, sbits, x, xidx, xc, xb, out, sf):
         # SpQR W (d, n) @ x (n,) -> out (d,); prange over sf.shape[0] row ranges of whole stat blocks
         _prep_x(x, xidx, xc)
         d = codes.shape[0]
         nblocks = sf.shape[0]
         step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
         for blk in prange(nblocks):
-            _mv_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out,
+            _mv_rows(bits, codes, stq, st2, orow, oc, ov, sg, sbits, xc, xb, out,
                      min(d, blk * step), min(d, (blk + 1) * step), sf[blk])
 
     return matvec, matvec_par
 
 
 @njit(**_JIT)
-def _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, sf, tt):
+def _mm_rows(bits, codes, stq, st2, orow, oc, ov, sg, sbits, xc, xb, out, r0, r1, sf, tt):
     # SpQR W[r0:r1] @ x_t for the tokens prepared in xc (T, C + 1, XC_FLOATS) (xb its bytes)
     # -> out[:, r0:r1]; tokens tt at a time (their xc stays in L2), sf (C + 1, 4, 16) scratch
     G = stq.shape[1]
@@ -951,13 +960,7 @@ def _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, r0, r1, 
             _widen_stats(st2, rb, G, sf)
             _mm_block(codes, stq, xc, sf, out, i, e, t0, t1, G, sbits, bits)
             for tok in range(t0, t1):  # outliers as in _mv_rows, a token at a time (its xc in L1)
-                for r in range(i, e):
-                    acc = out[tok, r]
-                    for k in range(rp[r], rp[r + 1]):
-                        c = np.int32(oc[k])
-                        ch, g, t = c >> 8, (c >> 4) & 15, c & 15
-                        acc += f16_to_f32(ov[k]) * (xc[tok, ch, XC_DX + g] * xb[tok, ch, _x8_offset(g, t)])
-                    out[tok, r] = acc
+                _add_outliers(orow, oc, ov, i, e, xc[tok], xb[tok], out[tok])
             i = e
 
 
@@ -968,15 +971,15 @@ def matmul_kernels(bits: int) -> tuple:
     int8 dots of each unpacked code chunk with MM_TOKENS tokens at a time."""
 
     @njit(**_JIT)
-    def matmul(codes, stq, st2, rp, oc, ov, sg, sbits, X, xidx, xc, xb, out, sf, tt):
+    def matmul(codes, stq, st2, orow, oc, ov, sg, sbits, X, xidx, xc, xb, out, sf, tt):
         # SpQR X (T, n) @ W (d, n).T -> out (T, d), one thread; xc (T, C + 1, XC_FLOATS), xb its
         # bytes, sf (1, C + 1, 4, 16) scratch
         for t in range(X.shape[0]):
             _prep_x(X[t], xidx, xc[t])
-        _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0], tt)
+        _mm_rows(bits, codes, stq, st2, orow, oc, ov, sg, sbits, xc, xb, out, 0, codes.shape[0], sf[0], tt)
 
     @njit(**_JIT_PAR)
-    def matmul_par(codes, stq, st2, rp, oc, ov, sg, sbits, X, xidx, xc, xb, out, sf, tt):
+    def matmul_par(codes, stq, st2, orow, oc, ov, sg, sbits, X, xidx, xc, xb, out, sf, tt):
         # as matmul; prange over sf.shape[0] row ranges of whole stat blocks
         for t in range(X.shape[0]):
             _prep_x(X[t], xidx, xc[t])
@@ -984,14 +987,14 @@ def matmul_kernels(bits: int) -> tuple:
         nblocks = sf.shape[0]
         step = ((d + nblocks - 1) // nblocks + sg - 1) // sg * sg
         for blk in prange(nblocks):
-            _mm_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, xc, xb, out,
+            _mm_rows(bits, codes, stq, st2, orow, oc, ov, sg, sbits, xc, xb, out,
                      min(d, blk * step), min(d, (blk + 1) * step), sf[blk], tt)
 
     return matmul, matmul_par
 
 
 @njit(**_JIT)
-def _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf):
+def _decode_rows(bits, codes, stq, st2, orow, oc, ov, sg, sbits, r0, r1, tile, sf):
     # SpQR rows r0:r1 -> tile (>= r1-r0, 16G) float32, column t·G + g = storage column 16g + t
     G = stq.shape[1]
     rowb = codes.shape[1]
@@ -1003,7 +1006,7 @@ def _decode_rows(bits, codes, stq, st2, rp, oc, ov, sg, sbits, r0, r1, tile, sf)
             cur = rb
         r = i - r0
         _decode_row(codes, i * rowb, stq, i * G, sf, G, sbits, bits, tile, r * tile.shape[1])
-        for k in range(rp[i], rp[i + 1]):
+        for k in range(np.searchsorted(orow, i), np.searchsorted(orow, i + 1)):
             c = np.int32(oc[k])
             tile[r, (c & 15) * G + (c >> 4)] += f16_to_f32(ov[k])
 
@@ -1029,7 +1032,8 @@ class SpQRLinear(Linear):
         super().__init__((d, a["perm"].shape[0]), sum(v.nbytes for v in parts.values()), PAR_MIN_WEIGHTS)
         self.codes, self.stq, self.st2 = a["codes"], a["stat_codes"], a["stats"]
         self.perm = a["perm"]
-        self.rp, self.oc, self.ov = a["outlier_rowptr"], a["outlier_col"], a["outlier_val"]
+        # outliers by row id (base.outlier_rows) instead of the stored row pointers
+        self.orow, self.oc, self.ov = outlier_rows(a["outlier_rowptr"]), a["outlier_col"], a["outlier_val"]
         self.G = G
         self.n_pad = G * 16
         # per-call scratch, allocated once: prepared activations and per-thread f32 block stats,
@@ -1041,8 +1045,13 @@ class SpQRLinear(Linear):
         self.xb = self.xc.view(np.int8)
         self.sf = np.zeros((1, C, 4, 16), np.float32)
         # the kernels' leading arguments, built once (a matvec of a small matrix is ~2 µs)
-        self._args = (self.bits, self.codes, self.stq, self.st2, self.rp, self.oc, self.ov, self.sg, self.sbits)
+        self._args = (self.bits, self.codes, self.stq, self.st2, self.orow, self.oc, self.ov, self.sg, self.sbits)
         self._mv, self._mv_par = matvec_kernels(self.bits)
+
+    @property
+    def rp(self) -> np.ndarray:
+        """The outliers' stored row pointers (d + 1,) int32."""
+        return outlier_rowptr(self.orow, self.shape[0])
 
     def _scratch(self, threads: int) -> np.ndarray:
         if self.sf.shape[0] < threads:
