@@ -32,7 +32,8 @@ from edgerun.calibrate import (SHARED_INPUT, calibrate_and_store, calibration_se
 from edgerun.codecs import get_codec
 from edgerun.convert.pack import CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS, parse_rule, tensor_group
 from edgerun.evaluate import perplexity, windows
-from edgerun.model import LAYER_TENSORS
+from edgerun.ebin import EbinFile
+from edgerun.model import LAYER_TENSORS, Weights
 
 HELDOUT = Path(__file__).parent / "data" / "wikitext2_heldout.txt"
 SUFFIX_FIELD = {name: field for field, name in LAYER_TENSORS.items()}
@@ -66,6 +67,9 @@ class ModelSource:
         if hasattr(t, "W"):                    # a DenseLinear
             return np.ascontiguousarray(self.dense.decode({"weight": t.W}, {"dtype": t.dtype}), np.float32)
         return np.array(t, np.float32)
+
+    def read_rows(self, name, rows):
+        return self.read(name)[rows]
 
 
 def hessian_key(name: str) -> str:
@@ -119,6 +123,9 @@ def main(argv=None):
     m = edgerun.load(dense_ebin(a.src))
     tf = m._transformer
     cfg = tf.cfg
+    # the stored tensors, one per name (the loaded model joined q/k/v and gate/up)
+    with EbinFile(dense_ebin(a.src)) as f:
+        tf.w = Weights.from_ebin(f, cfg)
     tensors = tf.w.tensors
     source = ModelSource(tensors, cfg.tie_word_embeddings)
     seqs = calibration_sequences(m.tokenizer, default_calibration_text(), a.calib_tokens, CALIB_SEQ_LEN)
