@@ -11,7 +11,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...errors import UnsupportedModelError
-from ...isa import _const_like, _lanes, byte_pair_dot, half_to_float
+from ...isa import _const_like, _lanes, byte_pair_dot, half_to_float, target
 from ...kernels import f16_to_f32
 from ...memory import thread_scratch
 from ..base import Linear, outlier_rowptr, outlier_rows, stack_outliers
@@ -46,7 +46,7 @@ XC_TILE_BYTES = 1 << 18     # prepared x of one token tile: stays in L2 while th
 # stay scalar. The tail chunk (G mod 16 groups) uses the same code with masked loads, except
 # tails of 4 or 8 groups (n = 576: 36 groups), whose rows are packed 4 or 2 to a vector.
 # Measured on Zen 5 (SmolLM2 shapes): the multiply-adds of a chunk must run as 4 independent
-# chains per row, with 2 rows sharing each x load: with `fast` (reassoc) flags LLVM folds them
+# chains per row (2 rows sharing each x load there, _rows_sharing_x): with `fast` (reassoc) flags LLVM folds them
 # into one 16-deep chain and the kernel is FMA-latency bound (2x slower in cache); a masked tail
 # of 4 groups cost as much as a full chunk (+35 % on 576 columns); rows of 768 bytes read in
 # pairs lost the hardware prefetcher (2x slower from DRAM) without the software prefetch.
@@ -66,7 +66,6 @@ _CONTRACT = ("contract", "nnan", "ninf", "nsz", "arcp")     # FMA fusion without
 XC_FLOATS = 96          # prepared x per chunk: 256 bytes of int8 pairs, dx (16 f32), dx·Σ_t x8 (16 f32)
 XC_DX, XC_XS = 64, 80   # float offsets of dx and of the group sums in a chunk
 _V32I8 = ir.VectorType(_I8, 32)
-ROWS = 2                # rows sharing each x load in the matvec (4: slower on 576 columns, measured)
 PREFETCH = 4096         # software prefetch distance of the codes, bytes (2048 slower, 8192 same)
 
 
@@ -132,6 +131,15 @@ def _decode_sections(builder, sec, bits, to_float=True):
                 q = builder.or_(q, builder.and_(h, c(4)))
         out.append(builder.sitofp(q, _V16F32) if to_float else q)
     return out
+
+
+def _rows_sharing_x() -> int:
+    """Rows whose full chunks share each x load (_rows_ir): 2 with AVX-512's 32 vector registers
+    (measured on Zen 5; 4 was slower on 576 columns). 1 elsewhere: with AVX2's 16, two rows' code
+    vectors made LLVM spill the x vectors to the stack (15 stores and 16 reloads a chunk), and one
+    row at a time was 15-20 % faster in cache and ~7 % in the 1.5B's layer order (Zen 3,
+    BENCHMARKS.md); NEON's 128-bit registers hold half a vector, so it gets 1 too (not timed)."""
+    return 2 if target().isa == "avx512" else 1
 
 
 def _vload(builder, p, off):
@@ -358,7 +366,7 @@ def _prefetch(builder, p):
 def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     """out[i] = Σ_j W'[i, j] x'[j] without outliers for rows i0 <= i < i1 of one stat block:
     codes, stq as stored (G groups), xc (C + 1, XC_FLOATS) prepared x (_prep_x), sf (C + 1, 4, 16) the block's
-    stats widened by _widen_stats. Full chunks ROWS rows at a time; then a tail chunk of w = 4 or 8
+    stats widened by _widen_stats. Full chunks _rows_sharing_x() rows at a time; then a tail chunk of w = 4 or 8
     groups packed 16 // w rows per vector, any other tail one row at a time with masked loads."""
     def codegen(context, builder, sig, args):
         i0_v, i1_v, G_v, sbits_v, bits_v = args[5:]
@@ -379,8 +387,10 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
                 pcs, pss, psfs, pos = _block_rows(builder, i, R, pc, ps, psf, po, G_v, bits)
                 fn(pcs, pss, psfs, px, pos, G_v, bits, smask, sshift, **kw)
 
-            rest = row_groups(ROWS, i0_v, lambda i: rows(i, ROWS, lambda *a: _rows_ir(builder, *a, tail=False)))
-            row_groups(1, rest, lambda i: rows(i, 1, lambda *a: _rows_ir(builder, *a, tail=False)))
+            R = _rows_sharing_x()
+            rest = row_groups(R, i0_v, lambda i: rows(i, R, lambda *a: _rows_ir(builder, *a, tail=False)))
+            if R > 1:
+                row_groups(1, rest, lambda i: rows(i, 1, lambda *a: _rows_ir(builder, *a, tail=False)))
             w = builder.and_(G_v, ir.Constant(i64, 15))
             start = cgutils.alloca_once_value(builder, i0_v)
             for wc in (4, 8):
@@ -501,7 +511,7 @@ def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bi
     flash layout's bundles, formats/flash-layout.md § spqr): row r is row cs[r] of wa when
     cs[r] >= 0, else row -1 - cs[r] of wb (uint8 arrays); its codes start at byte coff of that row
     and its stat bytes at soff; its block's stats widened by _widen_stats are sf[blks[r]]; xc as
-    in _dot_block. The same arithmetic as _dot_block: full chunks ROWS rows at a time; a tail
+    in _dot_block. The same arithmetic as _dot_block: full chunks _rows_sharing_x() rows at a time; a tail
     chunk of w = 4 or 8 groups packed 16 // w rows per vector, any other tail one row at a time
     with masked loads. (Row indices, not array views: a view per row costs reference counting
     comparable to the row's arithmetic.)"""
@@ -529,8 +539,9 @@ def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bi
         smask, sshift = _stat_consts(builder, sbits_v)
 
         def emit(bits):
-            for r0 in range(0, R, ROWS):
-                sl = slice(r0, min(R, r0 + ROWS))
+            step = _rows_sharing_x()
+            for r0 in range(0, R, step):
+                sl = slice(r0, min(R, r0 + step))
                 _rows_ir(builder, pcs[sl], pss[sl], psfs[sl], px, pos[sl], G_v, bits, smask, sshift, tail=False)
             w = builder.and_(G_v, ir.Constant(i64, 15))
             is_packed = builder.or_(builder.icmp_signed("==", w, ir.Constant(i64, 4)),
