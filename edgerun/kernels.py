@@ -265,15 +265,24 @@ def rmsnorm_rows(X, w, eps, out):
             out[t, i] = X[t, i] * inv * w[i]
 
 
+SILU_BLOCK = 512
+
+
 @njit(**_JIT)
 def silu_mul(gate, up, out):
-    # gate, up, out (T, n), C-contiguous -> out = gate * sigmoid(gate) * up (2-D loops, no
-    # reshape: Numba's reshape costs ~0.3 s to compile on a cold cache)
+    # gate, up, out (T, n), C-contiguous, out may be gate -> out = gate * sigmoid(gate) * up (2-D
+    # loops, no reshape: Numba's reshape costs ~0.3 s to compile on a cold cache). exp first into
+    # a block buffer, then the rest: LLVM left the fused loop scalar (35 µs for 8960 values on
+    # Zen 3; 14 µs in two loops, the same floats)
     T, n = gate.shape
+    e = np.empty(SILU_BLOCK, np.float32)
     for t in range(T):
-        for i in range(n):
-            gi = gate[t, i]
-            out[t, i] = gi / (np.float32(1.0) + expf(-gi)) * up[t, i]
+        for b in range(0, n, SILU_BLOCK):
+            m = min(SILU_BLOCK, n - b)
+            for i in range(m):
+                e[i] = expf(-gate[t, b + i])
+            for i in range(m):
+                out[t, b + i] = gate[t, b + i] / (np.float32(1.0) + e[i]) * up[t, b + i]
 
 
 @njit(**_JIT)

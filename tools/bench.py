@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the reference engine's label: llama.cpp on the GGUF given (Q4_1 for the default model)
+REF = "llama.cpp"
 DEFAULT_GGUF = Path("/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 PROMPT_TOKENS = 128
 GEN_TOKENS = 128
@@ -233,7 +235,8 @@ ROWS = [("load time (s)", "load_s", "{:.2f}", "lower"),
         ("decode tok/s, best repetition", "decode_tps_best", "{:.1f}", "higher")]
 
 
-def markdown(table: dict, base: str = "llama.cpp Q4_1") -> str:
+def markdown(table: dict, base: str = None) -> str:
+    base = base or REF
     names = list(table)
     others = [n for n in names if n != base]
     head = "| metric | " + " | ".join(names) + " | " + " | ".join(f"{n} / llama.cpp" for n in others) + " |"
@@ -271,10 +274,10 @@ def check_parity(results: dict) -> list[str]:
                     raise SystemExit(f"{name}: prompt {run['prompt_tokens']} / generated {len(run['generated'])} "
                                      f"tokens, expected {PROMPT_TOKENS} / {GEN_TOKENS}")
     firsts = {n: reps[0] for n, reps in results.items() if reps and not reps[0].get("first_token_only")}
-    if "llama.cpp Q4_1" in firsts:
-        ref = firsts["llama.cpp Q4_1"]
+    if REF in firsts:
+        ref = firsts[REF]
         for n, r in firsts.items():
-            if n == "llama.cpp Q4_1":
+            if n == REF:
                 continue
             same_prompt = r["ids"] == ref["ids"]
             a, b = r["runs"][-1]["generated"], ref["runs"][-1]["generated"]
@@ -308,7 +311,7 @@ def run(args) -> None:
         if at:
             bits[f"edgerun {label}"] = ["--bits", bpw]
         engines.append((f"edgerun {label}", "edgerun", Path(path), "warm"))
-    engines.append(("llama.cpp Q4_1", "llama", gguf, None))
+    engines.append((REF, "llama", gguf, None))
     if not args.no_cold:
         engines.append(("edgerun f16, cold JIT cache", "edgerun", engines[0][2], "cold"))
     files = sorted({str(e[2]) for e in engines})
@@ -350,9 +353,10 @@ def run(args) -> None:
     end = machine()
     if end["git"] != info["git"] or end["edgerun_dirty"]:
         info["git_end"] = end["git"]
-    if results.get("edgerun f16"):
-        info["numba"] = results["edgerun f16"][0]["numba"]
-    info["llama_cpp"] = results["llama.cpp Q4_1"][0]["llama_cpp"]
+    ours = next((reps[0] for n, reps in results.items() if n.startswith("edgerun") and reps), None)
+    if ours:
+        info["numba"] = ours["numba"]
+    info["llama_cpp"] = results[REF][0]["llama_cpp"]
     info["loadavg"] = f"{min(loads):.2f}–{max(loads):.2f}" if loads else "?"
     report = render(args, info, table, packs, notes)
     print(report)
@@ -386,7 +390,7 @@ def render(args, info, table, packs, notes) -> str:
 
 def goals(table: dict) -> list[str]:
     """Issue #2's targets next to the medians."""
-    e, base = table.get("edgerun f16"), table.get("llama.cpp Q4_1")
+    e, base = table.get("edgerun f16"), table.get(REF)
     if not e or not base:
         return []
     ratio = e["decode_tps"] / base["decode_tps"]
