@@ -511,7 +511,7 @@ def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bi
     flash layout's bundles, formats/flash-layout.md § spqr): row r is row cs[r] of wa when
     cs[r] >= 0, else row -1 - cs[r] of wb (uint8 arrays); its codes start at byte coff of that row
     and its stat bytes at soff; its block's stats widened by _widen_stats are sf[blks[r]]; xc as
-    in _dot_block. The same arithmetic as _dot_block: full chunks _rows_sharing_x() rows at a time; a tail
+    in _dot_block. The same arithmetic as _dot_block: full chunks 2 rows at a time; a tail
     chunk of w = 4 or 8 groups packed 16 // w rows per vector, any other tail one row at a time
     with masked loads. (Row indices, not array views: a view per row costs reference counting
     comparable to the row's arithmetic.)"""
@@ -539,9 +539,10 @@ def _dot_rows(typingctx, wa, wb, cs, coff, soff, xc, sf, blks, out, G, sbits, bi
         smask, sshift = _stat_consts(builder, sbits_v)
 
         def emit(bits):
-            step = _rows_sharing_x()
-            for r0 in range(0, R, step):
-                sl = slice(r0, min(R, r0 + step))
+            # rows in pairs on every ISA (not _rows_sharing_x): four one-row loops in one function
+            # rounded differently by position, and a bundle's floats must not depend on its call
+            for r0 in range(0, R, 2):
+                sl = slice(r0, min(R, r0 + 2))
                 _rows_ir(builder, pcs[sl], pss[sl], psfs[sl], px, pos[sl], G_v, bits, smask, sshift, tail=False)
             w = builder.and_(G_v, ir.Constant(i64, 15))
             is_packed = builder.or_(builder.icmp_signed("==", w, ir.Constant(i64, 4)),
