@@ -2,6 +2,7 @@
 
     python tools/codec_quality.py SRC --codec cluster:4 --groups ffn,attention [--windows 8]
         [--hessians sequential|none|cache:/tmp/smollm2_H.npz] [--param outliers=0.003 ...]
+        [--rotate 64]
 
 SRC is an f16/f32 .ebin or a GGUF (packed to f16 in a temporary .ebin first). The dense model is
 loaded with `edgerun.load`; the tensors of `--groups` (attention, ffn, embed, head) are encoded
@@ -11,6 +12,9 @@ with the codec and swapped in; every other tensor stays as stored. Hessians H = 
 - `cache:PATH`: the same Hessians, collected once and saved to PATH (float32 npz, ~0.4 GB for
   SmolLM2), then reused: fast for comparing encoder variants;
 - `none`: no calibration (round-to-codebook with unweighted k-means etc.).
+`--rotate B` (an experiment, not a format yet): each matrix W (d, n) is encoded as W·R with R a
+block-diagonal randomized Hadamard rotation (blocks of B columns, QuIP#/QuaRot incoherence) and
+its Hessian as RᵀHR, then decoded and rotated back (W ≈ decode·Rᵀ) into a float32 matrix.
 Perplexity follows edgerun.evaluate's protocol on tools/data/wikitext2_heldout.txt (held out:
 not the calibration text). Prints bits/weight of the encoded groups (every stored byte) and the
 encode time.
@@ -22,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +77,19 @@ class ModelSource:
         return self.read(name)[rows]
 
 
+def rotation(n: int, block: int, name: str) -> np.ndarray:
+    """R (n, n) float64, orthogonal: block-diagonal H_block · diag(±1) / sqrt(block), H the
+    Sylvester Hadamard matrix (block a power of 2 dividing n), signs seeded by the tensor name."""
+    H = np.ones((1, 1))
+    while H.shape[0] < block:
+        H = np.block([[H, H], [H, -H]])
+    signs = np.random.default_rng(zlib.crc32(name.encode())).choice([-1.0, 1.0], n)
+    R = np.zeros((n, n))
+    for b in range(0, n, block):
+        R[b:b + block, b:b + block] = H * signs[b:b + block] / np.sqrt(block)
+    return R
+
+
 def hessian_key(name: str) -> str:
     """Tensors reading the same input share one Hessian: the key names that input."""
     if not name.startswith("model.layers."):
@@ -108,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS)
+    ap.add_argument("--rotate", type=int, default=0, metavar="B",
+                    help="encode W·R (block-B randomized Hadamard) and rotate back (a power of 2; 0: off)")
     a = ap.parse_args(argv)
 
     rule = parse_rule(a.codec)
@@ -136,6 +156,10 @@ def main(argv=None):
         if group not in groups and not (group == "embed" and "head" in groups and cfg.tie_word_embeddings):
             return tensors[name] if w.ndim == 2 else w
         t0 = time.perf_counter()
+        R = rotation(w.shape[1], a.rotate, name) if a.rotate and w.shape[1] % a.rotate == 0 else None
+        if R is not None:
+            w = (w.astype(np.float64) @ R).astype(np.float32)
+            h = None if h is None else R.T @ h @ R
         if h is None or rule["codec"] == "dense":
             parts = codec.encode(w, rule["params"])
         else:
@@ -143,7 +167,10 @@ def main(argv=None):
         stats["seconds"] += time.perf_counter() - t0
         stats["params"] += w.size
         stats["bytes"] += sum(p.nbytes for p in parts.values())
-        replaced[name] = codec.load(parts, rule["params"])
+        if R is None:
+            replaced[name] = codec.load(parts, rule["params"])
+        else:
+            replaced[name] = f32_linear((codec.decode(parts, rule["params"]).astype(np.float64) @ R.T).astype(np.float32))
         return replaced[name]
 
     t0 = time.perf_counter()
@@ -167,7 +194,7 @@ def main(argv=None):
     win = windows(m.tokenizer, HELDOUT.read_text(encoding="utf-8"), a.context, a.windows)
     res = perplexity(m.logits, win)
     bpw = stats["bytes"] * 8 / max(stats["params"], 1)
-    print(f"{a.codec} {' '.join(a.param)} groups={a.groups} hessians={a.hessians}: "
+    print(f"{a.codec} {' '.join(a.param)} groups={a.groups} hessians={a.hessians} rotate={a.rotate}: "
           f"{bpw:.3f} bits/weight over {stats['params'] / 1e6:.1f}M weights, encode {stats['seconds']:.0f} s "
           f"(wall {wall:.0f} s)\n  {res}", flush=True)
     return res
