@@ -299,7 +299,7 @@ def _sparse_add(orow, oc, ov, i, out):
 
 @njit(**_JIT)
 def _mv_rows(codes, cb, meta, orow, oc, ov, x, out, r0, r1, scr, bits):
-    # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits, CSR outliers @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
+    # codes (d, nblk*4*bits) u8, cb (G, K) f16 bits, outliers (orow, oc, ov) @ x (n,) -> out[r0:r1]; scr (SCRATCH,) f32
     n, group_rows = meta[1], meta[3]
     K = cb.shape[1]
     nfull = n // 32
