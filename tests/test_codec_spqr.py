@@ -107,10 +107,11 @@ def test_decode_matches_spec(bits, n):
 # shapes: G < 16 groups (tail chunk only), n not a multiple of 16, exactly one 16-group chunk,
 # full chunks plus a tail chunk (n = 300: 19 groups), d not a multiple of the 16-row stat blocks;
 # tails of 4 and 8 groups take the packed-tail path (4 or 2 rows per vector, then single rows):
-# alone (n = 64), after full chunks (n = 320: 20 groups, n = 384: 24 groups)
+# alone (n = 64), after full chunks (n = 320: 20 groups, n = 384: 24 groups); other tails load
+# past the row (all but the matrix's last rows, _overread_end): n = 960 is SmolLM2-360M's width
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("d,n", [(37, 48), (37, 45), (70, 160), (17, 256), (21, 300), (37, 64), (70, 320),
-                                 (21, 384)])
+                                 (21, 384), (35, 960)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernels_match_decode(bits, d, n, threads, monkeypatch):
     import edgerun.codecs.spqr as spqr

@@ -95,22 +95,27 @@ def _lanes_below(builder, w):
     return builder.icmp_unsigned("<", _vi(list(range(16))), _splat(builder, builder.trunc(w, _I32)))
 
 
-def _load_bytes(builder, p, mask, ity=_I32):
-    """IR: 16 bytes at p (lanes outside `mask` read as 0, not touched) -> <16 x ity>."""
-    if mask is None:
+def _load_bytes(builder, p, mask, ity=_I32, overread=False):
+    """IR: 16 bytes at p (lanes outside `mask` read as 0, not touched) -> <16 x ity>. With
+    `overread` the lanes outside `mask` are loaded too (the caller knows they lie inside the
+    array) and zeroed: x86 before AVX-512 and NEON have no masked byte load, and LLVM makes
+    llvm.masked.load a branch per lane there (~450 instructions a tail chunk)."""
+    if mask is None or overread:
         v = builder.load(p, typ=_V16I8, align=1)
+        if mask is not None:
+            v = builder.select(mask, v, ir.Constant(_V16I8, [0] * 16))
     else:
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [ir.PointerType(), _V16I1, _V16I8]),
                                             "llvm.masked.load.v16i8.p0")
         v = builder.call(fn, [p, mask, ir.Constant(_V16I8, [0] * 16)])
-    return builder.zext(v, ir.VectorType(ity, 16))
+    return v if ity == _I8 else builder.zext(v, ir.VectorType(ity, 16))
 
 
-def _codes(builder, pcode, step, bits, mask, ity=_I32, to_float=True):
+def _codes(builder, pcode, step, bits, mask, ity=_I32, to_float=True, overread=False):
     """IR: the 16 code vectors q_t (lane k = group g0+k) of the chunk at pcode, whose 2·bits byte
     sections are `step` bytes apart: <16 x float>, or <16 x ity> integers without to_float."""
     return _decode_sections(builder, [_load_bytes(builder, _gep(builder, pcode, builder.mul(
-        step, ir.Constant(step.type, k)), _I8), mask, ity) for k in range(2 * bits)], bits, to_float)
+        step, ir.Constant(step.type, k)), _I8), mask, ity, overread) for k in range(2 * bits)], bits, to_float)
 
 
 def _decode_sections(builder, sec, bits, to_float=True):
@@ -147,10 +152,10 @@ def _vload(builder, p, off):
     return builder.load(_gep(builder, p, ir.Constant(ir.IntType(64), off), _F32), typ=_V16F32, align=4)
 
 
-def _chunk_stats(builder, ps, psf, mask, smask, sshift):
+def _chunk_stats(builder, ps, psf, mask, smask, sshift, overread=False):
     """IR: scale and zero <16 x float> of a chunk's 16 groups: stat bytes at ps, the chunk's
     widened block stats sf[c] (4, 16) at psf."""
-    return _scale_zero(builder, _load_bytes(builder, ps, mask), psf, smask, sshift)
+    return _scale_zero(builder, _load_bytes(builder, ps, mask, overread=overread), psf, smask, sshift)
 
 
 def _scale_zero(builder, f, psf, smask, sshift, sf=None):
@@ -203,28 +208,44 @@ def _pair_layout(builder, pairs):
     return out
 
 
-def _code_pairs(builder, pcode, step, bits, mask):
+def _code_pairs(builder, pcode, step, bits, mask, overread=False):
     """IR: the chunk's codes at pcode (sections `step` bytes apart) as 8 byte vectors in pair
-    layout order. Full chunks: byte loads, shifts, masks and byte unpacks (4 bit: two sections a
-    load; 2 and 3 bit: one section holds the low bits of 4 positions); the masked tail chunk goes
-    through 16-bit code vectors."""
-    if mask is not None:
-        return _pairs_of(builder, _codes(builder, pcode, step, bits, mask, _I16, False))
-    k8 = lambda ty, v: ir.Constant(ty, [v] * ty.count)          # noqa: E731
+    layout order (_section_pairs); the tail chunk's sections are loaded under `mask`."""
     i64 = ir.IntType(64)
+    if mask is None:
+        def section(k):
+            return builder.load(_gep(builder, pcode, ir.Constant(i64, 16 * k), _I8), typ=_V16I8, align=1)
+
+        def two_sections(j):            # one 32-byte load
+            return builder.load(_gep(builder, pcode, ir.Constant(i64, 32 * j), _I8), typ=_V32I8, align=1)
+    else:
+        def section(k):
+            return _load_bytes(builder, _gep(builder, pcode, builder.mul(step, ir.Constant(i64, k)), _I8), mask,
+                               _I8, overread)
+
+        def two_sections(j):
+            return builder.shuffle_vector(section(2 * j), section(2 * j + 1), _mask(range(32)))
+    return _section_pairs(builder, bits, section, two_sections)
+
+
+def _section_pairs(builder, bits, section, two_sections):
+    """IR: a chunk's code bytes in pair layout order (8 vectors) from its sections: section(k)
+    <16 x i8> (byte = group), two_sections(j) sections 2j, 2j + 1 as one <32 x i8>. Shifts, masks
+    and byte unpacks (4 bit: two sections a vector; 2 and 3 bit: one section holds the low bits
+    of 4 positions)."""
+    k8 = lambda ty, v: ir.Constant(ty, [v] * ty.count)          # noqa: E731
     out = []
     if bits == 4:
         for j in range(4):
-            v = builder.load(_gep(builder, pcode, ir.Constant(i64, 32 * j), _I8), typ=_V32I8, align=1)
+            v = two_sections(j)
             lo = builder.and_(v, k8(_V32I8, 15))
             hi = builder.and_(builder.lshr(v, k8(_V32I8, 4)), k8(_V32I8, 15))
             out += [builder.shuffle_vector(lo, hi, _mask(_UNPACK_LO)), builder.shuffle_vector(lo, hi, _mask(_UNPACK_HI))]
         return out
-    v16 = ir.VectorType(_I8, 16)
-    load = lambda sec: builder.load(_gep(builder, pcode, ir.Constant(i64, 16 * sec), _I8), typ=v16, align=1)  # noqa: E731
-    high = [load(4 + h) for h in range(2)] if bits == 3 else None
+    v16 = _V16I8
+    high = [section(4 + h) for h in range(2)] if bits == 3 else None
     for j in range(4):              # section j: positions 4j + i at bits 2i
-        v = load(j)
+        v = section(j)
         p = [builder.and_(builder.lshr(v, k8(v16, 2 * i)) if i else v, k8(v16, 3)) for i in range(4)]
         if bits == 3:               # bit 2 of position t: bit t mod 8 of section 4 + t // 8
             for i in range(4):
@@ -235,13 +256,6 @@ def _code_pairs(builder, pcode, step, bits, mask):
         b = builder.shuffle_vector(p[1], p[3], _mask(range(32)))
         out += [builder.shuffle_vector(a, b, _mask(_UNPACK_LO)), builder.shuffle_vector(a, b, _mask(_UNPACK_HI))]
     return out
-
-
-def _pairs_of(builder, q):
-    """IR: 16 code vectors <16 x i16> -> 8 byte vectors in pair layout order."""
-    pairs = [builder.bitcast(builder.or_(q[2 * s], builder.shl(q[2 * s + 1], _const_like(q[0].type, 8))), _V32I8)
-             for s in range(8)]
-    return _pair_layout(builder, pairs)
 
 
 def _chunk_dot(builder, a, pxc, R):
@@ -268,12 +282,13 @@ def _scaled(builder, dot, s, z, xsv):
     return builder.fmul(s, builder.fsub(dot, builder.fmul(z, xsv, flags=_FAST), flags=_FAST), flags=_FAST)
 
 
-def _rows_ir(builder, pcs, pss, psfs, px, pos, G, bits, smask, sshift, full=True, tail=True):
+def _rows_ir(builder, pcs, pss, psfs, px, pos, G, bits, smask, sshift, full=True, tail=True, overread=False):
     """IR: *pos[r] = Σ_j W'[r, j] x'[j] (no outliers) for the R = len(pcs) rows over the full chunks
     and/or the tail chunk (without the full chunks, *pos[r] += the tail's part); the rows share
     each x load. Row r: codes at pcs[r], stat bytes at pss[r], its block's widened stats sf at
     psfs[r] (_widen_stats), result at pos[r]; px: the prepared x (_prep_x). The rows may lie
-    anywhere (a matrix's consecutive rows, or flash bundles)."""
+    anywhere (a matrix's consecutive rows, or flash bundles); `overread`: the tail chunk's loads
+    may read 16 bytes from each section and stat start (_load_bytes)."""
     R = len(pcs)
     i64 = G.type
     acc = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in range(R)]
@@ -283,14 +298,14 @@ def _rows_ir(builder, pcs, pss, psfs, px, pos, G, bits, smask, sshift, full=True
             for r in range(R):      # lose the hardware prefetcher)
                 for line in range(0, 32 * bits, 64):
                     _prefetch(builder, _gep(builder, pcs[r], builder.add(off, ir.Constant(i64, PREFETCH + line)), _I8))
-        a = [_code_pairs(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask) for r in range(R)]
+        a = [_code_pairs(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask, overread) for r in range(R)]
         pxc = _gep(builder, px, builder.mul(c, ir.Constant(i64, XC_FLOATS)), _F32)
         dots = _chunk_dot(builder, a, pxc, R)
         xsv = _vload(builder, pxc, XC_XS)
         g0 = builder.shl(c, ir.Constant(i64, 4))
         for r in range(R):
             pcsf = _gep(builder, psfs[r], builder.mul(c, ir.Constant(i64, 64)), _F32)
-            s, z = _chunk_stats(builder, _gep(builder, pss[r], g0, _I8), pcsf, mask, smask, sshift)
+            s, z = _chunk_stats(builder, _gep(builder, pss[r], g0, _I8), pcsf, mask, smask, sshift, overread)
             builder.store(builder.fadd(builder.load(acc[r]), _scaled(builder, dots[r], s, z, xsv), flags=_FAST), acc[r])
 
     _chunks_ir(builder, G, bits, body, full, tail)
@@ -327,9 +342,9 @@ def _packed_tail_ir(builder, w, pcs, pss, psfs, px, pos, G, bits, smask, sshift)
         blobs = [builder.shuffle_vector(blobs[k], blobs[k + 1], _mask(range(2 * blobs[k].type.count)))
                  for k in range(0, len(blobs), 2)]
     cat = blobs[0]
-    sec = [builder.zext(builder.shuffle_vector(cat, cat, _vi([p * nb + sct * w + k for p in range(P) for k in range(w)])),
-                        _V16I16) for sct in range(2 * bits)]
-    a = _pairs_of(builder, _decode_sections(builder, sec, bits, to_float=False))
+    lanes = lambda k: [p * nb + k * w + g for p in range(P) for g in range(w)]      # noqa: E731  section k
+    a = _section_pairs(builder, bits, lambda k: builder.shuffle_vector(cat, cat, _vi(lanes(k))),
+                       lambda j: builder.shuffle_vector(cat, cat, _mask(lanes(2 * j) + lanes(2 * j + 1))))
     pxc = _gep(builder, px, builder.mul(builder.add(nfull, ir.Constant(i64, 1)), ir.Constant(i64, XC_FLOATS)), _F32)
     dot = _chunk_dot(builder, [a], pxc, 1)[0]
     iw = ir.IntType(8 * w)              # a row's w stat bytes as one integer
@@ -349,11 +364,33 @@ def _packed_tail_ir(builder, w, pcs, pss, psfs, px, pos, G, bits, smask, sshift)
         sf.append(v)
     s, z = _scale_zero(builder, f, None, smask, sshift, sf)
     part = _scaled(builder, dot, s, z, _vload(builder, pxc, XC_XS))
-    for p, po in enumerate(pos):        # in order, no reassociation: a row's sum must not depend on
-        v = builder.extract_element(part, ir.Constant(_I32, p * w))      # its slot (flash bundles)
-        for k in range(1, w):
-            v = builder.fadd(v, builder.extract_element(part, ir.Constant(_I32, p * w + k)))
-        builder.store(builder.fadd(builder.load(po), v), po)
+    # a row's sum must not depend on its slot (flash bundles): the slots' lanes are summed as one
+    # vector, lane p = row p, the same instructions for every slot whatever LLVM reorders
+    cols = [builder.shuffle_vector(part, part, _mask([p * w + k for p in range(P)])) for k in range(w)]
+    v = cols[0]
+    for col in cols[1:]:
+        v = builder.fadd(v, col)
+    for p, po in enumerate(pos):
+        builder.store(builder.fadd(builder.load(po), builder.extract_element(v, ir.Constant(_I32, p))), po)
+
+
+def _overread_end(builder, context, codes_ty, codes, G, first, end):
+    """IR: the end of the rows first..end-1 whose tail chunk may be loaded with `overread`
+    (_load_bytes): the 16 - w bytes read past a row's codes and stat bytes (w = G mod 16) lie in
+    the rows after it, so all but the matrix's last ceil((16 - w) / G) rows."""
+    i64 = G.type
+    d = builder.extract_value(context.make_array(codes_ty)(context, builder, codes).shape, 0)
+    over = builder.sub(ir.Constant(i64, 16), builder.and_(G, ir.Constant(i64, 15)))
+    safe = builder.sub(d, builder.sdiv(builder.add(over, builder.sub(G, ir.Constant(i64, 1))), G))
+    return _imin(builder, _imax(builder, safe, first), end)
+
+
+def _imin(builder, a, b):
+    return builder.select(builder.icmp_signed("<", a, b), a, b)
+
+
+def _imax(builder, a, b):
+    return builder.select(builder.icmp_signed(">", a, b), a, b)
 
 
 def _prefetch(builder, p):
@@ -374,9 +411,9 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
         pc, ps, px, psf, po = [_data(context, builder, sig.args[k], args[k]) for k in range(5)]
         smask, sshift = _stat_consts(builder, sbits_v)
 
-        def row_groups(R, start, fn):
-            """fn(i) for i = start, start + R, ... while i + R <= i1; returns the first row left."""
-            n = builder.sdiv(builder.sub(i1_v, start), ir.Constant(i64, R))
+        def row_groups(R, start, fn, end=i1_v):
+            """fn(i) for i = start, start + R, ... while i + R <= end; returns the first row left."""
+            n = builder.sdiv(builder.sub(end, start), ir.Constant(i64, R))
             with cgutils.for_range(builder, n) as loop:
                 fn(builder.add(start, builder.mul(loop.index, ir.Constant(i64, R))))
             return builder.add(start, builder.mul(n, ir.Constant(i64, R)))
@@ -398,7 +435,10 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
                     builder.store(row_groups(16 // wc, i0_v, lambda i, wc=wc: rows(
                         i, 16 // wc, lambda *a: _packed_tail_ir(builder, wc, *a))), start)
             with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
-                row_groups(1, builder.load(start), lambda i: rows(i, 1, lambda *a: _rows_ir(builder, *a, full=False)))
+                tail = lambda **kw: lambda i: rows(i, 1, lambda *a: _rows_ir(builder, *a, full=False, **kw))  # noqa: E731
+                first = builder.load(start)
+                safe = _overread_end(builder, context, sig.args[0], args[0], G_v, first, i1_v)
+                row_groups(1, row_groups(1, first, tail(overread=True), safe), tail())
 
         switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[9])
         return context.get_dummy_value()
@@ -407,7 +447,7 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
 
 
 def _mm_tile_ir(builder, R, K, i, t, pc0, ps0, px, xstride, psf, po, d, G, bits, smask, sshift,
-                full=True, tail=True):
+                full=True, tail=True, overread=False):
     """IR: po[(t + k)·d + i + r] = Σ_j W'[i + r, j] x'_{t + k}[j] (no outliers) for r < R rows and
     k < K tokens over the full chunks and/or the masked tail chunk (without the full chunks, +=
     the tail's part): each chunk's codes and stats are unpacked once for the K tokens, each
@@ -423,10 +463,11 @@ def _mm_tile_ir(builder, R, K, i, t, pc0, ps0, px, xstride, psf, po, d, G, bits,
     acc = [[cgutils.alloca_once_value(builder, ir.Constant(v8, [0.0] * 8)) for _ in range(K)] for _ in range(R)]
 
     def body(c, off, step, mask):
-        a = [_code_pairs(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask) for r in range(R)]
+        a = [_code_pairs(builder, _gep(builder, pcs[r], off, _I8), step, bits, mask, overread) for r in range(R)]
         pcsf = _gep(builder, psf, builder.mul(c, ir.Constant(i64, 64)), _F32)
         g0 = builder.shl(c, ir.Constant(i64, 4))
-        sz = [_chunk_stats(builder, _gep(builder, pss[r], g0, _I8), pcsf, mask, smask, sshift) for r in range(R)]
+        sz = [_chunk_stats(builder, _gep(builder, pss[r], g0, _I8), pcsf, mask, smask, sshift, overread)
+              for r in range(R)]
         for k in range(K):
             pxc = _gep(builder, pxs[k], builder.mul(c, ir.Constant(i64, XC_FLOATS)), _F32)
             dots = _chunk_dot(builder, a, pxc, R)
@@ -470,9 +511,9 @@ def _mm_block(typingctx, codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits
             return builder.add(start, builder.mul(n, ir.Constant(i64, step)))
 
         def emit(bits):
-            def rows(R, i, full=True, tail=False):
+            def rows(R, i, full=True, tail=False, overread=False):
                 tile = lambda K: lambda t: _mm_tile_ir(builder, R, K, i, t, pc, ps, px, xstride, psf, po, d,  # noqa: E731
-                                                       G_v, bits, smask, sshift, full, tail)
+                                                       G_v, bits, smask, sshift, full, tail, overread)
                 groups(1, groups(MM_TOKENS, t0_v, t1_v, tile(MM_TOKENS)), t1_v, tile(1))
             # full chunks, then the tail chunk as _dot_block does it: rows packed 16 // w to a
             # vector for tails of w = 4 or 8 groups (one token at a time), the rest masked
@@ -490,7 +531,10 @@ def _mm_block(typingctx, codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits
                         builder.store(groups(16 // wc, i0_v, i1_v, tail), start)
                     groups(1, t0_v, t1_v, packed)
             with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
-                groups(1, builder.load(start), i1_v, lambda i: rows(1, i, full=False, tail=True))
+                first = builder.load(start)
+                safe = _overread_end(builder, context, sig.args[0], args[0], G_v, first, i1_v)
+                groups(1, groups(1, first, safe, lambda i: rows(1, i, full=False, tail=True, overread=True)),
+                       i1_v, lambda i: rows(1, i, full=False, tail=True))
 
         switch_on_bits(builder, bits_v, (2, 3, 4), emit, sig.args[11])
         return context.get_dummy_value()
@@ -745,19 +789,24 @@ def _widen_stats(typingctx, st2, rb, G, sf):
         psf = _data(context, builder, sig.args[3], sf_v)
         load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
             _V16I16, [ir.PointerType(), _V16I1, _V16I16]), "llvm.masked.load.v16i16.p0")
-        nch = builder.ashr(builder.add(G_v, ir.Constant(i64, 15)), ir.Constant(i64, 4))
-        with cgutils.for_range(builder, nch) as loop:
-            g0 = builder.shl(loop.index, ir.Constant(i64, 4))
-            mask = _lanes_below(builder, builder.sub(G_v, g0))      # lanes >= 16 clamp: all true
-            for k in range(4):
-                p = _gep(builder, pst, builder.add(builder.mul(G_v, ir.Constant(i64, k)), g0), _I16)
-                h = builder.call(load, [p, mask, ir.Constant(_V16I16, [0] * 16)])
-                v = half_to_float(builder, h)
-                dst = _gep(builder, psf, builder.add(builder.shl(loop.index, ir.Constant(i64, 6)),
-                                                     ir.Constant(i64, 16 * k)), _F32)
-                builder.store(v, builder.bitcast(dst, _V16F32.as_pointer()), align=4)
         nfull = builder.ashr(G_v, ir.Constant(i64, 4))
         w = builder.and_(G_v, ir.Constant(i64, 15))
+
+        def chunk(c, mask):
+            g0 = builder.shl(c, ir.Constant(i64, 4))
+            for k in range(4):
+                p = _gep(builder, pst, builder.add(builder.mul(G_v, ir.Constant(i64, k)), g0), _I16)
+                if mask is None:
+                    h = builder.load(p, typ=_V16I16, align=2)
+                else:       # a masked load is a branch per lane before AVX-512: the tail chunk only
+                    h = builder.call(load, [p, mask, ir.Constant(_V16I16, [0] * 16)])
+                v = half_to_float(builder, h)
+                dst = _gep(builder, psf, builder.add(builder.shl(c, ir.Constant(i64, 6)), ir.Constant(i64, 16 * k)), _F32)
+                builder.store(v, builder.bitcast(dst, _V16F32.as_pointer()), align=4)
+        with cgutils.for_range(builder, nfull) as loop:
+            chunk(loop.index, None)
+        with builder.if_then(builder.icmp_signed("!=", w, ir.Constant(i64, 0))):
+            chunk(nfull, _lanes_below(builder, w))
         for wc in (4, 8):
             with builder.if_then(builder.icmp_signed("==", w, ir.Constant(i64, wc))):
                 src = _gep(builder, psf, builder.shl(nfull, ir.Constant(i64, 6)), _F32)
@@ -831,7 +880,7 @@ def _x_index(perm: np.ndarray, G: int) -> np.ndarray:
 @intrinsic
 def _prep_x(typingctx, x, xidx, xc):
     """xc (C + 1, XC_FLOATS) float32: the activations x[xidx[c, t, k]] (0 where xidx is its
-    dtype's max) quantized as reference.quantize_activations does, one 16-lane masked gather per
+    dtype's max) quantized as reference.quantize_activations does, one 16-lane gather per
     position: per chunk c the int8 activations in pair layout (_x8_offset), dx (floats XC_DX...)
     and dx·Σ_t x8 (floats XC_XS...)."""
     if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"):
@@ -864,7 +913,11 @@ def _prep_x(typingctx, x, xidx, xc):
                 off = builder.shl(builder.zext(builder.select(ok, idx, ir.Constant(vty, [0] * 16)), v16i64),
                                   ir.Constant(v16i64, [2] * 16))
                 ptrs = builder.inttoptr(builder.add(base, off), vptr)
-                xs.append(builder.call(gather, [ptrs, ir.Constant(_I32, 4), ok, f(0.0)]))
+                # every lane loads (padding reads x[0]) and padding becomes 0 after: with a mask
+                # LLVM scalarizes the gather on AVX2 / NEON into a branch per lane (~1100
+                # instructions a chunk), without one into plain loads
+                g = builder.call(gather, [ptrs, ir.Constant(_I32, 4), ir.Constant(_V16I1, [1] * 16), f(0.0)])
+                xs.append(builder.select(ok, g, f(0.0)))
                 a = builder.call(fabs, [xs[-1]])
                 m = builder.select(builder.fcmp_ordered(">", a, m), a, m)
             # no fast-math flags: the rounding must match the NumPy reference bit for bit
