@@ -43,8 +43,10 @@ XC_TILE_BYTES = 1 << 18     # prepared x of one token tile: stays in L2 while th
 # group's dx, scale and zero (one lane per group) apply once per 256 weights with no horizontal
 # sum per group. Measured on Zen 3 (AVX2): the f32 multiply-add form took 0.77 instructions a
 # weight and spilled registers (16 ymm), 2-3x slower than this. LLVM IR through numba @intrinsic (as cluster/kernels.py): DESIGN §6, plain Numba loops
-# stay scalar. The tail chunk (G mod 16 groups) uses the same code with masked loads, except
-# tails of 4 or 8 groups (n = 576: 36 groups), whose rows are packed 4 or 2 to a vector.
+# stay scalar. The tail chunk (G mod 16 groups) uses the same code on its sections loaded 16
+# bytes at a time and zeroed past the tail (the bytes read past a row lie in the next row; a
+# matrix's last rows use masked loads, a branch per lane before AVX-512), except tails of 4 or 8
+# groups (n = 576: 36 groups), whose rows are packed 4 or 2 to a vector.
 # Measured on Zen 5 (SmolLM2 shapes): the multiply-adds of a chunk must run as 4 independent
 # chains per row (2 rows sharing each x load there, _rows_sharing_x): with `fast` (reassoc) flags LLVM folds them
 # into one 16-deep chain and the kernel is FMA-latency bound (2x slower in cache); a masked tail
@@ -404,7 +406,7 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
     """out[i] = Σ_j W'[i, j] x'[j] without outliers for rows i0 <= i < i1 of one stat block:
     codes, stq as stored (G groups), xc (C + 1, XC_FLOATS) prepared x (_prep_x), sf (C + 1, 4, 16) the block's
     stats widened by _widen_stats. Full chunks _rows_sharing_x() rows at a time; then a tail chunk of w = 4 or 8
-    groups packed 16 // w rows per vector, any other tail one row at a time with masked loads."""
+    groups packed 16 // w rows per vector, any other tail one row at a time (_overread_end)."""
     def codegen(context, builder, sig, args):
         i0_v, i1_v, G_v, sbits_v, bits_v = args[5:]
         i64 = G_v.type
