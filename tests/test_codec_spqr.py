@@ -148,6 +148,55 @@ def test_kernels_match_decode(bits, d, n, threads, monkeypatch):
         kernels.set_threads(1)
 
 
+_GUARDED = r"""
+import ctypes, mmap, sys
+import numpy as np
+from edgerun import kernels
+from edgerun.codecs import get_codec
+
+def guarded(a):
+    # a copy of `a` that ends where an inaccessible page begins: a read past it faults
+    page = mmap.PAGESIZE
+    n = -(-a.nbytes // page) * page
+    buf = mmap.mmap(-1, n + page)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(addr + n), ctypes.c_size_t(page), 0) == 0
+    out = np.frombuffer(buf, a.dtype, count=a.size, offset=n - a.nbytes).reshape(a.shape)
+    out[...] = a
+    return out
+
+c = get_codec("spqr")
+rng = np.random.default_rng(0)
+for bits, d, n in [(4, 35, 960), (3, 21, 300), (2, 37, 45), (4, 19, 200), (4, 37, 64), (3, 17, 4)]:
+    w = (rng.standard_normal((d, n)) * 0.05).astype(np.float32)
+    parts = c.encode(w, {"bits": bits})
+    ref = c.load(parts, {"bits": bits})
+    lin = c.load({k: guarded(v) if k in ("codes", "stat_codes", "stats") else v for k, v in parts.items()},
+                 {"bits": bits})
+    assert lin.codes.ctypes.data != parts["codes"].ctypes.data          # the guarded copy is used
+    X = rng.standard_normal((9, n)).astype(np.float32)
+    for threads in (1, 2):
+        kernels.set_threads(threads)
+        a, b = np.empty(d, np.float32), np.empty(d, np.float32)
+        ref.matvec(X[0], a); lin.matvec(X[0], b)
+        assert np.array_equal(a, b), (bits, d, n)
+        A, B = np.empty((9, d), np.float32), np.empty((9, d), np.float32)
+        ref.matmul(X, A); lin.matmul(X, B)
+        assert np.array_equal(A, B), (bits, d, n)
+print("ok")
+"""
+
+
+def test_tail_loads_stay_inside_the_arrays():
+    # tail chunks load 16 bytes per section and zero what lies past the tail (kernels
+    # _overread_end): codes, stat bytes and stats placed right before an inaccessible page must
+    # give the same results; a read past them would fault (in a child process, not this one)
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _GUARDED], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
 def test_matvec_strided_input():
     """The activation gather reads x by pointer: a non-contiguous x must give the same result."""
     W, X, H = _problem(40, 64)

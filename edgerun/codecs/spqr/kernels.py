@@ -451,7 +451,7 @@ def _dot_block(typingctx, codes, stq, xc, sf, out, i0, i1, G, sbits, bits):
 def _mm_tile_ir(builder, R, K, i, t, pc0, ps0, px, xstride, psf, po, d, G, bits, smask, sshift,
                 full=True, tail=True, overread=False):
     """IR: po[(t + k)·d + i + r] = Σ_j W'[i + r, j] x'_{t + k}[j] (no outliers) for r < R rows and
-    k < K tokens over the full chunks and/or the masked tail chunk (without the full chunks, +=
+    k < K tokens over the full chunks and/or the tail chunk (without the full chunks, +=
     the tail's part): each chunk's codes and stats are unpacked once for the K tokens, each
     token's x load serves the R rows. px: xc of token 0, xstride floats apart."""
     i64 = G.type
@@ -518,7 +518,8 @@ def _mm_block(typingctx, codes, stq, xc, sf, out, i0, i1, t0, t1, G, sbits, bits
                                                        G_v, bits, smask, sshift, full, tail, overread)
                 groups(1, groups(MM_TOKENS, t0_v, t1_v, tile(MM_TOKENS)), t1_v, tile(1))
             # full chunks, then the tail chunk as _dot_block does it: rows packed 16 // w to a
-            # vector for tails of w = 4 or 8 groups (one token at a time), the rest masked
+            # vector for tails of w = 4 or 8 groups (one token at a time), the rest one row at a
+            # time (_overread_end)
             groups(1, groups(MM_ROWS, i0_v, i1_v, lambda i: rows(MM_ROWS, i)), i1_v, lambda i: rows(1, i))
             w = builder.and_(G_v, ir.Constant(i64, 15))
             start = cgutils.alloca_once_value(builder, i0_v)
