@@ -225,6 +225,23 @@ def summarize(results: dict) -> dict:
     return table
 
 
+def paired_ratios(results: dict) -> list[str]:
+    """Per repetition, each edgerun engine's prompt and decode speed over llama.cpp's of the same
+    round (run minutes apart, not hours): on a host whose speed drifts, the median of these pairs
+    moves less than the ratio of the medians."""
+    out = []
+    ref = [r["runs"][-1] for r in results.get(REF, [])]
+    for name, reps in results.items():
+        if name == REF or not reps or any(r.get("first_token_only") for r in reps) or len(reps) != len(ref):
+            continue
+        for key, what in (("decode_tps", "decode"), ("prompt_tps", "prompt")):
+            pairs = [r["runs"][-1][key] / b[key] for r, b in zip(reps, ref) if b[key]]
+            if pairs:
+                out.append(f"{name} / llama.cpp, {what}, repetition by repetition: "
+                           + ", ".join(f"{x:.2f}×" for x in pairs) + f" (median {median(pairs):.2f}×)")
+    return out
+
+
 ROWS = [("load time (s)", "load_s", "{:.2f}", "lower"),
         ("prompt tok/s (128-token prompt)", "prompt_tps", "{:.0f}", "higher"),
         ("decode tok/s (128 tokens)", "decode_tps", "{:.1f}", "higher"),
@@ -344,7 +361,7 @@ def run(args) -> None:
                       f"RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     finally:
         shutil.rmtree(warm_cache, ignore_errors=True)
-    notes = check_parity(results)
+    notes = paired_ratios(results) + check_parity(results)
     for name in bits:
         held = results[name][0]["bits_per_weight"]
         notes.append(f"{name}: BitStack resized after loading to {held:.2f} bits/weight (its peak RSS includes "
