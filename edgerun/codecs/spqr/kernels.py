@@ -113,11 +113,11 @@ def _load_bytes(builder, p, mask, ity=_I32, overread=False):
     return v if ity == _I8 else builder.zext(v, ir.VectorType(ity, 16))
 
 
-def _codes(builder, pcode, step, bits, mask, ity=_I32, to_float=True, overread=False):
+def _codes(builder, pcode, step, bits, mask, ity=_I32, to_float=True):
     """IR: the 16 code vectors q_t (lane k = group g0+k) of the chunk at pcode, whose 2·bits byte
     sections are `step` bytes apart: <16 x float>, or <16 x ity> integers without to_float."""
     return _decode_sections(builder, [_load_bytes(builder, _gep(builder, pcode, builder.mul(
-        step, ir.Constant(step.type, k)), _I8), mask, ity, overread) for k in range(2 * bits)], bits, to_float)
+        step, ir.Constant(step.type, k)), _I8), mask, ity) for k in range(2 * bits)], bits, to_float)
 
 
 def _decode_sections(builder, sec, bits, to_float=True):
