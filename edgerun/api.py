@@ -118,7 +118,7 @@ def _warm_up(ebin, batched: bool) -> None:
     kinds: dict[str, list] = {}
     for entry in manifest["tensors"].values():
         if len(entry["shape"]) == 2:
-            key = entry["codec"] + json.dumps(entry["params"], sort_keys=True)
+            key = entry["codec"] + json.dumps([entry["params"], "rotation" in entry], sort_keys=True)
             kinds.setdefault(key, []).append(entry)
     rng = np.random.default_rng(0)
     parallel = batched and kernels.get_threads() > 1
@@ -265,6 +265,8 @@ class Model:
         placed, why = ecuda.resolve_device(device)
         if placed == "cuda" and device == "auto" and manifest.get("flash"):
             placed, why = "cpu", "running on the CPU: flash-layout packs stream their feed-forward there"
+        if placed == "cuda" and device == "auto" and any("rotation" in e for e in manifest["tensors"].values()):
+            placed, why = "cpu", "running on the CPU: rotated matrices (pack --rotate) have no CUDA kernels yet"
         if placed == "cpu" and device == "auto" and verbose:
             log(why)
         return placed

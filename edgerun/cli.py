@@ -253,10 +253,15 @@ def main():
               help="Calibration tokens to use (default 12288).")
 @click.option("--layout", type=click.Choice(["standard", "flash"]), default="standard", show_default=True,
               help="flash: store FFN neurons as bundles for streaming from disk (formats/flash-layout.md).")
+@click.option("--rotate", is_flag=True,
+              help="Rotate the inputs of the compressed attention and feed-forward matrices (randomized "
+                   "Hadamard blocks of 64 columns, QuIP#/QuaRot incoherence) before compressing: less error at "
+                   "2-4 bits for a transform of each input per token. Not with --layout flash or bitstack.")
 @click.option("-t", "--threads", type=click.IntRange(1), default=None,
               help="CPU threads for calibrating compressed packs (default: the physical cores, but no more "
                    "than are idle now).")
-def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, calib_tokens, layout, threads):
+def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, calib_tokens, layout, rotate,
+         threads):
     """Convert a checkpoint into an .ebin.
 
     SRC is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a
@@ -269,6 +274,7 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
       edgerun pack model.gguf -o model-q3.ebin --codec spqr --bits 3
       edgerun pack ./model-dir -o mix.ebin --recipe embed=cluster:8,attention=spqr:4,ffn=spqr:3
       edgerun pack model.gguf -o small.ebin --bpw 3.5        # or --size 900MB
+      edgerun pack model.gguf -o q3r.ebin --codec cluster --bits 3 --rotate
 
     --bpw/--size size every candidate of every codec exactly, measure how much each group's error
     costs on the calibration text (the relative output error of a trial encode on sampled rows,
@@ -276,7 +282,8 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
     pick the recipe with the least predicted loss that fits; they print what they chose.
     """
     from .convert.budget import rule_label
-    from .convert.pack import DEFAULT_CALIB_TOKENS, make_recipe, pack as do_pack
+    from .codecs.rotation import BLOCK
+    from .convert.pack import DEFAULT_CALIB_TOKENS, make_recipe, pack as do_pack, with_rotation
     calib_text = calib_file.read() if calib_file else None
     choice = None
     if bpw is not None or target_size is not None:
@@ -292,10 +299,11 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
         from .memory import parse_size
         choice = auto_recipe(src, bpw=bpw, size=parse_size(target_size) if target_size else None,
                              calib_text=calib_text, threads=threads, log=_err,
-                             progress=progress_bar("measuring sensitivity", unit="layers"))
+                             progress=progress_bar("measuring sensitivity", unit="layers"),
+                             rotate=BLOCK if rotate else 0)
         rules = choice.recipe
     else:
-        rules = make_recipe(dtype, codec, bits, recipe)
+        rules = with_rotation(make_recipe(dtype, codec, bits, recipe), BLOCK if rotate else 0)
     described = ", ".join(f"{g} {rule_label(r)}" for g, r in rules.items() if g != "vectors")
     _err(f"packing {src} -> {output} ({described})")
     summary = do_pack(src, output, recipe=rules, calib_text=calib_text,

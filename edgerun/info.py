@@ -31,7 +31,8 @@ def describe(path, context=None) -> str:
             for s in t["shape"]:
                 n *= s
             params[g] += n
-            codecs[g].add(t["codec"] + ("/" + t["params"]["dtype"] if "dtype" in t["params"] else ""))
+            codecs[g].add(t["codec"] + ("/" + t["params"]["dtype"] if "dtype" in t["params"] else "")
+                          + (", inputs rotated" if "rotation" in t else ""))
         tokenizer = tokenizer_from_manifest(man)        # held while measuring, as a loaded model holds it
         plan = make_plan(man, None, context, measure_runtime(f))      # everything resident
         stop_text = ", ".join(f"{i} {tokenizer.id_to_token(i)}" for i in stop_ids(tokenizer))

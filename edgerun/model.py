@@ -122,11 +122,17 @@ class Layer:
 
 
 def load_tensor(entry: dict, parts: dict):
-    """A manifest tensor entry + its part arrays -> a codec Linear (matrices) or float32 (vectors)."""
+    """A manifest tensor entry + its part arrays -> a codec Linear (matrices) or float32 (vectors);
+    a rotated matrix (entry "rotation") is its codec's Linear behind codecs.rotation's."""
     codec = get_codec(entry["codec"])
-    if len(entry["shape"]) == 2:
+    if len(entry["shape"]) != 2:
+        return np.ascontiguousarray(codec.decode(parts, entry["params"]), dtype=np.float32)
+    if "rotation" not in entry:
         return codec.load(parts, entry["params"])
-    return np.ascontiguousarray(codec.decode(parts, entry["params"]), dtype=np.float32)
+    from .codecs.rotation import SIGNS_PART, RotatedLinear
+    parts = dict(parts)
+    signs = parts.pop(SIGNS_PART)
+    return RotatedLinear(codec.load(parts, entry["params"]), signs, entry["rotation"]["block"])
 
 
 class MappedRows:

@@ -166,7 +166,25 @@ def _check_tensor(c: _Check, name: str, e, shape: tuple, arrays: dict) -> None:
     info = {p: _array(c, arrays, f"{where} part {_short(p)}", a) for p, a in parts.items()}
     if len(shape) == 1:
         c.require(codec == "dense", f"{where}: a vector must be stored with the dense codec, not {codec}")
+    if "rotation" in e:
+        _check_rotation(c, where, e["rotation"], info, shape, codec)
     _PARTS[codec](_Parts(c, where, info, params), shape)
+
+
+def _check_rotation(c: _Check, where: str, rot, info: dict, shape: tuple, codec: str) -> None:
+    """A rotated matrix (codecs/rotation.py): Hadamard blocks of a power of two dividing n, one
+    int8 sign per column; its signs part is taken out of `info` (the codec's parts remain)."""
+    from .codecs.rotation import SIGNS_PART
+    c.require(len(shape) == 2, f"{where}: only a matrix can be rotated")
+    n = shape[1]
+    block = rot.get("block") if isinstance(rot, dict) else None
+    c.require(is_int(block) and 2 <= block <= n and block & (block - 1) == 0 and n % block == 0,
+              f'{where}: "rotation" must be {{"block": B}} with B a power of two >= 2 dividing {n}, '
+              f"got {_short(rot)}")
+    c.require(not codec_class(codec).stacked, f"{where}: a {codec} matrix cannot be rotated")
+    a = info.pop(SIGNS_PART, None)
+    c.require(a is not None and a.dtype == "int8" and a.shape == (n,),
+              f"{where}: a rotated matrix needs an int8 [{n}] part {SIGNS_PART!r}")
 
 
 class _Parts:
@@ -411,7 +429,9 @@ def _check_flash(c: _Check, fl, cfg: ModelConfig, arrays: dict) -> None:
 
 def index_parts(entry: dict) -> list[str]:
     """The parts of a (checked) tensor entry whose contents `check_parts` reads."""
-    return [p for p in INDEX_PARTS[entry["codec"]] if p in entry["parts"]]
+    from .codecs.rotation import SIGNS_PART
+    rotation = (SIGNS_PART,) if "rotation" in entry else ()
+    return [p for p in INDEX_PARTS[entry["codec"]] + rotation if p in entry["parts"]]
 
 
 def check_parts(path, name: str, entry: dict, parts: dict) -> None:
@@ -446,6 +466,9 @@ def check_parts(path, name: str, entry: dict, parts: dict) -> None:
         perm = parts["perm"]
         c.require(len(perm) == n and np.array_equal(np.sort(perm.astype(np.int64)), np.arange(n)),
                   f"{where}: perm is not a permutation of the {n} columns")
+    if "rotation" in entry:
+        from .codecs.rotation import SIGNS_PART
+        c.require(bool(np.all(np.abs(parts[SIGNS_PART]) == 1)), f"{where}: a rotation sign is not +1 or -1")
     if "outlier_rowptr" in parts:
         rp, col = parts["outlier_rowptr"].astype(np.int64), parts["outlier_col"]
         c.require(rp[0] == 0 and rp[-1] == len(col) and bool(np.all(np.diff(rp) >= 0)),

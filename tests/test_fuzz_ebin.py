@@ -39,7 +39,7 @@ def test_corpus_is_large_and_varied(corpus):
     for kind in ("truncate", "flip-header", "flip-manifest", "flip-data", "flip-padding", "overwrite",
                  "config-num_attention_heads-0", "config-hidden_size-0", "config-vocab_size-10",
                  "config-hidden_size-1099511627776", "arrays-negative-offset", "manifest-nested-10000",
-                 "nan-", "special-fifo", "flash-", "spqr-perm", "cluster-meta", "bitstack-order"):
+                 "nan-", "special-fifo", "flash-", "spqr-perm", "cluster-meta", "bitstack-order", "rotated-signs"):
         assert kind in names, kind
     assert len({c.name for c in cases}) == len(cases)
     assert sum(c.expect == fz.OK for c in cases) >= 20           # harmless mutations run normally

@@ -99,7 +99,7 @@ def make_checkpoint(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-BASE_KINDS = ("f16", "flash", "spqr", "cluster", "bitstack")
+BASE_KINDS = ("f16", "flash", "spqr", "cluster", "bitstack", "rotated")
 
 
 def make_bases(directory: Path, kinds=BASE_KINDS, log=print) -> dict[str, Path]:
@@ -137,6 +137,8 @@ def craft_codec_pack(base: Path, out: Path, codec: str, seed: int = 0) -> None:
     with EbinFile(base) as f, EbinWriter(out) as w:
         man = {k: v for k, v in f.manifest.items() if k not in ("arrays", "format")}
         man["tensors"] = tensors = json.loads(json.dumps(man["tensors"]))
+        if codec == "rotated":
+            man["format"] = {"features": ["rotation"]}
         blocks, K = {}, 4
         for name, e in f.manifest["tensors"].items():
             mat = len(e["shape"]) == 2 and name.startswith("model.layers.")
@@ -144,18 +146,27 @@ def craft_codec_pack(base: Path, out: Path, codec: str, seed: int = 0) -> None:
                 w.add_array(name, f.read(name))
                 continue
             d, n = e["shape"]
-            if codec == "spqr":
+            rotation = None
+            if codec in ("spqr", "rotated"):
+                from edgerun.codecs import rotation as rot
                 from edgerun.codecs.spqr import SpQRCodec
                 W = f.read(name).view(np.float16).astype(np.float32)
+                if codec == "rotated":      # codecs/rotation.py: W·Tᵀ stored, signs beside it
+                    rotation, signs = {"block": rot.block_for(n)}, rot.make_signs(n, name)
+                    W = rot.rotate(W, signs, rotation["block"])
                 params, parts = {"bits": 3}, SpQRCodec.encode(W, {"bits": 3})
+                if rotation:
+                    parts[rot.SIGNS_PART] = signs
             elif codec == "cluster":
                 params, parts = {"bits": 4, "outliers": 0.003}, _cluster_parts(rng, d, n)
             else:
                 params = {"blocks": K, "rank": 2, "overshoot": 1.0, "signs": "sign", "joint": 0}
                 parts = _bitstack_parts(rng, d, n, 2, K)
             base_name = name.rsplit(".", 1)[0]
-            tensors[name] = {"codec": codec, "params": params, "shape": [d, n],
+            tensors[name] = {"codec": "spqr" if rotation else codec, "params": params, "shape": [d, n],
                              "parts": {p: f"{base_name}.{p}" for p in parts}}
+            if rotation:
+                tensors[name]["rotation"] = rotation
             for p, arr in parts.items():
                 if p.startswith("block."):
                     blocks[(name, int(p.split(".")[1]))] = arr
@@ -204,6 +215,7 @@ def codec_runs(codec: str, root: Path = ROOT) -> bool:
     compile for it aborts the process, e.g. an AVX-512 intrinsic on an AVX2 machine)."""
     if codec in ("f16", "flash", "dense"):
         return True
+    codec = "spqr" if codec == "rotated" else codec         # a rotated pack is SpQR behind the transform
     code = ("import numpy as np, sys; sys.path.insert(0, sys.argv[2]); sys.path.insert(0, sys.argv[3]);"
             "import fuzz_ebin as fz; from edgerun.codecs import get_codec;"
             "rng = np.random.default_rng(0); c = sys.argv[1];"
@@ -565,6 +577,8 @@ def cases(bases_info: dict, seed: int = 0) -> list[Case]:
         _spqr_cases(bases_info["spqr"], add)
     if "bitstack" in bases_info:
         _bitstack_cases(bases_info["bitstack"], add)
+    if "rotated" in bases_info:
+        _rotated_cases(bases_info["rotated"], add)
 
     # --- not regular files
     add("special-fifo", "", "fifo")
@@ -645,6 +659,24 @@ def _spqr_cases(S: Ebin, add) -> None:
     add("spqr-params-threshold", "spqr", _set(f"tensors.{name}.params.outlier_threshold", "x"))
     add("spqr-missing-part", "spqr", _set(f"tensors.{name}.parts.perm", "!"))
     add("spqr-flip-codes", "spqr", flip(S.arrays[t["codes"]]["offset"] + 7, 0x40), DATA)
+
+
+def _rotated_cases(R: Ebin, add) -> None:
+    name = "model.layers.0.mlp.down_proj.weight"
+    signs = R.manifest["tensors"][name]["parts"]["rotation_signs"]
+    for label, value in [("block-3", {"block": 3}), ("block-past-n", {"block": 1 << 20}), ("block-1", {"block": 1}),
+                         ("block-str", {"block": "64"}), ("null", None), ("list", [64])]:
+        add(f"rotated-{label}", "rotated", _set(f"tensors.{name}.rotation", value))
+    add("rotated-signs-missing", "rotated", _set(f"tensors.{name}.parts.rotation_signs", "!"))
+    add("rotated-entry-missing", "rotated", _set(f"tensors.{name}.rotation", "!"))   # signs: not spqr's part
+    add("rotated-signs-shape", "rotated", _set(f"arrays.{signs}.shape", [3]))
+    add("rotated-signs-dtype", "rotated", _set(f"arrays.{signs}.dtype", "uint8"))
+    bad = R.array(signs)
+    bad[5] = 2
+    add("rotated-signs-value", "rotated", _set_array(signs, bad), DATA)
+    add("rotated-norm", "rotated", _set("tensors.model.layers.0.input_layernorm.weight.rotation", {"block": 2}))
+    block = R.manifest["tensors"][name]["rotation"]["block"]
+    add("rotated-extra-key", "rotated", _set(f"tensors.{name}.rotation", {"block": block, "note": "x"}), OK)
 
 
 def _bitstack_cases(K: Ebin, add) -> None:

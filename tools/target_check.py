@@ -52,7 +52,8 @@ UNITS = {
     "cluster3": (dict(codec="cluster", bits=3, recipe=ISOLATE), ["cluster3"]),
     "bitstack": (dict(codec="bitstack", recipe=ISOLATE), ["bitstack"]),
     "vq": (dict(codec="vq", bits=3, recipe=ISOLATE), ["vq2", "vq3", "vq4"]),
-    "mixed": (dict(recipe="embed=cluster:5,attention=spqr:4,ffn=spqr:3"), []),
+    # three codecs in one pack, attention and FFN inputs rotated (edgerun/codecs/rotation.py)
+    "mixed": (dict(recipe="embed=cluster:5,attention=spqr:4,ffn=spqr:3", rotate=64), []),
 }
 # kernel case -> recipe rule (edgerun.convert.pack.parse_rule: the params a pack would store)
 CASES = {"dense_f32": "f32", "dense_f16": "f16", "dense_bf16": "bf16", "spqr3": "spqr:3", "spqr4": "spqr:4",
@@ -128,10 +129,11 @@ def make_fixture(directory: Path) -> bool:
 
 
 def pack_one(directory: Path, unit: str) -> None:
-    from edgerun.convert.pack import make_recipe, pack
+    from edgerun.convert.pack import make_recipe, pack, with_rotation
     kw = dict(UNITS[unit][0])
-    summary = pack(directory / "hf", directory / f"{unit}.ebin", recipe=make_recipe(kw.pop("dtype", "f16"), **kw),
-                   calib_tokens=CALIB_TOKENS)
+    rotate = kw.pop("rotate", 0)
+    recipe = with_rotation(make_recipe(kw.pop("dtype", "f16"), **kw), rotate)
+    summary = pack(directory / "hf", directory / f"{unit}.ebin", recipe=recipe, calib_tokens=CALIB_TOKENS)
     print(summary, flush=True)
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..codecs import codec_class, codec_names, describe_rule, parse_rule
+from ..codecs import codec_class, codec_names, describe_rule, parse_rule, rotation
 from ..config import ModelConfig, tensor_shapes
 from ..ebin import ALIGN
 from ..errors import EdgerunError
@@ -64,7 +64,7 @@ def rule_label(rule: dict) -> str:
     text = describe_rule(rule)
     default = parse_rule(text)["params"]
     extra = [f"{k}={v}" for k, v in rule["params"].items() if default.get(k, object()) != v]
-    return " ".join([text] + extra)
+    return " ".join([text] + extra + (["rotated"] if rule.get("rotate") else []))
 
 
 def _tensor_cost(name: str, shape: tuple, rule: dict) -> tuple[int, int, int] | None:
@@ -73,6 +73,8 @@ def _tensor_cost(name: str, shape: tuple, rule: dict) -> tuple[int, int, int] | 
     parts = codec_class(rule["codec"]).part_nbytes(tuple(int(s) for s in shape), rule["params"])
     if parts is None:
         return None
+    if rule.get("rotate") and len(shape) == 2 and rotation.block_for(int(shape[1]), rule["rotate"]) > 1:
+        parts = {**parts, rotation.SIGNS_PART: int(shape[1])}           # int8 signs
     # a tensor entry + an "arrays" row per part (names, offsets, lengths, crc32, shape, params)
     manifest = 400 + len(name) + sum(2 * len(name) + len(p) + 220 for p in parts)
     return sum(parts.values()), sum(_align(b) for b in parts.values()), manifest
@@ -132,8 +134,9 @@ class Option:
         return rule_label(self.rule)
 
 
-def group_options(cfg: ModelConfig) -> dict[str, list[Option]]:
-    """Every candidate rule of every registered codec, sized exactly, per group the model has."""
+def group_options(cfg: ModelConfig, rotate: int = 0) -> dict[str, list[Option]]:
+    """Every candidate rule of every registered codec, sized exactly, per group the model has;
+    `rotate`: attention and FFN rules rotate their inputs (pack.with_rotation)."""
     tensors = defaultdict(list)
     for name, shape in tensor_shapes(cfg).items():
         tensors[tensor_group(name, len(shape))].append((name, shape))
@@ -144,6 +147,9 @@ def group_options(cfg: ModelConfig) -> dict[str, list[Option]]:
             continue
         opts = []
         for rule in rules:
+            codec = codec_class(rule["codec"])
+            if rotate and group in ("attention", "ffn") and not codec.stacked and codec.name != "dense":
+                rule = {**rule, "rotate": rotate}
             costs = [_tensor_cost(name, shape, rule) for name, shape in tensors[group]]
             if all(c is not None for c in costs):
                 opts.append(Option(rule, sum(c[0] for c in costs), sum(c[1] + c[2] for c in costs)))
@@ -178,9 +184,22 @@ def trial_errors(w: np.ndarray, H, options: list[Option], metrics) -> tuple[np.n
     rows = _row_sample(w.shape[0])
     ws = np.ascontiguousarray(w[rows])
     errs = np.zeros((len(options), len(metrics)))
+    rotated = {}
     for i, opt in enumerate(options):
         codec = codec_class(opt.rule["codec"])
-        q = codec.decode(codec.encode(ws, opt.rule["params"], hessian=H), opt.rule["params"])
+        block = rotation.block_for(w.shape[1], opt.rule["rotate"]) if opt.rule.get("rotate") else 1
+        if block > 1:             # as pack encodes it: W·Tᵀ with T H Tᵀ, decoded and rotated back
+            if block not in rotated:
+                signs = rotation.make_signs(w.shape[1], "trial")
+                Hr = None if H is None else H.copy()
+                if Hr is not None:
+                    rotation.rotate_hessian(Hr, signs, block)
+                rotated[block] = (signs, rotation.rotate(ws, signs, block), Hr)
+            signs, wr, Hr = rotated[block]
+            q = rotation.unrotate(codec.decode(codec.encode(wr, opt.rule["params"], hessian=Hr), opt.rule["params"]),
+                                  signs, block)
+        else:
+            q = codec.decode(codec.encode(ws, opt.rule["params"], hessian=H), opt.rule["params"])
         errs[i] = [_rel_error(ws - q, ws, Hm) for Hm, _ in metrics]
     return np.array([_rel_error(noise(rows), ws, Hm) for Hm, noise in metrics]), errs
 
@@ -437,9 +456,10 @@ def choose(options: dict[str, list[Option]], cfg: ModelConfig, budget: int, by: 
 
 
 def auto_recipe(src, bpw: float | None = None, size: int | None = None, calib_text: str | None = None,
-                threads: int | None = None, log=print, progress=None) -> Choice:
+                threads: int | None = None, log=print, progress=None, rotate: int = 0) -> Choice:
     """The recipe `pack --bpw/--size` packs `src` with: sized exactly, chosen by the loss measured on
-    calibration text (module docstring); logs every group's options and the choice."""
+    calibration text (module docstring); logs every group's options and the choice. `rotate`:
+    the attention and FFN candidates rotate their inputs (sized and measured so)."""
     from .. import kernels
     from ..calibrate import source_calibration_sequences
     from ..config import ConfigError
@@ -451,7 +471,7 @@ def auto_recipe(src, bpw: float | None = None, size: int | None = None, calib_te
         except ConfigError as e:
             raise ConfigError(f"{src}: {e}") from None
         budget, by = budget_bytes(cfg, bpw, size)
-        options = group_options(cfg)
+        options = group_options(cfg, rotate)
         choose(options, cfg, budget, by, meta)            # an impossible target fails before measuring
         sequences = source_calibration_sequences(meta, calib_text, SENS_WINDOWS * CALIB_SEQ_LEN, CALIB_SEQ_LEN)
         before = kernels.get_threads()

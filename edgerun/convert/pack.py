@@ -17,8 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
-from ..codecs import codec_class, get_codec, parse_rule as _parse_rule
+from ..codecs import codec_class, get_codec, parse_rule as _parse_rule, rotation
 from ..config import ConfigError, ModelConfig, tensor_names
 from ..ebin import EbinWriter
 from ..errors import EdgerunError
@@ -151,6 +153,35 @@ def make_recipe(dtype: str = "f16", codec: str | None = None, bits: int | None =
     return rules
 
 
+def with_rotation(recipe: dict, block: int = 0) -> dict:
+    """The recipe with the inputs of its compressed attention and FFN matrices rotated in Hadamard
+    blocks of up to `block` columns (codecs/rotation.py; 0: as it is)."""
+    if not block:
+        return recipe
+    recipe = {g: dict(rule) for g, rule in recipe.items()}
+    for g in ("attention", "ffn"):
+        codec = codec_class(recipe[g]["codec"])
+        if codec.stacked:
+            raise EdgerunError(f"--rotate: {codec.name} matrices cannot be rotated (their blocks load as a prefix)")
+        if codec.name != "dense":
+            recipe[g]["rotate"] = block
+    if not any("rotate" in recipe[g] for g in ("attention", "ffn")):
+        raise EdgerunError("--rotate applies to compressed attention/feed-forward matrices: give --codec or --recipe")
+    return recipe
+
+
+def input_key(name: str) -> str:
+    """The input a matrix reads, named so that the matrices sharing it (q/k/v, gate/up: calibrate's
+    SHARED_INPUT) get one key: their rotation signs are seeded by it, so they can still be joined."""
+    from ..calibrate import SHARED_INPUT
+    from ..model import LAYER_TENSORS
+    if not name.startswith("model.layers."):
+        return name
+    layer, _, suffix = name[len("model.layers."):].partition(".")
+    field = {v: k for k, v in LAYER_TENSORS.items()}.get(suffix)
+    return f"model.layers.{layer}.{SHARED_INPUT.get(field, suffix)}"
+
+
 def needs_calibration(recipe: dict) -> bool:
     return any(codec_class(rule["codec"]).calibrated for rule in recipe.values())
 
@@ -209,14 +240,24 @@ class TensorStore:
         self.group_params, self.group_bytes = defaultdict(int), defaultdict(int)
         self.stack_parts, self.stack_scores = {}, {}
         self.loaded = {}              # BitStack packs keep the model to measure its size/quality curve
+        self.rotate_hessian = rotation.HessianRotations()
 
     def __call__(self, name: str, w, hessian=None):
         group = tensor_group(name, w.ndim)
         rule = self.recipe[group]
         codec = get_codec(rule["codec"])
+        block = rotation.block_for(w.shape[1], rule["rotate"]) if w.ndim == 2 and rule.get("rotate") else 1
+        if block > 1:                 # encode W·Tᵀ with T H Tᵀ (codecs/rotation.py)
+            signs = rotation.make_signs(w.shape[1], input_key(name))
+            w = rotation.rotate(np.asarray(w, np.float32), signs, block)
+            self.rotate_hessian(hessian, signs, block)
         parts = codec.encode(w, rule["params"], hessian=hessian)
         entry = {"codec": rule["codec"], "params": rule["params"], "shape": list(w.shape),
                  "parts": {p: array_name(name, p) for p in parts}}
+        if block > 1:
+            parts[rotation.SIGNS_PART] = signs
+            entry["parts"][rotation.SIGNS_PART] = array_name(name, rotation.SIGNS_PART)
+            entry["rotation"] = {"block": block}
         for part, arr in parts.items():
             if codec.stacked and part.startswith("block."):
                 continue
@@ -272,6 +313,8 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
     recipe = recipe or make_recipe(dtype)
     if layout not in ("standard", "flash"):
         raise EdgerunError(f"--layout must be standard or flash, not {layout!r}")
+    if layout == "flash" and any(rule.get("rotate") for rule in recipe.values()):
+        raise EdgerunError("--rotate does not support --layout flash yet (the FFN bundle kernels read unrotated inputs)")
     check_output(out)
     # The writer first: an unwritable output fails now, not after the source is parsed; any error
     # or signal (Ctrl+C, SIGTERM, SIGHUP) from here on leaves no .tmp behind.
@@ -328,7 +371,10 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 done += source.tensor_nbytes(name)
                 if progress:
                     progress(done, total)
+        tensors = {n: store.entries[n] for n in names}
+        rotated = any("rotation" in e for e in tensors.values())
         writer.close({
+            **({"format": {"features": ["rotation"]}} if rotated else {}),
             "config": meta.config,
             "tokenizer": {"json": meta.tokenizer_json, "chat_template": meta.chat_template,
                           "bos_token_id": meta.bos_token_id, "eos_token_ids": meta.eos_token_ids,
@@ -337,7 +383,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
             "recipe": recipe,
             "calibration": calibration,
             "bitstack": stack,
-            "tensors": {n: store.entries[n] for n in names},
+            "tensors": tensors,
             **({"flash": flash} if flash else {}),
             "source": {"description": meta.description, "name": Path(src).name,
                        "packed_by": f"edgerun {__version__}",

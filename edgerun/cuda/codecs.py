@@ -73,5 +73,6 @@ def to_device(lin) -> CudaLinear:
     from ..codecs import codec_class
     name = getattr(lin, "codec", "")
     if not name:
-        raise UnsupportedModelError(f"no CUDA kernel for {type(lin).__name__} (not a codec's Linear)")
+        why = getattr(lin, "no_cuda", f"{type(lin).__name__} (not a codec's Linear)")
+        raise UnsupportedModelError(f"no CUDA kernel for {why}")
     return codec_class(name).to_device(lin)

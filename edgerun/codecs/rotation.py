@@ -1,0 +1,184 @@
+"""Incoherence rotation of a linear's input axis (QuIP#, Tseng et al. 2024; QuaRot, Ashkboos et
+al. 2024), around any codec (formats/ebin.md § "Rotated tensors").
+
+A weight W (d, n) is stored as W' = W·Tᵀ, T = blockdiag(H_B)/√B · diag(s): B a power of two
+dividing n, H_B the Sylvester Hadamard matrix, s random signs. T is orthogonal, so W x =
+W' (T x): the forward pass rotates its input (a fast Walsh-Hadamard transform, n·log2 B adds) and
+the codec computes as usual. Rotation spreads a row's outliers over B columns, so a 3-bit grid
+fits the rotated rows better (tools/QUALITY.md: SmolLM2 cluster:3 / spqr:3 perplexity −8 to
+−9 % at 64 columns). Pack rotates the Hessian of the input the same way (T H Tᵀ); linears
+reading one input (q/k/v, gate/up) share their signs, so placement can still join them.
+"""
+from __future__ import annotations
+
+import weakref
+import zlib
+
+import numpy as np
+from numba import njit
+
+from ..memory import thread_scratch
+from .base import Linear
+
+BLOCK = 64          # columns per Hadamard block (QUALITY.md measured 64; a power of two)
+SIGNS_PART = "rotation_signs"
+
+
+def block_for(n: int, block: int = BLOCK) -> int:
+    """The largest power of two <= `block` that divides n (1: n is odd, nothing to rotate)."""
+    b = 1
+    while b * 2 <= block and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def make_signs(n: int, key: str) -> np.ndarray:
+    """(n,) int8 random ±1, seeded by `key` (the input the matrix reads: its sharers get the
+    same signs). Pack time only: the signs are stored, so loading needs no generator."""
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    return np.where(rng.random(n) < 0.5, -1, 1).astype(np.int8)
+
+
+@njit(cache=True, nogil=True)
+def _fwht_rows(x, pre, block, post, out):
+    # out[t] = post ⊙ H_B-blocks(pre ⊙ x[t]) for each row t (out may be x); stage h adds and
+    # subtracts entries h apart within blocks of 2h, so the stages h = 1 .. B/2 over the whole
+    # row are the block-diagonal transform
+    T, n = x.shape
+    for t in range(T):
+        for i in range(n):
+            out[t, i] = x[t, i] * pre[i]
+        h = 1
+        while h < block:
+            for b0 in range(0, n, 2 * h):
+                for j in range(b0, b0 + h):
+                    a, c = out[t, j], out[t, j + h]
+                    out[t, j], out[t, j + h] = a + c, a - c
+            h *= 2
+        for i in range(n):
+            out[t, i] *= post[i]
+
+
+@njit(cache=True, nogil=True)
+def _fwht_cols(a, pre, block):
+    # a = H_B-blocks(diag(pre) a) in place: the transform of every column (row pairs at once)
+    n = a.shape[0]
+    for i in range(n):
+        for k in range(a.shape[1]):
+            a[i, k] *= pre[i]
+    h = 1
+    while h < block:
+        for b0 in range(0, n, 2 * h):
+            for j in range(b0, b0 + h):
+                for k in range(a.shape[1]):
+                    u, v = a[j, k], a[j + h, k]
+                    a[j, k], a[j + h, k] = u + v, u - v
+        h *= 2
+
+
+def _forward_factors(signs: np.ndarray, block: int, dtype=np.float32) -> tuple:
+    """(pre, post) of T: signs then the scaled Hadamard blocks."""
+    return (signs.astype(dtype) / dtype(np.sqrt(block))).astype(dtype), np.ones(len(signs), dtype)
+
+
+def _inverse_factors(signs: np.ndarray, block: int, dtype=np.float32) -> tuple:
+    """(pre, post) of T⁻¹ = Tᵀ = diag(s) blockdiag(H_B)/√B: the scaled Hadamard blocks, then the signs."""
+    return np.full(len(signs), 1 / np.sqrt(block), dtype), signs.astype(dtype)
+
+
+def rotate(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
+    """T x for each row of x (m, n) float32/float64 (a new array): the input rotation, and W' =
+    W·Tᵀ = rotate(W) row by row."""
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    pre, post = _forward_factors(signs, block, x.dtype.type)
+    _fwht_rows(x, pre, block, post, out)
+    return out
+
+
+def unrotate(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
+    """Tᵀ x for each row of x (m, n) (a new array): W = unrotate(W') row by row."""
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    pre, post = _inverse_factors(signs, block, x.dtype.type)
+    _fwht_rows(x, pre, block, post, out)
+    return out
+
+
+def rotate_hessian(h: np.ndarray, signs: np.ndarray, block: int) -> None:
+    """H -> T H Tᵀ in place (H = E[x xᵀ] of the input, so the rotated input's statistics): rows
+    then columns, no n × n copy (the 1.5B's down_proj Hessian is 320 MB in float32)."""
+    pre, post = _forward_factors(signs, block, h.dtype.type)
+    _fwht_rows(h, pre, block, post, h)
+    _fwht_cols(h, pre, block)
+
+
+def rotation_matrix(signs: np.ndarray, block: int) -> np.ndarray:
+    """T (n, n) float64, explicitly: the reference the tests check the fast transform against."""
+    H = np.ones((1, 1))
+    while H.shape[0] < block:
+        H = np.block([[H, H], [H, -H]])
+    n = len(signs)
+    T = np.zeros((n, n))
+    for b in range(0, n, block):
+        T[b:b + block, b:b + block] = H / np.sqrt(block)
+    return T * signs.astype(np.float64)[None, :]
+
+
+class RotatedLinear(Linear):
+    """A codec Linear whose stored rows are W' = W·Tᵀ: matvec/matmul rotate x first, row(i)
+    rotates the stored row back. No CUDA twin yet (`codec` is empty: cuda.codecs refuses it)."""
+
+    no_cuda = "matrices with rotated inputs (pack --rotate): run them on the CPU (--device cpu)"
+
+    def __init__(self, inner, signs: np.ndarray, block: int):
+        super().__init__(inner.shape, inner.nbytes + signs.nbytes, 0)
+        self.inner, self.signs, self.block = inner, signs, int(block)
+        self.matmul_min_t = inner.matmul_min_t
+        self._fwd, self._inv = _forward_factors(signs, block), _inverse_factors(signs, block)
+
+    def _rotated(self, X: np.ndarray) -> np.ndarray:
+        out = thread_scratch("rotation.x", X.shape)
+        pre, post = self._fwd
+        _fwht_rows(X, pre, self.block, post, out)
+        return out
+
+    def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
+        self.inner.matvec(self._rotated(x.reshape(1, -1))[0], out)
+
+    def _matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
+        self.inner._matvec(self._rotated(x.reshape(1, -1))[0], out, threads)
+
+    def matmul(self, X: np.ndarray, out: np.ndarray) -> None:
+        self.inner.matmul(self._rotated(np.ascontiguousarray(X)), out)
+
+    def row(self, i: int, out: np.ndarray) -> None:
+        tmp = thread_scratch("rotation.row", (1, self.shape[1]))
+        self.inner.row(i, tmp[0])
+        pre, post = self._inv
+        _fwht_rows(tmp, pre, self.block, post, out.reshape(1, -1))
+
+    @classmethod
+    def stack(cls, linears: list) -> "RotatedLinear | None":
+        """Rotated linears of one input (same signs and block) joined through their codec."""
+        a = linears[0]
+        if any(type(w) is not cls or w.block != a.block or not np.array_equal(w.signs, a.signs) for w in linears):
+            return None
+        inner = type(a.inner).stack([w.inner for w in linears])
+        return None if inner is None else cls(inner, a.signs, a.block)
+
+
+class HessianRotations:
+    """Pack-time: rotates each Hessian in place once, however many linears share it (calibrate
+    hands q/k/v, gate/up the same array). Weak references: a finished Hessian is not kept."""
+
+    def __init__(self):
+        self._done = []
+
+    def __call__(self, h: np.ndarray | None, signs: np.ndarray, block: int) -> None:
+        if h is None:
+            return
+        self._done = [r for r in self._done if r() is not None]
+        if not any(r() is h for r in self._done):
+            rotate_hessian(h, signs, block)
+            self._done.append(weakref.ref(h))
