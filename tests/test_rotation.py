@@ -32,6 +32,8 @@ def test_transform_is_the_explicit_orthogonal_matrix(n, block):
     x = rng.standard_normal((5, n)).astype(np.float32)
     np.testing.assert_allclose(rotation.rotate(x, signs, b), x.astype(np.float64) @ T.T, atol=2e-6)
     np.testing.assert_allclose(rotation.unrotate(rotation.rotate(x, signs, b), signs, b), x, atol=2e-6)
+    y = x.copy()
+    assert rotation.rotate(y, signs, b, out=y) is y and np.array_equal(y, rotation.rotate(x, signs, b))
     A = rng.standard_normal((n, 2 * n))
     H = (A @ A.T / n).astype(np.float32)
     ref = T @ H.astype(np.float64) @ T.T
@@ -98,12 +100,13 @@ def rotated_pack(tiny_dir, tmp_path_factory):
     return out
 
 
-def test_pack_rotates_attention_and_ffn_with_shared_signs(rotated_pack):
+def test_pack_rotates_every_compressed_matrix_with_shared_signs(rotated_pack):
     with EbinFile(rotated_pack) as f:
         tensors = f.manifest["tensors"]
         L0 = "model.layers.0."
         rotated = sorted(n for n, e in tensors.items() if "rotation" in e)
-        assert rotated == sorted(n for n in tensors if n.startswith("model.layers.") and n.endswith("proj.weight"))
+        assert rotated == sorted(n for n, e in tensors.items() if len(e["shape"]) == 2)   # embedding too
+        assert tensors["model.embed_tokens.weight"]["codec"] == "cluster"
         assert tensors[L0 + "mlp.down_proj.weight"]["rotation"] == {"block": 32}        # 96 columns
         assert tensors[L0 + "self_attn.q_proj.weight"]["rotation"] == {"block": 64}
         signs = {n: f.read(tensors[L0 + n]["parts"][rotation.SIGNS_PART])
@@ -115,13 +118,18 @@ def test_pack_rotates_attention_and_ffn_with_shared_signs(rotated_pack):
     assert not np.array_equal(q, signs["self_attn.o_proj.weight"])
 
 
-def test_rotated_pack_runs_close_to_transformers(rotated_pack, tiny_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])          # tied; untied (the embedding's rows mapped)
+def test_rotated_pack_runs_close_to_transformers(arch, rotated_pack, tiny_dir, tmp_path):
     import transformers
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir("qwen2")).eval()
-    plain = tmp_path / "spqr3.ebin"
-    pack(tiny_dir("qwen2"), plain, recipe=make_recipe("f16", "spqr", 3), calib_text=_calib(), calib_tokens=512)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir(arch)).eval()
+    plain, rotated = tmp_path / "spqr3.ebin", rotated_pack
+    pack(tiny_dir(arch), plain, recipe=make_recipe("f16", "spqr", 3), calib_text=_calib(), calib_tokens=512)
+    if arch != "qwen2":
+        rotated = tmp_path / "spqr3r.ebin"
+        pack(tiny_dir(arch), rotated, recipe=with_rotation(make_recipe("f16", "spqr", 3), rotation.BLOCK),
+             calib_text=_calib(), calib_tokens=512)
     errors = {}
-    for label, path in (("rotated", rotated_pack), ("plain", plain)):
+    for label, path in (("rotated", rotated), ("plain", plain)):
         m = edgerun.load(path)
         assert m._transformer.layers[0].stacked             # q/k/v and gate/up still joined
         ids = m.tokenizer.encode("Once upon a time, in a land far away")
@@ -135,7 +143,7 @@ def test_rotated_pack_runs_close_to_transformers(rotated_pack, tiny_dir, tmp_pat
 def test_cli_rotate_refusals(tiny_dir, tmp_path):
     src = str(tiny_dir("qwen2"))
     run = lambda *a: CliRunner().invoke(main, ["pack", src, "-o", str(tmp_path / "x.ebin"), *a])   # noqa: E731
-    for args, says in ((["--rotate"], "give --codec or --recipe"),
+    for args, says in ((["--rotate"], "give --codec, --recipe or --bpw"),
                        (["--rotate", "--codec", "spqr", "--layout", "flash"], "--layout flash"),
                        (["--rotate", "--codec", "bitstack"], "cannot be rotated")):
         r = run(*args)

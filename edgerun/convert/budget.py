@@ -136,7 +136,7 @@ class Option:
 
 def group_options(cfg: ModelConfig, rotate: int = 0) -> dict[str, list[Option]]:
     """Every candidate rule of every registered codec, sized exactly, per group the model has;
-    `rotate`: attention and FFN rules rotate their inputs (pack.with_rotation)."""
+    `rotate`: compressed rules rotate their inputs (pack.with_rotation)."""
     tensors = defaultdict(list)
     for name, shape in tensor_shapes(cfg).items():
         tensors[tensor_group(name, len(shape))].append((name, shape))
@@ -148,7 +148,7 @@ def group_options(cfg: ModelConfig, rotate: int = 0) -> dict[str, list[Option]]:
         opts = []
         for rule in rules:
             codec = codec_class(rule["codec"])
-            if rotate and group in ("attention", "ffn") and not codec.stacked and codec.name != "dense":
+            if rotate and not codec.stacked and codec.name != "dense":       # pack.with_rotation
                 rule = {**rule, "rotate": rotate}
             costs = [_tensor_cost(name, shape, rule) for name, shape in tensors[group]]
             if all(c is not None for c in costs):
@@ -459,7 +459,7 @@ def auto_recipe(src, bpw: float | None = None, size: int | None = None, calib_te
                 threads: int | None = None, log=print, progress=None, rotate: int = 0) -> Choice:
     """The recipe `pack --bpw/--size` packs `src` with: sized exactly, chosen by the loss measured on
     calibration text (module docstring); logs every group's options and the choice. `rotate`:
-    the attention and FFN candidates rotate their inputs (sized and measured so)."""
+    the compressed candidates rotate their inputs (sized and measured so)."""
     from .. import kernels
     from ..calibrate import source_calibration_sequences
     from ..config import ConfigError
