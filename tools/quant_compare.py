@@ -55,13 +55,18 @@ def log(msg: str) -> None:
 
 # --- edgerun packs ---------------------------------------------------------------------------
 def pack_args(spec: str) -> list[str]:
-    """`edgerun pack` options of a variant: f16 | f32 | bf16 | CODEC[:BITS] | recipe:GROUP=RULE,..."""
+    """`edgerun pack` options of a variant: f16 | f32 | bf16 | CODEC[:BITS] | recipe:GROUP=RULE,... |
+    bpw:BITS, each optionally +rotate (`--rotate`)"""
+    spec, plus, extra = spec.partition("+")
+    extra = ["--" + extra] if plus else []
     if spec in ("f16", "f32", "bf16"):
-        return ["--dtype", spec]
+        return ["--dtype", spec] + extra
     if spec.startswith("recipe:"):
-        return ["--recipe", spec[len("recipe:"):]]
+        return ["--recipe", spec[len("recipe:"):]] + extra
+    if spec.startswith("bpw:"):
+        return ["--bpw", spec[len("bpw:"):]] + extra
     codec, _, bits = spec.partition(":")
-    return ["--codec", codec] + (["--bits", bits] if bits else [])
+    return ["--codec", codec] + (["--bits", bits] if bits else []) + extra
 
 
 def spec_filename(spec: str) -> str:
@@ -243,7 +248,8 @@ def main(argv=None):
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="held-out text (default: %(default)s)")
     p.add_argument("--edgerun", nargs="*", default=DEFAULT_EDGERUN, metavar="SPEC",
                    help="edgerun variants: f32 | f16 | bf16 | CODEC:BITS (spqr:3, cluster:4, bitstack) | "
-                        "recipe:GROUP=RULE,... (default: %(default)s)")
+                        "recipe:GROUP=RULE,... | bpw:BITS, each with an optional +rotate (pack --rotate) "
+                        "(default: %(default)s)")
     p.add_argument("--llamacpp", nargs="*", default=DEFAULT_LLAMACPP, metavar="TYPE",
                    help="llama.cpp types (llama_ftype names; F32 is the dequantized GGUF itself) "
                         "(default: %(default)s)")
