@@ -4,10 +4,11 @@ al. 2024), around any codec (formats/ebin.md § "Rotated tensors").
 A weight W (d, n) is stored as W' = W·Tᵀ, T = blockdiag(H_B)/√B · diag(s): B a power of two
 dividing n, H_B the Sylvester Hadamard matrix, s random signs. T is orthogonal, so W x =
 W' (T x): the forward pass rotates its input (a fast Walsh-Hadamard transform, n·log2 B adds) and
-the codec computes as usual. Rotation spreads a row's outliers over B columns, so a 3-bit grid
-fits the rotated rows better (tools/QUALITY.md: SmolLM2 cluster:3 / spqr:3 perplexity −8 to
-−9 % at 64 columns). Pack rotates the Hessian of the input the same way (T H Tᵀ); linears
-reading one input (q/k/v, gate/up) share their signs, so placement can still join them.
+the codec computes as usual. Rotation spreads a row's large columns over B, so a 3-bit grid
+fits the rotated rows better (tools/QUALITY.md, SmolLM2 at B = 64: cluster:3 perplexity −14 %,
+spqr:3 −5 %; BENCHMARKS.md: 5-10 % of decode). Pack rotates the Hessian of the input the same way
+(T H Tᵀ); linears reading one input (q/k/v, gate/up) share their signs, so placement can still
+join them.
 """
 from __future__ import annotations
 
@@ -62,8 +63,9 @@ def _fwht_rows(x, pre, block, post, out):
     # subtracts entries h apart within blocks of 2h, so stages h = 1 .. B/2 over the whole row are
     # the block-diagonal transform. B = 64 (the default) is H_8 ⊗ H_8: an 8-point transform of
     # each 8 consecutive entries, then of the 8 entries 8 apart in each block of 64, both
-    # straight-line code (loops over pairs h apart, h unknown to LLVM, did not vectorize: 2.9 µs
-    # for n = 576 here vs <1 µs). Adds and subtracts only: no reassociation changes a result
+    # straight-line code (measured, n = 576, one call: 1.5 µs, of which ~1 is Numba's dispatch;
+    # loops over the pairs h apart, h unknown to LLVM, took 3.0). Adds and subtracts only: no
+    # reassociation changes a result
     T, n = x.shape
     for t in range(T):
         h = 1
@@ -166,8 +168,8 @@ class RotatedLinear(Linear):
         self.inner, self.signs, self.block = inner, signs, int(block)
         self.matmul_min_t = inner.matmul_min_t
         self._fwd, self._inv = _forward_factors(signs, block), _inverse_factors(signs, block)
-        self._x = np.empty((1, inner.shape[1]), np.float32)   # a token's rotated input (the codecs'
-        # matvec scratch is per matrix too)
+        # a token's rotated input: per matrix, as the codecs' own matvec scratch
+        self._x = np.empty((1, inner.shape[1]), np.float32)
 
     def _rotated(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
         pre, post = self._fwd
