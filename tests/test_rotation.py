@@ -41,11 +41,8 @@ def test_transform_is_the_explicit_orthogonal_matrix(n, block):
     np.testing.assert_allclose(H, ref, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name,params", ROTATABLE, ids=[n for n, _ in ROTATABLE])
-def test_rotated_linear_matches_its_reference(name, params, threads, monkeypatch):
-    from edgerun import kernels
-    kernels.set_threads(threads)
+def test_rotated_linear_matches_its_reference(name, params):
     rng = np.random.default_rng(3)
     d, n = 48, 96
     w = (0.05 * rng.standard_normal((d, n))).astype(np.float32)
@@ -61,31 +58,29 @@ def test_rotated_linear_matches_its_reference(name, params, threads, monkeypatch
     X = rng.standard_normal((6, n)).astype(np.float32)
     out, inner = np.empty((6, d), np.float32), np.empty((6, d), np.float32)
     XT = rotation.rotate(X, signs, block)
-    try:
-        # the codec's own kernels on T x (their int8 activations included: within 2 % of W x)
-        lin.matvec(X[0], out[0])
-        lin.inner.matvec(XT[0], inner[0])
-        np.testing.assert_allclose(out[0], inner[0], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(out[0], W @ X[0], atol=0.02 * np.abs(W @ X[0]).max())
-        lin.matmul(X, out)
-        lin.inner.matmul(XT, inner)
-        np.testing.assert_allclose(out, inner, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(out, X @ W.T, atol=0.02 * np.abs(X @ W.T).max())
-        row = np.empty(n, np.float32)
-        lin.row(5, row)
-        np.testing.assert_allclose(row, W[5], atol=1e-5)
-        assert lin.shape == (d, n) and lin.nbytes == sum(p.nbytes for p in parts.values()) + n
-        # joined with a sharer of its input (same signs): the rows of both
-        other = load_tensor(entry, {**parts, rotation.SIGNS_PART: signs})
-        joined = type(lin).stack([lin, other])
-        if joined is not None:                       # when the codec joins these at all
-            both = np.empty((2, 2 * d), np.float32)
-            joined.matmul(X[:2], both)
-            np.testing.assert_allclose(both, np.hstack([out[:2]] * 2), rtol=1e-5, atol=1e-5)
-        flipped = load_tensor(entry, {**parts, rotation.SIGNS_PART: -signs})
-        assert type(lin).stack([lin, flipped]) is None          # other signs: another input
-    finally:
-        kernels.set_threads(1)
+    # the codec's own kernels on T x (their int8 activations included: within 2 % of W x)
+    lin.matvec(X[0], out[0])
+    lin.inner.matvec(XT[0], inner[0])
+    np.testing.assert_allclose(out[0], inner[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[0], W @ X[0], atol=0.02 * np.abs(W @ X[0]).max())
+    lin.matmul(X, out)
+    lin.inner.matmul(XT, inner)
+    np.testing.assert_allclose(out, inner, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, X @ W.T, atol=0.02 * np.abs(X @ W.T).max())
+    row = np.empty(n, np.float32)
+    lin.row(5, row)
+    np.testing.assert_allclose(row, W[5], atol=1e-5)
+    assert lin.shape == (d, n) and lin.nbytes == sum(p.nbytes for p in parts.values()) + n
+    # joined with a sharer of its input (same signs) exactly when the codec joins the stored rows
+    other = load_tensor(entry, {**parts, rotation.SIGNS_PART: signs})
+    joined = type(lin).stack([lin, other])
+    assert (joined is None) == (type(lin.inner).stack([lin.inner, other.inner]) is None)
+    if joined is not None:
+        both = np.empty((2, 2 * d), np.float32)
+        joined.matmul(X[:2], both)
+        np.testing.assert_allclose(both, np.hstack([out[:2]] * 2), rtol=1e-5, atol=1e-5)
+    flipped = load_tensor(entry, {**parts, rotation.SIGNS_PART: -signs})
+    assert type(lin).stack([lin, flipped]) is None          # other signs: another input
 
 
 def _calib():
