@@ -40,7 +40,7 @@ def make_signs(n: int, key: str) -> np.ndarray:
     return np.where(rng.random(n) < 0.5, -1, 1).astype(np.int8)
 
 
-@njit(inline="always", nogil=True, fastmath=True)
+@njit(inline="always", nogil=True)
 def _h8(x, out, t, g, s, pre, scaled):
     # out[t, g + s·k] for k < 8 := the 8-point Hadamard transform (stages 1, 2, 4) of the entries
     # x[t, g + s·k] (times pre[g + s·k] when `scaled`, a constant after inlining), straight-line
@@ -57,15 +57,15 @@ def _h8(x, out, t, g, s, pre, scaled):
     out[t, g + 4 * s], out[t, g + 5 * s], out[t, g + 6 * s], out[t, g + 7 * s] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True)
 def _fwht_rows(x, pre, block, post, out):
     # out[t] = post ⊙ H_B-blocks(pre ⊙ x[t]) for each row t (out may be x). Stage h adds and
     # subtracts entries h apart within blocks of 2h, so stages h = 1 .. B/2 over the whole row are
     # the block-diagonal transform. B = 64 (the default) is H_8 ⊗ H_8: an 8-point transform of
     # each 8 consecutive entries, then of the 8 entries 8 apart in each block of 64, both
     # straight-line code (measured, n = 576, one call: 1.5 µs, of which ~1 is Numba's dispatch;
-    # loops over the pairs h apart, h unknown to LLVM, took 3.0). Adds and subtracts only: no
-    # reassociation changes a result
+    # loops over the pairs h apart, h unknown to LLVM, took 3.0). No fast-math: nothing to
+    # reassociate, and without contraction into FMA the result is the same on every CPU
     T, n = x.shape
     for t in range(T):
         h = 1
