@@ -118,23 +118,24 @@ def _inverse_factors(signs: np.ndarray, block: int, dtype=np.float32) -> tuple:
     return np.full(len(signs), 1 / np.sqrt(block), dtype), signs.astype(dtype)
 
 
+def _transform(x: np.ndarray, factors, block: int, out: np.ndarray | None) -> np.ndarray:
+    """post ⊙ H_B-blocks(pre ⊙ x) of each row, factors = (pre, post), into out (new when None)."""
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x) if out is None else out
+    pre, post = factors
+    _fwht_rows(x, pre, block, post, out)
+    return out
+
+
 def rotate(x: np.ndarray, signs: np.ndarray, block: int, out: np.ndarray | None = None) -> np.ndarray:
     """T x for each row of x (m, n) float32/float64 into `out` (a new array, or x itself: in
     place): the input rotation, and W' = W·Tᵀ = rotate(W) row by row."""
-    x = np.ascontiguousarray(x)
-    out = np.empty_like(x) if out is None else out
-    pre, post = _forward_factors(signs, block, x.dtype.type)
-    _fwht_rows(x, pre, block, post, out)
-    return out
+    return _transform(x, _forward_factors(signs, block, x.dtype.type), block, out)
 
 
 def unrotate(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
     """Tᵀ x for each row of x (m, n) (a new array): W = unrotate(W') row by row."""
-    x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
-    pre, post = _inverse_factors(signs, block, x.dtype.type)
-    _fwht_rows(x, pre, block, post, out)
-    return out
+    return _transform(x, _inverse_factors(signs, block, x.dtype.type), block, None)
 
 
 def rotate_hessian(h: np.ndarray, signs: np.ndarray, block: int) -> None:
