@@ -95,6 +95,11 @@ def test_choose_is_the_exact_optimum_under_the_budget(monkeypatch):
         ch = choose(options, None, budget_bytes)
         assert sum(o.weight_bytes for o in ch.options.values()) <= budget_bytes
         assert ch.loss == pytest.approx(best)
+        # the options left unmeasured are exactly those in no combination that fits
+        kept = budget.feasible(options, None, budget_bytes)
+        in_some_fit = {g: {id(c[i]) for c in feasible} for i, g in enumerate(options)}
+        assert {g: {id(o) for o in kept[g]} for g in options} == in_some_fit
+        assert choose(kept, None, budget_bytes).loss == pytest.approx(best)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -427,6 +427,16 @@ def _pareto(opts: list[Option], key) -> list[Option]:
     return out
 
 
+def feasible(options: dict[str, list[Option]], cfg: ModelConfig, budget: int, by: str = "weights",
+             meta=None) -> dict[str, list[Option]]:
+    """Each group's options that fit `budget` with the smallest option of every other group: no
+    other can be chosen, so measuring them (trial encodes, the most expensive part) is skipped."""
+    key = (lambda o: o.weight_bytes) if by == "weights" else (lambda o: o.file_bytes)
+    smallest = {g: min(key(o) for o in opts) for g, opts in options.items()}
+    room = budget - _fixed_bytes(cfg, meta, by) - sum(smallest.values())
+    return {g: [o for o in opts if key(o) - smallest[g] <= room] for g, opts in options.items()}
+
+
 def choose(options: dict[str, list[Option]], cfg: ModelConfig, budget: int, by: str = "weights",
            meta=None) -> Choice:
     """One option per group with the least summed loss whose bytes fit `budget`: the weight bytes
@@ -473,6 +483,7 @@ def auto_recipe(src, bpw: float | None = None, size: int | None = None, calib_te
         budget, by = budget_bytes(cfg, bpw, size)
         options = group_options(cfg, rotate)
         choose(options, cfg, budget, by, meta)            # an impossible target fails before measuring
+        options = feasible(options, cfg, budget, by, meta)
         sequences = source_calibration_sequences(meta, calib_text, SENS_WINDOWS * CALIB_SEQ_LEN, CALIB_SEQ_LEN)
         before = kernels.get_threads()
         kernels.set_threads(threads or kernels.default_threads())
