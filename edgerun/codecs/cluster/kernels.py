@@ -144,9 +144,16 @@ def _block_index_bytes(builder, pblock, bits):
             v = builder.load(p, typ=ir.VectorType(i8, 16), align=1)
             f = _concat(builder, builder.and_(v, c(v.type, 15)), builder.lshr(v, c(v.type, 4)))
         elif width == 2:        # byte k = f[k] | f[k + 8] << 2 | f[k + 16] << 4 | f[k + 24] << 6
-            v = builder.load(p, typ=ir.VectorType(i8, 8), align=1)
-            q = [builder.and_(builder.lshr(v, c(v.type, sh)) if sh else v, c(v.type, 3)) for sh in (0, 2, 4, 6)]
-            f = _concat(builder, _concat(builder, q[0], q[1]), _concat(builder, q[2], q[3]))
+            # the 8 bytes in each quarter of the vector, quarter q shifted right by 2q as 32-bit
+            # lanes (one vpbroadcastq + vpsrlvd on AVX2; a byte's 2 low bits never cross into
+            # the next byte since 2q + 1 ≤ 7), then & 3: lane 8q + k = f[8q + k]
+            i64 = ir.IntType(64)
+            v = builder.load(builder.bitcast(p, i64.as_pointer()), typ=i64, align=1)
+            v4 = builder.insert_element(ir.Constant(ir.VectorType(i64, 4), ir.Undefined), v, ir.Constant(_I32, 0))
+            v4 = builder.shuffle_vector(v4, v4, ir.Constant(ir.VectorType(_I32, 4), [0] * 4))
+            sh = builder.lshr(builder.bitcast(v4, ir.VectorType(_I32, 8)),
+                              ir.Constant(ir.VectorType(_I32, 8), [0, 0, 2, 2, 4, 4, 6, 6]))
+            f = builder.and_(builder.bitcast(sh, v32), c(v32, 3))
         else:                   # bit j of the little-endian uint32 = f[j]: byte j // 8, bit j % 8
             v = builder.load(p, typ=ir.VectorType(i8, 4), align=1)
             b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), [j // 8 for j in range(32)]))
