@@ -427,11 +427,16 @@ def _pareto(opts: list[Option], key) -> list[Option]:
     return out
 
 
+def _size_key(by: str):
+    """Option -> the bytes a target of kind `by` ("weights" or "file") counts."""
+    return (lambda o: o.weight_bytes) if by == "weights" else (lambda o: o.file_bytes)
+
+
 def feasible(options: dict[str, list[Option]], cfg: ModelConfig, budget: int, by: str = "weights",
              meta=None) -> dict[str, list[Option]]:
     """Each group's options that fit `budget` with the smallest option of every other group: no
     other can be chosen, so measuring them (trial encodes, the most expensive part) is skipped."""
-    key = (lambda o: o.weight_bytes) if by == "weights" else (lambda o: o.file_bytes)
+    key = _size_key(by)
     smallest = {g: min(key(o) for o in opts) for g, opts in options.items()}
     room = budget - _fixed_bytes(cfg, meta, by) - sum(smallest.values())
     return {g: [o for o in opts if key(o) - smallest[g] <= room] for g, opts in options.items()}
@@ -442,7 +447,7 @@ def choose(options: dict[str, list[Option]], cfg: ModelConfig, budget: int, by: 
     """One option per group with the least summed loss whose bytes fit `budget`: the weight bytes
     (`by="weights"`) or the file's bound (`by="file"`). TargetTooSmall naming the smallest pack
     when nothing fits."""
-    key = (lambda o: o.weight_bytes) if by == "weights" else (lambda o: o.file_bytes)
+    key = _size_key(by)
     groups = list(options)
     smallest = {g: min(options[g], key=key) for g in groups}
     fixed = _fixed_bytes(cfg, meta, by)
