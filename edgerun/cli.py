@@ -260,7 +260,7 @@ def main():
                    "--layout flash or bitstack.")
 @click.option("-t", "--threads", type=click.IntRange(1), default=None,
               help="CPU threads for calibrating compressed packs (default: the physical cores, but no more "
-                   "than are idle now).")
+                   "than are idle when the pack starts).")
 def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, calib_tokens, layout, rotate,
          threads):
     """Convert a checkpoint into an .ebin.
@@ -282,8 +282,12 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
     times the group's loss per unit of output error, measured with a fixed perturbation), and
     pick the recipe with the least predicted loss that fits; they print what they chose.
     """
+    from . import kernels
     from .convert.budget import rule_label
     from .codecs.rotation import BLOCK
+    # once, before any work: a load average read after --bpw's measuring would count this pack's
+    # own threads and leave the compression one core (the 1.5B at --bpw 3.36 took 29 minutes so)
+    threads = threads or kernels.default_threads()
     from .convert.pack import DEFAULT_CALIB_TOKENS, make_recipe, pack as do_pack, with_rotation
     calib_text = calib_file.read() if calib_file else None
     choice = None
@@ -306,7 +310,7 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
     else:
         rules = with_rotation(make_recipe(dtype, codec, bits, recipe), BLOCK if rotate else 0)
     described = ", ".join(f"{g} {rule_label(r)}" for g, r in rules.items() if g != "vectors")
-    _err(f"packing {src} -> {output} ({described})")
+    _err(f"packing {src} -> {output} ({described}; {threads} thread{'s' if threads > 1 else ''})")
     summary = do_pack(src, output, recipe=rules, calib_text=calib_text,
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, progress=progress_bar("packing"),
                       layer_progress=progress_bar("calibrating and compressing layers", unit="layers"),

@@ -2,11 +2,14 @@
 the textbook computation (Cholesky, inverse, product, Cholesky)."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
 from edgerun import kernels
-from edgerun.codecs.gptq import BLOCK, inverse_cholesky
+from edgerun.codecs import gptq
+from edgerun.codecs.gptq import BLOCK, inverse_cholesky, shared_factors
 
 
 def textbook(H, percdamp):
@@ -38,3 +41,27 @@ def test_inverse_cholesky_matches_textbook(n, size, threads):
     np.testing.assert_array_equal(dead, dead0)
     assert not np.tril(U, -1).any()
     assert np.abs(U - U0).max() <= 1e-6 * np.abs(U0).max()
+
+
+def test_shared_factors_reuse_per_array_and_arguments():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 20))
+    H = (X.T @ X / 64).astype(np.float32)
+    perm = rng.permutation(20)
+    fresh, _ = inverse_cholesky(H, 0.01, perm=perm)
+    with shared_factors():
+        U, dead = inverse_cholesky(H, 0.01, perm=perm)
+        np.testing.assert_array_equal(U, fresh)
+        assert inverse_cholesky(H, 0.01, perm=perm.copy())[0] is U            # same array, same arguments
+        assert not U.flags.writeable and not dead.flags.writeable
+        assert inverse_cholesky(H, 0.02, perm=perm)[0] is not U                # other damping
+        assert inverse_cholesky(H, 0.01)[0] is not U                           # other order
+        H2 = H.copy()                                                          # equal values, another array
+        assert inverse_cholesky(H2, 0.01, perm=perm)[0] is not U
+        memo = gptq._shared.memo
+        held = len(memo)
+        del H2
+        gc.collect()
+        assert len(memo) == held - 1                                           # freed with its Hessian
+    assert getattr(gptq._shared, "memo", None) is None
+    assert inverse_cholesky(H, 0.01, perm=perm)[0].flags.writeable             # outside: a new array

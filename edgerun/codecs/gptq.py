@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import threading
+import weakref
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -9,9 +12,42 @@ from ..kernels import get_threads, threaded_map
 
 BLOCK = 256      # columns per panel of the blocked factorizations below
 
+_shared = threading.local()
+
+
+@contextmanager
+def shared_factors():
+    """Within: `inverse_cholesky` of the same Hessian array with the same arguments is computed
+    once (its result read-only). For encoding one matrix with several codecs or bit widths
+    (pack --bpw's trials): the 1.5B model's down_proj factorization (n = 8960) is most of each
+    trial. The Hessians passed in must not change inside."""
+    outer = getattr(_shared, "memo", None)
+    _shared.memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared.memo = outer
+
 
 def inverse_cholesky(H: np.ndarray, percdamp: float, perm: np.ndarray | None = None,
                      size: int | None = None):
+    """`_inverse_cholesky`, reused inside `shared_factors()`."""
+    memo = getattr(_shared, "memo", None)
+    if memo is None:
+        return _inverse_cholesky(H, percdamp, perm, size)
+    key = (id(H), float(percdamp), None if perm is None else np.asarray(perm).tobytes(), size or H.shape[0])
+    hit = memo.get(key)
+    if hit is None or hit[0]() is not H:
+        U, dead = _inverse_cholesky(H, percdamp, perm, size)
+        U.flags.writeable = dead.flags.writeable = False
+        # a weak reference: a Hessian made for one encode (bitstack's scaled copy) frees its
+        # factor with it, and an id reused by a new array is not mistaken for the old one
+        hit = memo[key] = (weakref.ref(H, lambda _, key=key: memo.pop(key, None)), U, dead)
+    return hit[1], hit[2]
+
+
+def _inverse_cholesky(H: np.ndarray, percdamp: float, perm: np.ndarray | None = None,
+                      size: int | None = None):
     """Upper Cholesky factor U of (H' + damp·I)⁻¹ (GPTQ) as float32, where H' = H[perm][:, perm]
     padded with zero rows/columns to `size`, after zeroing dead inputs (H'_jj <= 0, their
     diagonal set to 1): -> U (size, size) float32, dead (size,) bool.

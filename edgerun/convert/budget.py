@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..codecs import codec_class, codec_names, describe_rule, parse_rule, rotation
+from ..codecs.gptq import shared_factors
 from ..config import ModelConfig, tensor_shapes
 from ..ebin import ALIGN
 from ..errors import EdgerunError
@@ -180,7 +181,13 @@ def _rel_error(delta: np.ndarray, w: np.ndarray, H: np.ndarray | None) -> float:
 def trial_errors(w: np.ndarray, H, options: list[Option], metrics) -> tuple[np.ndarray, np.ndarray]:
     """Each option's codec encodes a row sample of w with the input statistics H (as pack does);
     for every metric (H_m, noise) of `metrics`, the relative output error tr(Δ H_m Δᵀ)/tr(W H_m Wᵀ)
-    of the perturbation (`noise(rows)` its rows) and of each option: (metrics,), (options, metrics)."""
+    of the perturbation (`noise(rows)` its rows) and of each option: (metrics,), (options, metrics).
+    The options' GPTQ factorizations of the same H are computed once (gptq.shared_factors)."""
+    with shared_factors():
+        return _trial_errors(w, H, options, metrics)
+
+
+def _trial_errors(w, H, options, metrics):
     rows = _row_sample(w.shape[0])
     ws = np.ascontiguousarray(w[rows])
     errs = np.zeros((len(options), len(metrics)))
@@ -270,9 +277,9 @@ def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, 
     for g in ("attention", "ffn"):
         if g in noisy:
             states[g] = states["base"].copy()
-    tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=T, chunk=64,
+    # whole windows per forward step: one BLAS matmul per window and linear, as calibrate.py runs
+    tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=T, chunk=T,
                      layers=[None] * L)
-    chunks = [(c, min(c + 64, T)) for c in range(0, T, 64)]
     noise_err, trial_err = defaultdict(float), defaultdict(lambda: np.zeros(0))
     available = set(source.tensor_names())
     if progress:
@@ -297,8 +304,7 @@ def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, 
                     layer[f] = f32_linear(w[f] + perturb[f])
             tf.layers[i] = Layer(**{f: layer.get(f) for f in LAYER_TENSORS})
             for s in range(n_seq):
-                for c0, c1 in chunks:
-                    tf.block(i, x[s, c0:c1], c0)
+                tf.block(i, x[s], 0)
         if i in sampled:
             for g in ("attention", "ffn"):
                 if g not in noisy:
