@@ -507,3 +507,30 @@ def test_warm_cache_compiles_nothing(spqr_packs, tmp_path):
                            capture_output=True, text=True, timeout=900) for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr
     assert int(runs[0].stdout.split()[-1]) > 0 and int(runs[1].stdout.split()[-1]) == 0
+
+
+GENERATION_COMPILES = """
+import sys
+from numba.core import event
+import edgerun
+m = edgerun.load(sys.argv[1], threads=2)
+with event.install_recorder("numba:compile") as rec:
+    list(m.stream_tokens(list(range(3, 40)), max_tokens=6, temperature=0))
+print(len(rec.buffer))
+"""
+
+
+def test_warm_up_covers_generation_with_a_lookup_only_embedding(tiny_dir, tmp_path):
+    """An untied embedding of a kind of its own is warmed up for row lookups only (its matvec
+    and matmul never run); prefill and decode then compile nothing (cold cache, no deferral)."""
+    import os
+    import subprocess
+    import sys
+    from edgerun.convert.pack import make_recipe, pack
+    recipe = make_recipe("f16", recipe="embed=cluster:6,attention=spqr:4,ffn=spqr:4,head=cluster:5")
+    pack(tiny_dir("llama"), tmp_path / "m.ebin", recipe=recipe, calib_tokens=512)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "EDGERUN_DEFER_COMPILE": "0"}
+    run = subprocess.run([sys.executable, "-c", GENERATION_COMPILES, str(tmp_path / "m.ebin")], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.split()[-1]) == 0
