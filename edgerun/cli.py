@@ -283,12 +283,12 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
     pick the recipe with the least predicted loss that fits; they print what they chose.
     """
     from . import kernels
-    from .convert.budget import rule_label
     from .codecs.rotation import BLOCK
-    # once, before any work: a load average read after --bpw's measuring would count this pack's
-    # own threads and leave the compression one core (the 1.5B at --bpw 3.36 took 29 minutes so)
-    threads = threads or kernels.default_threads()
+    from .convert.budget import rule_label
     from .convert.pack import DEFAULT_CALIB_TOKENS, make_recipe, pack as do_pack, with_rotation
+    # once, before any work: a load average read after --bpw's measuring would count this pack's
+    # own threads and leave the compression one core (likely why the 1.5B at --bpw 3.36 took 29 min)
+    threads = threads or kernels.default_threads()
     calib_text = calib_file.read() if calib_file else None
     choice = None
     if bpw is not None or target_size is not None:
