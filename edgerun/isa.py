@@ -235,25 +235,18 @@ def byte_table_lookup(builder, tables, idx, isa=None):
     return picks[0] if len(picks) == 1 else _select_on_bit(builder, idx, 4, picks[1], picks[0])
 
 
-def signed_byte_dot(builder, a, b, isa=None):
-    """IR: <8 x i32> r with r[k] = Σ_{j=4k}^{4k+3} a[j]·b[j] for signed bytes a, b <32 x i8> in
-    -127..127. `isa` overrides the target (tests).
+def byte_dot(builder, a, b, isa=None):
+    """IR: <8 x i32> r with r[k] = Σ_{j=4k}^{4k+3} a[j]·b[j] for unsigned bytes a and signed
+    bytes b (<32 x i8> each); the caller keeps each pair a[2k]·b[2k] + a[2k+1]·b[2k+1] within
+    i16 (byte_pair_dot). `isa` overrides the target (tests).
 
-    AVX2 / AVX-512: vpmaddubsw(|a|, sign(b, a)) then vpmaddwd with ones (llama.cpp's q8 dot on
-    CPUs without VNNI). Elsewhere: widening multiplies and pairwise adds in plain vector IR.
+    AVX2 / AVX-512: vpmaddubsw then vpmaddwd with ones (llama.cpp's K-quant dots on CPUs
+    without VNNI). Elsewhere: byte_pair_dot's widening multiplies, then pairwise adds.
     """
     isa = isa or target().isa
-    v32i8, v16i16, v8i32 = (ir.VectorType(ir.IntType(w), n) for w, n in ((8, 32), (16, 16), (32, 8)))
+    pairs = byte_pair_dot(builder, a, b, isa)
+    v16i16, v8i32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8)
     if isa in ("avx2", "avx512"):
-        ua = _intrinsic(builder, "llvm.abs.v32i8", v32i8, [a, ir.Constant(ir.IntType(1), 0)])
-        sb = _intrinsic(builder, "llvm.x86.avx2.psign.b", v32i8, [b, a])
-        p = _intrinsic(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [ua, sb])
-        return _intrinsic(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [p, _const_like(v16i16, 1)])
-    v32i32 = ir.VectorType(_I32, 32)
-    prod = builder.mul(builder.sext(a, v32i32), builder.sext(b, v32i32))
-    n = 32
-    while n > 8:        # pairwise sums: lanes (2k, 2k + 1) -> k
-        n //= 2
-        prod = builder.add(*[builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(_I32, n),
-                                                                             list(range(o, 2 * n, 2)))) for o in (0, 1)])
-    return prod
+        return _intrinsic(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, _const_like(v16i16, 1)])
+    wide = builder.sext(pairs, ir.VectorType(_I32, 16))
+    return builder.add(*[builder.shuffle_vector(wide, wide, ir.Constant(v8i32, list(range(o, 16, 2)))) for o in (0, 1)])

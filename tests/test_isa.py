@@ -190,26 +190,28 @@ def test_byte_table_lookup_matches_numpy(variant, size):
 
 
 @pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
-def test_signed_byte_dot_matches_numpy(variant):
+def test_byte_dot_matches_numpy(variant):
+    """Unsigned bytes 0..127 times signed -127..127 (the cluster matvec's ranges), extremes included."""
     if not X86 and variant != "portable":
         pytest.skip("x86 variants")
     v32b = ir.VectorType(ir.IntType(8), 32)
 
     def build(mod):
-        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 3), "sdot")
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 3), "udot")
         b = ir.IRBuilder(fn.append_basic_block())
         pa, px, out = fn.args
-        b.store(isa.signed_byte_dot(b, b.load(pa, typ=v32b, align=1), b.load(px, typ=v32b, align=1), isa=variant),
+        b.store(isa.byte_dot(b, b.load(pa, typ=v32b, align=1), b.load(px, typ=v32b, align=1), isa=variant),
                 out, align=4)
         b.ret_void()
 
-    fn = _variant_fn(build, variant, "sdot", 3, "vpmaddubsw", "vpsignb")
+    fn = _variant_fn(build, variant, "udot", 3, "vpmaddubsw", "vpmaddwd")
     if fn is None:
         return
     rng = np.random.default_rng(1)
     for _ in range(10):
-        a, x = (rng.integers(-127, 128, 32).astype(np.int8) for _ in range(2))
-        a[:4], x[:4] = (-127, 127, 0, -127), (-127, -127, 5, 127)
+        a = rng.integers(0, 128, 32).astype(np.uint8)
+        x = rng.integers(-127, 128, 32).astype(np.int8)
+        a[:8], x[:8] = (127, 127, 0, 127, 127, 127, 7, 0), (127, 127, 5, -127, -127, -127, -1, 0)
         out = np.empty(8, np.int32)
         fn(a.ctypes.data, x.ctypes.data, out.ctypes.data)
         np.testing.assert_array_equal(out, (a.astype(np.int32) * x).reshape(8, 4).sum(axis=1))

@@ -132,15 +132,20 @@ def params_of(params: dict | None, n: int) -> tuple[int, int, float]:
 INT8_MAX_BITS = 5          # matvecs of codebooks up to 32 entries run on int8 (formats/codec-cluster.md § Matvec)
 
 
-def int8_codebook(codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The int8 codebooks the matvec uses for K ≤ 32: (G, 32) int8 entries round(c / s) (zero
-    padded) and (G,) float32 scales s = max|c| / 127 per codebook (1 where all are 0)."""
+CODEBOOK_LEVELS = 127      # unsigned 7-bit entries times int8 activations: a pair of products stays in i16
+
+
+def unsigned_codebook(codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unsigned 7-bit codebooks the matvec uses for K ≤ 32: (G, 32) uint8 entries
+    u = rint((c − lo) / s) (zero padded), (G,) float32 steps s = (max c − lo) / 127 (1 where all
+    entries are equal) and (G,) float32 offsets lo = min c, so that c ≈ lo + s·u."""
     cb = codebook.view(np.float16).astype(np.float32)
-    s = np.abs(cb).max(axis=1) / np.float32(127)
+    lo = cb.min(axis=1)
+    s = (cb.max(axis=1) - lo) / np.float32(CODEBOOK_LEVELS)
     s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
-    cb8 = np.zeros((cb.shape[0], 32), np.int8)
-    cb8[:, :cb.shape[1]] = np.rint(cb / s[:, None])
-    return cb8, s
+    u8 = np.zeros((cb.shape[0], 32), np.uint8)
+    u8[:, :cb.shape[1]] = np.rint((cb - lo[:, None]) / s[:, None])
+    return u8, s, lo.astype(np.float32)
 
 
 def quantize_activations(x: np.ndarray, nblk: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,11 +3,13 @@ and `ClusterLinear` (formats/codec-cluster.md).
 
 Storage is by 32-weight blocks of 4·bits bytes, split into bit planes (4-, 2- and 1-bit fields)
 so the kernel widens a whole block into two 16-lane index vectors with shifts and masks. The
-matvec of codebooks up to K = 32 entries runs on int8 (formats/codec-cluster.md § Matvec): the
-block's indices look up an int8 copy of the codebook with a byte shuffle (vpshufb, NEON tbl) and
-the 32 products with the int8 activations are summed in integers (vpmaddubsw / vpmaddwd), one
-float multiply-add per block for the activations' scale; measured on Zen 3 (AVX2) this replaced
-4 vpermps + 2 blends per 16 weights of the float lookup. The float lookup (matmul tiles,
+matvec of codebooks up to K = 32 entries runs on bytes (formats/codec-cluster.md § Matvec): the
+block's indices look up an unsigned 7-bit copy of the codebook with a byte shuffle (vpshufb,
+NEON tbl), whose 32 products with the int8 activations are summed in integers (vpmaddubsw takes
+the unsigned entries as they are, then vpmaddwd), one float multiply-add per block for the
+activations' scale; the codebook's offset multiplies Σx once per row. Measured on Zen 3 (AVX2)
+this replaced 4 vpermps + 2 blends per 16 weights of the float lookup, and the unsigned entries
+saved the vpabsb + vpsignb a signed int8 codebook needs (3-bit matvec −15 %). The float lookup (matmul tiles,
 embedding rows, K ≥ 64) is one AVX-512 permute for K ≤ 16 (`vpermps`, DESIGN §6), a two-table
 permute for K = 32 (`vpermi2ps`) and a gather from an L1 float32 table for K ≥ 64
 (edgerun/isa.py picks the variant the target CPU has).
@@ -22,11 +24,11 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ...isa import _concat, byte_table_lookup, half_to_float, signed_byte_dot, table_lookup
+from ...isa import _concat, byte_dot, byte_table_lookup, half_to_float, table_lookup
 from ...kernels import f16_to_f32
 from ..base import Linear, outlier_rowptr, outlier_rows, stack_outliers
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
-from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, _planes, int8_codebook
+from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, _planes, unsigned_codebook
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
@@ -168,7 +170,8 @@ def _block_index_bytes(builder, pblock, bits):
 @intrinsic(prefer_literal=True)
 def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
     """float32 Σ_b dx[b] · Σ_j cb8[q_j]·x8[32b + j] over `nblk` 32-weight blocks of codes[coff:],
-    int8 codebook entries at cb8.flat[cboff:] (K ≤ 32): the codebook scale is the caller's."""
+    unsigned codebook entries at cb8.flat[cboff:] (K ≤ 32): the codebook's step and offset are
+    the caller's."""
     def codegen(context, builder, sig, args):
         codes_v, coff_v, x8_v, dx_v, cb_v, cboff_v, nblk_v, bits_v = args
         pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
@@ -185,7 +188,7 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
             w8 = byte_table_lookup(builder, tables, _block_index_bytes(builder, pcode, bits))
             xv = builder.load(builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_I8),
                               typ=ir.VectorType(_I8, 32), align=1)
-            s = builder.sitofp(signed_byte_dot(builder, w8, xv), v8f)
+            s = builder.sitofp(byte_dot(builder, w8, xv), v8f)
             d = builder.load(builder.gep(pdx, [b], source_etype=_F32), typ=_F32)
             dv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), d, ir.Constant(_I32, 0)),
                                         ir.Constant(v8f, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
@@ -331,28 +334,34 @@ def _mv_rows(codes, cb, meta, orow, oc, ov, x, out, r0, r1, scr, bits):
 
 @njit(cache=True, nogil=True)         # no fastmath: the rounding matches format.quantize_activations
 def _quantize_x(x, x8, dx):
-    # x (n,) -> x8 (nblk·32,) int8 and dx (nblk,) float32, per 32-column block
+    # x (n,) -> x8 (nblk·32,) int8 and dx (nblk,) float32, per 32-column block; returns
+    # Σ_b dx[b]·Σ x8[block b], the sum the codebooks' offsets multiply
     n = x.shape[0]
+    xsum = np.float32(0.0)
     for b in range(dx.shape[0]):
         m = np.float32(0.0)
         for j in range(b * 32, min(n, b * 32 + 32)):
             m = max(m, abs(x[j]))
         inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
         dx[b] = m / np.float32(127.0)
+        isum = 0
         for j in range(b * 32, b * 32 + 32):
             v = x[j] * inv if j < n else np.float32(0.0)
             x8[j] = np.int8(np.trunc(v + (np.float32(-0.5) if v < 0 else np.float32(0.5))))
+            isum += x8[j]
+        xsum += dx[b] * np.float32(isum)
+    return xsum
 
 
 @njit(**_JIT)
-def _mv_rows_i8(codes, cb8, cbs, meta, orow, oc, ov, x8, dx, out, r0, r1, bits):
-    # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, dx from _quantize_x
+def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, dx, xsum, out, r0, r1, bits):
+    # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, dx, xsum from _quantize_x
     group_rows = meta[3]
     nblk = dx.shape[0]
     rowbytes = codes.shape[1]
     for i in range(r0, r1):
         g = i // group_rows
-        out[i] = _dot_blocks_i8(codes, i * rowbytes, x8, dx, cb8, g * 32, nblk, bits) * cbs[g]
+        out[i] = _dot_blocks_i8(codes, i * rowbytes, x8, dx, cb8, g * 32, nblk, bits) * cbs[g] + cblo[g] * xsum
     for p in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):    # outliers, in row order
         j = np.int64(oc[p])
         out[orow[p]] += f16_to_f32(ov[p]) * (dx[j >> 5] * np.float32(x8[j]))
@@ -366,19 +375,20 @@ def first_token_kernels(bits: int) -> tuple:
     apart. The batched kernels below take bits at run time (a child process compiles them)."""
 
     @njit(**_JIT)
-    def matvec_i8(codes, cb8, cbs, meta, orow, oc, ov, x, x8, dx, out):
+    def matvec_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, out):
         # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch
-        _quantize_x(x, x8, dx)
-        _mv_rows_i8(codes, cb8, cbs, meta, orow, oc, ov, x8, dx, out, 0, meta[0], bits)
+        xsum = _quantize_x(x, x8, dx)
+        _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, dx, xsum, out, 0, meta[0], bits)
 
     @njit(**_JIT_PAR)
-    def matvec_i8_par(codes, cb8, cbs, meta, orow, oc, ov, x, x8, dx, out, nb):
+    def matvec_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, out, nb):
         # as matvec_i8, prange over nb row blocks
-        _quantize_x(x, x8, dx)
+        xsum = _quantize_x(x, x8, dx)
         d = meta[0]
         step = (d + nb - 1) // nb
         for b in prange(nb):
-            _mv_rows_i8(codes, cb8, cbs, meta, orow, oc, ov, x8, dx, out, b * step, min(d, (b + 1) * step), bits)
+            _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, dx, xsum, out, b * step, min(d, (b + 1) * step),
+                        bits)
 
     @njit(**_JIT)
     def row(codes, cb, meta, orow, oc, ov, i, out, scr):
@@ -498,7 +508,7 @@ class ClusterLinear(Linear):
         self._tiles = None
         self._mv, self._mv_par, self._row = first_token_kernels(bits)
         if bits <= INT8_MAX_BITS:   # the int8 matvec's codebooks and activation scratch
-            self.cb8, self.cbs = int8_codebook(self.codebook)
+            self.cb8, self.cbs, self.cblo = unsigned_codebook(self.codebook)
             nblk = self.codes.shape[1] // (4 * bits)
             self.x8, self.dx = np.zeros(nblk * BLOCK, np.int8), np.zeros(nblk, np.float32)
 
@@ -516,7 +526,8 @@ class ClusterLinear(Linear):
     def _matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
         # out (d,) = W (d, n) @ x (n,)
         if self.bits <= INT8_MAX_BITS:
-            args = (self.codes, self.cb8, self.cbs, self.meta, self.orow, self.oc, self.ov, x, self.x8, self.dx, out)
+            args = (self.codes, self.cb8, self.cbs, self.cblo, self.meta, self.orow, self.oc, self.ov, x, self.x8,
+                    self.dx, out)
             if threads > 1:
                 self._mv_par(*args, threads)
             else:

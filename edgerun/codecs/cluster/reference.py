@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, int8_codebook, quantize_activations, unpack_indices
+from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, unsigned_codebook, quantize_activations, unpack_indices
 
 
 def decode(parts: dict, params: dict | None = None, int8: bool = False) -> np.ndarray:
@@ -13,8 +13,8 @@ def decode(parts: dict, params: dict | None = None, int8: bool = False) -> np.nd
     idx = unpack_indices(parts["codes"], bits, n)
     cb = parts["codebook"].view(np.float16).astype(np.float32)
     if int8:
-        cb8, s = int8_codebook(parts["codebook"])
-        cb = cb8[:, :cb.shape[1]].astype(np.float32) * s[:, None]
+        u8, s, lo = unsigned_codebook(parts["codebook"])
+        cb = lo[:, None] + u8[:, :cb.shape[1]].astype(np.float32) * s[:, None]
     W = np.take_along_axis(np.repeat(cb, g, axis=0)[:d], idx, axis=1)
     rp, oc, ov = _outliers(parts, d)
     rows = np.repeat(np.arange(d), np.diff(rp))
