@@ -235,18 +235,26 @@ def byte_table_lookup(builder, tables, idx, isa=None):
     return picks[0] if len(picks) == 1 else _select_on_bit(builder, idx, 4, picks[1], picks[0])
 
 
-def byte_dot(builder, a, b, isa=None):
-    """IR: <8 x i32> r with r[k] = Σ_{j=4k}^{4k+3} a[j]·b[j] for unsigned bytes a and signed
-    bytes b (<32 x i8> each); the caller keeps each pair a[2k]·b[2k] + a[2k+1]·b[2k+1] within
-    i16 (byte_pair_dot). `isa` overrides the target (tests).
+def byte_dot(builder, a, b, scale=None, isa=None):
+    """IR: <8 x i32> r with r[k] = scale · Σ_{j=4k}^{4k+3} a[j]·b[j] for unsigned bytes a and
+    signed bytes b (<32 x i8> each) and an i16 `scale` (default 1); the caller keeps each pair
+    a[2k]·b[2k] + a[2k+1]·b[2k+1] within i16 (byte_pair_dot) and the result within i32. `isa`
+    overrides the target (tests).
 
-    AVX2 / AVX-512: vpmaddubsw then vpmaddwd with ones (llama.cpp's K-quant dots on CPUs
-    without VNNI). Elsewhere: byte_pair_dot's widening multiplies, then pairwise adds.
+    AVX2 / AVX-512: vpmaddubsw then vpmaddwd with the scale (llama.cpp's K-quant dots on CPUs
+    without VNNI multiply their 16-bit sums the same way). Elsewhere: byte_pair_dot's widening
+    multiplies, then widening multiplies by the scale and pairwise adds.
     """
     isa = isa or target().isa
     pairs = byte_pair_dot(builder, a, b, isa)
     v16i16, v8i32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8)
+    if scale is None:
+        sv = _const_like(v16i16, 1)
+    else:
+        sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i16, None), scale, ir.Constant(_I32, 0)),
+                                    ir.Constant(v16i16, None), ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
     if isa in ("avx2", "avx512"):
-        return _intrinsic(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, _const_like(v16i16, 1)])
-    wide = builder.sext(pairs, ir.VectorType(_I32, 16))
+        return _intrinsic(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, sv])
+    v16i32 = ir.VectorType(_I32, 16)
+    wide = builder.mul(builder.sext(pairs, v16i32), builder.sext(sv, v16i32))
     return builder.add(*[builder.shuffle_vector(wide, wide, ir.Constant(v8i32, list(range(o, 16, 2)))) for o in (0, 1)])

@@ -86,6 +86,22 @@ def test_kernels_match_numpy_decode(bits, shape, threads):
         np.testing.assert_array_equal(r, W[i].astype(np.float32))
 
 
+@pytest.mark.parametrize("bits", [3, 5])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_int8_matvec_extremes_stay_exact(bits, sign, threads):
+    """Every product at its largest (codebook entry 127 of 127, activations ±127 at block scale
+    2047) for 3 chunks of 16 blocks: the 16-bit pairs and 32-bit chunk sums do not overflow."""
+    d, n, K = 8, 3 * 16 * 32 + 5, 1 << bits
+    cb = np.linspace(-1, 2, K).astype(np.float16)
+    parts = {"meta": np.array([d, n, bits, 1], np.int32), "codebook": np.tile(cb, (d, 1)).view(np.uint16),
+             "codes": pack_indices(np.full((d, n), K - 1, np.uint8), bits)}
+    x = np.full(n, sign * 3.0, np.float32)
+    out = np.full(d, np.nan, np.float32)
+    ClusterCodec.load(parts).matvec(x, out)
+    np.testing.assert_allclose(out, np.full(d, sign * 6.0 * n), rtol=1e-5)
+    np.testing.assert_allclose(out, matvec_ref(parts, None, x), rtol=1e-5)
+
+
 @pytest.mark.parametrize("bits,g", [(2, 1), (3, 1), (4, 1), (8, 4), (4, None)])
 def test_bits_per_weight_counts_every_byte(bits, g):
     d, n = 37, 1000

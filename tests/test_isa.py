@@ -189,9 +189,11 @@ def test_byte_table_lookup_matches_numpy(variant, size):
         np.testing.assert_array_equal(out, tab[idx])
 
 
+@pytest.mark.parametrize("scale", [None, 2047])
 @pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
-def test_byte_dot_matches_numpy(variant):
-    """Unsigned bytes 0..127 times signed -127..127 (the cluster matvec's ranges), extremes included."""
+def test_byte_dot_matches_numpy(variant, scale):
+    """Unsigned bytes 0..127 times signed -127..127 (the cluster matvec's ranges) times an i16
+    block scale, extremes included."""
     if not X86 and variant != "portable":
         pytest.skip("x86 variants")
     v32b = ir.VectorType(ir.IntType(8), 32)
@@ -200,7 +202,8 @@ def test_byte_dot_matches_numpy(variant):
         fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 3), "udot")
         b = ir.IRBuilder(fn.append_basic_block())
         pa, px, out = fn.args
-        b.store(isa.byte_dot(b, b.load(pa, typ=v32b, align=1), b.load(px, typ=v32b, align=1), isa=variant),
+        e = None if scale is None else ir.Constant(ir.IntType(16), scale)
+        b.store(isa.byte_dot(b, b.load(pa, typ=v32b, align=1), b.load(px, typ=v32b, align=1), e, isa=variant),
                 out, align=4)
         b.ret_void()
 
@@ -214,7 +217,7 @@ def test_byte_dot_matches_numpy(variant):
         a[:8], x[:8] = (127, 127, 0, 127, 127, 127, 7, 0), (127, 127, 5, -127, -127, -127, -1, 0)
         out = np.empty(8, np.int32)
         fn(a.ctypes.data, x.ctypes.data, out.ctypes.data)
-        np.testing.assert_array_equal(out, (a.astype(np.int32) * x).reshape(8, 4).sum(axis=1))
+        np.testing.assert_array_equal(out, (a.astype(np.int32) * x).reshape(8, 4).sum(axis=1) * (scale or 1))
 
 
 @x86_only

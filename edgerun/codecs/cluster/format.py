@@ -157,3 +157,17 @@ def quantize_activations(x: np.ndarray, nblk: int) -> tuple[np.ndarray, np.ndarr
     inv = np.where(m > 0, np.float32(127) / np.where(m > 0, m, 1), 0).astype(np.float32)
     q = np.trunc(xb * inv[:, None] + np.where(xb < 0, np.float32(-0.5), np.float32(0.5)))
     return q.astype(np.int8).reshape(-1), (m / np.float32(127)).astype(np.float32)
+
+
+SCALE_MAX = 2047           # 11-bit block scales: CHUNK_BLOCKS blocks of 2·(127·127·2)·2047 per lane fit i32
+CHUNK_BLOCKS = 16          # blocks the matvec sums in integers before one float step
+
+
+def block_scales(dx: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """The activations' block scales as integer multiples of one step: (nblk,) int16
+    e = rint(dx / D) in 0..2047 and D = max dx / 2047 (float32), so the matvec sums whole chunks
+    of blocks in integers and multiplies by D once (formats/codec-cluster.md § Matvec)."""
+    D = np.float32(np.float32(dx.max(initial=0)) / np.float32(SCALE_MAX))
+    if D == 0:
+        return np.zeros(len(dx), np.int16), D
+    return np.rint(dx / D).astype(np.int16), D

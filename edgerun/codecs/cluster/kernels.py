@@ -28,7 +28,8 @@ from ...isa import _concat, byte_dot, byte_table_lookup, half_to_float, table_lo
 from ...kernels import f16_to_f32
 from ..base import Linear, outlier_rowptr, outlier_rows, stack_outliers
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
-from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, _planes, unsigned_codebook
+from .format import (BLOCK, CHUNK_BLOCKS, INT8_MAX_BITS, SCALE_MAX, _check_meta, _outliers, _planes,
+                     unsigned_codebook)
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
@@ -168,52 +169,58 @@ def _block_index_bytes(builder, pblock, bits):
 
 
 @intrinsic(prefer_literal=True)
-def _dot_blocks_i8(typingctx, codes, coff, x8, dx, cb8, cboff, nblk, bits):
-    """float32 Σ_b dx[b] · Σ_j cb8[q_j]·x8[32b + j] over `nblk` 32-weight blocks of codes[coff:],
-    unsigned codebook entries at cb8.flat[cboff:] (K ≤ 32): the codebook's step and offset are
-    the caller's."""
+def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
+    """float32 Σ_b ex[b] · Σ_j cb8[q_j]·x8[32b + j] over `nblk` 32-weight blocks of codes[coff:],
+    unsigned codebook entries at cb8.flat[cboff:] (K ≤ 32), int16 block scales ex: exact in
+    32-bit integers within each chunk of CHUNK_BLOCKS blocks, one float add per chunk. The
+    activations' step and the codebook's step and offset are the caller's."""
     def codegen(context, builder, sig, args):
-        codes_v, coff_v, x8_v, dx_v, cb_v, cboff_v, nblk_v, bits_v = args
+        codes_v, coff_v, x8_v, ex_v, cb_v, cboff_v, nblk_v, bits_v = args
         pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
         px = _data(context, builder, sig.args[2], x8_v)
-        pdx = _data(context, builder, sig.args[3], dx_v)
+        pex = _data(context, builder, sig.args[3], ex_v)
         pcb = builder.gep(_data(context, builder, sig.args[4], cb_v), [cboff_v], source_etype=_I8)
-        v8f = ir.VectorType(_F32, 8)
+        v8f, v8i = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
+        i16 = ir.IntType(16)
         res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-        accs = [cgutils.alloca_once(builder, v8f) for _ in range(2)]
+        facc = cgutils.alloca_once(builder, v8f)
+        iacc = cgutils.alloca_once(builder, v8i)
         fast = ("fast",)
 
-        def block(tables, b, acc, bits):
+        def block(tables, b, bits):
             pcode = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
             w8 = byte_table_lookup(builder, tables, _block_index_bytes(builder, pcode, bits))
             xv = builder.load(builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_I8),
                               typ=ir.VectorType(_I8, 32), align=1)
-            s = builder.sitofp(byte_dot(builder, w8, xv), v8f)
-            d = builder.load(builder.gep(pdx, [b], source_etype=_F32), typ=_F32)
-            dv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), d, ir.Constant(_I32, 0)),
-                                        ir.Constant(v8f, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(s, dv, flags=fast), flags=fast), acc)
+            e = builder.load(builder.gep(pex, [b], source_etype=i16), typ=i16)
+            builder.store(builder.add(builder.load(iacc), byte_dot(builder, w8, xv, e)), iacc)
 
         def emit(bits):
             tables = [builder.load(builder.gep(pcb, [ir.Constant(_I32, 16 * t)], source_etype=_I8),
                                    typ=ir.VectorType(_I8, 16), align=1) for t in range(2 if bits == 5 else 1)]
-            for a in accs:
-                builder.store(ir.Constant(v8f, [0.0] * 8), a)
-            one = ir.Constant(nblk_v.type, 1)
-            with cgutils.for_range(builder, builder.ashr(nblk_v, one)) as loop:    # two chains
-                b = builder.shl(loop.index, one)
-                block(tables, b, accs[0], bits)
-                block(tables, builder.add(b, one), accs[1], bits)
-            with builder.if_then(builder.icmp_signed("!=", builder.and_(nblk_v, one), ir.Constant(nblk_v.type, 0))):
-                block(tables, builder.sub(nblk_v, one), accs[0], bits)
-            v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=fast)
-            v = _concat(builder, v, ir.Constant(v8f, [0.0] * 8))
+            builder.store(ir.Constant(v8f, [0.0] * 8), facc)
+            ty = nblk_v.type
+            chunk = ir.Constant(ty, CHUNK_BLOCKS)
+            with cgutils.for_range(builder, builder.sdiv(builder.add(nblk_v, ir.Constant(ty, CHUNK_BLOCKS - 1)), chunk)) as c:
+                b0 = builder.mul(c.index, chunk)
+                nb = builder.sub(nblk_v, b0)
+                nb = builder.select(builder.icmp_signed("<", nb, chunk), nb, chunk)
+                builder.store(ir.Constant(v8i, [0] * 8), iacc)
+                one = ir.Constant(ty, 1)
+                with cgutils.for_range(builder, builder.ashr(nb, one)) as loop:   # two blocks a trip
+                    b = builder.add(b0, builder.shl(loop.index, one))
+                    block(tables, b, bits)
+                    block(tables, builder.add(b, one), bits)
+                with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, one), ir.Constant(ty, 0))):
+                    block(tables, builder.add(b0, builder.sub(nb, one)), bits)
+                builder.store(builder.fadd(builder.load(facc), builder.sitofp(builder.load(iacc), v8f), flags=fast), facc)
+            v = _concat(builder, builder.load(facc), ir.Constant(v8f, [0.0] * 8))
             builder.store(_hsum(builder, v), res)
 
         switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[7])
         return builder.load(res)
 
-    return types.float32(codes, coff, x8, dx, cb8, cboff, nblk, bits), codegen
+    return types.float32(codes, coff, x8, ex, cb8, cboff, nblk, bits), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -333,38 +340,50 @@ def _mv_rows(codes, cb, meta, orow, oc, ov, x, out, r0, r1, scr, bits):
 
 
 @njit(cache=True, nogil=True)         # no fastmath: the rounding matches format.quantize_activations
-def _quantize_x(x, x8, dx):
-    # x (n,) -> x8 (nblk·32,) int8 and dx (nblk,) float32, per 32-column block; returns
-    # Σ_b dx[b]·Σ x8[block b], the sum the codebooks' offsets multiply
+def _quantize_x(x, x8, dx, ex):
+    # x (n,) -> x8 (nblk·32,) int8, dx (nblk,) float32 per 32-column block and the block scales
+    # ex (nblk,) int16 of format.block_scales; returns (D, D·Σ_b ex[b]·Σ x8[block b]): the
+    # activations' step and the sum the codebooks' offsets multiply
     n = x.shape[0]
-    xsum = np.float32(0.0)
+    top = np.float32(0.0)
     for b in range(dx.shape[0]):
         m = np.float32(0.0)
         for j in range(b * 32, min(n, b * 32 + 32)):
             m = max(m, abs(x[j]))
         inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
         dx[b] = m / np.float32(127.0)
-        isum = 0
+        top = max(top, dx[b])
         for j in range(b * 32, b * 32 + 32):
             v = x[j] * inv if j < n else np.float32(0.0)
             x8[j] = np.int8(np.trunc(v + (np.float32(-0.5) if v < 0 else np.float32(0.5))))
-            isum += x8[j]
-        xsum += dx[b] * np.float32(isum)
-    return xsum
+    D = top / np.float32(SCALE_MAX)
+    isum = 0
+    for b in range(dx.shape[0]):
+        ex[b] = np.int16(np.rint(dx[b] / D)) if D > 0 else np.int16(0)
+        s = 0
+        for j in range(b * 32, b * 32 + 32):
+            s += x8[j]
+        isum += np.int64(ex[b]) * s
+    return D, D * np.float32(isum)
 
 
 @njit(**_JIT)
-def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, dx, xsum, out, r0, r1, bits):
-    # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, dx, xsum from _quantize_x
+def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, r0, r1, bits):
+    # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, ex, D, xsum from _quantize_x
     group_rows = meta[3]
-    nblk = dx.shape[0]
+    nblk = ex.shape[0]
     rowbytes = codes.shape[1]
+    g = r0 // group_rows
+    left = (g + 1) * group_rows - r0        # rows of codebook g from r0 on (no division per row)
     for i in range(r0, r1):
-        g = i // group_rows
-        out[i] = _dot_blocks_i8(codes, i * rowbytes, x8, dx, cb8, g * 32, nblk, bits) * cbs[g] + cblo[g] * xsum
+        if left == 0:
+            g += 1
+            left = group_rows
+        left -= 1
+        out[i] = _dot_blocks_i8(codes, i * rowbytes, x8, ex, cb8, g * 32, nblk, bits) * (D * cbs[g]) + cblo[g] * xsum
     for p in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):    # outliers, in row order
         j = np.int64(oc[p])
-        out[orow[p]] += f16_to_f32(ov[p]) * (dx[j >> 5] * np.float32(x8[j]))
+        out[orow[p]] += f16_to_f32(ov[p]) * (D * np.float32(ex[j >> 5]) * np.float32(x8[j]))
 
 
 @functools.cache
@@ -375,20 +394,21 @@ def first_token_kernels(bits: int) -> tuple:
     apart. The batched kernels below take bits at run time (a child process compiles them)."""
 
     @njit(**_JIT)
-    def matvec_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, out):
-        # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 scratch
-        xsum = _quantize_x(x, x8, dx)
-        _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, dx, xsum, out, 0, meta[0], bits)
+    def matvec_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, ex, out):
+        # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk·32,) int8, dx (nblk,) f32 and
+        # ex (nblk,) int16 scratch
+        D, xsum = _quantize_x(x, x8, dx, ex)
+        _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, 0, meta[0], bits)
 
     @njit(**_JIT_PAR)
-    def matvec_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, out, nb):
+    def matvec_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, ex, out, nb):
         # as matvec_i8, prange over nb row blocks
-        xsum = _quantize_x(x, x8, dx)
+        D, xsum = _quantize_x(x, x8, dx, ex)
         d = meta[0]
         step = (d + nb - 1) // nb
         for b in prange(nb):
-            _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, dx, xsum, out, b * step, min(d, (b + 1) * step),
-                        bits)
+            _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, b * step,
+                        min(d, (b + 1) * step), bits)
 
     @njit(**_JIT)
     def row(codes, cb, meta, orow, oc, ov, i, out, scr):
@@ -510,7 +530,7 @@ class ClusterLinear(Linear):
         if bits <= INT8_MAX_BITS:   # the int8 matvec's codebooks and activation scratch
             self.cb8, self.cbs, self.cblo = unsigned_codebook(self.codebook)
             nblk = self.codes.shape[1] // (4 * bits)
-            self.x8, self.dx = np.zeros(nblk * BLOCK, np.int8), np.zeros(nblk, np.float32)
+            self.x8, self.dx, self.ex = np.zeros(nblk * BLOCK, np.int8), np.zeros(nblk, np.float32), np.zeros(nblk, np.int16)
 
     @property
     def rp(self) -> np.ndarray:
@@ -527,7 +547,7 @@ class ClusterLinear(Linear):
         # out (d,) = W (d, n) @ x (n,)
         if self.bits <= INT8_MAX_BITS:
             args = (self.codes, self.cb8, self.cbs, self.cblo, self.meta, self.orow, self.oc, self.ov, x, self.x8,
-                    self.dx, out)
+                    self.dx, self.ex, out)
             if threads > 1:
                 self._mv_par(*args, threads)
             else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import BLOCK, INT8_MAX_BITS, _check_meta, _outliers, unsigned_codebook, quantize_activations, unpack_indices
+from .format import BLOCK, INT8_MAX_BITS, block_scales, _check_meta, _outliers, unsigned_codebook, quantize_activations, unpack_indices
 
 
 def decode(parts: dict, params: dict | None = None, int8: bool = False) -> np.ndarray:
@@ -29,5 +29,6 @@ def matvec(parts: dict, params: dict | None, x: np.ndarray) -> np.ndarray:
     if bits > INT8_MAX_BITS:
         return decode(parts, params) @ np.asarray(x, np.float32)
     x8, dx = quantize_activations(x, -(-n // BLOCK))
-    xq = (x8.reshape(-1, BLOCK) * dx[:, None]).reshape(-1)[:n]
+    e, D = block_scales(dx)
+    xq = (x8.reshape(-1, BLOCK) * (D * e.astype(np.float32))[:, None]).reshape(-1)[:n]
     return decode(parts, params, int8=True) @ xq
