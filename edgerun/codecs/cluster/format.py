@@ -159,8 +159,11 @@ def quantize_activations(x: np.ndarray, nblk: int) -> tuple[np.ndarray, np.ndarr
     return q.astype(np.int8).reshape(-1), (m / np.float32(127)).astype(np.float32)
 
 
-SCALE_MAX = 2047           # 11-bit block scales: CHUNK_BLOCKS blocks of 2·(127·127·2)·2047 per lane fit i32
-CHUNK_BLOCKS = 16          # blocks the matvec sums in integers before one float step
+# The matvec's integer sums (kernels.py compiles these in: touch it when they change, or Numba's
+# cache keeps the old values): a lane adds 2 pairs ≤ 127·127·2 times a block scale ≤ SCALE_MAX,
+# CHUNK_BLOCKS times, < 2³¹.
+SCALE_MAX = 2047
+CHUNK_BLOCKS = 16
 
 
 def block_scales(dx: np.ndarray) -> tuple[np.ndarray, np.float32]:

@@ -6,10 +6,12 @@ so the kernel widens a whole block into two 16-lane index vectors with shifts an
 matvec of codebooks up to K = 32 entries runs on bytes (formats/codec-cluster.md § Matvec): the
 block's indices look up an unsigned 7-bit copy of the codebook with a byte shuffle (vpshufb,
 NEON tbl), whose 32 products with the int8 activations are summed in integers (vpmaddubsw takes
-the unsigned entries as they are, then vpmaddwd), one float multiply-add per block for the
-activations' scale; the codebook's offset multiplies Σx once per row. Measured on Zen 3 (AVX2)
-this replaced 4 vpermps + 2 blends per 16 weights of the float lookup, and the unsigned entries
-saved the vpabsb + vpsignb a signed int8 codebook needs (3-bit matvec −15 %). The float lookup (matmul tiles,
+the unsigned entries as they are, then vpmaddwd by the block's integer activation scale),
+summed in integers over 16 blocks before one float add; the codebook's offset multiplies Σx
+once per row. Measured on Zen 3 (AVX2) this replaced 4 vpermps + 2 blends per 16 weights of the
+float lookup, then the unsigned entries saved the vpabsb + vpsignb a signed int8 codebook needs
+(3-bit matvec −15 %) and the integer scales a convert and a float multiply-add per block
+(−7 to −15 %). The float lookup (matmul tiles,
 embedding rows, K ≥ 64) is one AVX-512 permute for K ≤ 16 (`vpermps`, DESIGN §6), a two-table
 permute for K = 32 (`vpermi2ps`) and a gather from an L1 float32 table for K ≥ 64
 (edgerun/isa.py picks the variant the target CPU has).
@@ -201,7 +203,8 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
             builder.store(ir.Constant(v8f, [0.0] * 8), facc)
             ty = nblk_v.type
             chunk = ir.Constant(ty, CHUNK_BLOCKS)
-            with cgutils.for_range(builder, builder.sdiv(builder.add(nblk_v, ir.Constant(ty, CHUNK_BLOCKS - 1)), chunk)) as c:
+            nchunks = builder.sdiv(builder.add(nblk_v, ir.Constant(ty, CHUNK_BLOCKS - 1)), chunk)
+            with cgutils.for_range(builder, nchunks) as c:
                 b0 = builder.mul(c.index, chunk)
                 nb = builder.sub(nblk_v, b0)
                 nb = builder.select(builder.icmp_signed("<", nb, chunk), nb, chunk)
@@ -213,7 +216,8 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
                     block(tables, builder.add(b, one), bits)
                 with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, one), ir.Constant(ty, 0))):
                     block(tables, builder.add(b0, builder.sub(nb, one)), bits)
-                builder.store(builder.fadd(builder.load(facc), builder.sitofp(builder.load(iacc), v8f), flags=fast), facc)
+                chunk_sum = builder.sitofp(builder.load(iacc), v8f)
+                builder.store(builder.fadd(builder.load(facc), chunk_sum, flags=fast), facc)
             v = _concat(builder, builder.load(facc), ir.Constant(v8f, [0.0] * 8))
             builder.store(_hsum(builder, v), res)
 
@@ -530,7 +534,8 @@ class ClusterLinear(Linear):
         if bits <= INT8_MAX_BITS:   # the int8 matvec's codebooks and activation scratch
             self.cb8, self.cbs, self.cblo = unsigned_codebook(self.codebook)
             nblk = self.codes.shape[1] // (4 * bits)
-            self.x8, self.dx, self.ex = np.zeros(nblk * BLOCK, np.int8), np.zeros(nblk, np.float32), np.zeros(nblk, np.int16)
+            self.x8 = np.zeros(nblk * BLOCK, np.int8)
+            self.dx, self.ex = np.zeros(nblk, np.float32), np.zeros(nblk, np.int16)
 
     @property
     def rp(self) -> np.ndarray:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import BLOCK, INT8_MAX_BITS, block_scales, _check_meta, _outliers, unsigned_codebook, quantize_activations, unpack_indices
+from .format import (BLOCK, INT8_MAX_BITS, _check_meta, _outliers, block_scales, quantize_activations,
+                     unpack_indices, unsigned_codebook)
 
 
 def decode(parts: dict, params: dict | None = None, int8: bool = False) -> np.ndarray:
-    """Reference NumPy decode to float32 (tests only); `int8`: with the matvec's int8 codebooks."""
+    """Reference NumPy decode to float32 (tests only); `int8`: with the matvec's 7-bit codebooks."""
     d, n, bits, g = _check_meta(parts)
     idx = unpack_indices(parts["codes"], bits, n)
     cb = parts["codebook"].view(np.float16).astype(np.float32)
@@ -23,8 +24,9 @@ def decode(parts: dict, params: dict | None = None, int8: bool = False) -> np.nd
 
 
 def matvec(parts: dict, params: dict | None, x: np.ndarray) -> np.ndarray:
-    """W @ x (n,) -> (d,) float32 as the kernels compute it: for K ≤ 32 the int8 codebooks times
-    the int8 activations (formats/codec-cluster.md § Matvec), else the decoded W times x."""
+    """W @ x (n,) -> (d,) float32 as the kernels compute it: for K ≤ 32 the 7-bit codebooks times
+    the int8 activations at integer block scales (formats/codec-cluster.md § Matvec), else the
+    decoded W times x."""
     d, n, bits, g = _check_meta(parts)
     if bits > INT8_MAX_BITS:
         return decode(parts, params) @ np.asarray(x, np.float32)
