@@ -3,6 +3,7 @@ bytes and ns/weight on SmolLM2-135M shapes at 1 and 2 threads, prefill matmul, a
 reconstruction error on a real SmolLM2 weight.
 
     python tools/bench_cluster.py [--bits 3,4,8] [--gguf /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python tools/bench_cluster.py --bits 3 --shapes 17920x1536,1536x8960 --skip matmul,encode,real
 
 A whole token of SmolLM2 (30 layers × (q,o 576x576; k,v 192x576; gate,up 1536x576; down 576x1536)
 + lm_head 49152x576) is ≈ 134M weights; the "token ms" column sums those matvecs.
@@ -31,14 +32,14 @@ def _time(fn, min_s=0.3):
     return best
 
 
-def bench_kernels(bits_list, threads_list):
+def bench_kernels(bits_list, threads_list, shapes=SHAPES):
     rng = np.random.default_rng(0)
     print("bits thr shape          bpw   us/matvec  GB/s(packed)  ns/weight")
     for bits in bits_list:
         for threads in threads_list:
             kernels.set_threads(threads)
             token_s = 0.0
-            for d, n in SHAPES:
+            for d, n in shapes:
                 w = rng.standard_normal((d, n), dtype=np.float32)
                 # encode only a slice for the huge shape, then tile its parts (speed is layout-bound)
                 parts = ClusterCodec.encode(w, {"bits": bits})
@@ -46,7 +47,7 @@ def bench_kernels(bits_list, threads_list):
                 x = rng.standard_normal(n, dtype=np.float32)
                 out = np.zeros(d, np.float32)
                 t = _time(lambda: L.matvec(x, out))
-                token_s += t * PER_TOKEN[(d, n)]
+                token_s += t * PER_TOKEN.get((d, n), 1)
                 print(f"{bits:4d} {threads:3d} {d:5d}x{n:<5d} {L.bits_per_weight:7.3f} {t * 1e6:9.1f} "
                       f"{parts['codes'].nbytes / t / 1e9:11.2f} {t / (d * n) * 1e9:10.3f}")
             print(f"  bits={bits} threads={threads}: whole-token matvecs {token_s * 1e3:.2f} ms "
@@ -110,11 +111,13 @@ def main():
     ap.add_argument("--bits", default="3,4,8")
     ap.add_argument("--gguf", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--skip", default="", help="comma list of: kernels,matmul,encode,real")
+    ap.add_argument("--shapes", default=None, help="matvec shapes DxN,... (default: SmolLM2's)")
     a = ap.parse_args()
     bits = [int(b) for b in a.bits.split(",")]
     skip = set(a.skip.split(","))
     if "kernels" not in skip:
-        bench_kernels(bits, (1, 2))
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
+        bench_kernels(bits, (1, 2), shapes)
     if "matmul" not in skip:
         bench_matmul(bits)
     if "encode" not in skip:
