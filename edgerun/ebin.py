@@ -33,8 +33,9 @@ _HEADER = struct.Struct("<8sIIQQII20x")
 assert _HEADER.size == HEADER_SIZE - 4  # the last 4 bytes hold the header's own crc32
 
 # manifest "format.features" this reader implements; "rotation": tensors with a "rotation" entry
-# (formats/ebin.md § Rotated tensors) whose stored rows an older reader would use unrotated
-FEATURES: frozenset[str] = frozenset({"rotation"})
+# (formats/ebin.md § Rotated tensors) whose stored rows an older reader would use unrotated;
+# "cluster-planes-2": cluster tensors in plane order 2 (formats/codec-cluster.md § Block layout)
+FEATURES: frozenset[str] = frozenset({"rotation", "cluster-planes-2"})
 # Bounds on the manifest: its length (the largest tokenizer.json files are ~35 MB; it is read and
 # parsed before any --ram plan exists) and its nesting (edgerun writes at most 5 levels).
 MAX_MANIFEST = 128 << 20

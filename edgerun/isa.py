@@ -204,10 +204,11 @@ def byte_pair_dot(builder, a, xpairs, isa=None):
                        builder.mul(half(a, 1, builder.zext), half(xpairs, 1, builder.sext)))
 
 
-def byte_table_lookup(builder, tables, idx, isa=None):
-    """IR: <32 x i8> r with r[l] = table[idx[l]], the table being `tables` (one or two <16 x i8>:
-    16 or 32 entries) concatenated; idx <32 x i8> in [0, 16·len(tables)). `isa` overrides the
-    target (tests).
+def byte_table_lookup(builder, tables, idx, top=None, size=16, isa=None):
+    """IR: <32 x i8> r with r[l] = tables[t][idx[l]], idx <32 x i8> in [0, size) and t the table
+    (one or two <16 x i8> of which the first `size` entries are used) picked by index bit 4
+    (idx in [0, 32)) or, when `top` (<32 x i8>) is given, by its lane's sign bit. `isa`
+    overrides the target (tests).
 
     AVX2 / AVX-512: vpshufb (one per 16 entries, the halves picked by index bit 4); arm64: tbl;
     elsewhere (SSE2) a tree of byte selects.
@@ -226,13 +227,17 @@ def byte_table_lookup(builder, tables, idx, isa=None):
         picks = []
         for t in tables:
             entries = [builder.shuffle_vector(t, ir.Constant(v16i8, None), ir.Constant(ir.VectorType(_I32, 32), [k] * 32))
-                       for k in range(16)]
+                       for k in range(size)]
             bit = 0
             while len(entries) > 1:
                 entries = [_select_on_bit(builder, idx, bit, entries[k + 1], entries[k]) for k in range(0, len(entries), 2)]
                 bit += 1
             picks.append(entries[0])
-    return picks[0] if len(picks) == 1 else _select_on_bit(builder, idx, 4, picks[1], picks[0])
+    if len(picks) == 1:
+        return picks[0]
+    if top is None:
+        return _select_on_bit(builder, idx, 4, picks[1], picks[0])
+    return builder.select(builder.icmp_signed("<", top, _const_like(top.type, 0)), picks[1], picks[0])
 
 
 def byte_dot(builder, a, b, scale=None, isa=None):

@@ -253,7 +253,7 @@ def _cluster_parts(p: _Parts, shape: tuple) -> None:
     p.param("outliers", lambda v: is_number(v) and 0 <= v <= 0.1, "a fraction in [0, 0.1]", 0)
     p.param("gptq", lambda v: isinstance(v, bool), "true or false", True)
     p.param("percdamp", lambda v: is_number(v) and 0 <= v <= 1e6, "a number >= 0", 0.01)
-    p.expect("meta", "int32", (4,))
+    p.expect("meta", "int32", (5,) if p.shape("meta") == (5,) else (4,))   # 4: plane order 1 (older packs)
     nblk = -(-n // 32)
     codes = p.shape("codes")
     bits = codes[1] // (4 * nblk) if len(codes) == 2 and nblk else 0
@@ -448,6 +448,7 @@ def check_parts(path, name: str, entry: dict, parts: dict) -> None:
         g = meta[3]
         c.require(meta[:3] == [d, n, bits] and g >= 1 and parts["codebook"].shape[0] == -(-d // g),
                   f"{where}: meta {meta} does not match the {d}x{n} weight and its parts")
+        c.require(meta[4:] in ([], [2]), f"{where}: meta {meta}: unknown plane order {meta[4:]}")
     if codec == "bitstack":
         from .codecs.bitstack import block_layout
         meta = [int(v) for v in parts["meta"]]

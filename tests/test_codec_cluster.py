@@ -5,7 +5,7 @@ import pytest
 
 from edgerun import kernels
 from edgerun.codecs import cluster, get_codec
-from edgerun.codecs.cluster import ClusterCodec, pack_indices, unpack_indices
+from edgerun.codecs.cluster import ClusterCodec, meta_array, pack_indices, unpack_indices
 from edgerun.codecs.cluster.reference import matvec as matvec_ref
 from edgerun.errors import EdgerunError
 
@@ -32,6 +32,29 @@ def test_pack_unpack_roundtrip(bits):
     codes = pack_indices(idx.astype(np.uint8), bits)
     assert codes.shape == (5, 3 * 4 * bits)            # 77 -> 3 blocks of 32, 4*bits bytes each
     np.testing.assert_array_equal(unpack_indices(codes, bits, 77), idx)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 7])
+def test_plane_order_1_packs_load_converted(bits):
+    """A pack from before plane order 2 (4-entry meta, the 1-bit plane a little-endian uint32
+    whose bit j is weight j) decodes and multiplies as the same indices in order 2."""
+    d, n = 9, 77
+    idx = RNG.integers(0, 1 << bits, size=(d, n)).astype(np.uint8)
+    book = np.sort(RNG.standard_normal((d, 1 << bits)), axis=1).astype(np.float16).view(np.uint16)
+    new = {"meta": meta_array(d, n, bits, 1), "codebook": book, "codes": pack_indices(idx, bits)}
+    full = np.zeros((d, 3 * 32), np.uint8)
+    full[:, :n] = idx >> (bits - 1)
+    blk = new["codes"].reshape(d, 3, 4 * bits).copy()
+    blk[..., -4:] = np.packbits(full.reshape(d, 3, 32), axis=-1, bitorder="little")
+    old = {"meta": np.array([d, n, bits, 1], np.int32), "codebook": book, "codes": blk.reshape(d, -1)}
+    assert not np.array_equal(old["codes"], new["codes"])
+    np.testing.assert_array_equal(ClusterCodec.decode(old), ClusterCodec.decode(new))
+    x = RNG.standard_normal(n).astype(np.float32)
+    outs = [np.zeros(d, np.float32) for _ in range(2)]
+    for parts, out in zip((old, new), outs):
+        ClusterCodec.load(parts).matvec(x, out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(outs[1], matvec_ref(new, None, x), rtol=1e-5, atol=1e-5)
 
 
 def test_weighted_kmeans_beats_plain_on_weighted_error():
@@ -93,7 +116,7 @@ def test_int8_matvec_extremes_stay_exact(bits, sign, threads):
     2047) for 3 chunks of 16 blocks: the 16-bit pairs and 32-bit chunk sums do not overflow."""
     d, n, K = 8, 3 * 16 * 32 + 5, 1 << bits
     cb = np.linspace(-1, 2, K).astype(np.float16)
-    parts = {"meta": np.array([d, n, bits, 1], np.int32), "codebook": np.tile(cb, (d, 1)).view(np.uint16),
+    parts = {"meta": meta_array(d, n, bits, 1), "codebook": np.tile(cb, (d, 1)).view(np.uint16),
              "codes": pack_indices(np.full((d, n), K - 1, np.uint8), bits)}
     x = np.full(n, sign * 3.0, np.float32)
     out = np.full(d, np.nan, np.float32)
@@ -110,7 +133,7 @@ def test_bits_per_weight_counts_every_byte(bits, g):
     parts = ClusterCodec.encode(w, params)
     g = int(parts["meta"][3])
     nblk = -(-n // 32)
-    expect = d * nblk * 4 * bits + (-(-d // g)) * (1 << bits) * 2 + 16   # codes + f16 codebooks + meta
+    expect = d * nblk * 4 * bits + (-(-d // g)) * (1 << bits) * 2 + 20   # codes + f16 codebooks + meta
     assert ClusterCodec.nbytes(parts) == expect == sum(p.nbytes for p in parts.values())
     L = ClusterCodec.load(parts)
     assert L.nbytes == expect

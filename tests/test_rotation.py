@@ -157,6 +157,7 @@ def test_recipe_size_counts_the_signs(tiny_dir, tmp_path):
     s = pack(tiny_dir("qwen2"), out, recipe=recipe, calib_text=_calib(), calib_tokens=512)
     with EbinFile(out) as f:
         cfg = ModelConfig.from_dict(f.manifest["config"])
+        assert f.manifest["format"]["features"] == ["cluster-planes-2", "rotation"]
     planned = recipe_size(json.loads(json.dumps(recipe)), cfg)
     assert planned.group_bytes["attention"] == s.group_bytes["attention"]
     assert planned.group_bytes["ffn"] == s.group_bytes["ffn"]

@@ -137,8 +137,8 @@ def craft_codec_pack(base: Path, out: Path, codec: str, seed: int = 0) -> None:
     with EbinFile(base) as f, EbinWriter(out) as w:
         man = {k: v for k, v in f.manifest.items() if k not in ("arrays", "format")}
         man["tensors"] = tensors = json.loads(json.dumps(man["tensors"]))
-        if codec == "rotated":
-            man["format"] = {"features": ["rotation"]}
+        if codec in ("rotated", "cluster"):
+            man["format"] = {"features": ["rotation" if codec == "rotated" else "cluster-planes-2"]}
         blocks, K = {}, 4
         for name, e in f.manifest["tensors"].items():
             mat = len(e["shape"]) == 2 and name.startswith("model.layers.")
@@ -181,13 +181,14 @@ def craft_codec_pack(base: Path, out: Path, codec: str, seed: int = 0) -> None:
 
 
 def _cluster_parts(rng, d: int, n: int, bits: int = 4, g: int = 16) -> dict:
+    from edgerun.codecs.cluster import meta_array
     nblk, G = -(-n // 32), -(-d // g)
     book = np.sort(rng.uniform(-0.2, 0.2, (G, 1 << bits)), axis=1).astype(np.float16).view(np.uint16)
     per_row = rng.integers(0, 3, d)
     rowptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
     cols = np.concatenate([np.sort(rng.choice(n, k, replace=False)) for k in per_row]).astype(np.uint16)
     vals = rng.uniform(-0.1, 0.1, len(cols)).astype(np.float16).view(np.uint16)
-    return {"meta": np.array([d, n, bits, g], np.int32), "codebook": book,
+    return {"meta": meta_array(d, n, bits, g), "codebook": book,
             "codes": rng.integers(0, 256, (d, nblk * 4 * bits), dtype=np.uint8),
             "outlier_rowptr": rowptr, "outlier_col": cols, "outlier_val": vals}
 
@@ -612,10 +613,12 @@ def _flash_cases(F: Ebin, add, rng) -> None:
 def _cluster_cases(C: Ebin, add) -> None:
     name = "model.layers.0.mlp.up_proj.weight"
     t = C.manifest["tensors"][name]["parts"]
-    m0 = C.array(t["meta"])
-    for label, meta in [("rows", [m0[0] + 64, m0[1], m0[2], m0[3]]), ("bits", [m0[0], m0[1], 8, m0[3]]),
-                        ("group", [m0[0], m0[1], m0[2], 0]), ("cols", [m0[0], m0[1] * 4, m0[2], m0[3]])]:
-        add(f"cluster-meta-{label}", "cluster", _set_array(t["meta"], np.array(meta, np.int32)), DATA)
+    m0 = C.array(t["meta"])          # [d, n, bits, group_rows, plane_order]
+    for label, k, v in [("rows", 0, m0[0] + 64), ("bits", 2, 8), ("group", 3, 0), ("cols", 1, m0[1] * 4),
+                        ("order", 4, 3)]:
+        meta = np.array(m0, np.int32)
+        meta[k] = v
+        add(f"cluster-meta-{label}", "cluster", _set_array(t["meta"], meta), DATA)
     add("cluster-codes-shape", "cluster", _set(f"arrays.{t['codes']}.shape", [48, C.arrays[t["codes"]]["shape"][1] * 2]))
     add("cluster-codebook-shape", "cluster", _set(f"arrays.{t['codebook']}.shape", [1, 64]))
     add("cluster-params-bits", "cluster", _set(f"tensors.{name}.params.bits", "four"))

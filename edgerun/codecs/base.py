@@ -41,6 +41,9 @@ class Codec:
     # parts whose row i holds row i's data and nothing else: an embedding that is only looked up
     # (not the output head) leaves these in the file and reads a token's row on demand (plan.py)
     row_parts: tuple = ()
+    # names a file holding this codec's tensors lists in its manifest's format.features, so that
+    # older readers refuse it instead of misreading (formats/ebin.md § Evolution)
+    file_features: tuple = ()
 
     def __init_subclass__(cls, name: str | None = None, **kw):
         super().__init_subclass__(**kw)

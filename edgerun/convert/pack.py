@@ -379,9 +379,10 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 if progress:
                     progress(done, total)
         tensors = {n: store.entries[n] for n in names}
-        rotated = any("rotation" in e for e in tensors.values())
+        features = sorted({f for e in tensors.values() for f in codec_class(e["codec"]).file_features}
+                          | ({"rotation"} if any("rotation" in e for e in tensors.values()) else set()))
         writer.close({
-            **({"format": {"features": ["rotation"]}} if rotated else {}),
+            **({"format": {"features": features}} if features else {}),
             "config": meta.config,
             "tokenizer": {"json": meta.tokenizer_json, "chat_template": meta.chat_template,
                           "bos_token_id": meta.bos_token_id, "eos_token_ids": meta.eos_token_ids,

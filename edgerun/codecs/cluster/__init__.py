@@ -9,7 +9,8 @@ import numpy as np
 
 from ..base import Codec
 from . import encode as _encode, reference
-from .format import BLOCK, OUTLIER_PARTS, default_group_rows, pack_indices, params_of, unpack_indices  # noqa: F401
+from .format import (BLOCK, FILE_FEATURE, OUTLIER_PARTS, default_group_rows, meta_array,  # noqa: F401
+                     pack_indices, params_of, unpack_indices)
 from .kernels import MATMUL_MIN_T, PAR_MIN_WEIGHTS, TILE_ROWS, ClusterLinear  # noqa: F401
 
 # SqueezeLLM's dense-and-sparse: 0.3% of the most sensitive weights kept exact in fp16 (measured on
@@ -23,6 +24,7 @@ class ClusterCodec(Codec, name="cluster"):
 
     arg, default_arg, arg_range = "bits", 4, (2, 8)
     row_parts = ("codes",)
+    file_features = (FILE_FEATURE,)
     example_params = ({"bits": 3}, {"bits": 4, "outliers": 0.01}, {"bits": 5, "group_rows": 2},
                       {"bits": 8})
 
@@ -37,7 +39,7 @@ class ClusterCodec(Codec, name="cluster"):
         d, n = shape
         bits, g, frac = params_of(params, n)
         sizes = {"codes": d * -(-n // BLOCK) * 4 * bits, "codebook": -(-d // min(g, d)) * (1 << bits) * 2,
-                 "meta": 16}
+                 "meta": 20}
         if frac:
             k = int(round(frac * d * n))
             sizes.update(outlier_rowptr=4 * (d + 1), outlier_col=2 * k, outlier_val=2 * k)

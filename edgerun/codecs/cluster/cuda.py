@@ -24,8 +24,8 @@ def _cluster_index(codes, r, base, c, bits):
         q |= ((int32(codes[r, off + (c & 7)]) >> (2 * (c >> 3))) & 3) << sh
         sh += 2
         off += 8
-    if bits & 1:                      # little-endian uint32, bit c
-        q |= ((int32(codes[r, off + (c >> 3)]) >> (c & 7)) & 1) << sh
+    if bits & 1:                      # byte k = f[k] | f[k+4] << 1 | ... | f[k+28] << 7
+        q |= ((int32(codes[r, off + (c & 3)]) >> (c >> 2)) & 1) << sh
     return q
 
 

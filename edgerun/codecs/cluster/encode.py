@@ -20,7 +20,7 @@ from numba import njit, prange
 from ...errors import UnsupportedModelError
 from ...kernels import PARALLEL_REGIONS, threaded_map
 from ..gptq import inverse_cholesky as _inverse_cholesky
-from .format import BLOCK, pack_indices, params_of
+from .format import BLOCK, meta_array, pack_indices, params_of
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True)
@@ -293,7 +293,7 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
             rows.append(rr + r0)
             cols.append(cc)
             vals.append((wq[rr, cc] - dense).astype(np.float16))
-    parts = {"codes": codes, "codebook": cb16.view(np.uint16), "meta": np.array([d, n, bits, g], np.int32)}
+    parts = {"codes": codes, "codebook": cb16.view(np.uint16), "meta": meta_array(d, n, bits, g)}
     if frac:
         rows = np.concatenate(rows)
         parts["outlier_rowptr"] = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=d))]).astype(np.int32)

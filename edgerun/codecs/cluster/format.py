@@ -1,8 +1,8 @@
 """Cluster codec: the format (formats/codec-cluster.md): parts, params, the bit-plane layout.
 
 Parts: "codes" (d, nblk·4·bits) uint8 (32-weight blocks split in 4/2/1-bit planes), "codebook"
-(G, 2^bits) float16 bits (one codebook per `group_rows` rows), "meta" [d, n, bits, group_rows]
-int32, and optionally the CSR outliers "outlier_rowptr" int32, "outlier_col" uint16,
+(G, 2^bits) float16 bits (one codebook per `group_rows` rows), "meta" [d, n, bits, group_rows,
+PLANE_ORDER] int32, and optionally the CSR outliers "outlier_rowptr" int32, "outlier_col" uint16,
 "outlier_val" float16 bits. Every part is stored and counted (`ClusterCodec.nbytes`).
 """
 from __future__ import annotations
@@ -13,6 +13,13 @@ from ...errors import UnsupportedModelError
 
 BLOCK = 32                 # weights per block; a block is 4*bits bytes
 OUTLIER_PARTS = ("outlier_rowptr", "outlier_col", "outlier_val")   # CSR, present only with outliers
+# meta[4], the 1-bit plane's bit order: 2 = byte k holds weights k, k+4, ..., k+28 (one shift
+# per 32-bit lane unpacks it). Packs from before 2026-12-07 have a 4-entry meta and order 1
+# (bit j of a uint32 = weight j); `codes_of` converts their odd-bit codes at load.
+PLANE_ORDER = 2
+# what a file holding cluster tensors declares in its manifest's format.features, so that
+# readers from before PLANE_ORDER refuse it ("upgrade") instead of misreading the 1-bit plane
+FILE_FEATURE = "cluster-planes-2"
 
 
 def _planes(bits: int) -> list[int]:
@@ -47,10 +54,36 @@ def pack_indices(idx: np.ndarray, bits: int) -> np.ndarray:
             out.append(f[..., :16] | (f[..., 16:] << 4))
         elif width == 2:    # byte k: weights k, k+8, k+16, k+24 at bits 0, 2, 4, 6
             out.append(f[..., 0:8] | (f[..., 8:16] << 2) | (f[..., 16:24] << 4) | (f[..., 24:32] << 6))
-        else:               # little-endian uint32: bit j = weight j
-            out.append(np.packbits(f, axis=-1, bitorder="little"))
+        else:
+            out.append(_pack_one_bit(f))
         shift += width
     return np.concatenate(out, axis=-1).reshape(d, nblk * 4 * bits)
+
+
+def _pack_one_bit(f: np.ndarray) -> np.ndarray:
+    """(..., 32) fields in {0, 1} -> (..., 4) bytes, order 2: byte k = Σ_i f[4i + k] << i."""
+    return np.packbits(f.reshape(*f.shape[:-1], 8, 4).swapaxes(-1, -2), axis=-1, bitorder="little")[..., 0]
+
+
+def _unpack_one_bit(p: np.ndarray) -> np.ndarray:
+    """Inverse of _pack_one_bit: (..., 4) uint8 -> (..., 32) uint8 fields."""
+    return np.unpackbits(p[..., None], axis=-1, bitorder="little").swapaxes(-1, -2).reshape(*p.shape[:-1], BLOCK)
+
+
+def meta_array(d: int, n: int, bits: int, group_rows: int) -> np.ndarray:
+    """The "meta" part of a weight encoded now."""
+    return np.array([d, n, bits, group_rows, PLANE_ORDER], np.int32)
+
+
+def codes_of(parts: dict) -> np.ndarray:
+    """parts["codes"] in plane order 2: as stored, or for a pack with order 1 (4-entry meta) and
+    odd bits a converted copy (the 1-bit plane is a block's last 4 bytes)."""
+    codes, bits = parts["codes"], int(parts["meta"][2])
+    if len(parts["meta"]) > 4 or bits % 2 == 0:
+        return codes
+    blk = codes.reshape(codes.shape[0], -1, 4 * bits).copy()
+    blk[..., -4:] = _pack_one_bit(np.unpackbits(blk[..., -4:], axis=-1, bitorder="little"))
+    return blk.reshape(codes.shape)
 
 
 def unpack_indices(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -68,8 +101,7 @@ def unpack_indices(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
             p = blk[..., off:off + 8]
             f = np.concatenate([(p >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
         else:
-            p = blk[..., off:off + 4].astype(np.uint8)
-            f = np.unpackbits(p, axis=-1, bitorder="little").astype(np.int64)
+            f = _unpack_one_bit(blk[..., off:off + 4].astype(np.uint8))
         idx |= f << shift
         off += width * 4
         shift += width
@@ -78,11 +110,13 @@ def unpack_indices(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 def _check_meta(parts: dict) -> tuple[int, int, int, int]:
     try:
-        d, n, bits, g = (int(v) for v in parts["meta"])
+        d, n, bits, g, *order = (int(v) for v in parts["meta"])
         codes, cb = parts["codes"], parts["codebook"]
     except (KeyError, ValueError, TypeError):
-        raise UnsupportedModelError("cluster codec: parts must hold meta [d, n, bits, group_rows], "
+        raise UnsupportedModelError("cluster codec: parts must hold meta [d, n, bits, group_rows, plane_order], "
                                     "codes and codebook") from None
+    if order not in ([], [PLANE_ORDER]):
+        raise UnsupportedModelError(f"cluster codec: plane order {order} (this edgerun reads 1 and {PLANE_ORDER})")
     nblk = -(-n // BLOCK)
     G = -(-d // g) if g > 0 else -1
     if (not 2 <= bits <= 8 or codes.dtype != np.uint8 or codes.shape != (d, nblk * 4 * bits)

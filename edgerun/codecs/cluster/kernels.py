@@ -30,8 +30,8 @@ from ...isa import _concat, byte_dot, byte_table_lookup, half_to_float, table_lo
 from ...kernels import f16_to_f32
 from ..base import Linear, outlier_rowptr, outlier_rows, stack_outliers
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
-from .format import (BLOCK, CHUNK_BLOCKS, INT8_MAX_BITS, SCALE_MAX, _check_meta, _outliers, _planes,
-                     unsigned_codebook)
+from .format import (BLOCK, CHUNK_BLOCKS, INT8_MAX_BITS, SCALE_MAX, _check_meta, _outliers, _planes, codes_of,
+                     meta_array, unsigned_codebook)
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, no_cfunc_wrapper=True)
 _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_wrapper=True)
@@ -76,8 +76,9 @@ def _block_index_vectors(builder, pblock, bits):
                                                                ir.Constant(_I32, 0)),
                                         ir.Constant(_V16I32, ir.Undefined), ir.Constant(_V16I32, [0] * 16))
             one = _splat(ir.Constant(_I32, 1))
-            flo = builder.and_(builder.lshr(uv, ir.Constant(_V16I32, list(range(16)))), one)
-            fhi = builder.and_(builder.lshr(uv, ir.Constant(_V16I32, list(range(16, 32)))), one)
+            at = [8 * (j % 4) + j // 4 for j in range(BLOCK)]      # weight j: byte j % 4, bit j // 4
+            flo = builder.and_(builder.lshr(uv, ir.Constant(_V16I32, at[:16])), one)
+            fhi = builder.and_(builder.lshr(uv, ir.Constant(_V16I32, at[16:])), one)
         if shift:
             flo = builder.shl(flo, _splat(ir.Constant(_I32, shift)))
             fhi = builder.shl(fhi, _splat(ir.Constant(_I32, shift)))
@@ -138,10 +139,13 @@ def _block_ptrs(builder, pc, px, b, bits):
 
 
 def _block_index_bytes(builder, pblock, bits):
-    """IR: the 32 indices of the block at byte pointer `pblock` as <32 x i8> (column order)."""
+    """IR: the block at byte pointer `pblock` as <32 x i8> lanes in column order: (idx, top) with
+    idx the index bits of its 4- and 2-bit planes and, for odd bits, `top` holding the 1-bit
+    plane (the index's top bit) in each lane's sign bit (else None)."""
     v32, i8 = ir.VectorType(_I8, 32), _I8
     c = lambda ty, v: ir.Constant(ty, [v] * ty.count)       # noqa: E731
-    idx = c(v32, 0)
+    v8i = ir.VectorType(_I32, 8)
+    idx, top = c(v32, 0), None
     off = shift = 0
     for width in _planes(bits):
         p = builder.gep(pblock, [ir.Constant(_I32, off)], source_etype=i8)
@@ -156,18 +160,20 @@ def _block_index_bytes(builder, pblock, bits):
             v = builder.load(builder.bitcast(p, i64.as_pointer()), typ=i64, align=1)
             v4 = builder.insert_element(ir.Constant(ir.VectorType(i64, 4), ir.Undefined), v, ir.Constant(_I32, 0))
             v4 = builder.shuffle_vector(v4, v4, ir.Constant(ir.VectorType(_I32, 4), [0] * 4))
-            sh = builder.lshr(builder.bitcast(v4, ir.VectorType(_I32, 8)),
-                              ir.Constant(ir.VectorType(_I32, 8), [0, 0, 2, 2, 4, 4, 6, 6]))
+            sh = builder.lshr(builder.bitcast(v4, v8i), ir.Constant(v8i, [0, 0, 2, 2, 4, 4, 6, 6]))
             f = builder.and_(builder.bitcast(sh, v32), c(v32, 3))
-        else:                   # bit j of the little-endian uint32 = f[j]: byte j // 8, bit j % 8
-            v = builder.load(p, typ=ir.VectorType(i8, 4), align=1)
-            b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), [j // 8 for j in range(32)]))
-            bit = builder.and_(b, ir.Constant(v32, [1 << (j % 8) for j in range(32)]))
-            f = builder.zext(builder.icmp_unsigned("!=", bit, c(v32, 0)), v32)
+        else:                   # byte k = f[k] | f[k + 4] << 1 | ... | f[k + 28] << 7
+            # the 4 bytes in each 32-bit lane d shifted left by 7 - d (vpbroadcastd + vpsllvd):
+            # lane 4d + k's bit 7 = byte k's bit d = f[4d + k]; no mask, the lookup reads bit 7
+            u = builder.load(p, typ=_I32, align=1)
+            u8 = builder.shuffle_vector(builder.insert_element(ir.Constant(v8i, ir.Undefined), u, ir.Constant(_I32, 0)),
+                                        ir.Constant(v8i, ir.Undefined), ir.Constant(v8i, [0] * 8))
+            top = builder.bitcast(builder.shl(u8, ir.Constant(v8i, [7 - d for d in range(8)])), v32)
+            break           # the 1-bit plane is always last
         idx = builder.or_(idx, builder.shl(f, c(v32, shift)) if shift else f)
         off += width * 4
         shift += width
-    return idx
+    return idx, top
 
 
 @intrinsic(prefer_literal=True)
@@ -191,15 +197,18 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
 
         def block(tables, b, bits):
             pcode = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
-            w8 = byte_table_lookup(builder, tables, _block_index_bytes(builder, pcode, bits))
+            idx, top = _block_index_bytes(builder, pcode, bits)
+            w8 = byte_table_lookup(builder, tables, idx, top, size=1 << (bits - bits % 2))
             xv = builder.load(builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_I8),
                               typ=ir.VectorType(_I8, 32), align=1)
             e = builder.load(builder.gep(pex, [b], source_etype=i16), typ=i16)
             builder.store(builder.add(builder.load(iacc), byte_dot(builder, w8, xv, e)), iacc)
 
         def emit(bits):
-            tables = [builder.load(builder.gep(pcb, [ir.Constant(_I32, 16 * t)], source_etype=_I8),
-                                   typ=ir.VectorType(_I8, 16), align=1) for t in range(2 if bits == 5 else 1)]
+            # odd bits: the entries with the top index bit clear, then those with it set
+            starts = [0, 1 << (bits - 1)] if bits % 2 else [0]
+            tables = [builder.load(builder.gep(pcb, [ir.Constant(_I32, t)], source_etype=_I8),
+                                   typ=ir.VectorType(_I8, 16), align=1) for t in starts]
             builder.store(ir.Constant(v8f, [0.0] * 8), facc)
             ty = nblk_v.type
             chunk = ir.Constant(ty, CHUNK_BLOCKS)
@@ -343,7 +352,10 @@ def _mv_rows(codes, cb, meta, orow, oc, ov, x, out, r0, r1, scr, bits):
         out[orow[p]] += f16_to_f32(ov[p]) * x[oc[p]]
 
 
-@njit(cache=True, nogil=True)         # no fastmath: the rounding matches format.quantize_activations
+# fastmath=False said explicitly: Numba lets a callee compiled for a fastmath caller inherit
+# fastmath unless the callee sets it, and then m / 127 became m · (1/127), one ulp off the
+# reference, and a block scale rint(dx / D) could round the other way
+@njit(cache=True, nogil=True, fastmath=False)
 def _quantize_x(x, x8, dx, ex):
     # x (n,) -> x8 (nblk·32,) int8, dx (nblk,) float32 per 32-column block and the block scales
     # ex (nblk,) int16 of format.block_scales; returns (D, D·Σ_b ex[b]·Σ x8[block b]): the
@@ -520,7 +532,7 @@ class ClusterLinear(Linear):
     def __init__(self, parts: dict):
         d, n, bits, g = _check_meta(parts)
         super().__init__((d, n), sum(p.nbytes for p in parts.values()), PAR_MIN_WEIGHTS)
-        self.codes = np.ascontiguousarray(parts["codes"])
+        self.codes = np.ascontiguousarray(codes_of(parts))
         self.codebook = np.ascontiguousarray(parts["codebook"])
         self.meta = np.ascontiguousarray(parts["meta"], dtype=np.int64)
         rp, self.oc, self.ov = _outliers(parts, d)
@@ -587,7 +599,7 @@ class ClusterLinear(Linear):
             return None
         d = sum(w.shape[0] for w in linears)
         rp, oc, ov = stack_outliers([(w.rp, w.oc, w.ov) for w in linears])
-        parts = {"meta": np.array([d, a.shape[1], a.bits, a.group_rows], np.int32),
+        parts = {"meta": meta_array(d, a.shape[1], a.bits, a.group_rows),
                  "codes": np.concatenate([w.codes for w in linears]),
                  "codebook": np.concatenate([w.codebook for w in linears]),
                  "outlier_rowptr": rp, "outlier_col": oc, "outlier_val": ov}

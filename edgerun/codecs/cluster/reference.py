@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import (BLOCK, INT8_MAX_BITS, _check_meta, _outliers, block_scales, quantize_activations,
-                     unpack_indices, unsigned_codebook)
+from .format import (BLOCK, INT8_MAX_BITS, _check_meta, _outliers, block_scales, codes_of,
+                     quantize_activations, unpack_indices, unsigned_codebook)
 
 
 def decode(parts: dict, params: dict | None = None, int8: bool = False) -> np.ndarray:
     """Reference NumPy decode to float32 (tests only); `int8`: with the matvec's 7-bit codebooks."""
     d, n, bits, g = _check_meta(parts)
-    idx = unpack_indices(parts["codes"], bits, n)
+    idx = unpack_indices(codes_of(parts), bits, n)
     cb = parts["codebook"].view(np.float16).astype(np.float32)
     if int8:
         u8, s, lo = unsigned_codebook(parts["codebook"])

@@ -221,7 +221,7 @@ def _bundle_kernels(bits: int) -> tuple:
     return rows, act, down
 
 
-@njit(cache=True, nogil=True, no_cfunc_wrapper=True)       # no fastmath: rounding as the reference
+@njit(cache=True, nogil=True, no_cfunc_wrapper=True, fastmath=False)   # set: a fastmath caller would pass it on
 def quant16(v, x8, dx, xs):
     # v (16·Gf,) in storage order -> per group g of 16: int8 x8, dx[g] = max|v| / 127 and
     # xs[g] = dx[g]·Σ x8 (formats/codec-spqr.md § Matvec; reference.quantize_activations)
