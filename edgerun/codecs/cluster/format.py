@@ -70,6 +70,21 @@ def _unpack_one_bit(p: np.ndarray) -> np.ndarray:
     return np.unpackbits(p[..., None], axis=-1, bitorder="little").swapaxes(-1, -2).reshape(*p.shape[:-1], BLOCK)
 
 
+def _order_1_to_2() -> np.ndarray:
+    """(4, 256) uint32: the order-2 plane (little-endian) of an order-1 plane whose byte b is v
+    and whose other bytes are 0, at [b, v]."""
+    table = np.zeros((4, 256), np.uint32)
+    for b in range(4):
+        old = np.zeros((256, 4), np.uint8)
+        old[:, b] = np.arange(256)
+        f = np.unpackbits(old, axis=-1, bitorder="little")          # bit j of the uint32 = weight j
+        table[b] = np.ascontiguousarray(_pack_one_bit(f)).view("<u4")[:, 0]
+    return table
+
+
+_ORDER_1_TO_2 = _order_1_to_2()
+
+
 def meta_array(d: int, n: int, bits: int, group_rows: int) -> np.ndarray:
     """The "meta" part of a weight encoded now."""
     return np.array([d, n, bits, group_rows, PLANE_ORDER], np.int32)
@@ -82,7 +97,11 @@ def codes_of(parts: dict) -> np.ndarray:
     if len(parts["meta"]) > 4 or bits % 2 == 0:
         return codes
     blk = codes.reshape(codes.shape[0], -1, 4 * bits).copy()
-    blk[..., -4:] = _pack_one_bit(np.unpackbits(blk[..., -4:], axis=-1, bitorder="little"))
+    old = np.ascontiguousarray(blk[..., -4:])
+    new = _ORDER_1_TO_2[0][old[..., 0]]
+    for b in range(1, 4):
+        new |= _ORDER_1_TO_2[b][old[..., b]]
+    blk[..., -4:] = new.astype("<u4").view(np.uint8).reshape(old.shape)
     return blk.reshape(codes.shape)
 
 
