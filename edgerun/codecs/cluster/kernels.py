@@ -144,23 +144,27 @@ def _block_index_bytes(builder, pblock, bits):
     plane (the index's top bit) in each lane's sign bit (else None)."""
     v32, i8 = ir.VectorType(_I8, 32), _I8
     c = lambda ty, v: ir.Constant(ty, [v] * ty.count)       # noqa: E731
-    v8i = ir.VectorType(_I32, 8)
+    v8i, i64 = ir.VectorType(_I32, 8), ir.IntType(64)
+    v2i64, v4i64 = ir.VectorType(i64, 2), ir.VectorType(i64, 4)
     idx, top = c(v32, 0), None
     off = shift = 0
     for width in _planes(bits):
         p = builder.gep(pblock, [ir.Constant(_I32, off)], source_etype=i8)
         if width == 4:          # byte k = f[k] | f[k + 16] << 4
-            v = builder.load(p, typ=ir.VectorType(i8, 16), align=1)
-            f = _concat(builder, builder.and_(v, c(v.type, 15)), builder.lshr(v, c(v.type, 4)))
+            # the 16 bytes in both halves, the upper half shifted right by 4 as 64-bit lanes
+            # (vbroadcasti128 + vpsrlvq), then & 15: lane k = f[k], lane 16 + k = f[16 + k]
+            v = builder.load(builder.bitcast(p, v2i64.as_pointer()), typ=v2i64, align=1)
+            v4 = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 4), [0, 1, 0, 1]))
+            f = builder.and_(builder.bitcast(builder.lshr(v4, ir.Constant(v4i64, [0, 0, 4, 4])), v32), c(v32, 15))
         elif width == 2:        # byte k = f[k] | f[k + 8] << 2 | f[k + 16] << 4 | f[k + 24] << 6
-            # the 8 bytes in each quarter of the vector, quarter q shifted right by 2q as 32-bit
-            # lanes (one vpbroadcastq + vpsrlvd on AVX2; a byte's 2 low bits never cross into
-            # the next byte since 2q + 1 ≤ 7), then & 3: lane 8q + k = f[8q + k]
-            i64 = ir.IntType(64)
+            # the 8 bytes in each quarter of the vector, quarter q shifted right by 2q as a 64-bit
+            # lane (vpbroadcastq + vpsrlvq: one uop on Haswell, where vpsrlvd takes three; a
+            # byte's 2 low bits never cross into the next byte since 2q + 1 ≤ 7), then & 3:
+            # lane 8q + k = f[8q + k]
             v = builder.load(builder.bitcast(p, i64.as_pointer()), typ=i64, align=1)
-            v4 = builder.insert_element(ir.Constant(ir.VectorType(i64, 4), ir.Undefined), v, ir.Constant(_I32, 0))
+            v4 = builder.insert_element(ir.Constant(v4i64, ir.Undefined), v, ir.Constant(_I32, 0))
             v4 = builder.shuffle_vector(v4, v4, ir.Constant(ir.VectorType(_I32, 4), [0] * 4))
-            sh = builder.lshr(builder.bitcast(v4, v8i), ir.Constant(v8i, [0, 0, 2, 2, 4, 4, 6, 6]))
+            sh = builder.lshr(v4, ir.Constant(v4i64, [0, 2, 4, 6]))
             f = builder.and_(builder.bitcast(sh, v32), c(v32, 3))
         else:                   # byte k = f[k] | f[k + 4] << 1 | ... | f[k + 28] << 7
             # the 4 bytes in each 32-bit lane d shifted left by 7 - d (vpbroadcastd + vpsllvd):
