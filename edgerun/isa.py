@@ -210,8 +210,8 @@ def byte_table_lookup(builder, tables, idx, top=None, size=16, isa=None):
     (idx in [0, 32)) or, when `top` (<32 x i8>) is given, by its lane's sign bit. `isa`
     overrides the target (tests).
 
-    AVX2 / AVX-512: vpshufb (one per 16 entries, the halves picked by index bit 4); arm64: tbl;
-    elsewhere (SSE2) a tree of byte selects.
+    AVX2 / AVX-512: vpshufb per table, then vpblendvb; arm64: tbl; elsewhere (SSE2) a tree of
+    byte selects.
     """
     isa = isa or target().isa
     v32i8, v16i8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(8), 16)

@@ -162,31 +162,38 @@ def test_byte_pair_dot_matches_numpy(variant):
 
 
 @pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
-@pytest.mark.parametrize("size", [16, 32])
-def test_byte_table_lookup_matches_numpy(variant, size):
+@pytest.mark.parametrize("size,half", [(16, None), (32, None), (32, 16), (8, 4)])
+def test_byte_table_lookup_matches_numpy(variant, size, half):
+    """`size` entries; with `half`, the upper half picked by a separate vector's sign bit (the
+    cluster matvec's 1-bit plane) and idx < half."""
     if not X86 and variant != "portable":
         pytest.skip("x86 variants")
     v16b, v32b = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(8), 32)
+    starts = [0] if size == 16 else [0, half or 16]
 
     def build(mod):
-        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 3), "look")
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 4), "look")
         b = ir.IRBuilder(fn.append_basic_block())
-        tab, idx, out = fn.args
-        tables = [b.load(b.gep(tab, [ir.Constant(ir.IntType(32), 16 * k)], source_etype=ir.IntType(8)),
-                         typ=v16b, align=1) for k in range(size // 16)]
-        b.store(isa.byte_table_lookup(b, tables, b.load(idx, typ=v32b, align=1), isa=variant), out, align=1)
+        tab, idx, top, out = fn.args
+        tables = [b.load(b.gep(tab, [ir.Constant(ir.IntType(32), k)], source_etype=ir.IntType(8)),
+                         typ=v16b, align=1) for k in starts]
+        sign = b.load(top, typ=v32b, align=1) if half else None
+        b.store(isa.byte_table_lookup(b, tables, b.load(idx, typ=v32b, align=1), sign, size=half or 16, isa=variant),
+                out, align=1)
         b.ret_void()
 
-    fn = _variant_fn(build, variant, "look", 3, "vpshufb")
+    fn = _variant_fn(build, variant, "look", 4, "vpshufb")
     if fn is None:
         return
     rng = np.random.default_rng(size)
     tab = rng.integers(-127, 128, 32).astype(np.int8)
     for _ in range(10):
-        idx = rng.integers(0, size, 32).astype(np.int8)
+        low = rng.integers(0, half or size, 32)
+        top = rng.integers(-128, 128, 32).astype(np.int8)
+        idx = low.astype(np.int8)
         out = np.empty(32, np.int8)
-        fn(tab.ctypes.data, idx.ctypes.data, out.ctypes.data)
-        np.testing.assert_array_equal(out, tab[idx])
+        fn(tab.ctypes.data, idx.ctypes.data, top.ctypes.data, out.ctypes.data)
+        np.testing.assert_array_equal(out, tab[low + (half or 0) * (top < 0)] if half else tab[low])
 
 
 @pytest.mark.parametrize("scale", [None, 2047])

@@ -120,7 +120,7 @@ def unpack_indices(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
             p = blk[..., off:off + 8]
             f = np.concatenate([(p >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
         else:
-            f = _unpack_one_bit(blk[..., off:off + 4].astype(np.uint8))
+            f = _unpack_one_bit(blk[..., off:off + 4].astype(np.uint8)).astype(np.int64)
         idx |= f << shift
         off += width * 4
         shift += width
