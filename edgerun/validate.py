@@ -448,7 +448,8 @@ def check_parts(path, name: str, entry: dict, parts: dict) -> None:
         g = meta[3]
         c.require(meta[:3] == [d, n, bits] and g >= 1 and parts["codebook"].shape[0] == -(-d // g),
                   f"{where}: meta {meta} does not match the {d}x{n} weight and its parts")
-        c.require(meta[4:] in ([], [2]), f"{where}: meta {meta}: unknown plane order {meta[4:]}")
+        from .codecs.cluster import PLANE_ORDER
+        c.require(meta[4:] in ([], [PLANE_ORDER]), f"{where}: meta {meta}: unknown plane order {meta[4:]}")
     if codec == "bitstack":
         from .codecs.bitstack import block_layout
         meta = [int(v) for v in parts["meta"]]

@@ -62,6 +62,14 @@ def test_registry_lists_every_codec_package():
         assert cls.example_params, f"{name} declares no example_params for the registry tests"
 
 
+def test_the_reader_knows_every_feature_a_codec_declares():
+    """A file feature a codec writes (`Codec.file_features`) is in the reader's list
+    (edgerun/ebin.py keeps its own, so that it does not import the codecs)."""
+    from edgerun.ebin import FEATURES
+    for name, cls in CODECS.items():
+        assert set(cls.file_features) <= FEATURES, name
+
+
 @pytest.mark.parametrize("name,i", CASES)
 @pytest.mark.parametrize("shape", SHAPES, ids=["37x70", "21x300"])
 def test_codec_kernels_match_reference(name, i, shape, threads):

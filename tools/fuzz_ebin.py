@@ -137,8 +137,11 @@ def craft_codec_pack(base: Path, out: Path, codec: str, seed: int = 0) -> None:
     with EbinFile(base) as f, EbinWriter(out) as w:
         man = {k: v for k, v in f.manifest.items() if k not in ("arrays", "format")}
         man["tensors"] = tensors = json.loads(json.dumps(man["tensors"]))
-        if codec in ("rotated", "cluster"):
-            man["format"] = {"features": ["rotation" if codec == "rotated" else "cluster-planes-2"]}
+        if codec == "rotated":
+            man["format"] = {"features": ["rotation"]}
+        elif codec == "cluster":
+            from edgerun.codecs.cluster import FILE_FEATURE
+            man["format"] = {"features": [FILE_FEATURE]}
         blocks, K = {}, 4
         for name, e in f.manifest["tensors"].items():
             mat = len(e["shape"]) == 2 and name.startswith("model.layers.")

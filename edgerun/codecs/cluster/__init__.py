@@ -9,8 +9,8 @@ import numpy as np
 
 from ..base import Codec
 from . import encode as _encode, reference
-from .format import (BLOCK, FILE_FEATURE, OUTLIER_PARTS, default_group_rows, meta_array,  # noqa: F401
-                     pack_indices, params_of, unpack_indices)
+from .format import (BLOCK, FILE_FEATURE, OUTLIER_PARTS, PLANE_ORDER, default_group_rows,  # noqa: F401
+                     meta_array, pack_indices, params_of, unpack_indices)
 from .kernels import MATMUL_MIN_T, PAR_MIN_WEIGHTS, TILE_ROWS, ClusterLinear  # noqa: F401
 
 # SqueezeLLM's dense-and-sparse: 0.3% of the most sensitive weights kept exact in fp16 (measured on
