@@ -6,7 +6,7 @@ import pytest
 from edgerun import kernels
 from edgerun.codecs import cluster, get_codec
 from edgerun.codecs.cluster import ClusterCodec, meta_array, pack_indices, unpack_indices
-from edgerun.codecs.cluster.reference import matvec as matvec_ref
+from edgerun.codecs.cluster.reference import matmul as matmul_ref, matvec as matvec_ref
 from edgerun.errors import EdgerunError
 
 RNG = np.random.default_rng(7)
@@ -101,8 +101,7 @@ def test_kernels_match_numpy_decode(bits, shape, threads):
         X = RNG.standard_normal((T, n)).astype(np.float32)
         O = np.full((T, d), np.nan, np.float32)
         L.matmul(X, O)
-        want = X @ W.T if T >= L.matmul_min_t else np.stack([matvec_ref(parts, None, v) for v in X])
-        np.testing.assert_allclose(O, want, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+        np.testing.assert_allclose(O, matmul_ref(parts, None, X), rtol=1e-4, atol=1e-4 * np.sqrt(n))
     r = np.full(n, np.nan, np.float32)
     for i in (0, d - 1):
         L.row(i, r)
@@ -219,11 +218,31 @@ def test_kernels_add_outliers(bits, threads):
     X = RNG.standard_normal((5, n)).astype(np.float32)
     O = np.full((5, d), np.nan, np.float32)
     L.matmul(X, O)
-    np.testing.assert_allclose(O, X @ W.T, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+    np.testing.assert_allclose(O, matmul_ref(parts, None, X), rtol=1e-4, atol=1e-4 * np.sqrt(n))
     r = np.full(n, np.nan, np.float32)
     for i in range(d):
         L.row(i, r)
         np.testing.assert_allclose(r, W[i], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5])
+@pytest.mark.parametrize("shape", [(37, 45), (5, 16400)])
+def test_int8_matmul_equals_matvecs(bits, shape, threads):
+    """The prompt's matmul gives each token the bits a token-by-token decode would (same int8
+    activations, sums in the same order): MM_TOKENS at a time, the tokens left one by one, and
+    (n = 16400) tokens tiled so their int8 copy stays in L2."""
+    d, n = shape
+    w = RNG.standard_normal((d, n)).astype(np.float32)
+    parts = ClusterCodec.encode(w, {"bits": bits, "outliers": 0.05, "gptq": False})
+    L = ClusterCodec.load(parts)
+    for T in (cluster.kernels.MM_TOKENS, 2 * cluster.kernels.MM_TOKENS + 3):
+        X = (RNG.standard_normal((T, n)) * RNG.uniform(0.01, 10, (T, 1))).astype(np.float32)
+        O = np.full((T, d), np.nan, np.float32)
+        L.matmul(X, O)
+        want = np.full((T, d), np.nan, np.float32)
+        for t in range(T):
+            L.matvec(X[t], want[t])
+        np.testing.assert_array_equal(O, want)
 
 
 @pytest.mark.parametrize("hessian", [True, False])

@@ -134,7 +134,7 @@ def case_codec(codec):
             p = {"bits": bits, "group_rows": g, "outliers": outl}
             parts = c.encode(W, p)
             _check_linear(c.load(parts, p), f"cluster {p}", rng, c.decode(parts, p),
-                          lambda x: reference.matvec(parts, p, x))
+                          lambda x: reference.matvec(parts, p, x), lambda X: reference.matmul(parts, p, X))
     elif codec == "vq":
         for p in ({"bits": 3, "group_rows": 4}, {"code_bits": 5}, {"bits": 4}):
             parts = c.encode(W[:, :39], p)         # odd n: a padded pair

@@ -11,8 +11,10 @@ summed in integers over 16 blocks before one float add; the codebook's offset mu
 once per row. Measured on Zen 3 (AVX2) this replaced 4 vpermps + 2 blends per 16 weights of the
 float lookup, then the unsigned entries saved the vpabsb + vpsignb a signed int8 codebook needs
 (3-bit matvec −15 %) and the integer scales a convert and a float multiply-add per block
-(−7 to −15 %). The float lookup (matmul tiles,
-embedding rows, K ≥ 64) is one AVX-512 permute for K ≤ 16 (`vpermps`, DESIGN §6), a two-table
+(−7 to −15 %). The matmul (prompt) is the same arithmetic per token with each block unpacked and
+looked up once for 8 tokens (Qwen2.5-1.5B, T = 64, one thread: 37-43 → 88-104 GFLOP/s against
+the f32 tiles it replaced). The float lookup (matmul tiles for
+K ≥ 64, embedding rows) is one AVX-512 permute for K ≤ 16 (`vpermps`, DESIGN §6), a two-table
 permute for K = 32 (`vpermi2ps`) and a gather from an L1 float32 table for K ≥ 64
 (edgerun/isa.py picks the variant the target CPU has).
 """
@@ -28,6 +30,7 @@ from numba.extending import intrinsic
 
 from ...isa import _concat, byte_dot, byte_table_lookup, half_to_float, table_lookup
 from ...kernels import f16_to_f32
+from ...memory import thread_scratch
 from ..base import Linear, outlier_rowptr, outlier_rows, stack_outliers
 from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
 from .format import (BLOCK, CHUNK_BLOCKS, INT8_MAX_BITS, SCALE_MAX, _check_meta, _outliers, _planes, codes_of,
@@ -39,6 +42,8 @@ _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_w
 PAR_MIN_WEIGHTS = 1 << 18  # matvecs this large use both threads (int8 matvec, Zen 3: 576x576 29 -> 20 µs)
 TILE_ROWS = 4              # rows decoded to f32 per matmul tile (register block of 4 rows)
 MATMUL_MIN_T = 2           # below this many tokens a matmul is a loop of matvecs
+MM_TOKENS = 8              # tokens per unpacked block in the int8 matmul
+MM_X_BYTES = 1 << 18       # int8 activations of the tokens the int8 matmul runs over each row (in L2)
 SCRATCH = 256 + BLOCK      # per-thread f32 scratch: codebook table, then one decoded block
 
 
@@ -180,64 +185,101 @@ def _block_index_bytes(builder, pblock, bits):
     return idx, top
 
 
-@intrinsic(prefer_literal=True)
-def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
-    """float32 Σ_b ex[b] · Σ_j cb8[q_j]·x8[32b + j] over `nblk` 32-weight blocks of codes[coff:],
-    unsigned codebook entries at cb8.flat[cboff:] (K ≤ 32), int16 block scales ex: exact in
-    32-bit integers within each chunk of CHUNK_BLOCKS blocks, one float add per chunk. The
-    activations' step and the codebook's step and offset are the caller's."""
-    def codegen(context, builder, sig, args):
-        codes_v, coff_v, x8_v, ex_v, cb_v, cboff_v, nblk_v, bits_v = args
-        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
-        px = _data(context, builder, sig.args[2], x8_v)
-        pex = _data(context, builder, sig.args[3], ex_v)
-        pcb = builder.gep(_data(context, builder, sig.args[4], cb_v), [cboff_v], source_etype=_I8)
-        v8f, v8i = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
-        i16 = ir.IntType(16)
-        res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-        facc = cgutils.alloca_once(builder, v8f)
-        iacc = cgutils.alloca_once(builder, v8i)
-        fast = ("fast",)
+def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits):
+    """IR: for each token k, float32 Σ_b ex_k[b] · Σ_j cb8[q_j]·x8_k[32b + j] over `nblk` 32-weight
+    blocks of the codes at byte pointer pc, token k's int8 x at pxs[k] and its int16 block scales
+    at pexs[k], unsigned codebook entries at pcb (K ≤ 32): exact in 32-bit integers within each
+    chunk of CHUNK_BLOCKS blocks, one float add per chunk. A block is unpacked and looked up once
+    for all the tokens; each token's sums run in the same order as with one token alone, so the
+    matmul equals the matvec to the bit."""
+    v8f, v8i = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
+    i16 = ir.IntType(16)
+    fast = ("fast",)
+    facc = [cgutils.alloca_once(builder, v8f) for _ in pxs]
+    iacc = [cgutils.alloca_once(builder, v8i) for _ in pxs]
+    # odd bits: the entries with the top index bit clear, then those with it set
+    starts = [0, 1 << (bits - 1)] if bits % 2 else [0]
+    tables = [builder.load(builder.gep(pcb, [ir.Constant(_I32, t)], source_etype=_I8),
+                           typ=ir.VectorType(_I8, 16), align=1) for t in starts]
 
-        def block(tables, b, bits):
-            pcode = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
-            idx, top = _block_index_bytes(builder, pcode, bits)
-            w8 = byte_table_lookup(builder, tables, idx, top, size=1 << (bits - bits % 2))
+    def block(b):
+        pcode = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
+        idx, top = _block_index_bytes(builder, pcode, bits)
+        w8 = byte_table_lookup(builder, tables, idx, top, size=1 << (bits - bits % 2))
+        for px, pex, acc in zip(pxs, pexs, iacc):
             xv = builder.load(builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_I8),
                               typ=ir.VectorType(_I8, 32), align=1)
             e = builder.load(builder.gep(pex, [b], source_etype=i16), typ=i16)
-            builder.store(builder.add(builder.load(iacc), byte_dot(builder, w8, xv, e)), iacc)
+            builder.store(builder.add(builder.load(acc), byte_dot(builder, w8, xv, e)), acc)
+
+    for f in facc:
+        builder.store(ir.Constant(v8f, [0.0] * 8), f)
+    ty = nblk.type
+    chunk = ir.Constant(ty, CHUNK_BLOCKS)
+    nchunks = builder.sdiv(builder.add(nblk, ir.Constant(ty, CHUNK_BLOCKS - 1)), chunk)
+    with cgutils.for_range(builder, nchunks) as c:
+        b0 = builder.mul(c.index, chunk)
+        nb = builder.sub(nblk, b0)
+        nb = builder.select(builder.icmp_signed("<", nb, chunk), nb, chunk)
+        for acc in iacc:
+            builder.store(ir.Constant(v8i, [0] * 8), acc)
+        one = ir.Constant(ty, 1)
+        with cgutils.for_range(builder, builder.ashr(nb, one)) as loop:   # two blocks a trip
+            b = builder.add(b0, builder.shl(loop.index, one))
+            block(b)
+            block(builder.add(b, one))
+        with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, one), ir.Constant(ty, 0))):
+            block(builder.add(b0, builder.sub(nb, one)))
+        for f, acc in zip(facc, iacc):
+            builder.store(builder.fadd(builder.load(f), builder.sitofp(builder.load(acc), v8f), flags=fast), f)
+    return [_hsum(builder, _concat(builder, builder.load(f), ir.Constant(v8f, [0.0] * 8))) for f in facc]
+
+
+@intrinsic(prefer_literal=True)
+def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
+    """float32 Σ_b ex[b] · Σ_j cb8[q_j]·x8[32b + j] over `nblk` 32-weight blocks of codes[coff:],
+    unsigned codebook entries at cb8.flat[cboff:] (K ≤ 32), int16 block scales ex (_dot_i8_ir).
+    The activations' step and the codebook's step and offset are the caller's."""
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, x8_v, ex_v, cb_v, cboff_v, nblk_v, bits_v = args
+        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
+        pcb = builder.gep(_data(context, builder, sig.args[4], cb_v), [cboff_v], source_etype=_I8)
+        res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
 
         def emit(bits):
-            # odd bits: the entries with the top index bit clear, then those with it set
-            starts = [0, 1 << (bits - 1)] if bits % 2 else [0]
-            tables = [builder.load(builder.gep(pcb, [ir.Constant(_I32, t)], source_etype=_I8),
-                                   typ=ir.VectorType(_I8, 16), align=1) for t in starts]
-            builder.store(ir.Constant(v8f, [0.0] * 8), facc)
-            ty = nblk_v.type
-            chunk = ir.Constant(ty, CHUNK_BLOCKS)
-            nchunks = builder.sdiv(builder.add(nblk_v, ir.Constant(ty, CHUNK_BLOCKS - 1)), chunk)
-            with cgutils.for_range(builder, nchunks) as c:
-                b0 = builder.mul(c.index, chunk)
-                nb = builder.sub(nblk_v, b0)
-                nb = builder.select(builder.icmp_signed("<", nb, chunk), nb, chunk)
-                builder.store(ir.Constant(v8i, [0] * 8), iacc)
-                one = ir.Constant(ty, 1)
-                with cgutils.for_range(builder, builder.ashr(nb, one)) as loop:   # two blocks a trip
-                    b = builder.add(b0, builder.shl(loop.index, one))
-                    block(tables, b, bits)
-                    block(tables, builder.add(b, one), bits)
-                with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, one), ir.Constant(ty, 0))):
-                    block(tables, builder.add(b0, builder.sub(nb, one)), bits)
-                chunk_sum = builder.sitofp(builder.load(iacc), v8f)
-                builder.store(builder.fadd(builder.load(facc), chunk_sum, flags=fast), facc)
-            v = _concat(builder, builder.load(facc), ir.Constant(v8f, [0.0] * 8))
-            builder.store(_hsum(builder, v), res)
+            builder.store(_dot_i8_ir(builder, pc, [_data(context, builder, sig.args[2], x8_v)],
+                                     [_data(context, builder, sig.args[3], ex_v)], pcb, nblk_v, bits)[0], res)
 
         switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[7])
         return builder.load(res)
 
     return types.float32(codes, coff, x8, ex, cb8, cboff, nblk, bits), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _dot_blocks_i8_tokens(typingctx, codes, coff, x8, ex, t0, cb8, cboff, nblk, bits, res):
+    """res[k] = _dot_blocks_i8 of tokens t0 + k < t0 + MM_TOKENS: x8 (T, nblk·32) int8 and ex
+    (T, nblk) int16 C-contiguous; each block unpacked once for the MM_TOKENS tokens."""
+    def codegen(context, builder, sig, args):
+        codes_v, coff_v, x8_v, ex_v, t0_v, cb_v, cboff_v, nblk_v, bits_v, res_v = args
+        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
+        pcb = builder.gep(_data(context, builder, sig.args[5], cb_v), [cboff_v], source_etype=_I8)
+        px0 = _data(context, builder, sig.args[2], x8_v)
+        pex0 = _data(context, builder, sig.args[3], ex_v)
+        pres = _data(context, builder, sig.args[9], res_v)
+        toks = [builder.add(t0_v, ir.Constant(t0_v.type, k)) for k in range(MM_TOKENS)]
+        pxs = [builder.gep(px0, [builder.mul(t, builder.mul(nblk_v, ir.Constant(nblk_v.type, BLOCK)))],
+                           source_etype=_I8) for t in toks]
+        pexs = [builder.gep(pex0, [builder.mul(t, nblk_v)], source_etype=ir.IntType(16)) for t in toks]
+
+        def emit(bits):
+            for k, v in enumerate(_dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk_v, bits)):
+                builder.store(v, builder.gep(pres, [ir.Constant(_I32, k)], source_etype=_F32))
+
+        switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[8])
+        return context.get_dummy_value()
+
+    return types.none(codes, coff, x8, ex, t0, cb8, cboff, nblk, bits, res), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -387,6 +429,20 @@ def _quantize_x(x, x8, dx, ex):
     return D, D * np.float32(isum)
 
 
+# fastmath=False (said explicitly, see _quantize_x): the matvec and the matmul finish a row with
+# the same roundings, so a prompt's tokens get the values a token-by-token decode would
+@njit(cache=True, nogil=True, fastmath=False)
+def _finish_row(acc, D, s, lo, xsum):
+    # a row's int8 dot acc in the activations' step D and the codebook's step s and offset lo
+    return acc * (D * s) + lo * xsum
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _outlier_term(v, D, e, x):
+    # an fp16 outlier v (as f32) times its activation D·e·x (int8 x at block scale e)
+    return v * (D * np.float32(e) * np.float32(x))
+
+
 @njit(**_JIT)
 def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, r0, r1, bits):
     # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, ex, D, xsum from _quantize_x
@@ -400,10 +456,11 @@ def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out,
             g += 1
             left = group_rows
         left -= 1
-        out[i] = _dot_blocks_i8(codes, i * rowbytes, x8, ex, cb8, g * 32, nblk, bits) * (D * cbs[g]) + cblo[g] * xsum
+        out[i] = _finish_row(_dot_blocks_i8(codes, i * rowbytes, x8, ex, cb8, g * 32, nblk, bits), D, cbs[g], cblo[g],
+                             xsum)
     for p in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):    # outliers, in row order
         j = np.int64(oc[p])
-        out[orow[p]] += f16_to_f32(ov[p]) * (D * np.float32(ex[j >> 5]) * np.float32(x8[j]))
+        out[orow[p]] += _outlier_term(f16_to_f32(ov[p]), D, ex[j >> 5], x8[j])
 
 
 @functools.cache
@@ -436,6 +493,65 @@ def first_token_kernels(bits: int) -> tuple:
         _row(codes, cb, meta, orow, oc, ov, i, out, scr, bits)
 
     return matvec_i8, matvec_i8_par, row
+
+
+@njit(**_JIT)
+def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, r0, r1, bits):
+    # int8 matmul (K ≤ 32) of rows r0:r1 -> out[:, r0:r1] for the T tokens quantized as the matvec
+    # does (x8 (T, nblk·32), ex (T, nblk), D and xsum (T,) from _quantize_x): tokens in tiles
+    # whose x8 stays in L2, each row's blocks unpacked once per MM_TOKENS tokens
+    T, nblk = ex.shape
+    group_rows = meta[3]
+    rowbytes = codes.shape[1]
+    res = np.empty(MM_TOKENS, np.float32)
+    tt = max(MM_TOKENS, MM_X_BYTES // (nblk * BLOCK) // MM_TOKENS * MM_TOKENS)
+    for t0 in range(0, T, tt):
+        t1 = min(T, t0 + tt)
+        for i in range(r0, r1):
+            g = i // group_rows
+            s, lo = cbs[g], cblo[g]
+            t = t0
+            while t + MM_TOKENS <= t1:
+                _dot_blocks_i8_tokens(codes, i * rowbytes, x8, ex, t, cb8, g * 32, nblk, bits, res)
+                for k in range(MM_TOKENS):
+                    out[t + k, i] = _finish_row(res[k], D[t + k], s, lo, xsum[t + k])
+                t += MM_TOKENS
+            for u in range(t, t1):
+                out[u, i] = _finish_row(_dot_blocks_i8(codes, i * rowbytes, x8[u], ex[u], cb8, g * 32, nblk, bits),
+                                        D[u], s, lo, xsum[u])
+    p0, p1 = np.searchsorted(orow, r0), np.searchsorted(orow, r1)
+    for t in range(T):                      # outliers as in _mv_rows_i8, a token at a time
+        for p in range(p0, p1):
+            j = np.int64(oc[p])
+            out[t, orow[p]] += _outlier_term(f16_to_f32(ov[p]), D[t], ex[t, j >> 5], x8[t, j])
+
+
+@functools.cache
+def matmul_kernels(bits: int) -> tuple:
+    """(serial, parallel) int8 matmul kernels (K ≤ 32) for one bit width (a closure constant as in
+    first_token_kernels): every token quantized as the matvec does, then _mm_rows_i8; the same
+    result as T matvecs, to the bit."""
+
+    @njit(**_JIT)
+    def matmul_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8, dx, ex, D, xsum, out):
+        # X (T, n) @ W.T -> out (T, d); x8 (T, nblk·32) int8, dx (T, nblk) f32, ex (T, nblk) int16,
+        # D and xsum (T,) f32 scratch
+        for t in range(X.shape[0]):
+            D[t], xsum[t] = _quantize_x(X[t], x8[t], dx[t], ex[t])
+        _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, 0, meta[0], bits)
+
+    @njit(**_JIT_PAR)
+    def matmul_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8, dx, ex, D, xsum, out, nb):
+        # as matmul_i8, prange over the tokens' quantization, then over nb row blocks
+        for t in prange(X.shape[0]):
+            D[t], xsum[t] = _quantize_x(X[t], x8[t], dx[t], ex[t])
+        d = meta[0]
+        step = (d + nb - 1) // nb
+        for b in prange(nb):
+            _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, b * step,
+                        min(d, (b + 1) * step), bits)
+
+    return matmul_i8, matmul_i8_par
 
 
 @njit(**_JIT)
@@ -581,9 +697,28 @@ class ClusterLinear(Linear):
             matvec_cluster(self.codes, self.codebook, self.meta, self.orow, self.oc, self.ov, x, out, self._scr, self.bits)
 
     def _matmul(self, X: np.ndarray, out: np.ndarray) -> None:
-        # out (T, d) = X (T, n) @ W.T: rows decoded 4 at a time into L1, register-blocked dots
+        # out (T, d) = X (T, n) @ W.T. K ≤ 32: int8 activations, as T matvecs would compute it;
+        # else rows decoded 4 at a time into L1, register-blocked f32 dots
         T = X.shape[0]
         nb = self.threads_for(self.shape[0] * T * self.shape[1] >= PAR_MIN_WEIGHTS)
+        if self.bits <= INT8_MAX_BITS:
+            if not X.flags.c_contiguous:
+                X = np.ascontiguousarray(X)
+            nblk = self.dx.shape[0]
+            # one per-thread buffer, shared by every matrix: x8 | dx | ex | D | xsum
+            sizes = (T * nblk * BLOCK // 4, T * nblk, (T * nblk + 1) // 2, T, T)
+            ends = np.cumsum(sizes)
+            buf = thread_scratch("cluster.mm", (int(ends[-1]),))
+            x8, dx, ex, D, xsum = (buf[e - k:e] for k, e in zip(sizes, ends))
+            args = (self.codes, self.cb8, self.cbs, self.cblo, self.meta, self.orow, self.oc, self.ov, X,
+                    x8.view(np.int8).reshape(T, nblk * BLOCK), dx.reshape(T, nblk),
+                    ex.view(np.int16)[:T * nblk].reshape(T, nblk), D, xsum, out)
+            mm, mm_par = matmul_kernels(self.bits)
+            if nb > 1:
+                mm_par(*args, nb)
+            else:
+                mm(*args)
+            return
         if self._tiles is None or self._tiles.shape[0] < nb:
             self._tiles = np.zeros((nb, TILE_ROWS, self._ncols), np.float32)
         if nb > 1:

@@ -34,3 +34,9 @@ def matvec(parts: dict, params: dict | None, x: np.ndarray) -> np.ndarray:
     e, D = block_scales(dx)
     xq = (x8.reshape(-1, BLOCK) * (D * e.astype(np.float32))[:, None]).reshape(-1)[:n]
     return decode(parts, params, int8=True) @ xq
+
+
+def matmul(parts: dict, params: dict | None, X: np.ndarray) -> np.ndarray:
+    """X (T, n) @ W.T -> (T, d) float32 as the kernels compute it: every token as `matvec`
+    (formats/codec-cluster.md § Matvec: the prompt's tokens get the decode's arithmetic)."""
+    return np.stack([matvec(parts, params, x) for x in np.asarray(X, np.float32)])
