@@ -185,10 +185,11 @@ def _block_index_bytes(builder, pblock, bits):
     return idx, top
 
 
-def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits):
-    """IR: for each token k, float32 Σ_b ex_k[b] · Σ_j cb8[q_j]·x8_k[32b + j] over `nblk` 32-weight
-    blocks of the codes at byte pointer pc, token k's int8 x at pxs[k] and its int16 block scales
-    at pexs[k], unsigned codebook entries at pcb (K ≤ 32): exact in 32-bit integers within each
+def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits, xstride=BLOCK, exstride=1):
+    """IR: for each token k, float32 Σ_b ex_k[b] · Σ_j cb8[q_j]·x8_k[b][j] over `nblk` 32-weight
+    blocks of the codes at byte pointer pc, token k's 32 int8 x of block b at pxs[k] + b·xstride
+    and its int16 block scale at pexs[k] + b·exstride (elements), unsigned codebook entries at
+    pcb (K ≤ 32): exact in 32-bit integers within each
     chunk of CHUNK_BLOCKS blocks, one float add per chunk. A block is unpacked and looked up once
     for all the tokens; each token's sums run in the same order as with one token alone, so the
     matmul equals the matvec to the bit."""
@@ -207,9 +208,10 @@ def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits):
         idx, top = _block_index_bytes(builder, pcode, bits)
         w8 = byte_table_lookup(builder, tables, idx, top, size=1 << (bits - bits % 2))
         for px, pex, acc in zip(pxs, pexs, iacc):
-            xv = builder.load(builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_I8),
+            xv = builder.load(builder.gep(px, [builder.mul(b, ir.Constant(b.type, xstride))], source_etype=_I8),
                               typ=ir.VectorType(_I8, 32), align=1)
-            e = builder.load(builder.gep(pex, [b], source_etype=i16), typ=i16)
+            e = builder.load(builder.gep(pex, [builder.mul(b, ir.Constant(b.type, exstride))], source_etype=i16),
+                             typ=i16)
             builder.store(builder.add(builder.load(acc), byte_dot(builder, w8, xv, e)), acc)
 
     for f in facc:
@@ -257,29 +259,37 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
 
 
 @intrinsic(prefer_literal=True)
-def _dot_blocks_i8_tokens(typingctx, codes, coff, x8, ex, t0, cb8, cboff, nblk, bits, res):
-    """res[k] = _dot_blocks_i8 of tokens t0 + k < t0 + MM_TOKENS: x8 (T, nblk·32) int8 and ex
-    (T, nblk) int16 C-contiguous; each block unpacked once for the MM_TOKENS tokens."""
+def _dot_blocks_i8_tile(typingctx, codes, coff, x8t, ex_t, tile, slot, cb8, cboff, nblk, bits, res, ntok):
+    """res[k] = _dot_blocks_i8 of the tokens in slots slot + k < slot + ntok (a literal: MM_TOKENS
+    or 1) of token tile `tile`: x8t (tiles, nblk, MM_TOKENS, 32) int8 and ex_t (tiles, nblk,
+    MM_TOKENS) int16, C-contiguous, so a block's x and scales of all the tile's tokens lie side
+    by side (no per-token address arithmetic in the loop); each block unpacked once for the ntok
+    tokens."""
     def codegen(context, builder, sig, args):
-        codes_v, coff_v, x8_v, ex_v, t0_v, cb_v, cboff_v, nblk_v, bits_v, res_v = args
+        codes_v, coff_v, x8_v, ex_v, tile_v, slot_v, cb_v, cboff_v, nblk_v, bits_v, res_v, _ = args
+        i64 = nblk_v.type
         pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
-        pcb = builder.gep(_data(context, builder, sig.args[5], cb_v), [cboff_v], source_etype=_I8)
-        px0 = _data(context, builder, sig.args[2], x8_v)
-        pex0 = _data(context, builder, sig.args[3], ex_v)
-        pres = _data(context, builder, sig.args[9], res_v)
-        toks = [builder.add(t0_v, ir.Constant(t0_v.type, k)) for k in range(MM_TOKENS)]
-        pxs = [builder.gep(px0, [builder.mul(t, builder.mul(nblk_v, ir.Constant(nblk_v.type, BLOCK)))],
-                           source_etype=_I8) for t in toks]
-        pexs = [builder.gep(pex0, [builder.mul(t, nblk_v)], source_etype=ir.IntType(16)) for t in toks]
+        pcb = builder.gep(_data(context, builder, sig.args[6], cb_v), [cboff_v], source_etype=_I8)
+        first = builder.add(builder.mul(builder.mul(tile_v, nblk_v), ir.Constant(i64, MM_TOKENS)), slot_v)
+        px0 = builder.gep(_data(context, builder, sig.args[2], x8_v), [builder.mul(first, ir.Constant(i64, BLOCK))],
+                          source_etype=_I8)
+        pex0 = builder.gep(_data(context, builder, sig.args[3], ex_v), [first], source_etype=ir.IntType(16))
+        pres = _data(context, builder, sig.args[10], res_v)
+        k_all = range(sig.args[11].literal_value)
+        pxs = [builder.gep(px0, [ir.Constant(_I32, k * BLOCK)], source_etype=_I8) for k in k_all]
+        pexs = [builder.gep(pex0, [ir.Constant(_I32, k)], source_etype=ir.IntType(16)) for k in k_all]
 
         def emit(bits):
-            for k, v in enumerate(_dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk_v, bits)):
+            sums = _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk_v, bits, MM_TOKENS * BLOCK, MM_TOKENS)
+            for k, v in enumerate(sums):
                 builder.store(v, builder.gep(pres, [ir.Constant(_I32, k)], source_etype=_F32))
 
-        switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[8])
+        switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[9])
         return context.get_dummy_value()
 
-    return types.none(codes, coff, x8, ex, t0, cb8, cboff, nblk, bits, res), codegen
+    if not isinstance(ntok, types.IntegerLiteral):
+        return None
+    return types.none(codes, coff, x8t, ex_t, tile, slot, cb8, cboff, nblk, bits, res, ntok), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -403,9 +413,10 @@ def _mv_rows(codes, cb, meta, orow, oc, ov, x, out, r0, r1, scr, bits):
 # reference, and a block scale rint(dx / D) could round the other way
 @njit(cache=True, nogil=True, fastmath=False)
 def _quantize_x(x, x8, dx, ex):
-    # x (n,) -> x8 (nblk·32,) int8, dx (nblk,) float32 per 32-column block and the block scales
-    # ex (nblk,) int16 of format.block_scales; returns (D, D·Σ_b ex[b]·Σ x8[block b]): the
-    # activations' step and the sum the codebooks' offsets multiply
+    # x (n,) -> x8 (nblk, 32) int8, dx (nblk,) float32 per 32-column block and the block scales
+    # ex (nblk,) int16 of format.block_scales; returns (D, D·Σ_b ex[b]·Σ x8[b]): the activations'
+    # step and the sum the codebooks' offsets multiply. x8 and ex may be strided views (the
+    # matmul writes its token tiles directly)
     n = x.shape[0]
     top = np.float32(0.0)
     for b in range(dx.shape[0]):
@@ -415,16 +426,16 @@ def _quantize_x(x, x8, dx, ex):
         inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
         dx[b] = m / np.float32(127.0)
         top = max(top, dx[b])
-        for j in range(b * 32, b * 32 + 32):
-            v = x[j] * inv if j < n else np.float32(0.0)
-            x8[j] = np.int8(np.trunc(v + (np.float32(-0.5) if v < 0 else np.float32(0.5))))
+        for j in range(32):
+            v = x[b * 32 + j] * inv if b * 32 + j < n else np.float32(0.0)
+            x8[b, j] = np.int8(np.trunc(v + (np.float32(-0.5) if v < 0 else np.float32(0.5))))
     D = top / np.float32(SCALE_MAX)
     isum = 0
     for b in range(dx.shape[0]):
         ex[b] = np.int16(np.rint(dx[b] / D)) if D > 0 else np.int16(0)
         s = 0
-        for j in range(b * 32, b * 32 + 32):
-            s += x8[j]
+        for j in range(32):
+            s += x8[b, j]
         isum += np.int64(ex[b]) * s
     return D, D * np.float32(isum)
 
@@ -460,7 +471,7 @@ def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out,
                              xsum)
     for p in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):    # outliers, in row order
         j = np.int64(oc[p])
-        out[orow[p]] += _outlier_term(f16_to_f32(ov[p]), D, ex[j >> 5], x8[j])
+        out[orow[p]] += _outlier_term(f16_to_f32(ov[p]), D, ex[j >> 5], x8[j >> 5, j & 31])
 
 
 @functools.cache
@@ -496,34 +507,47 @@ def first_token_kernels(bits: int) -> tuple:
 
 
 @njit(**_JIT)
-def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, r0, r1, bits):
+def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, ex, D, xsum, out, r0, r1, bits):
     # int8 matmul (K ≤ 32) of rows r0:r1 -> out[:, r0:r1] for the T tokens quantized as the matvec
-    # does (x8 (T, nblk·32), ex (T, nblk), D and xsum (T,) from _quantize_x): tokens in tiles
-    # whose x8 stays in L2, each row's blocks unpacked once per MM_TOKENS tokens
-    T, nblk = ex.shape
+    # does, in tiles of MM_TOKENS (x8t, ex_t as _dot_blocks_i8_tile; ex (T, nblk) the block scales
+    # as the matvec has them, D and xsum (T,)): token tiles
+    # grouped so their x stays in L2, each row's blocks unpacked once per tile
+    T = D.shape[0]
+    nblk = ex_t.shape[1]
     group_rows = meta[3]
     rowbytes = codes.shape[1]
     res = np.empty(MM_TOKENS, np.float32)
-    tt = max(MM_TOKENS, MM_X_BYTES // (nblk * BLOCK) // MM_TOKENS * MM_TOKENS)
-    for t0 in range(0, T, tt):
-        t1 = min(T, t0 + tt)
+    step = max(1, MM_X_BYTES // (nblk * (BLOCK + 2) * MM_TOKENS))     # tiles per pass over the rows
+    ntiles = (T + MM_TOKENS - 1) // MM_TOKENS
+    for j0 in range(0, ntiles, step):
         for i in range(r0, r1):
             g = i // group_rows
             s, lo = cbs[g], cblo[g]
-            t = t0
-            while t + MM_TOKENS <= t1:
-                _dot_blocks_i8_tokens(codes, i * rowbytes, x8, ex, t, cb8, g * 32, nblk, bits, res)
-                for k in range(MM_TOKENS):
-                    out[t + k, i] = _finish_row(res[k], D[t + k], s, lo, xsum[t + k])
-                t += MM_TOKENS
-            for u in range(t, t1):
-                out[u, i] = _finish_row(_dot_blocks_i8(codes, i * rowbytes, x8[u], ex[u], cb8, g * 32, nblk, bits),
-                                        D[u], s, lo, xsum[u])
+            for j in range(j0, min(ntiles, j0 + step)):
+                t0 = j * MM_TOKENS
+                if t0 + MM_TOKENS <= T:
+                    _dot_blocks_i8_tile(codes, i * rowbytes, x8t, ex_t, j, 0, cb8, g * 32, nblk, bits, res, MM_TOKENS)
+                    for k in range(MM_TOKENS):
+                        out[t0 + k, i] = _finish_row(res[k], D[t0 + k], s, lo, xsum[t0 + k])
+                else:                       # the last tile's tokens one by one
+                    for k in range(T - t0):
+                        _dot_blocks_i8_tile(codes, i * rowbytes, x8t, ex_t, j, k, cb8, g * 32, nblk, bits, res, 1)
+                        out[t0 + k, i] = _finish_row(res[0], D[t0 + k], s, lo, xsum[t0 + k])
     p0, p1 = np.searchsorted(orow, r0), np.searchsorted(orow, r1)
     for t in range(T):                      # outliers as in _mv_rows_i8, a token at a time
+        j, k = t // MM_TOKENS, t % MM_TOKENS
         for p in range(p0, p1):
-            j = np.int64(oc[p])
-            out[t, orow[p]] += _outlier_term(f16_to_f32(ov[p]), D[t], ex[t, j >> 5], x8[t, j])
+            c = np.int64(oc[p])
+            out[t, orow[p]] += _outlier_term(f16_to_f32(ov[p]), D[t], ex[t, c >> 5], x8t[j, c >> 5, k, c & 31])
+
+
+@njit(**_JIT)
+def _quantize_tile(X, t, x8t, ex_t, ex, dx, D, xsum):
+    # token t of X into its tile slot (x8t, ex_t as _dot_blocks_i8_tile), ex[t], D[t] and xsum[t]
+    j, k = t // MM_TOKENS, t % MM_TOKENS
+    D[t], xsum[t] = _quantize_x(X[t], x8t[j, :, k, :], dx[t], ex[t])
+    for b in range(ex.shape[1]):
+        ex_t[j, b, k] = ex[t, b]
 
 
 @functools.cache
@@ -533,22 +557,22 @@ def matmul_kernels(bits: int) -> tuple:
     result as T matvecs, to the bit."""
 
     @njit(**_JIT)
-    def matmul_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8, dx, ex, D, xsum, out):
-        # X (T, n) @ W.T -> out (T, d); x8 (T, nblk·32) int8, dx (T, nblk) f32, ex (T, nblk) int16,
-        # D and xsum (T,) f32 scratch
+    def matmul_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8t, ex_t, ex, dx, D, xsum, out):
+        # X (T, n) @ W.T -> out (T, d); x8t, ex_t the token tiles (_dot_blocks_i8_tile), ex (T, nblk)
+        # int16, dx (T, nblk) f32, D and xsum (T,) f32 scratch
         for t in range(X.shape[0]):
-            D[t], xsum[t] = _quantize_x(X[t], x8[t], dx[t], ex[t])
-        _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, 0, meta[0], bits)
+            _quantize_tile(X, t, x8t, ex_t, ex, dx, D, xsum)
+        _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, ex, D, xsum, out, 0, meta[0], bits)
 
     @njit(**_JIT_PAR)
-    def matmul_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8, dx, ex, D, xsum, out, nb):
+    def matmul_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8t, ex_t, ex, dx, D, xsum, out, nb):
         # as matmul_i8, prange over the tokens' quantization, then over nb row blocks
         for t in prange(X.shape[0]):
-            D[t], xsum[t] = _quantize_x(X[t], x8[t], dx[t], ex[t])
+            _quantize_tile(X, t, x8t, ex_t, ex, dx, D, xsum)
         d = meta[0]
         step = (d + nb - 1) // nb
         for b in prange(nb):
-            _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, b * step,
+            _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, ex, D, xsum, out, b * step,
                         min(d, (b + 1) * step), bits)
 
     return matmul_i8, matmul_i8_par
@@ -666,7 +690,7 @@ class ClusterLinear(Linear):
         if bits <= INT8_MAX_BITS:   # the int8 matvec's codebooks and activation scratch
             self.cb8, self.cbs, self.cblo = unsigned_codebook(self.codebook)
             nblk = self.codes.shape[1] // (4 * bits)
-            self.x8 = np.zeros(nblk * BLOCK, np.int8)
+            self.x8 = np.zeros((nblk, BLOCK), np.int8)
             self.dx, self.ex = np.zeros(nblk, np.float32), np.zeros(nblk, np.int16)
 
     @property
@@ -704,15 +728,17 @@ class ClusterLinear(Linear):
         if self.bits <= INT8_MAX_BITS:
             if not X.flags.c_contiguous:
                 X = np.ascontiguousarray(X)
-            nblk = self.dx.shape[0]
-            # one per-thread buffer, shared by every matrix: x8 | dx | ex | D | xsum
-            sizes = (T * nblk * BLOCK // 4, T * nblk, (T * nblk + 1) // 2, T, T)
+            nblk, tiles = self.dx.shape[0], -(-T // MM_TOKENS)
+            # one per-thread buffer, shared by every matrix: x8t | ex_t | ex | dx | D | xsum
+            sizes = (tiles * nblk * MM_TOKENS * BLOCK // 4, tiles * nblk * MM_TOKENS // 2, (T * nblk + 1) // 2,
+                     T * nblk, T, T)
             ends = np.cumsum(sizes)
             buf = thread_scratch("cluster.mm", (int(ends[-1]),))
-            x8, dx, ex, D, xsum = (buf[e - k:e] for k, e in zip(sizes, ends))
+            x8t, ex_t, ex, dx, D, xsum = (buf[e - k:e] for k, e in zip(sizes, ends))
             args = (self.codes, self.cb8, self.cbs, self.cblo, self.meta, self.orow, self.oc, self.ov, X,
-                    x8.view(np.int8).reshape(T, nblk * BLOCK), dx.reshape(T, nblk),
-                    ex.view(np.int16)[:T * nblk].reshape(T, nblk), D, xsum, out)
+                    x8t.view(np.int8).reshape(tiles, nblk, MM_TOKENS, BLOCK),
+                    ex_t.view(np.int16).reshape(tiles, nblk, MM_TOKENS),
+                    ex.view(np.int16)[:T * nblk].reshape(T, nblk), dx.reshape(T, nblk), D, xsum, out)
             mm, mm_par = matmul_kernels(self.bits)
             if nb > 1:
                 mm_par(*args, nb)
