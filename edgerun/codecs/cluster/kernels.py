@@ -449,9 +449,15 @@ def _finish_row(acc, D, s, lo, xsum):
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _outlier_term(v, D, e, x):
-    # an fp16 outlier v (as f32) times its activation D·e·x (int8 x at block scale e)
-    return v * (D * np.float32(e) * np.float32(x))
+def _outlier_act(D, e, x):
+    # the activation an fp16 outlier multiplies: int8 x at block scale e in step D
+    return D * np.float32(e) * np.float32(x)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _outlier_term(v, a):
+    # an fp16 outlier v (as f32) times its activation a (_outlier_act), not fused into the add
+    return v * a
 
 
 @njit(**_JIT)
@@ -471,7 +477,7 @@ def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out,
                              xsum)
     for p in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):    # outliers, in row order
         j = np.int64(oc[p])
-        out[orow[p]] += _outlier_term(f16_to_f32(ov[p]), D, ex[j >> 5], x8[j >> 5, j & 31])
+        out[orow[p]] += _outlier_term(f16_to_f32(ov[p]), _outlier_act(D, ex[j >> 5], x8[j >> 5, j & 31]))
 
 
 @functools.cache
@@ -507,11 +513,12 @@ def first_token_kernels(bits: int) -> tuple:
 
 
 @njit(**_JIT)
-def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, ex, D, xsum, out, r0, r1, bits):
+def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, xa, D, xsum, out, r0, r1, bits):
     # int8 matmul (K ≤ 32) of rows r0:r1 -> out[:, r0:r1] for the T tokens quantized as the matvec
-    # does, in tiles of MM_TOKENS (x8t, ex_t as _dot_blocks_i8_tile; ex (T, nblk) the block scales
-    # as the matvec has them, D and xsum (T,)): token tiles
-    # grouped so their x stays in L2, each row's blocks unpacked once per tile
+    # does, in tiles of MM_TOKENS (x8t, ex_t as _dot_blocks_i8_tile; xa (tiles, nblk·32,
+    # MM_TOKENS) the outliers' activations (_outlier_act) when there are outliers; D and xsum (T,)): token
+    # tiles grouped so their x stays in L2, each row's blocks unpacked once per tile, its
+    # outliers added to the tile's sums (in row order, as the matvec adds them) before the store
     T = D.shape[0]
     nblk = ex_t.shape[1]
     group_rows = meta[3]
@@ -520,34 +527,40 @@ def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, ex, D, xsu
     step = max(1, MM_X_BYTES // (nblk * (BLOCK + 2) * MM_TOKENS))     # tiles per pass over the rows
     ntiles = (T + MM_TOKENS - 1) // MM_TOKENS
     for j0 in range(0, ntiles, step):
+        p = np.searchsorted(orow, r0)
         for i in range(r0, r1):
             g = i // group_rows
             s, lo = cbs[g], cblo[g]
+            pa = p
+            while p < orow.shape[0] and orow[p] == i:
+                p += 1
             for j in range(j0, min(ntiles, j0 + step)):
                 t0 = j * MM_TOKENS
-                if t0 + MM_TOKENS <= T:
+                nt = min(MM_TOKENS, T - t0)
+                if nt == MM_TOKENS:
                     _dot_blocks_i8_tile(codes, i * rowbytes, x8t, ex_t, j, 0, cb8, g * 32, nblk, bits, res, MM_TOKENS)
-                    for k in range(MM_TOKENS):
-                        out[t0 + k, i] = _finish_row(res[k], D[t0 + k], s, lo, xsum[t0 + k])
                 else:                       # the last tile's tokens one by one
-                    for k in range(T - t0):
-                        _dot_blocks_i8_tile(codes, i * rowbytes, x8t, ex_t, j, k, cb8, g * 32, nblk, bits, res, 1)
-                        out[t0 + k, i] = _finish_row(res[0], D[t0 + k], s, lo, xsum[t0 + k])
-    p0, p1 = np.searchsorted(orow, r0), np.searchsorted(orow, r1)
-    for t in range(T):                      # outliers as in _mv_rows_i8, a token at a time
-        j, k = t // MM_TOKENS, t % MM_TOKENS
-        for p in range(p0, p1):
-            c = np.int64(oc[p])
-            out[t, orow[p]] += _outlier_term(f16_to_f32(ov[p]), D[t], ex[t, c >> 5], x8t[j, c >> 5, k, c & 31])
+                    for k in range(nt):
+                        _dot_blocks_i8_tile(codes, i * rowbytes, x8t, ex_t, j, k, cb8, g * 32, nblk, bits, res[k:], 1)
+                for k in range(nt):
+                    res[k] = _finish_row(res[k], D[t0 + k], s, lo, xsum[t0 + k])
+                for q in range(pa, p):
+                    v, c = f16_to_f32(ov[q]), np.int64(oc[q])
+                    for k in range(nt):
+                        res[k] += _outlier_term(v, xa[j, c, k])
+                for k in range(nt):
+                    out[t0 + k, i] = res[k]
 
 
 @njit(**_JIT)
-def _quantize_tile(X, t, x8t, ex_t, ex, dx, D, xsum):
-    # token t of X into its tile slot (x8t, ex_t as _dot_blocks_i8_tile), ex[t], D[t] and xsum[t]
+def _quantize_tile(X, t, x8t, ex_t, xa, dx, D, xsum):
+    # token t of X into its tile slot (x8t, ex_t as _dot_blocks_i8_tile; xa as _mm_rows_i8 unless
+    # empty), D[t] and xsum[t]
     j, k = t // MM_TOKENS, t % MM_TOKENS
-    D[t], xsum[t] = _quantize_x(X[t], x8t[j, :, k, :], dx[t], ex[t])
-    for b in range(ex.shape[1]):
-        ex_t[j, b, k] = ex[t, b]
+    D[t], xsum[t] = _quantize_x(X[t], x8t[j, :, k, :], dx[t], ex_t[j, :, k])
+    if xa.shape[0]:
+        for c in range(xa.shape[1]):
+            xa[j, c, k] = _outlier_act(D[t], ex_t[j, c >> 5, k], x8t[j, c >> 5, k, c & 31])
 
 
 @functools.cache
@@ -557,22 +570,22 @@ def matmul_kernels(bits: int) -> tuple:
     result as T matvecs, to the bit."""
 
     @njit(**_JIT)
-    def matmul_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8t, ex_t, ex, dx, D, xsum, out):
-        # X (T, n) @ W.T -> out (T, d); x8t, ex_t the token tiles (_dot_blocks_i8_tile), ex (T, nblk)
-        # int16, dx (T, nblk) f32, D and xsum (T,) f32 scratch
+    def matmul_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8t, ex_t, xa, dx, D, xsum, out):
+        # X (T, n) @ W.T -> out (T, d); x8t, ex_t the token tiles (_dot_blocks_i8_tile), xa the
+        # outliers' activations (_mm_rows_i8), dx (T, nblk) f32, D and xsum (T,) f32 scratch
         for t in range(X.shape[0]):
-            _quantize_tile(X, t, x8t, ex_t, ex, dx, D, xsum)
-        _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, ex, D, xsum, out, 0, meta[0], bits)
+            _quantize_tile(X, t, x8t, ex_t, xa, dx, D, xsum)
+        _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, xa, D, xsum, out, 0, meta[0], bits)
 
     @njit(**_JIT_PAR)
-    def matmul_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8t, ex_t, ex, dx, D, xsum, out, nb):
+    def matmul_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, X, x8t, ex_t, xa, dx, D, xsum, out, nb):
         # as matmul_i8, prange over the tokens' quantization, then over nb row blocks
         for t in prange(X.shape[0]):
-            _quantize_tile(X, t, x8t, ex_t, ex, dx, D, xsum)
+            _quantize_tile(X, t, x8t, ex_t, xa, dx, D, xsum)
         d = meta[0]
         step = (d + nb - 1) // nb
         for b in prange(nb):
-            _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, ex, D, xsum, out, b * step,
+            _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, xa, D, xsum, out, b * step,
                         min(d, (b + 1) * step), bits)
 
     return matmul_i8, matmul_i8_par
@@ -729,16 +742,17 @@ class ClusterLinear(Linear):
             if not X.flags.c_contiguous:
                 X = np.ascontiguousarray(X)
             nblk, tiles = self.dx.shape[0], -(-T // MM_TOKENS)
-            # one per-thread buffer, shared by every matrix: x8t | ex_t | ex | dx | D | xsum
-            sizes = (tiles * nblk * MM_TOKENS * BLOCK // 4, tiles * nblk * MM_TOKENS // 2, (T * nblk + 1) // 2,
-                     T * nblk, T, T)
+            # one per-thread buffer, shared by every matrix: x8t | ex_t | xa (with outliers) | dx | D | xsum
+            xa_tiles = tiles if self.oc.size else 0
+            sizes = (tiles * nblk * MM_TOKENS * BLOCK // 4, tiles * nblk * MM_TOKENS // 2,
+                     xa_tiles * nblk * BLOCK * MM_TOKENS, T * nblk, T, T)
             ends = np.cumsum(sizes)
             buf = thread_scratch("cluster.mm", (int(ends[-1]),))
-            x8t, ex_t, ex, dx, D, xsum = (buf[e - k:e] for k, e in zip(sizes, ends))
+            x8t, ex_t, xa, dx, D, xsum = (buf[e - k:e] for k, e in zip(sizes, ends))
             args = (self.codes, self.cb8, self.cbs, self.cblo, self.meta, self.orow, self.oc, self.ov, X,
                     x8t.view(np.int8).reshape(tiles, nblk, MM_TOKENS, BLOCK),
-                    ex_t.view(np.int16).reshape(tiles, nblk, MM_TOKENS),
-                    ex.view(np.int16)[:T * nblk].reshape(T, nblk), dx.reshape(T, nblk), D, xsum, out)
+                    ex_t.view(np.int16).reshape(tiles, nblk, MM_TOKENS), xa.reshape(xa_tiles, nblk * BLOCK, MM_TOKENS),
+                    dx.reshape(T, nblk), D, xsum, out)
             mm, mm_par = matmul_kernels(self.bits)
             if nb > 1:
                 mm_par(*args, nb)
