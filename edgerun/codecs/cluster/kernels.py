@@ -468,16 +468,20 @@ def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out,
     rowbytes = codes.shape[1]
     g = r0 // group_rows
     left = (g + 1) * group_rows - r0        # rows of codebook g from r0 on (no division per row)
+    p = np.searchsorted(orow, r0)
     for i in range(r0, r1):
         if left == 0:
             g += 1
             left = group_rows
         left -= 1
-        out[i] = _finish_row(_dot_blocks_i8(codes, i * rowbytes, x8, ex, cb8, g * 32, nblk, bits), D, cbs[g], cblo[g],
-                             xsum)
-    for p in range(np.searchsorted(orow, r0), np.searchsorted(orow, r1)):    # outliers, in row order
-        j = np.int64(oc[p])
-        out[orow[p]] += _outlier_term(f16_to_f32(ov[p]), _outlier_act(D, ex[j >> 5], x8[j >> 5, j & 31]))
+        acc = _finish_row(_dot_blocks_i8(codes, i * rowbytes, x8, ex, cb8, g * 32, nblk, bits), D, cbs[g], cblo[g], xsum)
+        # the row's outliers in order, summed in a register (adding each to out[i] in memory
+        # waited on the previous store: 1.5B gate/up, 82,576 outliers, 180 -> 50 µs a token)
+        while p < orow.shape[0] and orow[p] == i:
+            j = np.int64(oc[p])
+            acc += _outlier_term(f16_to_f32(ov[p]), _outlier_act(D, ex[j >> 5], x8[j >> 5, j & 31]))
+            p += 1
+        out[i] = acc
 
 
 @functools.cache
