@@ -474,9 +474,11 @@ def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out,
             g += 1
             left = group_rows
         left -= 1
-        acc = _finish_row(_dot_blocks_i8(codes, i * rowbytes, x8, ex, cb8, g * 32, nblk, bits), D, cbs[g], cblo[g], xsum)
+        acc = _dot_blocks_i8(codes, i * rowbytes, x8, ex, cb8, g * 32, nblk, bits)
+        acc = _finish_row(acc, D, cbs[g], cblo[g], xsum)
         # the row's outliers in order, summed in a register (adding each to out[i] in memory
-        # waited on the previous store: 1.5B gate/up, 82,576 outliers, 180 -> 50 µs a token)
+        # waited on the previous store: 1.5B gate/up's 82,576 outliers, 1 thread, +384-500 ->
+        # +210-302 µs a token)
         while p < orow.shape[0] and orow[p] == i:
             j = np.int64(oc[p])
             acc += _outlier_term(f16_to_f32(ov[p]), _outlier_act(D, ex[j >> 5], x8[j >> 5, j & 31]))
@@ -520,9 +522,9 @@ def first_token_kernels(bits: int) -> tuple:
 def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, xa, D, xsum, out, r0, r1, bits):
     # int8 matmul (K ≤ 32) of rows r0:r1 -> out[:, r0:r1] for the T tokens quantized as the matvec
     # does, in tiles of MM_TOKENS (x8t, ex_t as _dot_blocks_i8_tile; xa (tiles, nblk·32,
-    # MM_TOKENS) the outliers' activations (_outlier_act) when there are outliers; D and xsum (T,)): token
-    # tiles grouped so their x stays in L2, each row's blocks unpacked once per tile, its
-    # outliers added to the tile's sums (in row order, as the matvec adds them) before the store
+    # MM_TOKENS) the activations outliers multiply (_outlier_act), empty without outliers; D and
+    # xsum (T,)): tiles grouped so their x stays in L2, each row's blocks unpacked once per tile,
+    # its outliers added to the tile's sums (in row order, as the matvec adds them) before the store
     T = D.shape[0]
     nblk = ex_t.shape[1]
     group_rows = meta[3]
