@@ -34,6 +34,12 @@ instead compares matrix by matrix at equal bits/weight: each pack's output error
 text) against the BitStack pack's at the same bits (its blocks 2..8, interpolated in log error),
 on layers --layers-at (default 3,8,15,22,29); prints the ratio per matrix type.
 
+    python tools/bench_bitstack.py --residual [--layers-at 3,15] [--gguf SRC]
+
+instead measures, per matrix (output error as --versus), what BitStack blocks give below 4 per
+matrix against cluster:2-5, and cluster:2/3 with BitStack blocks of its residual on top
+(formats/codec-bitstack.md, "Below 4 blocks").
+
     python tools/bench_bitstack.py --attribute bs.ebin --with cluster:4=c4.ebin --bpw 4.57 [--chunks 12]
 
 instead finds which matrices carry BitStack's loss against another pack of the same model: the
@@ -150,15 +156,15 @@ def curve(path: str, bpws: list[float], chunks: int, threads: int, order_file: s
                   f"{m.blocks[0]}/{m.blocks[1]} blocks): {r} [{time.perf_counter() - t:.0f} s]", flush=True)
 
 
-def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> None:
-    """Per matrix type: BitStack's output error at each other pack's bits/weight, as a ratio to it."""
+def source_linears(gguf: str, layers: list[int]) -> tuple[dict, dict]:
+    """(W, H): the source's linear weights (float64) of `layers` and their input Hessians from
+    the calibration pass on the source weights (4096 tokens of the calibration text)."""
     from edgerun.calibrate import calibrate_and_store, f32_linear, source_calibration_sequences
     from edgerun.config import ModelConfig
     from edgerun.convert.pack import CALIB_SEQ_LEN, open_source
-    from edgerun.ebin import EbinFile
     W, H = {}, {}
 
-    def store(name, w, hessian=None):          # the calibration pass on the source weights
+    def store(name, w, hessian=None):
         if name.startswith("model.layers.") and hessian is not None and int(name.split(".")[2]) in layers:
             W[name], H[name] = w.astype(np.float64), hessian
         return f32_linear(w) if w.ndim == 2 else w
@@ -166,6 +172,58 @@ def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> N
     with open_source(gguf) as src:
         calibrate_and_store(src, ModelConfig.from_dict(src.meta.config),
                             source_calibration_sequences(src.meta, None, 4096, CALIB_SEQ_LEN), store)
+    return W, H
+
+
+def output_error(E, w, h) -> float:
+    """√(tr(E H Eᵀ) / tr(W H Wᵀ)): a weight error's share of the layer's output energy."""
+    return float(np.sqrt(np.einsum("ij,jk,ik->", E, h, E) / np.einsum("ij,jk,ik->", w, h, w)))
+
+
+def residual(gguf: str, layers: list[int]) -> None:
+    """Below 4 blocks: cluster:B, the stock BitStack stack (joint 4), and cluster:2/3 with
+    BitStack blocks of its residual on top (block by block, or the first 2 joint), each as
+    (bits/weight, output error); geometric mean error ratios of the pairs at about equal bits."""
+    W, H = source_linears(gguf, layers)
+    cl, bs = get_codec("cluster"), get_codec("bitstack")
+    stock = bs.params_from_arg(6)
+    pairs = [("bs2", "c2"), ("bs3", "c3"), ("c2+1", "c3"), ("bs4", "c4"), ("c3+1", "c4"), ("c2+2j", "c4"),
+             ("bs5", "c5"), ("c3+2j", "c5")]
+    ratios = {p: [] for p in pairs}
+    for name, w in W.items():
+        h, (d, n) = H[name], w.shape
+        blk = block_layout(d, n, stock["rank"])[2]
+        res = {}
+        for b in (2, 3, 4, 5):
+            p = {"bits": b, "outliers": 0.003 if b >= 4 else 0}
+            parts = cl.encode(w.astype(np.float32), p, h)
+            deq = cl.decode(parts, p).astype(np.float64)
+            base = cl.nbytes(parts)
+            res[f"c{b}"] = (base * 8 / w.size, output_error(deq - w, w, h))
+            for J in (0, 2) if b <= 3 else ():
+                bp = dict(stock, blocks=3, joint=J)
+                bparts = bs.encode((w - deq).astype(np.float32), bp, h)
+                for m in (1, 2, 3):
+                    dq = deq + bs.decode(bparts, bp, blocks=m)
+                    res[f"c{b}+{m}" + ("j" if J else "")] = ((base + m * blk + 4 * n) * 8 / w.size,
+                                                             output_error(dq - w, w, h))
+        bparts = bs.encode(w.astype(np.float32), stock, h)
+        for m in range(2, 7):
+            res[f"bs{m}"] = ((m * blk + 4 * n) * 8 / w.size, output_error(bs.decode(bparts, stock, blocks=m) - w, w, h))
+        print(name, " ".join(f"{k} {b:.2f}/{e:.4f}" for k, (b, e) in sorted(res.items(), key=lambda kv: kv[1][0])),
+              flush=True)
+        for a, b in pairs:
+            ratios[a, b].append((res[a][1] / res[b][1], res[a][0] - res[b][0]))
+    for (a, b), r in ratios.items():
+        e, db = np.array(r).T
+        print(f"{a} / {b}: output error x{np.exp(np.mean(np.log(e))):.2f} ({e.min():.2f}-{e.max():.2f}), "
+              f"bits/weight {np.mean(db):+.2f}")
+
+
+def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> None:
+    """Per matrix type: BitStack's output error at each other pack's bits/weight, as a ratio to it."""
+    from edgerun.ebin import EbinFile
+    W, H = source_linears(gguf, layers)
 
     def error(f, name, blocks=None):
         e = f.manifest["tensors"][name]
@@ -174,8 +232,7 @@ def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> N
         E = codec.decode(parts, e["params"], **({} if blocks is None else {"blocks": blocks})) - W[name]
         bits = (codec.nbytes(parts) if blocks is None else
                 blocks * block_layout(*E.shape, int(parts["meta"][2]))[2] + 4 * E.shape[1] + 16) * 8 / E.size
-        w, h = W[name], H[name]
-        return bits, np.sqrt(np.einsum("ij,jk,ik->", E, h, E) / np.einsum("ij,jk,ik->", w, h, w))
+        return bits, output_error(E, W[name], H[name])
 
     files = {label: EbinFile(p) for label, p in others.items()}
     ratios = {}                                 # (type, label) -> [ratio per layer]
@@ -259,7 +316,11 @@ def main():
     ap.add_argument("--with", dest="others", action="append", default=[], metavar="LABEL=EBIN")
     ap.add_argument("--layers-at", default="3,8,15,22,29")
     ap.add_argument("--attribute", metavar="EBIN", default=None)
+    ap.add_argument("--residual", action="store_true")
     a = ap.parse_args()
+    if a.residual:
+        from edgerun.default_model import default_gguf
+        return residual(a.gguf or str(default_gguf()), [int(i) for i in a.layers_at.split(",")])
     if a.attribute:
         if len(a.others) != 1:
             ap.error("--attribute needs one --with LABEL=EBIN to take linears from")
