@@ -1,7 +1,7 @@
 """Flash-streaming benchmark (issue #5): quality vs sparsity, and cold-cache decode speed of the
 naive / layer / window FFN streaming at memory budgets, each run in its own subprocess.
 
-    python tools/bench_flash.py quality model-flash.ebin [--ctx 256 --windows 8]
+    python tools/bench_flash.py quality model-flash.ebin [--ctx 256 --windows 8 --threads 1]
     python tools/bench_flash.py speed model-flash.ebin [--tokens 32 --criterion off --rounds 3]
     python tools/bench_flash.py disk model-flash.ebin
     python tools/bench_flash.py gaps model-flash.ebin --budget BYTES --criterion gate:0.2
@@ -52,7 +52,9 @@ def build(path, context, budget=None, mode="auto", criterion="off", window=4, ba
 
 
 def quality(args):
+    from edgerun import kernels
     from edgerun.evaluate import perplexity, windows
+    kernels.set_threads(args.threads)
     text = HELDOUT.read_text(encoding="utf-8")
     for crit in args.criteria.split(","):
         tf, plan, tok, _ = build(args.model, args.ctx, criterion=crit)
