@@ -175,8 +175,8 @@ def calibrate_and_store(source, cfg: ModelConfig, sequences: np.ndarray, store, 
     available = set(source.tensor_names())
 
     def store_layer(jobs):
-        for name, w, hessian in jobs:
-            store(name, w, hessian)
+        while jobs:                 # each tensor and its Hessian freed once stored
+            store(*jobs.pop(0))
 
     if progress is not None:
         progress(0, cfg.num_layers)

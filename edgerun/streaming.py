@@ -813,6 +813,15 @@ def _abs_silu(A: np.ndarray, B: np.ndarray, out: np.ndarray, rows: int = 256) ->
         G[:] = np.abs(G / (1.0 + np.exp(-G)))
 
 
+def _gram(w: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """wᵀ w in float64, summed over row chunks: no float64 copy of w."""
+    G = np.zeros((w.shape[1], w.shape[1]))
+    for r0 in range(0, w.shape[0], rows):
+        c = w[r0:r0 + rows].astype(np.float64)
+        G += c.T @ c
+    return G
+
+
 def layer_stats(X: np.ndarray, gate: np.ndarray, rank: int = PREDICTOR_RANK) -> dict:
     """From one layer's calibration FFN inputs X (N, d) and gate (f, d): frequency order, the
     |silu(gate x)| thresholds on SPARSITY_GRID, and a rank-r predictor A (f, r), B (r, d) minimizing
@@ -822,21 +831,23 @@ def layer_stats(X: np.ndarray, gate: np.ndarray, rank: int = PREDICTOR_RANK) -> 
     _abs_silu(X, gate.T, S)
     freq = (S > np.quantile(S, FREQ_SPARSITY)).mean(axis=0)
     perm = np.argsort(-freq, kind="stable").astype(np.int32)
-    thr = np.quantile(S, SPARSITY_GRID, overwrite_input=True).tolist()     # S is not needed after
+    thr = np.quantile(S, SPARSITY_GRID, overwrite_input=True).tolist()
+    del S                               # 147 MiB on the 1.5B model: gone before the predictor's work
     H = (X.T.astype(np.float64) @ X) / N
     H += np.eye(d) * 1e-4 * np.trace(H) / d
     Lc = np.linalg.cholesky(H)
-    M = gate.astype(np.float64) @ Lc
     r = min(rank, d)
-    # top-r right singular vectors of M from the small (d, d) Gram matrix: cheaper than a full SVD
-    _, V = np.linalg.eigh(M.T @ M)
+    # M = gate·L is never formed (two float64 (f, d) arrays, 220 MiB on the 1.5B model): its top-r
+    # right singular vectors are the top eigenvectors of Mᵀ M = Lᵀ (gateᵀ gate) L, and U_r S_r = M V_r
+    _, V = np.linalg.eigh(Lc.T @ _gram(gate) @ Lc)
     Vr = V[:, ::-1][:, :r]
-    A = (M @ Vr).astype(np.float32)                                  # U_r S_r
+    A = gate @ (Lc @ Vr).astype(np.float32)                          # U_r S_r
     Bm = np.linalg.solve(Lc.T, Vr).T.astype(np.float32)              # V_rᵀ L⁻¹
     # thresholds of the predictor as the runtime will compute it (f16 factors)
     A16, B16 = A.astype(np.float16).astype(np.float32), Bm.astype(np.float16).astype(np.float32)
-    _abs_silu(X @ B16.T, A16.T, S)
-    pthr = np.quantile(S, SPARSITY_GRID, overwrite_input=True).tolist()
+    P = np.empty((N, gate.shape[0]), np.float32)
+    _abs_silu(X @ B16.T, A16.T, P)
+    pthr = np.quantile(P, SPARSITY_GRID, overwrite_input=True).tolist()
     return {"perm": perm, "thresholds": {"gate": thr, "lowrank": pthr}, "A": A, "B": Bm,
             "frequency": freq[perm]}
 
@@ -947,7 +958,9 @@ class CalibratedFlash:
             return self.store(name, w, hessian)
         field = name.rsplit(".", 2)[-2].split("_")[0]          # ...mlp.gate_proj.weight -> gate
         parts = self.codec.encode(w, self.rule["params"], hessian=hessian)
-        self.w[field], self.parts[field] = w, parts
+        self.parts[field] = parts
+        if field == "gate" or self.rule["codec"] == "dense":    # a codec's bundles come from its parts
+            self.w[field] = w
         self.params += w.size
         loaded = self.codec.load(parts, self.rule["params"])
         if len(self.parts) == 3:

@@ -134,6 +134,31 @@ def test_smollm2_criterion_off_identical(smollm2_gguf, tmp_path):
     assert plan.stats.bytes_read > 0
 
 
+def test_layer_stats_against_the_whitened_svd():
+    # layer_stats never forms M = gate·L; its predictor must still be the rank-r SVD of M
+    # (A = U_r S_r, B = V_rᵀ L⁻¹) and its order and thresholds those of |silu(X gateᵀ)|
+    rng = np.random.default_rng(3)
+    N, d, f, r = 600, 40, 150, 6
+    X = (rng.standard_normal((N, d)) @ rng.standard_normal((d, d)) * 0.3).astype(np.float32)
+    gate = rng.standard_normal((f, d)).astype(np.float32) * np.linspace(0.2, 2.0, d).astype(np.float32)
+    st = streaming.layer_stats(X, gate, rank=r)
+    H = (X.T.astype(np.float64) @ X) / N
+    H += np.eye(d) * 1e-4 * np.trace(H) / d
+    L = np.linalg.cholesky(H)
+    U, s, Vt = np.linalg.svd(gate.astype(np.float64) @ L, full_matrices=False)
+    ref = (U[:, :r] * s[:r]) @ Vt[:r] @ np.linalg.inv(L)                  # A B, sign-free
+    np.testing.assert_allclose(st["A"].astype(np.float64) @ st["B"], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    G = X.astype(np.float64) @ gate.T
+    S = np.abs(G / (1 + np.exp(-G)))
+    np.testing.assert_allclose(st["thresholds"]["gate"], np.quantile(S, streaming.SPARSITY_GRID), rtol=1e-5)
+    freq = (S > np.quantile(S, streaming.FREQ_SPARSITY)).mean(axis=0)
+    np.testing.assert_allclose(st["frequency"], np.sort(freq)[::-1], atol=2 / N)
+    A16, B16 = (st[k].astype(np.float16).astype(np.float64) for k in ("A", "B"))
+    P = (X @ B16.T) @ A16.T
+    np.testing.assert_allclose(st["thresholds"]["lowrank"],
+                               np.quantile(np.abs(P / (1 + np.exp(-P))), streaming.SPARSITY_GRID), rtol=1e-4)
+
+
 def test_window_bookkeeping_random():
     rng = np.random.default_rng(0)
     f, cap, k = 50, 20, 3
