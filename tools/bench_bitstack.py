@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from edgerun import kernels
-from edgerun.codecs import get_codec
+from edgerun.codecs import get_codec, gptq
 from edgerun.codecs.bitstack import BitStackCodec, block_layout
 
 # (name, d, n) of one SmolLM2-135M layer
@@ -177,7 +177,7 @@ def source_linears(gguf: str, layers: list[int]) -> tuple[dict, dict]:
 
 def output_error(E, w, h) -> float:
     """√(tr(E H Eᵀ) / tr(W H Wᵀ)): a weight error's share of the layer's output energy."""
-    return float(np.sqrt(np.einsum("ij,jk,ik->", E, h, E) / np.einsum("ij,jk,ik->", w, h, w)))
+    return math.sqrt(gptq.output_error(E, h) / gptq.output_error(w, h))
 
 
 def residual(gguf: str, layers: list[int]) -> None:

@@ -15,6 +15,16 @@ BLOCK = 256      # columns per panel of the blocked factorizations below
 _shared = threading.local()
 
 
+def output_error(E: np.ndarray, H: np.ndarray | None) -> float:
+    """tr(E H Eᵀ) = Σ over calibration inputs of ‖E x‖² (H = Σ x xᵀ): the output error GPTQ
+    minimizes, for a weight error E (d, n); H None is the identity (Frobenius). One BLAS product
+    and an elementwise sum: the three-operand einsum("ij,jk,ik->") loops d·n² times without BLAS
+    (1.5B down_proj: ~165 s each, against ~3 s)."""
+    if H is None:
+        return float(np.sum(np.square(E, dtype=np.float64)))
+    return float(np.einsum("ij,ij->", E @ H, E, dtype=np.float64))
+
+
 @contextmanager
 def shared_factors():
     """Within: `inverse_cholesky` of the same Hessian array with the same arguments is computed

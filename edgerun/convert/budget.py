@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..codecs import codec_class, codec_names, describe_rule, parse_rule, rotation
-from ..codecs.gptq import shared_factors
+from ..codecs.gptq import output_error, shared_factors
 from ..config import ModelConfig, tensor_shapes
 from ..ebin import ALIGN
 from ..errors import EdgerunError
@@ -171,11 +171,7 @@ def _row_sample(d: int, rows: int = SAMPLE_ROWS) -> np.ndarray:
 
 def _rel_error(delta: np.ndarray, w: np.ndarray, H: np.ndarray | None) -> float:
     """tr(Δ H Δᵀ) / tr(W H Wᵀ) (H None: identity)."""
-    if H is None:
-        return float((delta.astype(np.float64) ** 2).sum() / max((w.astype(np.float64) ** 2).sum(), 1e-30))
-    num = float(np.einsum("ij,ij->", delta @ H, delta, dtype=np.float64))
-    den = float(np.einsum("ij,ij->", w @ H, w, dtype=np.float64))
-    return num / max(den, 1e-30)
+    return output_error(delta, H) / max(output_error(w, H), 1e-30)
 
 
 def trial_errors(w: np.ndarray, H, options: list[Option], metrics) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from ...errors import UnsupportedModelError
-from ..gptq import inverse_cholesky
+from ..gptq import inverse_cholesky, output_error
 from .format import _available, _block_views, _f16, _from_f16, _meta, block_layout, params_of
 from .reference import _dense_block
 
@@ -234,7 +234,7 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed:
         Rg = R.copy()
         greedy = [one_block(Rg) for _ in range(J)]
         blocks = joint_blocks(R)
-        if np.einsum("ij,jk,ik->", Rg, Hs, Rg) < np.einsum("ij,jk,ik->", R, Hs, R):
+        if output_error(Rg, Hs) < output_error(R, Hs):
             blocks, R = greedy, Rg
     while len(blocks) < K:
         blocks.append(one_block(R))
@@ -265,13 +265,10 @@ def block_importance(parts: dict, params: dict | None, hessian: np.ndarray | Non
     E = (np.asarray(w, np.float64) if w is not None else sum(Bs, np.zeros((d, n)))).copy()
     H = None if hessian is None else np.asarray(hessian, np.float64)
 
-    def err(E):
-        return float(np.sum(E * E)) if H is None else float(np.einsum("ij,ij->", E @ H, E))
-
-    prev, scores = err(E), []
+    prev, scores = output_error(E, H), []
     for B in Bs:
         E -= B
-        cur = err(E)
+        cur = output_error(E, H)
         scores.append(prev - cur)
         prev = cur
     return scores
