@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from ...errors import UnsupportedModelError
+from ...kernels import get_threads, threaded_map
 from ..gptq import inverse_cholesky, output_error
 from .format import _available, _block_views, _f16, _from_f16, _meta, block_layout, params_of
 from .reference import _dense_block
@@ -83,14 +84,15 @@ def activation_scale(hessian: np.ndarray | None, n: int) -> np.ndarray:
 
 
 @njit(**_JIT)
-def _gptq_signs_block(R, A, U, neg, j0, j1, E):
-    # columns j0..j1-1: R (d, n) f32 working residual (updated inside the block), A (J, d, n) f32
-    # the magnitudes of J blocks, U (n, n) f32 upper Cholesky factor of H⁻¹ -> neg (J, d, n) bool,
-    # E (d, j1-j0) f32 the scaled errors that the caller applies to the columns after j1
-    J, d = A.shape[0], R.shape[0]
+def _gptq_signs_block(R, A, U, neg, j0, j1, E, r0, r1):
+    # columns j0..j1-1 of rows r0..r1-1: R (d, n) f32 working residual (updated inside the
+    # block), A (J, d, n) f32 the magnitudes of J blocks, U (n, n) f32 upper Cholesky factor of
+    # H⁻¹ -> neg (J, d, n) bool, E (d, j1-j0) f32 the scaled errors that the caller applies to
+    # the columns after j1
+    J = A.shape[0]
     for j in range(j0, j1):
         ujj = U[j, j]
-        for r in range(d):
+        for r in range(r0, r1):
             x, q, best = R[r, j], 0.0, np.inf
             for p in range(1 << J):             # the nearest of the 2^J points: bit i of p = block i negative
                 t = 0.0
@@ -117,11 +119,19 @@ def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
     R = R.astype(np.float32, copy=True)
     neg = np.empty((J, d, n), np.bool_)
     E = np.empty((d, GPTQ_BLOCK), np.float32)
-    for j0 in range(0, n, GPTQ_BLOCK):
-        j1 = min(n, j0 + GPTQ_BLOCK)
-        _gptq_signs_block(R, A, U, neg, j0, j1, E)
-        if j1 < n:
-            R[:, j1:] -= E[:, :j1 - j0] @ U[j0:j1, j1:]
+
+    def band(rows):
+        # rows are independent (error feedback runs along a row): each thread takes a band of
+        # rows through every column block (1.5B down_proj: this loop was the encode's time)
+        r0, r1 = rows
+        for j0 in range(0, n, GPTQ_BLOCK):
+            j1 = min(n, j0 + GPTQ_BLOCK)
+            _gptq_signs_block(R, A, U, neg, j0, j1, E, r0, r1)
+            if j1 < n:
+                R[r0:r1, j1:] -= E[r0:r1, :j1 - j0] @ U[j0:j1, j1:]
+
+    t = max(1, min(get_threads(), d // 64))
+    threaded_map(band, [(d * i // t, d * (i + 1) // t) for i in range(t)])
     return neg
 
 
