@@ -172,6 +172,23 @@ def test_joint_signs_round_the_first_blocks_as_one_grid():
         BitStackCodec.encode(w, dict(params, blocks=16, joint=9), H)
 
 
+def test_gptq_signs_same_on_two_threads():
+    # the rows are split over the kernel threads (independent along the error feedback): the
+    # signs must not depend on the split, odd row counts included
+    d, n, J = 203, 300, 3
+    R = RNG.standard_normal((d, n)).astype(np.float32)
+    A = np.abs(RNG.standard_normal((J, d, n))).astype(np.float32) * 0.4
+    X = RNG.standard_normal((900, n))
+    U = np.linalg.cholesky(np.linalg.inv(X.T @ X / 900 + 0.1 * np.eye(n))).T.astype(np.float32)
+    one = gptq_signs(R, A, U)
+    kernels.set_threads(2)
+    try:
+        two = gptq_signs(R, A, U)
+    finally:
+        kernels.set_threads(1)
+    np.testing.assert_array_equal(one, two)
+
+
 def test_gptq_signs_pick_the_nearest_grid_point():
     """Without feedback (H = I) every entry takes the nearest of the 2^J points {Σ_i ±A_i},
     also when the magnitudes are no binary expansion (a greedy digit-by-digit choice is not)."""
