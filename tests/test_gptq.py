@@ -69,9 +69,14 @@ def test_shared_factors_reuse_per_array_and_arguments():
 
 def test_output_error_is_the_trace_of_e_h_et():
     rng = np.random.default_rng(5)
-    E = rng.standard_normal((7, 12)).astype(np.float32)
+    E = rng.standard_normal((157, 12)).astype(np.float32)
     X = rng.standard_normal((40, 12))
     H = X.T @ X
     assert gptq.output_error(E, H) == pytest.approx(float(np.trace(E @ H @ E.T)), rel=1e-12)
     assert gptq.output_error(E, H) == pytest.approx(float(np.sum((X @ E.T.astype(np.float64)) ** 2)), rel=1e-10)
     assert gptq.output_error(E, None) == pytest.approx(float(np.sum(E.astype(np.float64) ** 2)), rel=1e-12)
+    kernels.set_threads(2)                       # rows split over two threads
+    try:
+        assert gptq.output_error(E, H) == pytest.approx(float(np.trace(E @ H @ E.T)), rel=1e-12)
+    finally:
+        kernels.set_threads(1)
