@@ -144,11 +144,7 @@ class F32Linear:
         np.matmul(self.w, x, out=out)
 
     def matmul(self, X, out):
-        T = X.shape[0]
-        t = max(1, min(kernels.get_threads(), T // 32))
-        cuts = [T * i // t for i in range(t + 1)]
-        kernels.threaded_map(lambda i: np.matmul(X[cuts[i]:cuts[i + 1]], self.w.T, out=out[cuts[i]:cuts[i + 1]]),
-                             range(t))
+        kernels.threaded_map(lambda b: np.matmul(X[b], self.w.T, out=out[b]), kernels.row_bands(X.shape[0], 32))
 
 
 def f32_linear(w: np.ndarray) -> F32Linear:

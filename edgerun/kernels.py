@@ -84,6 +84,13 @@ def threaded_map(fn, items) -> list:
         return list(pool.map(fn, items))
 
 
+def row_bands(n: int, min_rows: int = 1) -> list[slice]:
+    """n rows as contiguous bands for threaded_map: one per kernel thread, each at least
+    `min_rows` long (fewer bands when n is small)."""
+    t = max(1, min(get_threads(), n // min_rows))
+    return [slice(n * i // t, n * (i + 1) // t) for i in range(t)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Cold JIT cache. The first run after install compiles every kernel, which took 6.5 s (1 thread)
 # to 12.7 s (2 threads) before the first token. The first token needs only the serial

@@ -833,7 +833,7 @@ def layer_stats(X: np.ndarray, gate: np.ndarray, rank: int = PREDICTOR_RANK) -> 
     perm = np.argsort(-freq, kind="stable").astype(np.int32)
     thr = np.quantile(S, SPARSITY_GRID, overwrite_input=True).tolist()
     del S                               # 147 MiB on the 1.5B model: gone before the predictor's work
-    H = (X.T.astype(np.float64) @ X) / N
+    H = _gram(X) / N
     H += np.eye(d) * 1e-4 * np.trace(H) / d
     Lc = np.linalg.cholesky(H)
     r = min(rank, d)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..kernels import get_threads, threaded_map
+from ..kernels import get_threads, row_bands, threaded_map
 
 BLOCK = 256      # columns per panel of the blocked factorizations below
 
@@ -22,9 +22,8 @@ def output_error(E: np.ndarray, H: np.ndarray | None) -> float:
     (1.5B down_proj: ~140 s each, against ~3 s). Rows split over the kernel threads."""
     if H is None:
         return float(np.sum(np.square(E, dtype=np.float64)))
-    t = max(1, min(get_threads(), E.shape[0] // 64))
-    bands = [slice(E.shape[0] * i // t, E.shape[0] * (i + 1) // t) for i in range(t)]
-    return float(sum(threaded_map(lambda b: np.einsum("ij,ij->", E[b] @ H, E[b], dtype=np.float64), bands)))
+    return float(sum(threaded_map(lambda b: np.einsum("ij,ij->", E[b] @ H, E[b], dtype=np.float64),
+                                  row_bands(E.shape[0], 64))))
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from ...errors import UnsupportedModelError
-from ...kernels import get_threads, threaded_map
+from ...kernels import row_bands, threaded_map
 from ..gptq import inverse_cholesky, output_error
 from .format import _available, _block_views, _f16, _from_f16, _meta, block_layout, params_of
 from .reference import _dense_block
@@ -123,15 +123,14 @@ def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
     def band(rows):
         # rows are independent (error feedback runs along a row): each thread takes a band of
         # rows through every column block (1.5B down_proj: this loop was the encode's time)
-        r0, r1 = rows
+        r0, r1 = rows.start, rows.stop
         for j0 in range(0, n, GPTQ_BLOCK):
             j1 = min(n, j0 + GPTQ_BLOCK)
             _gptq_signs_block(R, A, U, neg, j0, j1, E, r0, r1)
             if j1 < n:
                 R[r0:r1, j1:] -= E[r0:r1, :j1 - j0] @ U[j0:j1, j1:]
 
-    t = max(1, min(get_threads(), d // 64))
-    threaded_map(band, [(d * i // t, d * (i + 1) // t) for i in range(t)])
+    threaded_map(band, row_bands(d, 64))
     return neg
 
 
