@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # the reference engine's label: llama.cpp on the GGUF given (Q4_1 for the default model)
 REF = "llama.cpp"
+# llama.cpp reading the whole file into its own memory: the least RAM it runs in (issue #17)
+NO_MMAP = "llama.cpp, no mmap"
 DEFAULT_GGUF = Path("/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 PROMPT_TOKENS = 128
 GEN_TOKENS = 128
@@ -104,7 +106,7 @@ def _worker_llama(args) -> dict:
     import llama_cpp
     t_load = time.perf_counter()
     llm = llama_cpp.Llama(args.model, n_ctx=args.context, n_threads=args.threads, n_threads_batch=args.threads,
-                          logits_all=False, verbose=False)
+                          logits_all=False, verbose=False, use_mmap=not args.no_mmap)
     load_s = time.perf_counter() - t_load
     ids = llm.tokenize(PROMPT_TEXT.encode(), add_bos=False, special=False)[:PROMPT_TOKENS]
     n_vocab = llm.n_vocab()
@@ -319,16 +321,19 @@ def run(args) -> None:
             packs.append(pk)
             print(f"packed {path}: {pk['seconds']:.1f} s, peak RSS {pk['peak_rss_mib']:.0f} MiB", file=sys.stderr)
         engines.append((f"edgerun {dtype}", "edgerun", path, "warm"))
-    bits = {}                             # BitStack engines resized to these bits/weight
+    extra = {}                            # worker arguments per engine (BitStack: resized to --bits B)
     for spec in args.ebin or []:          # other packs of the same model, e.g. spqr:4=/tmp/q4.ebin
         label, _, path = spec.partition("=")
         path, at, bpw = path.rpartition("@") if "@" in path else (path, "", "")
         if not Path(path).exists():
             raise SystemExit(f"--ebin {spec}: no such file")
         if at:
-            bits[f"edgerun {label}"] = ["--bits", bpw]
+            extra[f"edgerun {label}"] = ["--bits", bpw]
         engines.append((f"edgerun {label}", "edgerun", Path(path), "warm"))
     engines.append((REF, "llama", gguf, None))
+    if args.llama_no_mmap:
+        extra[NO_MMAP] = ["--no-mmap"]
+        engines.append((NO_MMAP, "llama", gguf, None))
     if not args.no_cold:
         engines.append(("edgerun f16, cold JIT cache", "edgerun", engines[0][2], "cold"))
     files = sorted({str(e[2]) for e in engines})
@@ -337,7 +342,7 @@ def run(args) -> None:
     print(f"priming the Numba cache {warm_cache} ...", file=sys.stderr)
     for name, worker, path, mode in engines:
         if mode == "warm":
-            spawn(worker, path, args, {"NUMBA_CACHE_DIR": str(warm_cache)}, bits.get(name, []))
+            spawn(worker, path, args, {"NUMBA_CACHE_DIR": str(warm_cache)}, extra.get(name, []))
     results = {e[0]: [] for e in engines}
     loads = []
     try:
@@ -350,7 +355,7 @@ def run(args) -> None:
                 elif mode == "cold":
                     env["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgerun-bench-cold-")
                 loads.append(os.getloadavg()[0])
-                r = spawn(worker, path, args, env, ["--first-token-only"] if mode == "cold" else bits.get(name, []))
+                r = spawn(worker, path, args, env, ["--first-token-only"] if mode == "cold" else extra.get(name, []))
                 if mode == "cold":
                     shutil.rmtree(env["NUMBA_CACHE_DIR"], ignore_errors=True)
                 results[name].append(r)
@@ -362,7 +367,7 @@ def run(args) -> None:
     finally:
         shutil.rmtree(warm_cache, ignore_errors=True)
     notes = paired_ratios(results) + check_parity(results)
-    for name in bits:
+    for name in (n for n in extra if "--bits" in extra[n]):
         held = results[name][0]["bits_per_weight"]
         notes.append(f"{name}: BitStack resized after loading to {held:.2f} bits/weight (its peak RSS includes "
                      "the full load)")
@@ -450,6 +455,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-f16", action="store_true",
                    help="skip the f16 .ebin (a large model: only the --ebin packs against llama.cpp)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-Numba-cache edgerun runs")
+    p.add_argument("--llama-no-mmap", action="store_true",
+                   help="also run llama.cpp with use_mmap=False (its smallest peak RSS: no mapped file beside its copy)")
     p.add_argument("--cold-files", action="store_true",
                    help="drop the model files from the page cache before each repetition instead of reading them")
     p.add_argument("--write", metavar="MD", nargs="?", const=str(ROOT / "BENCHMARKS.md"),
@@ -461,6 +468,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--first-token-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-mmap", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bits", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
