@@ -30,12 +30,12 @@ PROMPT = "The history of the city begins with a small settlement on the river, w
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _sum(a):
-    # read-only pass over a; 8 partial sums per thread keep the loads, not the adds, the limit
-    n = a.shape[0] // 8
-    s = 0.0
-    for i in prange(n):
-        b = a[8 * i:8 * i + 8]
-        s += b[0] + b[1] + b[2] + b[3] + b[4] + b[5] + b[6] + b[7]
+    # read-only pass over a: a plain reduction, which LLVM vectorizes with several partial sums
+    # under fastmath on every target. (An 8-element slice sum per step read 38.8 GB/s for an
+    # AVX2 target on a Zen 5 but 7.3 GB/s for its native znver5 target, an LLVM codegen quirk.)
+    s = np.float32(0.0)
+    for i in prange(a.shape[0]):
+        s += a[i]
     return s
 
 

@@ -175,7 +175,7 @@ def source_linears(gguf: str, layers: list[int]) -> tuple[dict, dict]:
     return W, H
 
 
-def output_error(E, w, h) -> float:
+def relative_error(E, w, h) -> float:
     """√(tr(E H Eᵀ) / tr(W H Wᵀ)): a weight error's share of the layer's output energy."""
     return math.sqrt(gptq.output_error(E, h) / gptq.output_error(w, h))
 
@@ -199,17 +199,17 @@ def residual(gguf: str, layers: list[int]) -> None:
             parts = cl.encode(w.astype(np.float32), p, h)
             deq = cl.decode(parts, p).astype(np.float64)
             base = cl.nbytes(parts)
-            res[f"c{b}"] = (base * 8 / w.size, output_error(deq - w, w, h))
+            res[f"c{b}"] = (base * 8 / w.size, relative_error(deq - w, w, h))
             for J in (0, 2) if b <= 3 else ():
                 bp = dict(stock, blocks=3, joint=J)
                 bparts = bs.encode((w - deq).astype(np.float32), bp, h)
                 for m in (1, 2, 3):
                     dq = deq + bs.decode(bparts, bp, blocks=m)
                     res[f"c{b}+{m}" + ("j" if J else "")] = ((base + m * blk + 4 * n) * 8 / w.size,
-                                                             output_error(dq - w, w, h))
+                                                             relative_error(dq - w, w, h))
         bparts = bs.encode(w.astype(np.float32), stock, h)
         for m in range(2, 7):
-            res[f"bs{m}"] = ((m * blk + 4 * n) * 8 / w.size, output_error(bs.decode(bparts, stock, blocks=m) - w, w, h))
+            res[f"bs{m}"] = ((m * blk + 4 * n) * 8 / w.size, relative_error(bs.decode(bparts, stock, blocks=m) - w, w, h))
         print(name, " ".join(f"{k} {b:.2f}/{e:.4f}" for k, (b, e) in sorted(res.items(), key=lambda kv: kv[1][0])),
               flush=True)
         for a, b in pairs:
@@ -232,7 +232,7 @@ def versus(path: str, others: dict[str, str], gguf: str, layers: list[int]) -> N
         E = codec.decode(parts, e["params"], **({} if blocks is None else {"blocks": blocks})) - W[name]
         bits = (codec.nbytes(parts) if blocks is None else
                 blocks * block_layout(*E.shape, int(parts["meta"][2]))[2] + 4 * E.shape[1] + 16) * 8 / E.size
-        return bits, output_error(E, W[name], H[name])
+        return bits, relative_error(E, W[name], H[name])
 
     files = {label: EbinFile(p) for label, p in others.items()}
     ratios = {}                                 # (type, label) -> [ratio per layer]
