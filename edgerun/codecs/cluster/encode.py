@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import UnsupportedModelError
-from ...kernels import PARALLEL_REGIONS, threaded_map
+from ...kernels import PARALLEL_REGIONS, row_bands, threaded_map
 from ..gptq import inverse_cholesky as _inverse_cholesky
 from .format import BLOCK, meta_array, pack_indices, params_of
 
@@ -190,7 +190,7 @@ def _gptq_round(w, perm, U, cb, g, skip):
     Wp = np.ascontiguousarray(w[:, perm], dtype=np.float32)
     skipp = np.ascontiguousarray(skip[:, perm]) if skip.shape[0] else skip
     idx = np.empty((d, n), np.uint8)
-    halves = [slice(r, r + -(-d // 2)) for r in range(0, d, -(-d // 2))]
+    bands = row_bands(d)              # the lazy updates' rows, one band per kernel thread
     for b0 in range(0, n, GPTQ_BLOCK):
         b1 = min(n, b0 + GPTQ_BLOCK)
         E = np.empty((d, b1 - b0), np.float32)
@@ -199,7 +199,7 @@ def _gptq_round(w, perm, U, cb, g, skip):
         if b1 < n:       # lazy batch update of the columns after the block (a matmul per thread)
             def update(rows):
                 Wp[rows, b1:] -= E[rows] @ U[b0:b1, b1:]
-            threaded_map(update, halves)
+            threaded_map(update, bands)
     inv = np.argsort(perm)
     return np.ascontiguousarray(idx[:, inv]), Wp[:, inv]
 

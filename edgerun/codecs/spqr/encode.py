@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ...errors import UnsupportedModelError
-from ...kernels import threaded_map
+from ...kernels import row_bands, threaded_map
 from ..gptq import inverse_cholesky as _inverse_cholesky
 from .format import _pack_codes, params_of as _params
 
@@ -102,7 +102,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
     out_cols, out_rows, out_vals = [], [], []
 
     bs = max(gs, p["blocksize"] // gs * gs)
-    halves = [slice(r, r + -(-d // 2)) for r in range(0, d, -(-d // 2))]
+    bands = row_bands(d)              # the lazy updates' rows, one band per kernel thread
     for b0 in range(0, n_pad, bs):
         b1 = min(n_pad, b0 + bs)
         E = np.empty((b1 - b0, d), np.float32)
@@ -144,7 +144,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
         if b1 < n_pad:    # lazy batch update of the columns after the block (a matmul per thread)
             def update(rows):
                 WT[b1:, rows] -= Uc32[b0:b1, b1:].T @ E[:, rows]
-            threaded_map(update, halves)
+            threaded_map(update, bands)
 
     codes = _pack_codes(np.ascontiguousarray(Q.T), bits)
     if out_rows:

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import UnsupportedModelError
-from ...kernels import PARALLEL_REGIONS, threaded_map
+from ...kernels import PARALLEL_REGIONS, row_bands, threaded_map
 from ..cluster.encode import _colweights
 from ..gptq import inverse_cholesky
 from .format import DIM, layout, pack_codes, pair_columns, params_of
@@ -162,7 +162,7 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
     live = np.ones(size, np.float32)
     live[n:] = 0.0
     idx = np.empty((d, npairs), np.uint16)
-    halves = [slice(r, r + -(-d // 2)) for r in range(0, d, -(-d // 2))]
+    bands = row_bands(d)              # the lazy updates' rows, one band per kernel thread
     for b0 in range(0, size, GPTQ_BLOCK):
         b1 = min(size, b0 + GPTQ_BLOCK)
         E = np.empty((d, b1 - b0), np.float32)
@@ -171,7 +171,7 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None) -> di
         if b1 < size:       # lazy batch update of the columns after the block
             def update(rows):
                 wpad[rows, b1:] -= E[rows] @ U[b0:b1, b1:]
-            threaded_map(update, halves)
+            threaded_map(update, bands)
     return {"meta": np.array([d, n, c, g], np.int32), "codes": pack_codes(idx, c),
             "codebook": cb16.view(np.uint16), "scale": s.astype(np.float16).view(np.uint16),
             "perm": perm.astype(np.uint16)}
