@@ -7,8 +7,10 @@ arm64 (NEON). An x86-specific intrinsic emitted for a CPU without it makes LLVM 
 process, hence every ISA-specific path here has a portable twin in plain LLVM vector IR.
 
 The instruction set is not guessed from a CPU name: a two-function probe module is compiled to
-assembly by LLVM for exactly Numba's (cpu, features) pair and read back (zmm registers mean
-AVX-512, ymm AVX2; a call to `__extendhfsf2` means no hardware half->float conversion).
+assembly by LLVM for exactly Numba's (cpu, features) pair and read back (zmm registers for 512-bit
+byte adds mean AVX-512 with BW, whose byte instructions the kernels use: an AVX-512F-only CPU
+counts as AVX2; ymm means AVX2; a call to `__extendhfsf2` means no hardware half->float
+conversion).
 """
 from __future__ import annotations
 
@@ -40,10 +42,10 @@ class Target:
 
 _PROBE = r"""
 define void @add512(ptr %a, ptr %b) #0 {
-  %x = load <16 x i32>, ptr %a, align 4
-  %y = load <16 x i32>, ptr %b, align 4
-  %s = add <16 x i32> %x, %y
-  store <16 x i32> %s, ptr %a, align 4
+  %x = load <64 x i8>, ptr %a, align 4
+  %y = load <64 x i8>, ptr %b, align 4
+  %s = add <64 x i8> %x, %y
+  store <64 x i8> %s, ptr %a, align 4
   ret void
 }
 define void @widen(ptr %a, ptr %b) {
@@ -75,7 +77,7 @@ def probe(cpu: str, features: str) -> Target:
         isa = "neon"
     elif "zmm" in asm:
         isa = "avx512"
-    elif "ymm" in asm:      # 256-bit integer adds exist from AVX2 on (AVX splits them)
+    elif "ymm" in asm:      # 256-bit byte adds exist from AVX2 on (AVX splits them)
         isa = "avx2"
     else:
         isa = "portable"
@@ -242,7 +244,8 @@ def byte_table_lookup(builder, tables, idx, top=None, size=16, isa=None):
 
 def byte_dot(builder, a, b, scale=None, isa=None):
     """IR: <8 x i32> r with r[k] = scale · Σ_{j=4k}^{4k+3} a[j]·b[j] for unsigned bytes a and
-    signed bytes b (<32 x i8> each) and an i16 `scale` (default 1); the caller keeps each pair
+    signed bytes b (<32 x i8> each) and an i16 `scale` (default 1), or a <16 x i16> scale vector
+    whose lanes 2k and 2k + 1 both hold r[k]'s multiplier; the caller keeps each pair
     a[2k]·b[2k] + a[2k+1]·b[2k+1] within i16 (byte_pair_dot) and the result within i32. `isa`
     overrides the target (tests).
 
@@ -255,6 +258,8 @@ def byte_dot(builder, a, b, scale=None, isa=None):
     v16i16, v8i32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8)
     if scale is None:
         sv = _const_like(v16i16, 1)
+    elif isinstance(scale.type, ir.VectorType):
+        sv = scale
     else:
         sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i16, None), scale, ir.Constant(_I32, 0)),
                                     ir.Constant(v16i16, None), ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
@@ -263,3 +268,23 @@ def byte_dot(builder, a, b, scale=None, isa=None):
     v16i32 = ir.VectorType(_I32, 16)
     wide = builder.mul(builder.sext(pairs, v16i32), builder.sext(sv, v16i32))
     return builder.add(*[builder.shuffle_vector(wide, wide, ir.Constant(v8i32, list(range(o, 16, 2)))) for o in (0, 1)])
+
+
+def byte_dot_two_tokens(builder, a, b2, scales, isa=None):
+    """IR: <16 x i32>, byte_dot(a, b2[0:32], scales[0:16]) in lanes 0-7 and byte_dot(a, b2[32:64],
+    scales[16:32]) in lanes 8-15: one block's unsigned weight bytes a (<32 x i8>) against two
+    tokens' signed bytes b2 (<64 x i8>), each token's block scale spread over its 16 lanes of
+    `scales` (<32 x i16>, loaded as it is stored: no broadcast in the loop). `isa` overrides the
+    target (tests).
+
+    AVX-512 (BW): a in both halves of a zmm, then one 512-bit vpmaddubsw and one vpmaddwd (LLVM
+    fuses it with the accumulating add into VNNI's vpdpwssd where the CPU has it): 64 products an
+    instruction where byte_dot does 32. Elsewhere: the two byte_dots.
+    """
+    isa = isa or target().isa
+    if isa != "avx512":
+        return _concat(builder, *[byte_dot(builder, a, _lanes(builder, b2, 32 * k, 32),
+                                           _lanes(builder, scales, 16 * k, 16), isa) for k in (0, 1)])
+    v32i16, v16i32 = ir.VectorType(ir.IntType(16), 32), ir.VectorType(_I32, 16)
+    pairs = _intrinsic(builder, "llvm.x86.avx512.pmaddubs.w.512", v32i16, [_concat(builder, a, a), b2])
+    return _intrinsic(builder, "llvm.x86.avx512.pmaddw.d.512", v16i32, [pairs, scales])

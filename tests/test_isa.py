@@ -30,6 +30,7 @@ x86_only = pytest.mark.skipif(not X86, reason="x86 CPU names")
     ("generic", "", ("portable", False)),          # baseline x86-64: SSE2, no F16C
     ("x86-64-v2", "", ("portable", False)),
     ("skylake-avx512", "", ("avx512", True)),
+    ("knl", "", ("avx2", True)),                  # AVX-512F without BW: the byte kernels are AVX2's
     ("haswell", HASWELL.replace("+avx2", "-avx2").replace("+f16c", "-f16c"), ("portable", False)),
 ])
 def test_probe_reads_the_instruction_set(cpu, features, expect):
@@ -225,6 +226,39 @@ def test_byte_dot_matches_numpy(variant, scale):
         out = np.empty(8, np.int32)
         fn(a.ctypes.data, x.ctypes.data, out.ctypes.data)
         np.testing.assert_array_equal(out, (a.astype(np.int32) * x).reshape(8, 4).sum(axis=1) * (scale or 1))
+
+
+@pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
+def test_byte_dot_two_tokens_matches_numpy(variant):
+    """One block's weight bytes against two tokens' bytes, each token's i16 scale spread over its
+    16 lanes (extremes included): token 0's byte_dot in lanes 0-7, token 1's in lanes 8-15."""
+    if not X86 and variant != "portable":
+        pytest.skip("x86 variants")
+    v32b, v64b = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(8), 64)
+    v32s = ir.VectorType(ir.IntType(16), 32)
+
+    def build(mod):
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 4), "udot2")
+        b = ir.IRBuilder(fn.append_basic_block())
+        pa, px, ps, out = fn.args
+        b.store(isa.byte_dot_two_tokens(b, b.load(pa, typ=v32b, align=1), b.load(px, typ=v64b, align=1),
+                                        b.load(ps, typ=v32s, align=2), isa=variant), out, align=4)
+        b.ret_void()
+
+    fn = _variant_fn(build, variant, "udot2", 4, "vpmaddubsw", "zmm" if variant == "avx512" else "vpmaddwd")
+    if fn is None:
+        return
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        a = rng.integers(0, 128, 32).astype(np.uint8)
+        x = rng.integers(-127, 128, (2, 32)).astype(np.int8)
+        s = rng.integers(1, 2048, 2).astype(np.int16)
+        a[:8], x[:, :8] = (127, 127, 0, 127, 127, 127, 7, 0), (127, 127, 5, -127, -127, -127, -1, 0)
+        s[rng.integers(0, 2)] = 2047
+        out = np.empty(16, np.int32)
+        fn(a.ctypes.data, x.ctypes.data, np.repeat(s, 16).ctypes.data, out.ctypes.data)
+        want = (a.astype(np.int32) * x).reshape(2, 8, 4).sum(axis=2) * s[:, None].astype(np.int32)
+        np.testing.assert_array_equal(out, want.ravel())
 
 
 @x86_only
