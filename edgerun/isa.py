@@ -209,17 +209,25 @@ def byte_pair_dot(builder, a, xpairs, isa=None):
 def byte_table_lookup(builder, tables, idx, top=None, size=16, isa=None):
     """IR: <32 x i8> r with r[l] = tables[t][idx[l]], idx <32 x i8> in [0, size) and t the table
     (one or two <16 x i8> of which the first `size` entries are used) picked by index bit 4
-    (idx in [0, 32)) or, when `top` (<32 x i8>) is given, by its lane's sign bit. `isa`
-    overrides the target (tests).
+    (idx in [0, 32)) or, when `top` (<32 x i8>) is given, by its lane's sign bit; <64 x i8> idx
+    (and top) give <64 x i8>. `isa` overrides the target (tests).
 
-    AVX2 / AVX-512: vpshufb per table, then vpblendvb; arm64: tbl; elsewhere (SSE2) a tree of
-    byte selects.
+    AVX2 / AVX-512: vpshufb per table, then vpblendvb (64 lanes on AVX-512: vpshufb zmm, else
+    per half); arm64: tbl; elsewhere (SSE2) a tree of byte selects.
     """
     isa = isa or target().isa
     v32i8, v16i8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(8), 16)
+    if idx.type.count == 64 and isa != "avx512":
+        return _concat(builder, *[byte_table_lookup(builder, tables, _lanes(builder, idx, o, 32),
+                                                    None if top is None else _lanes(builder, top, o, 32), size, isa)
+                                  for o in (0, 32)])
     if isa in ("avx2", "avx512"):
-        lo4 = builder.and_(idx, _const_like(v32i8, 15))
-        picks = [_intrinsic(builder, "llvm.x86.avx2.pshuf.b", v32i8, [_concat(builder, t, t), lo4]) for t in tables]
+        lo4 = builder.and_(idx, _const_like(idx.type, 15))
+        if idx.type.count == 64:
+            picks = [_intrinsic(builder, "llvm.x86.avx512.pshuf.b.512", idx.type,
+                                [_concat(builder, _concat(builder, t, t), _concat(builder, t, t)), lo4]) for t in tables]
+        else:
+            picks = [_intrinsic(builder, "llvm.x86.avx2.pshuf.b", v32i8, [_concat(builder, t, t), lo4]) for t in tables]
     elif isa == "neon":
         lo4 = builder.and_(idx, _const_like(v32i8, 15))
         halves = [_lanes(builder, lo4, o, 16) for o in (0, 16)]
@@ -270,21 +278,22 @@ def byte_dot(builder, a, b, scale=None, isa=None):
     return builder.add(*[builder.shuffle_vector(wide, wide, ir.Constant(v8i32, list(range(o, 16, 2)))) for o in (0, 1)])
 
 
-def byte_dot_two_tokens(builder, a, b2, scales, isa=None):
-    """IR: <16 x i32>, byte_dot(a, b2[0:32], scales[0:16]) in lanes 0-7 and byte_dot(a, b2[32:64],
-    scales[16:32]) in lanes 8-15: one block's unsigned weight bytes a (<32 x i8>) against two
-    tokens' signed bytes b2 (<64 x i8>), each token's block scale spread over its 16 lanes of
-    `scales` (<32 x i16>, loaded as it is stored: no broadcast in the loop). `isa` overrides the
+def byte_dot_halves(builder, a, b, scales, isa=None):
+    """IR: <16 x i32>, byte_dot(a, b[0:32], scales[0:16]) in lanes 0-7 and byte_dot(a, b[32:64],
+    scales[16:32]) in lanes 8-15 for signed bytes b (<64 x i8>) and unsigned bytes a: <32 x i8>
+    serving both halves (one block's weights, two tokens) or <64 x i8> (two blocks, one token);
+    each half's scale spread over its 16 lanes of `scales` (<32 x i16>). `isa` overrides the
     target (tests).
 
-    AVX-512 (BW): a in both halves of a zmm, then one 512-bit vpmaddubsw and one vpmaddwd (LLVM
-    fuses it with the accumulating add into VNNI's vpdpwssd where the CPU has it): 64 products an
-    instruction where byte_dot does 32. Elsewhere: the two byte_dots.
+    AVX-512 (BW): one 512-bit vpmaddubsw and one vpmaddwd (LLVM fuses it with an accumulating add
+    into VNNI's vpdpwssd where the CPU has it): 64 products an instruction where byte_dot does 32.
+    Elsewhere: the two byte_dots.
     """
     isa = isa or target().isa
+    halves = [a, a] if a.type.count == 32 else [_lanes(builder, a, o, 32) for o in (0, 32)]
     if isa != "avx512":
-        return _concat(builder, *[byte_dot(builder, a, _lanes(builder, b2, 32 * k, 32),
+        return _concat(builder, *[byte_dot(builder, halves[k], _lanes(builder, b, 32 * k, 32),
                                            _lanes(builder, scales, 16 * k, 16), isa) for k in (0, 1)])
     v32i16, v16i32 = ir.VectorType(ir.IntType(16), 32), ir.VectorType(_I32, 16)
-    pairs = _intrinsic(builder, "llvm.x86.avx512.pmaddubs.w.512", v32i16, [_concat(builder, a, a), b2])
+    pairs = _intrinsic(builder, "llvm.x86.avx512.pmaddubs.w.512", v32i16, [_concat(builder, *halves), b])
     return _intrinsic(builder, "llvm.x86.avx512.pmaddw.d.512", v16i32, [pairs, scales])

@@ -164,12 +164,13 @@ def test_byte_pair_dot_matches_numpy(variant):
 
 @pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
 @pytest.mark.parametrize("size,half", [(16, None), (32, None), (32, 16), (8, 4)])
-def test_byte_table_lookup_matches_numpy(variant, size, half):
+@pytest.mark.parametrize("lanes", [32, 64])
+def test_byte_table_lookup_matches_numpy(variant, size, half, lanes):
     """`size` entries; with `half`, the upper half picked by a separate vector's sign bit (the
-    cluster matvec's 1-bit plane) and idx < half."""
+    cluster matvec's 1-bit plane) and idx < half; 32 lanes (one block) or 64 (two)."""
     if not X86 and variant != "portable":
         pytest.skip("x86 variants")
-    v16b, v32b = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(8), 32)
+    v16b, vlanes = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(8), lanes)
     starts = [0] if size == 16 else [0, half or 16]
 
     def build(mod):
@@ -178,8 +179,8 @@ def test_byte_table_lookup_matches_numpy(variant, size, half):
         tab, idx, top, out = fn.args
         tables = [b.load(b.gep(tab, [ir.Constant(ir.IntType(32), k)], source_etype=ir.IntType(8)),
                          typ=v16b, align=1) for k in starts]
-        sign = b.load(top, typ=v32b, align=1) if half else None
-        b.store(isa.byte_table_lookup(b, tables, b.load(idx, typ=v32b, align=1), sign, size=half or 16, isa=variant),
+        sign = b.load(top, typ=vlanes, align=1) if half else None
+        b.store(isa.byte_table_lookup(b, tables, b.load(idx, typ=vlanes, align=1), sign, size=half or 16, isa=variant),
                 out, align=1)
         b.ret_void()
 
@@ -189,10 +190,10 @@ def test_byte_table_lookup_matches_numpy(variant, size, half):
     rng = np.random.default_rng(size)
     tab = rng.integers(-127, 128, 32).astype(np.int8)
     for _ in range(10):
-        low = rng.integers(0, half or size, 32)
-        top = rng.integers(-128, 128, 32).astype(np.int8)
+        low = rng.integers(0, half or size, lanes)
+        top = rng.integers(-128, 128, lanes).astype(np.int8)
         idx = low.astype(np.int8)
-        out = np.empty(32, np.int8)
+        out = np.empty(lanes, np.int8)
         fn(tab.ctypes.data, idx.ctypes.data, top.ctypes.data, out.ctypes.data)
         np.testing.assert_array_equal(out, tab[low + (half or 0) * (top < 0)] if half else tab[low])
 
@@ -228,21 +229,23 @@ def test_byte_dot_matches_numpy(variant, scale):
         np.testing.assert_array_equal(out, (a.astype(np.int32) * x).reshape(8, 4).sum(axis=1) * (scale or 1))
 
 
+@pytest.mark.parametrize("weights", [32, 64])
 @pytest.mark.parametrize("variant", ["portable", "avx2", "avx512"])
-def test_byte_dot_two_tokens_matches_numpy(variant):
-    """One block's weight bytes against two tokens' bytes, each token's i16 scale spread over its
-    16 lanes (extremes included): token 0's byte_dot in lanes 0-7, token 1's in lanes 8-15."""
+def test_byte_dot_halves_matches_numpy(variant, weights):
+    """Two byte_dots in one: one block's weight bytes against two tokens' (32) or two blocks'
+    weights against one token's (64), each half's i16 scale spread over its 16 lanes, extremes
+    included: the first half's dot in lanes 0-7, the second's in lanes 8-15."""
     if not X86 and variant != "portable":
         pytest.skip("x86 variants")
-    v32b, v64b = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(8), 64)
+    va, v64b = ir.VectorType(ir.IntType(8), weights), ir.VectorType(ir.IntType(8), 64)
     v32s = ir.VectorType(ir.IntType(16), 32)
 
     def build(mod):
         fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [ir.PointerType()] * 4), "udot2")
         b = ir.IRBuilder(fn.append_basic_block())
         pa, px, ps, out = fn.args
-        b.store(isa.byte_dot_two_tokens(b, b.load(pa, typ=v32b, align=1), b.load(px, typ=v64b, align=1),
-                                        b.load(ps, typ=v32s, align=2), isa=variant), out, align=4)
+        b.store(isa.byte_dot_halves(b, b.load(pa, typ=va, align=1), b.load(px, typ=v64b, align=1),
+                                    b.load(ps, typ=v32s, align=2), isa=variant), out, align=4)
         b.ret_void()
 
     fn = _variant_fn(build, variant, "udot2", 4, "vpmaddubsw", "zmm" if variant == "avx512" else "vpmaddwd")
@@ -250,14 +253,15 @@ def test_byte_dot_two_tokens_matches_numpy(variant):
         return
     rng = np.random.default_rng(2)
     for _ in range(10):
-        a = rng.integers(0, 128, 32).astype(np.uint8)
+        a = rng.integers(0, 128, weights).astype(np.uint8)
         x = rng.integers(-127, 128, (2, 32)).astype(np.int8)
         s = rng.integers(1, 2048, 2).astype(np.int16)
         a[:8], x[:, :8] = (127, 127, 0, 127, 127, 127, 7, 0), (127, 127, 5, -127, -127, -127, -1, 0)
         s[rng.integers(0, 2)] = 2047
         out = np.empty(16, np.int32)
         fn(a.ctypes.data, x.ctypes.data, np.repeat(s, 16).ctypes.data, out.ctypes.data)
-        want = (a.astype(np.int32) * x).reshape(2, 8, 4).sum(axis=2) * s[:, None].astype(np.int32)
+        w = np.resize(a, 64).reshape(2, 32).astype(np.int32)
+        want = (w * x).reshape(2, 8, 4).sum(axis=2) * s[:, None].astype(np.int32)
         np.testing.assert_array_equal(out, want.ravel())
 
 

@@ -29,7 +29,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ...isa import (_concat, _lanes, byte_dot, byte_dot_two_tokens, byte_table_lookup, half_to_float, table_lookup,
+from ...isa import (_concat, _lanes, byte_dot, byte_dot_halves, byte_table_lookup, half_to_float, table_lookup,
                     target)
 from ...kernels import f16_to_f32
 from ...memory import thread_scratch
@@ -44,7 +44,7 @@ _JIT_PAR = dict(cache=True, nogil=True, fastmath=True, parallel=True, no_cfunc_w
 PAR_MIN_WEIGHTS = 1 << 18  # matvecs this large use both threads (int8 matvec, Zen 3: 576x576 29 -> 20 µs)
 TILE_ROWS = 4              # rows decoded to f32 per matmul tile (register block of 4 rows)
 MATMUL_MIN_T = 2           # below this many tokens a matmul is a loop of matvecs
-# tokens per unpacked block in the int8 matmul: AVX-512 dots them in pairs (isa.byte_dot_two_tokens)
+# tokens per unpacked block in the int8 matmul: AVX-512 dots them in pairs (isa.byte_dot_halves)
 # with 8 zmm accumulators; elsewhere one at a time, 8 ymm (AVX2 has 16 registers). Measured on
 # Zen 5, one 1.5B layer's matmuls at T = 64, 1 thread: 256-bit, 8 tokens 37.2 ms; pairs, 8 tokens
 # 30.0; pairs, 16 tokens 28.3 ms. The AVX2 target: pairs (two 256-bit dots) 42.8 ms against 37.9.
@@ -149,63 +149,77 @@ def _block_ptrs(builder, pc, px, b, bits):
     return pcb, builder.gep(px, [builder.mul(b, ir.Constant(b.type, BLOCK))], source_etype=_F32)
 
 
-def _block_index_bytes(builder, pblock, bits):
-    """IR: the block at byte pointer `pblock` as <32 x i8> lanes in column order: (idx, top) with
-    idx the index bits of its 4- and 2-bit planes and, for odd bits, `top` holding the 1-bit
-    plane (the index's top bit) in each lane's sign bit (else None)."""
-    v32, i8 = ir.VectorType(_I8, 32), _I8
+def _block_index_bytes(builder, pblocks, bits):
+    """IR: the blocks at byte pointers `pblocks` (one, or two side by side: <64 x i8> for AVX-512)
+    as <32·len(pblocks) x i8> lanes in column order: (idx, top) with idx the index bits of its 4-
+    and 2-bit planes and, for odd bits, `top` holding the 1-bit plane (the index's top bit) in
+    each lane's sign bit (else None)."""
+    n = len(pblocks)
+    vb, i8 = ir.VectorType(_I8, 32 * n), _I8
     c = lambda ty, v: ir.Constant(ty, [v] * ty.count)       # noqa: E731
-    v8i, i64 = ir.VectorType(_I32, 8), ir.IntType(64)
-    v2i64, v4i64 = ir.VectorType(i64, 2), ir.VectorType(i64, 4)
-    idx, top = c(v32, 0), None
+    i64 = ir.IntType(64)
+
+    def spread(parts, copies):
+        # IR: each of `parts` (one element type, scalars or equal vectors) repeated `copies` times, in order
+        if isinstance(parts[0].type, ir.VectorType):
+            k = parts[0].type.count
+            v = parts[0] if n == 1 else _concat(builder, *parts)
+            order = [p * k + e for p in range(n) for _ in range(copies // k) for e in range(k)]
+        else:
+            v = ir.Constant(ir.VectorType(parts[0].type, n), ir.Undefined)
+            for p, part in enumerate(parts):
+                v = builder.insert_element(v, part, ir.Constant(_I32, p))
+            order = [p for p in range(n) for _ in range(copies)]
+        return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(_I32, len(order)), order))
+
+    idx, top = c(vb, 0), None
     off = shift = 0
     for width in _planes(bits):
-        p = builder.gep(pblock, [ir.Constant(_I32, off)], source_etype=i8)
+        ps = [builder.gep(pb, [ir.Constant(_I32, off)], source_etype=i8) for pb in pblocks]
         if width == 4:          # byte k = f[k] | f[k + 16] << 4
             # the 16 bytes in both halves, the upper half shifted right by 4 as 64-bit lanes
             # (vbroadcasti128 + vpsrlvq), then & 15: lane k = f[k], lane 16 + k = f[16 + k]
-            v = builder.load(builder.bitcast(p, v2i64.as_pointer()), typ=v2i64, align=1)
-            v4 = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 4), [0, 1, 0, 1]))
-            f = builder.and_(builder.bitcast(builder.lshr(v4, ir.Constant(v4i64, [0, 0, 4, 4])), v32), c(v32, 15))
+            v2i64 = ir.VectorType(i64, 2)
+            v4 = spread([builder.load(builder.bitcast(p, v2i64.as_pointer()), typ=v2i64, align=1) for p in ps], 4)
+            f = builder.and_(builder.bitcast(builder.lshr(v4, ir.Constant(v4.type, [0, 0, 4, 4] * n)), vb), c(vb, 15))
         elif width == 2:        # byte k = f[k] | f[k + 8] << 2 | f[k + 16] << 4 | f[k + 24] << 6
             # the 8 bytes in each quarter of the vector, quarter q shifted right by 2q as a 64-bit
             # lane (vpbroadcastq + vpsrlvq: one uop on Haswell, where vpsrlvd takes three; a
             # byte's 2 low bits never cross into the next byte since 2q + 1 ≤ 7), then & 3:
             # lane 8q + k = f[8q + k]
-            v = builder.load(builder.bitcast(p, i64.as_pointer()), typ=i64, align=1)
-            v4 = builder.insert_element(ir.Constant(v4i64, ir.Undefined), v, ir.Constant(_I32, 0))
-            v4 = builder.shuffle_vector(v4, v4, ir.Constant(ir.VectorType(_I32, 4), [0] * 4))
-            sh = builder.lshr(v4, ir.Constant(v4i64, [0, 2, 4, 6]))
-            f = builder.and_(builder.bitcast(sh, v32), c(v32, 3))
+            v4 = spread([builder.load(builder.bitcast(p, i64.as_pointer()), typ=i64, align=1) for p in ps], 4)
+            sh = builder.lshr(v4, ir.Constant(v4.type, [0, 2, 4, 6] * n))
+            f = builder.and_(builder.bitcast(sh, vb), c(vb, 3))
         else:                   # byte k = f[k] | f[k + 4] << 1 | ... | f[k + 28] << 7
             # the 4 bytes in each 32-bit lane d shifted left by 7 - d (vpbroadcastd + vpsllvd):
             # lane 4d + k's bit 7 = byte k's bit d = f[4d + k]; no mask, the lookup reads bit 7
-            u = builder.load(p, typ=_I32, align=1)
-            u8 = builder.shuffle_vector(builder.insert_element(ir.Constant(v8i, ir.Undefined), u, ir.Constant(_I32, 0)),
-                                        ir.Constant(v8i, ir.Undefined), ir.Constant(v8i, [0] * 8))
-            top = builder.bitcast(builder.shl(u8, ir.Constant(v8i, [7 - d for d in range(8)])), v32)
+            u8 = spread([builder.load(p, typ=_I32, align=1) for p in ps], 8)
+            top = builder.bitcast(builder.shl(u8, ir.Constant(u8.type, [7 - d for d in range(8)] * n)), vb)
             break           # the 1-bit plane is always last
-        idx = builder.or_(idx, builder.shl(f, c(v32, shift)) if shift else f)
+        idx = builder.or_(idx, builder.shl(f, c(vb, shift)) if shift else f)
         off += width * 4
         shift += width
     return idx, top
 
 
-def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits, xstride=BLOCK, exstride=1, pairs=False):
+def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits, xstride=BLOCK, exstride=1, wide=False):
     """IR: for each token k, float32 Σ_b ex_k[b] · Σ_j cb8[q_j]·x8_k[b][j] over `nblk` 32-weight
     blocks of the codes at byte pointer pc, token k's 32 int8 x of block b at pxs[k] + b·xstride
     and its int16 block scale at pexs[k] + b·exstride (elements), unsigned codebook entries at
     pcb (K ≤ 32): exact in 32-bit integers within each
     chunk of CHUNK_BLOCKS blocks, one float add per chunk. A block is unpacked and looked up once
     for all the tokens; each token's sums run in the same order as with one token alone, so the
-    matmul equals the matvec to the bit. `pairs`: tokens 2m and 2m + 1 lie side by side (x at
-    pxs[2m] + 32, scale at pexs[2m] + 1) and go through one byte_dot_two_tokens (512-bit on
-    AVX-512)."""
+    matmul equals the matvec to the bit. `wide` (AVX-512): 512-bit dots (isa.byte_dot_halves) of
+    token pairs when there are several tokens (tokens 2m and 2m + 1 side by side: x at pxs[2m] +
+    32, scale at pexs[2m] + 1), else of the loop's two blocks a trip (the same integer sums)."""
     i16 = ir.IntType(16)
     fast = ("fast",)
-    width = 2 if pairs else 1           # tokens per dot
-    v8f, vf, vi = ir.VectorType(_F32, 8), ir.VectorType(_F32, 8 * width), ir.VectorType(_I32, 8 * width)
-    firsts = list(zip(pxs[::width], pexs[::width]))
+    token_pairs, block_pairs = wide and len(pxs) > 1, wide and len(pxs) == 1
+    assert not token_pairs or len(pxs) % 2 == 0, "token pairs need an even number of tokens"
+    per = 2 if token_pairs else 1           # tokens per accumulator
+    v8f, v8i = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
+    vf, vi = ir.VectorType(_F32, 8 * per), ir.VectorType(_I32, 16 if wide else 8)
+    firsts = list(zip(pxs[::per], pexs[::per]))
     facc = [cgutils.alloca_once(builder, vf) for _ in firsts]
     iacc = [cgutils.alloca_once(builder, vi) for _ in firsts]
     # odd bits: the entries with the top index bit clear, then those with it set
@@ -213,20 +227,43 @@ def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits, xstride=BLOCK, exstride=
     tables = [builder.load(builder.gep(pcb, [ir.Constant(_I32, t)], source_etype=_I8),
                            typ=ir.VectorType(_I8, 16), align=1) for t in starts]
 
+    def at(p, b, stride, ty, etype, align):
+        return builder.load(builder.gep(p, [builder.mul(b, ir.Constant(b.type, stride))], source_etype=etype),
+                            typ=ty, align=align)
+
+    def weights(bs):
+        pcodes = [builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8) for b in bs]
+        idx, top = _block_index_bytes(builder, pcodes, bits)
+        return byte_table_lookup(builder, tables, idx, top, size=1 << (bits - bits % 2))
+
+    def spread_scales(e):
+        # <2 x i16> -> <32 x i16>: each half's scale over its 16 lanes (one vpermw)
+        return builder.shuffle_vector(e, ir.Constant(e.type, None), ir.Constant(ir.VectorType(_I32, 32),
+                                                                              [0] * 16 + [1] * 16))
+
     def block(b):
-        pcode = builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8)
-        idx, top = _block_index_bytes(builder, pcode, bits)
-        w8 = byte_table_lookup(builder, tables, idx, top, size=1 << (bits - bits % 2))
+        w8 = weights([b])
         for (px, pex), acc in zip(firsts, iacc):
-            xv = builder.load(builder.gep(px, [builder.mul(b, ir.Constant(b.type, xstride))], source_etype=_I8),
-                              typ=ir.VectorType(_I8, 32 * width), align=1)
-            e = builder.load(builder.gep(pex, [builder.mul(b, ir.Constant(b.type, exstride))], source_etype=i16),
-                             typ=ir.VectorType(i16, 2) if pairs else i16, align=2)
-            if pairs:       # each token's scale over its 16 lanes (one vpermw)
-                e = builder.shuffle_vector(e, ir.Constant(e.type, None), ir.Constant(ir.VectorType(_I32, 32),
-                                                                                     [0] * 16 + [1] * 16))
-            dot = byte_dot_two_tokens(builder, w8, xv, e) if pairs else byte_dot(builder, w8, xv, e)
+            if token_pairs:
+                e = at(pex, b, exstride, ir.VectorType(i16, 2), i16, 2)
+                dot = byte_dot_halves(builder, w8, at(px, b, xstride, ir.VectorType(_I8, 64), _I8, 1), spread_scales(e))
+            else:
+                dot = byte_dot(builder, w8, at(px, b, xstride, ir.VectorType(_I8, 32), _I8, 1),
+                               at(pex, b, exstride, i16, i16, 2))
+                if block_pairs:         # a chunk's odd block: lanes 0-7 of the wide accumulator
+                    dot = _concat(builder, dot, ir.Constant(v8i, [0] * 8))
             builder.store(builder.add(builder.load(acc), dot), acc)
+
+    def two_blocks(b):
+        # one token, blocks b and b + 1 in one zmm: their weights, x and scales side by side
+        b1 = builder.add(b, ir.Constant(b.type, 1))
+        (px, pex), acc = firsts[0], iacc[0]
+        xv = _concat(builder, *[at(px, k, xstride, ir.VectorType(_I8, 32), _I8, 1) for k in (b, b1)])
+        e = ir.Constant(ir.VectorType(i16, 2), ir.Undefined)
+        for k, bk in enumerate((b, b1)):
+            e = builder.insert_element(e, at(pex, bk, exstride, i16, i16, 2), ir.Constant(_I32, k))
+        dot = byte_dot_halves(builder, weights([b, b1]), xv, spread_scales(e))
+        builder.store(builder.add(builder.load(acc), dot), acc)
 
     for f in facc:
         builder.store(ir.Constant(vf, [0.0] * vf.count), f)
@@ -242,15 +279,21 @@ def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits, xstride=BLOCK, exstride=
         one = ir.Constant(ty, 1)
         with cgutils.for_range(builder, builder.ashr(nb, one)) as loop:   # two blocks a trip
             b = builder.add(b0, builder.shl(loop.index, one))
-            block(b)
-            block(builder.add(b, one))
+            if block_pairs:
+                two_blocks(b)
+            else:
+                block(b)
+                block(builder.add(b, one))
         with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, one), ir.Constant(ty, 0))):
             block(builder.add(b0, builder.sub(nb, one)))
         for f, acc in zip(facc, iacc):
-            builder.store(builder.fadd(builder.load(f), builder.sitofp(builder.load(acc), vf), flags=fast), f)
+            a = builder.load(acc)
+            if block_pairs:     # the two blocks' integer sums: the same integers as block by block
+                a = builder.add(_lanes(builder, a, 0, 8), _lanes(builder, a, 8, 8))
+            builder.store(builder.fadd(builder.load(f), builder.sitofp(a, vf), flags=fast), f)
     zeros = ir.Constant(v8f, [0.0] * 8)
-    return [_hsum(builder, _concat(builder, _lanes(builder, builder.load(f), 8 * k, 8) if pairs else builder.load(f),
-                                   zeros)) for f in facc for k in range(width)]
+    return [_hsum(builder, _concat(builder, _lanes(builder, builder.load(f), 8 * k, 8) if per == 2 else builder.load(f),
+                                   zeros)) for f in facc for k in range(per)]
 
 
 @intrinsic(prefer_literal=True)
@@ -266,7 +309,8 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
 
         def emit(bits):
             builder.store(_dot_i8_ir(builder, pc, [_data(context, builder, sig.args[2], x8_v)],
-                                     [_data(context, builder, sig.args[3], ex_v)], pcb, nblk_v, bits)[0], res)
+                                     [_data(context, builder, sig.args[3], ex_v)], pcb, nblk_v, bits,
+                                     wide=target().isa == "avx512")[0], res)
 
         switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[7])
         return builder.load(res)
@@ -297,7 +341,7 @@ def _dot_blocks_i8_tile(typingctx, codes, coff, x8t, ex_t, tile, slot, cb8, cbof
 
         def emit(bits):
             sums = _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk_v, bits, MM_TOKENS * BLOCK, MM_TOKENS,
-                              pairs=len(pxs) % 2 == 0 and target().isa == "avx512")
+                              wide=target().isa == "avx512")
             for k, v in enumerate(sums):
                 builder.store(v, builder.gep(pres, [ir.Constant(_I32, k)], source_etype=_F32))
 
