@@ -522,17 +522,8 @@ def _outlier_term(v, a):
 
 
 @njit(**_JIT)
-def _outlier_acts(x8, ex, D, xa):
-    # xa (n,) = the activation each column's outliers multiply (_outlier_act), once per token;
-    # empty without outliers
-    for c in range(xa.shape[0]):
-        xa[c] = _outlier_act(D, ex[c >> 5], x8[c >> 5, c & 31])
-
-
-@njit(**_JIT)
-def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, xa, D, xsum, out, r0, r1, bits):
-    # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, ex, D, xsum from _quantize_x, xa from
-    # _outlier_acts
+def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, r0, r1, bits):
+    # int8 matvec (K ≤ 32) of rows r0:r1 -> out[r0:r1]; x8, ex, D, xsum from _quantize_x
     group_rows = meta[3]
     nblk = ex.shape[0]
     rowbytes = codes.shape[1]
@@ -548,9 +539,13 @@ def _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, xa, D, xsum, 
         acc = _finish_row(acc, D, cbs[g], cblo[g], xsum)
         # the row's outliers in order, summed in a register (adding each to out[i] in memory
         # waited on the previous store: 1.5B gate/up's 82,576 outliers, 1 thread, +384-500 ->
-        # +210-302 µs a token)
+        # +210-302 µs a token), each activation made from the int8 x where it is needed: a
+        # float32 copy of x (35 KB for the 1.5B's down_proj) left L1 as the row's codes streamed
+        # through, and its gathers stalled the row (1.5B decode, 2 threads, Zen 5: down_proj
+        # 9.0 -> 6.0 ms a token, 27 outliers a row)
         while p < orow.shape[0] and orow[p] == i:
-            acc += _outlier_term(f16_to_f32(ov[p]), xa[np.int64(oc[p])])
+            c = np.int64(oc[p])
+            acc += _outlier_term(f16_to_f32(ov[p]), _outlier_act(D, ex[c >> 5], x8[c >> 5, c & 31]))
             p += 1
         out[i] = acc
 
@@ -563,22 +558,20 @@ def first_token_kernels(bits: int) -> tuple:
     apart. The batched kernels below take bits at run time (a child process compiles them)."""
 
     @njit(**_JIT)
-    def matvec_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, ex, xa, out):
-        # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk, 32) int8, dx (nblk,) f32, ex (nblk,)
-        # int16 and xa (nblk·32 with outliers, else 0) f32 scratch
+    def matvec_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, ex, out):
+        # int8 matvec (K ≤ 32): x (n,) -> out (d,); x8 (nblk, 32) int8, dx (nblk,) f32 and ex
+        # (nblk,) int16 scratch
         D, xsum = _quantize_x(x, x8, dx, ex)
-        _outlier_acts(x8, ex, D, xa)
-        _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, xa, D, xsum, out, 0, meta[0], bits)
+        _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, 0, meta[0], bits)
 
     @njit(**_JIT_PAR)
-    def matvec_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, ex, xa, out, nb):
+    def matvec_i8_par(codes, cb8, cbs, cblo, meta, orow, oc, ov, x, x8, dx, ex, out, nb):
         # as matvec_i8, prange over nb row blocks
         D, xsum = _quantize_x(x, x8, dx, ex)
-        _outlier_acts(x8, ex, D, xa)
         d = meta[0]
         step = (d + nb - 1) // nb
         for b in prange(nb):
-            _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, xa, D, xsum, out, b * step,
+            _mv_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8, ex, D, xsum, out, b * step,
                         min(d, (b + 1) * step), bits)
 
     @njit(**_JIT)
@@ -782,7 +775,6 @@ class ClusterLinear(Linear):
             nblk = self.codes.shape[1] // (4 * bits)
             self.x8 = np.zeros((nblk, BLOCK), np.int8)
             self.dx, self.ex = np.zeros(nblk, np.float32), np.zeros(nblk, np.int16)
-            self.xa = np.zeros(nblk * BLOCK if self.oc.size else 0, np.float32)
 
     @property
     def rp(self) -> np.ndarray:
@@ -799,7 +791,7 @@ class ClusterLinear(Linear):
         # out (d,) = W (d, n) @ x (n,)
         if self.bits <= INT8_MAX_BITS:
             args = (self.codes, self.cb8, self.cbs, self.cblo, self.meta, self.orow, self.oc, self.ov, x, self.x8,
-                    self.dx, self.ex, self.xa, out)
+                    self.dx, self.ex, out)
             if threads > 1:
                 self._mv_par(*args, threads)
             else:
