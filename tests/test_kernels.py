@@ -66,6 +66,19 @@ def test_silu_mul_and_add(rng, ops):
     np.testing.assert_array_equal(x, ref)
 
 
+def test_silu_mul_rows_split_over_threads_equal_serial(rng):
+    """A prompt chunk's silu_mul runs its rows on every thread: the same floats as one thread."""
+    g, u = randn(rng, 64, K.SILU_PAR_MIN // 32 + 3, scale=8.0), randn(rng, 64, K.SILU_PAR_MIN // 32 + 3)
+    serial, split = np.empty_like(g), np.empty_like(g)
+    K.silu_mul(g, u, serial)
+    K.set_threads(2)
+    try:
+        K.silu_mul(g, u, split)
+    finally:
+        K.set_threads(1)
+    np.testing.assert_array_equal(split, serial)
+
+
 def test_expf_accuracy():
     x = np.linspace(-87, 88, 20001).astype(np.float32).reshape(1, -1)
     out = np.empty_like(x)

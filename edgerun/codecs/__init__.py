@@ -57,8 +57,8 @@ def codec_class(name: str) -> type:
     if name not in registry and name in _packages():
         try:
             importlib.import_module(f"{__name__}.{name}")
-        except ImportError:
-            raise UnsupportedModelError(f"weight codec {name!r} is not available in this edgerun build") from None
+        except ImportError as e:     # say why: a missing dependency, or a broken install
+            raise UnsupportedModelError(f"weight codec {name!r} is not available in this edgerun build ({e})") from e
     if name not in registry:
         raise UnsupportedModelError(
             f"weight codec {name!r} is not supported (known: {', '.join(codec_names())})")
