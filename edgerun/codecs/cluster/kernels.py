@@ -49,6 +49,7 @@ MATMUL_MIN_T = 2           # below this many tokens a matmul is a loop of matvec
 # Zen 5, one 1.5B layer's matmuls at T = 64, 1 thread: 256-bit, 8 tokens 37.2 ms; pairs, 8 tokens
 # 30.0; pairs, 16 tokens 28.3 ms. The AVX2 target: pairs (two 256-bit dots) 42.8 ms against 37.9.
 MM_TOKENS = 16 if target().isa == "avx512" else 8
+MM_ROWS = 2 if target().isa == "avx512" else 1   # rows per x load in the int8 matmul (2: 16 more zmm accumulators)
 MM_X_BYTES = 1 << 18       # int8 activations of the tokens the int8 matmul runs over each row (in L2)
 SCRATCH = 256 + BLOCK      # per-thread f32 scratch: codebook table, then one decoded block
 
@@ -202,70 +203,76 @@ def _block_index_bytes(builder, pblocks, bits):
     return idx, top
 
 
-def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits, xstride=BLOCK, exstride=1, wide=False):
-    """IR: for each token k, float32 Σ_b ex_k[b] · Σ_j cb8[q_j]·x8_k[b][j] over `nblk` 32-weight
-    blocks of the codes at byte pointer pc, token k's 32 int8 x of block b at pxs[k] + b·xstride
-    and its int16 block scale at pexs[k] + b·exstride (elements), unsigned codebook entries at
-    pcb (K ≤ 32): exact in 32-bit integers within each
-    chunk of CHUNK_BLOCKS blocks, one float add per chunk. A block is unpacked and looked up once
-    for all the tokens; each token's sums run in the same order as with one token alone, so the
-    matmul equals the matvec to the bit. `wide` (AVX-512): 512-bit dots (isa.byte_dot_halves) of
-    token pairs when there are several tokens (tokens 2m and 2m + 1 side by side: x at pxs[2m] +
-    32, scale at pexs[2m] + 1), else of the loop's two blocks a trip (the same integer sums)."""
+def _dot_i8_ir(builder, pcs, pxs, pexs, pcbs, nblk, bits, xstride=BLOCK, exstride=1, wide=False):
+    """IR: for each row r and token k, float32 Σ_b ex_k[b] · Σ_j cb8_r[q_j]·x8_k[b][j] over `nblk`
+    32-weight blocks of row r's codes at byte pointer pcs[r], token k's 32 int8 x of block b at
+    pxs[k] + b·xstride and its int16 block scale at pexs[k] + b·exstride (elements), row r's
+    unsigned codebook entries at pcbs[r] (K ≤ 32), in the order [r][k]: exact in 32-bit integers
+    within each chunk of CHUNK_BLOCKS blocks, one float add per chunk. A block is unpacked and
+    looked up once for all the tokens, and each x load serves every row; each token's sums run in
+    the same order as with one token alone, so the matmul equals the matvec to the bit. `wide`
+    (AVX-512): 512-bit dots (isa.byte_dot_halves) of token pairs when there are several tokens
+    (tokens 2m and 2m + 1 side by side: x at pxs[2m] + 32, scale at pexs[2m] + 1), else of the
+    loop's two blocks a trip (the same integer sums). Several rows need token pairs."""
     i16 = ir.IntType(16)
     fast = ("fast",)
     token_pairs, block_pairs = wide and len(pxs) > 1, wide and len(pxs) == 1
     assert not token_pairs or len(pxs) % 2 == 0, "token pairs need an even number of tokens"
+    assert len(pcs) == 1 or token_pairs, "several rows need token pairs"
     per = 2 if token_pairs else 1           # tokens per accumulator
     v8f, v8i = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
     vf, vi = ir.VectorType(_F32, 8 * per), ir.VectorType(_I32, 16 if wide else 8)
     firsts = list(zip(pxs[::per], pexs[::per]))
-    facc = [cgutils.alloca_once(builder, vf) for _ in firsts]
-    iacc = [cgutils.alloca_once(builder, vi) for _ in firsts]
+    facc = [[cgutils.alloca_once(builder, vf) for _ in firsts] for _ in pcs]
+    iacc = [[cgutils.alloca_once(builder, vi) for _ in firsts] for _ in pcs]
     # odd bits: the entries with the top index bit clear, then those with it set
     starts = [0, 1 << (bits - 1)] if bits % 2 else [0]
-    tables = [builder.load(builder.gep(pcb, [ir.Constant(_I32, t)], source_etype=_I8),
-                           typ=ir.VectorType(_I8, 16), align=1) for t in starts]
+    tables = [[builder.load(builder.gep(pcb, [ir.Constant(_I32, t)], source_etype=_I8),
+                            typ=ir.VectorType(_I8, 16), align=1) for t in starts] for pcb in pcbs]
 
     def at(p, b, stride, ty, etype, align):
         return builder.load(builder.gep(p, [builder.mul(b, ir.Constant(b.type, stride))], source_etype=etype),
                             typ=ty, align=align)
 
-    def weights(bs):
-        pcodes = [builder.gep(pc, [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8) for b in bs]
+    def weights(r, bs):
+        pcodes = [builder.gep(pcs[r], [builder.mul(b, ir.Constant(b.type, 4 * bits))], source_etype=_I8) for b in bs]
         idx, top = _block_index_bytes(builder, pcodes, bits)
-        return byte_table_lookup(builder, tables, idx, top, size=1 << (bits - bits % 2))
+        return byte_table_lookup(builder, tables[r], idx, top, size=1 << (bits - bits % 2))
 
     def spread_scales(e):
         # <2 x i16> -> <32 x i16>: each half's scale over its 16 lanes (one vpermw)
         return builder.shuffle_vector(e, ir.Constant(e.type, None), ir.Constant(ir.VectorType(_I32, 32),
                                                                               [0] * 16 + [1] * 16))
 
+    def add(acc, dot):
+        builder.store(builder.add(builder.load(acc), dot), acc)
+
     def block(b):
-        w8 = weights([b])
-        for (px, pex), acc in zip(firsts, iacc):
+        w8 = [weights(r, [b]) for r in range(len(pcs))]
+        for m, (px, pex) in enumerate(firsts):
             if token_pairs:
-                e = at(pex, b, exstride, ir.VectorType(i16, 2), i16, 2)
-                dot = byte_dot_halves(builder, w8, at(px, b, xstride, ir.VectorType(_I8, 64), _I8, 1), spread_scales(e))
+                xv = at(px, b, xstride, ir.VectorType(_I8, 64), _I8, 1)
+                e = spread_scales(at(pex, b, exstride, ir.VectorType(i16, 2), i16, 2))
+                for r in range(len(pcs)):
+                    add(iacc[r][m], byte_dot_halves(builder, w8[r], xv, e))
             else:
-                dot = byte_dot(builder, w8, at(px, b, xstride, ir.VectorType(_I8, 32), _I8, 1),
+                dot = byte_dot(builder, w8[0], at(px, b, xstride, ir.VectorType(_I8, 32), _I8, 1),
                                at(pex, b, exstride, i16, i16, 2))
                 if block_pairs:         # a chunk's odd block: lanes 0-7 of the wide accumulator
                     dot = _concat(builder, dot, ir.Constant(v8i, [0] * 8))
-            builder.store(builder.add(builder.load(acc), dot), acc)
+                add(iacc[0][m], dot)
 
     def two_blocks(b):
         # one token, blocks b and b + 1 in one zmm: their weights, x and scales side by side
         b1 = builder.add(b, ir.Constant(b.type, 1))
-        (px, pex), acc = firsts[0], iacc[0]
+        px, pex = firsts[0]
         xv = _concat(builder, *[at(px, k, xstride, ir.VectorType(_I8, 32), _I8, 1) for k in (b, b1)])
         e = ir.Constant(ir.VectorType(i16, 2), ir.Undefined)
         for k, bk in enumerate((b, b1)):
             e = builder.insert_element(e, at(pex, bk, exstride, i16, i16, 2), ir.Constant(_I32, k))
-        dot = byte_dot_halves(builder, weights([b, b1]), xv, spread_scales(e))
-        builder.store(builder.add(builder.load(acc), dot), acc)
+        add(iacc[0][0], byte_dot_halves(builder, weights(0, [b, b1]), xv, spread_scales(e)))
 
-    for f in facc:
+    for f in (f for row in facc for f in row):
         builder.store(ir.Constant(vf, [0.0] * vf.count), f)
     ty = nblk.type
     chunk = ir.Constant(ty, CHUNK_BLOCKS)
@@ -274,7 +281,7 @@ def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits, xstride=BLOCK, exstride=
         b0 = builder.mul(c.index, chunk)
         nb = builder.sub(nblk, b0)
         nb = builder.select(builder.icmp_signed("<", nb, chunk), nb, chunk)
-        for acc in iacc:
+        for acc in (a for row in iacc for a in row):
             builder.store(ir.Constant(vi, [0] * vi.count), acc)
         one = ir.Constant(ty, 1)
         with cgutils.for_range(builder, builder.ashr(nb, one)) as loop:   # two blocks a trip
@@ -286,14 +293,14 @@ def _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk, bits, xstride=BLOCK, exstride=
                 block(builder.add(b, one))
         with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, one), ir.Constant(ty, 0))):
             block(builder.add(b0, builder.sub(nb, one)))
-        for f, acc in zip(facc, iacc):
+        for f, acc in zip((f for row in facc for f in row), (a for row in iacc for a in row)):
             a = builder.load(acc)
             if block_pairs:     # the two blocks' integer sums: the same integers as block by block
                 a = builder.add(_lanes(builder, a, 0, 8), _lanes(builder, a, 8, 8))
             builder.store(builder.fadd(builder.load(f), builder.sitofp(a, vf), flags=fast), f)
     zeros = ir.Constant(v8f, [0.0] * 8)
     return [_hsum(builder, _concat(builder, _lanes(builder, builder.load(f), 8 * k, 8) if per == 2 else builder.load(f),
-                                   zeros)) for f in facc for k in range(per)]
+                                   zeros)) for row in facc for f in row for k in range(per)]
 
 
 @intrinsic(prefer_literal=True)
@@ -308,8 +315,8 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
         res = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
 
         def emit(bits):
-            builder.store(_dot_i8_ir(builder, pc, [_data(context, builder, sig.args[2], x8_v)],
-                                     [_data(context, builder, sig.args[3], ex_v)], pcb, nblk_v, bits,
+            builder.store(_dot_i8_ir(builder, [pc], [_data(context, builder, sig.args[2], x8_v)],
+                                     [_data(context, builder, sig.args[3], ex_v)], [pcb], nblk_v, bits,
                                      wide=target().isa == "avx512")[0], res)
 
         switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[7])
@@ -319,17 +326,22 @@ def _dot_blocks_i8(typingctx, codes, coff, x8, ex, cb8, cboff, nblk, bits):
 
 
 @intrinsic(prefer_literal=True)
-def _dot_blocks_i8_tile(typingctx, codes, coff, x8t, ex_t, tile, slot, cb8, cboff, nblk, bits, res, ntok):
-    """res[k] = _dot_blocks_i8 of the tokens in slots slot + k < slot + ntok (a literal: MM_TOKENS
-    or 1) of token tile `tile`: x8t (tiles, nblk, MM_TOKENS, 32) int8 and ex_t (tiles, nblk,
-    MM_TOKENS) int16, C-contiguous, so a block's x and scales of all the tile's tokens lie side
-    by side (no per-token address arithmetic in the loop); each block unpacked once for the ntok
-    tokens (in pairs, 512-bit, on AVX-512)."""
+def _dot_blocks_i8_tile(typingctx, codes, coffs, x8t, ex_t, tile, slot, cb8, cboffs, nblk, bits, res, ntok):
+    """res[r·ntok + k] = _dot_blocks_i8 of row r (codes at coffs[r], codebook entries at cb8.flat
+    [cboffs[r]:]; coffs and cboffs tuples of one or, with ntok even on AVX-512, MM_ROWS rows) and
+    of the tokens in slots slot + k < slot + ntok (a literal: MM_TOKENS or 1) of token tile `tile`:
+    x8t (tiles, nblk, MM_TOKENS, 32) int8 and ex_t (tiles, nblk, MM_TOKENS) int16, C-contiguous,
+    so a block's x and scales of all the tile's tokens lie side by side (no per-token address
+    arithmetic in the loop); each block unpacked once for the ntok tokens (in pairs, 512-bit, on
+    AVX-512), each x load shared by the rows."""
     def codegen(context, builder, sig, args):
-        codes_v, coff_v, x8_v, ex_v, tile_v, slot_v, cb_v, cboff_v, nblk_v, bits_v, res_v, _ = args
+        codes_v, coffs_v, x8_v, ex_v, tile_v, slot_v, cb_v, cboffs_v, nblk_v, bits_v, res_v, _ = args
         i64 = nblk_v.type
-        pc = builder.gep(_data(context, builder, sig.args[0], codes_v), [coff_v], source_etype=_I8)
-        pcb = builder.gep(_data(context, builder, sig.args[6], cb_v), [cboff_v], source_etype=_I8)
+        rows = range(len(sig.args[1]))
+        pcs = [builder.gep(_data(context, builder, sig.args[0], codes_v), [builder.extract_value(coffs_v, r)],
+                           source_etype=_I8) for r in rows]
+        pcbs = [builder.gep(_data(context, builder, sig.args[6], cb_v), [builder.extract_value(cboffs_v, r)],
+                            source_etype=_I8) for r in rows]
         first = builder.add(builder.mul(builder.mul(tile_v, nblk_v), ir.Constant(i64, MM_TOKENS)), slot_v)
         px0 = builder.gep(_data(context, builder, sig.args[2], x8_v), [builder.mul(first, ir.Constant(i64, BLOCK))],
                           source_etype=_I8)
@@ -340,7 +352,7 @@ def _dot_blocks_i8_tile(typingctx, codes, coff, x8t, ex_t, tile, slot, cb8, cbof
         pexs = [builder.gep(pex0, [ir.Constant(_I32, k)], source_etype=ir.IntType(16)) for k in k_all]
 
         def emit(bits):
-            sums = _dot_i8_ir(builder, pc, pxs, pexs, pcb, nblk_v, bits, MM_TOKENS * BLOCK, MM_TOKENS,
+            sums = _dot_i8_ir(builder, pcs, pxs, pexs, pcbs, nblk_v, bits, MM_TOKENS * BLOCK, MM_TOKENS,
                               wide=target().isa == "avx512")
             for k, v in enumerate(sums):
                 builder.store(v, builder.gep(pres, [ir.Constant(_I32, k)], source_etype=_F32))
@@ -348,9 +360,10 @@ def _dot_blocks_i8_tile(typingctx, codes, coff, x8t, ex_t, tile, slot, cb8, cbof
         switch_on_bits(builder, bits_v, range(2, INT8_MAX_BITS + 1), emit, sig.args[9])
         return context.get_dummy_value()
 
-    if not isinstance(ntok, types.IntegerLiteral):
+    if not (isinstance(ntok, types.IntegerLiteral) and isinstance(coffs, types.UniTuple)
+            and isinstance(cboffs, types.UniTuple) and len(coffs) == len(cboffs)):
         return None
-    return types.none(codes, coff, x8t, ex_t, tile, slot, cb8, cboff, nblk, bits, res, ntok), codegen
+    return types.none(codes, coffs, x8t, ex_t, tile, slot, cb8, cboffs, nblk, bits, res, ntok), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -582,44 +595,75 @@ def first_token_kernels(bits: int) -> tuple:
     return matvec_i8, matvec_i8_par, row
 
 
+if MM_ROWS == 2:
+    @njit(inline="always", **_JIT)
+    def _dot_row_pair(codes, i, rowbytes, x8t, ex_t, j, cb8, g0, g1, nblk, bits, res):
+        # res[:MM_TOKENS], res[MM_TOKENS:] = full tile j's dots with rows i, i + 1 (codebook
+        # groups g0, g1), each x load shared by the two rows
+        _dot_blocks_i8_tile(codes, (i * rowbytes, (i + 1) * rowbytes), x8t, ex_t, j, 0, cb8, (g0 * 32, g1 * 32),
+                            nblk, bits, res, MM_TOKENS)
+else:
+    @njit(inline="always", **_JIT)
+    def _dot_row_pair(codes, i, rowbytes, x8t, ex_t, j, cb8, g0, g1, nblk, bits, res):
+        # as above, one row after the other (AVX2's 16 registers hold one row's accumulators)
+        _dot_blocks_i8_tile(codes, (i * rowbytes,), x8t, ex_t, j, 0, cb8, (g0 * 32,), nblk, bits, res, MM_TOKENS)
+        _dot_blocks_i8_tile(codes, ((i + 1) * rowbytes,), x8t, ex_t, j, 0, cb8, (g1 * 32,), nblk, bits,
+                            res[MM_TOKENS:], MM_TOKENS)
+
+
 @njit(**_JIT)
 def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, xa, D, xsum, out, r0, r1, bits):
     # int8 matmul (K ≤ 32) of rows r0:r1 -> out[:, r0:r1] for the T tokens quantized as the matvec
     # does, in tiles of MM_TOKENS (x8t, ex_t as _dot_blocks_i8_tile; xa (tiles, nblk·32,
     # MM_TOKENS) the activations outliers multiply (_outlier_act), empty without outliers; D and
-    # xsum (T,)): tiles grouped so their x stays in L2, each row's blocks unpacked once per tile,
-    # its outliers added to the tile's sums (in row order, as the matvec adds them) before the store
+    # xsum (T,)): tiles grouped so their x stays in L2, rows two at a time, each row's blocks
+    # unpacked once per tile, its outliers added to the tile's sums (in row order, as the matvec
+    # adds them) before the store
     T = D.shape[0]
     nblk = ex_t.shape[1]
     group_rows = meta[3]
     rowbytes = codes.shape[1]
-    res = np.empty(MM_TOKENS, np.float32)
+    res = np.empty(2 * MM_TOKENS, np.float32)
     step = max(1, MM_X_BYTES // (nblk * (BLOCK + 2) * MM_TOKENS))     # tiles per pass over the rows
     ntiles = (T + MM_TOKENS - 1) // MM_TOKENS
     for j0 in range(0, ntiles, step):
         p = np.searchsorted(orow, r0)
-        for i in range(r0, r1):
-            g = i // group_rows
-            s, lo = cbs[g], cblo[g]
-            pa = p
-            while p < orow.shape[0] and orow[p] == i:
+        for i0 in range(r0, r1, 2):
+            nr = min(2, r1 - i0)
+            e0 = p                              # the rows' outliers: e0:e1 and e1:e2
+            while p < orow.shape[0] and orow[p] == i0:
                 p += 1
+            e1 = p
+            while nr == 2 and p < orow.shape[0] and orow[p] == i0 + 1:
+                p += 1
+            e2 = p
             for j in range(j0, min(ntiles, j0 + step)):
                 t0 = j * MM_TOKENS
                 nt = min(MM_TOKENS, T - t0)
-                if nt == MM_TOKENS:
-                    _dot_blocks_i8_tile(codes, i * rowbytes, x8t, ex_t, j, 0, cb8, g * 32, nblk, bits, res, MM_TOKENS)
-                else:                       # the last tile's tokens one by one
+                if nt == MM_TOKENS and nr == 2:
+                    _dot_row_pair(codes, i0, rowbytes, x8t, ex_t, j, cb8, i0 // group_rows, (i0 + 1) // group_rows,
+                                  nblk, bits, res)
+                else:
+                    for r in range(nr):
+                        i, o = i0 + r, r * MM_TOKENS
+                        if nt == MM_TOKENS:
+                            _dot_blocks_i8_tile(codes, (i * rowbytes,), x8t, ex_t, j, 0, cb8, (i // group_rows * 32,),
+                                                nblk, bits, res[o:], MM_TOKENS)
+                        else:                       # the last tile's tokens one by one
+                            for k in range(nt):
+                                _dot_blocks_i8_tile(codes, (i * rowbytes,), x8t, ex_t, j, k, cb8,
+                                                    (i // group_rows * 32,), nblk, bits, res[o + k:], 1)
+                for r in range(nr):
+                    i, o = i0 + r, r * MM_TOKENS
+                    g = i // group_rows
                     for k in range(nt):
-                        _dot_blocks_i8_tile(codes, i * rowbytes, x8t, ex_t, j, k, cb8, g * 32, nblk, bits, res[k:], 1)
-                for k in range(nt):
-                    res[k] = _finish_row(res[k], D[t0 + k], s, lo, xsum[t0 + k])
-                for q in range(pa, p):
-                    v, c = f16_to_f32(ov[q]), np.int64(oc[q])
+                        res[o + k] = _finish_row(res[o + k], D[t0 + k], cbs[g], cblo[g], xsum[t0 + k])
+                    for q in range(e0 if r == 0 else e1, e1 if r == 0 else e2):
+                        v, c = f16_to_f32(ov[q]), np.int64(oc[q])
+                        for k in range(nt):
+                            res[o + k] += _outlier_term(v, xa[j, c, k])
                     for k in range(nt):
-                        res[k] += _outlier_term(v, xa[j, c, k])
-                for k in range(nt):
-                    out[t0 + k, i] = res[k]
+                        out[t0 + k, i] = res[o + k]
 
 
 @njit(**_JIT)
