@@ -595,6 +595,35 @@ def first_token_kernels(bits: int) -> tuple:
     return matvec_i8, matvec_i8_par, row
 
 
+@intrinsic
+def _add_outlier_tile(typingctx, res, o, xa, j, c, v):
+    """res[o + k] += v · xa[j, c, k] for the MM_TOKENS tokens k of tile j as one vector multiply and
+    one vector add (in memory, the scalar loop's 16 read-add-writes of res waited on each other's
+    stores): the scalar loop's float ops, the product not fused into the add. res float32,
+    xa (tiles, n, MM_TOKENS) float32 C-contiguous (_mm_rows_i8)."""
+    def codegen(context, builder, sig, args):
+        res_v, o_v, xa_v, j_v, c_v, v_v = args
+        vf = ir.VectorType(_F32, MM_TOKENS)
+        xa_arr = context.make_array(sig.args[2])(context, builder, xa_v)
+        n = builder.extract_value(xa_arr.shape, 1)
+        at = builder.mul(builder.add(builder.mul(j_v, n), c_v), ir.Constant(n.type, MM_TOKENS))
+        pa = builder.bitcast(builder.gep(xa_arr.data, [at], source_etype=_F32), vf.as_pointer())
+        pr = builder.bitcast(builder.gep(_data(context, builder, sig.args[0], res_v), [o_v], source_etype=_F32),
+                             vf.as_pointer())
+        vv = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), v_v, ir.Constant(_I32, 0)),
+                                    ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(_I32, MM_TOKENS),
+                                                                               [0] * MM_TOKENS))
+        # an arithmetic fence: LLVM would fuse the product into the add (an FMA rounds once, the
+        # matvec twice)
+        fence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]),
+                                               f"llvm.arithmetic.fence.v{MM_TOKENS}f32")
+        prod = builder.call(fence, [builder.fmul(vv, builder.load(pa, typ=vf, align=4))])
+        builder.store(builder.fadd(builder.load(pr, typ=vf, align=4), prod), pr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(res, types.int64, xa, types.int64, types.int64, types.float32), codegen
+
+
 if MM_ROWS == 2:
     @njit(inline="always", **_JIT)
     def _dot_row_pair(codes, i, rowbytes, x8t, ex_t, j, cb8, g0, g1, nblk, bits, res):
@@ -660,8 +689,11 @@ def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, xa, D, xsu
                         res[o + k] = _finish_row(res[o + k], D[t0 + k], cbs[g], cblo[g], xsum[t0 + k])
                     for q in range(e0 if r == 0 else e1, e1 if r == 0 else e2):
                         v, c = f16_to_f32(ov[q]), np.int64(oc[q])
-                        for k in range(nt):
-                            res[o + k] += _outlier_term(v, xa[j, c, k])
+                        if nt == MM_TOKENS:
+                            _add_outlier_tile(res, o, xa, j, c, v)
+                        else:
+                            for k in range(nt):
+                                res[o + k] += _outlier_term(v, xa[j, c, k])
                     for k in range(nt):
                         out[t0 + k, i] = res[o + k]
 
