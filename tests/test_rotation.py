@@ -83,6 +83,27 @@ def test_rotated_linear_matches_its_reference(name, params):
     assert type(lin).stack([lin, flipped]) is None          # other signs: another input
 
 
+def test_prompt_rows_rotate_on_every_thread_as_on_one():
+    """A prompt chunk's inputs are rotated on all the threads: the same floats as on one."""
+    from edgerun import kernels
+    n = 1536
+    signs = rotation.make_signs(n, "x")
+    X = np.random.default_rng(4).standard_normal((rotation.ROTATE_PAR_MIN // n + 5, n)).astype(np.float32)
+    params = {"dtype": "f32"}
+    entry = {"codec": "dense", "params": params, "shape": [8, n], "rotation": {"block": rotation.BLOCK}}
+    lin = load_tensor(entry, {**get_codec("dense").encode(np.zeros((8, n), np.float32), params),
+                              rotation.SIGNS_PART: signs})
+    one, two = np.empty_like(X), np.empty_like(X)
+    lin._rotated(X, one)
+    kernels.set_threads(2)
+    try:
+        lin._rotated(X, two)
+    finally:
+        kernels.set_threads(1)
+    np.testing.assert_array_equal(two, one)
+    np.testing.assert_array_equal(one, rotation.rotate(X, signs, rotation.BLOCK))
+
+
 def _calib():
     return CORPUS * 8
 
