@@ -163,8 +163,9 @@ def _warm_up(ebin, batched: bool) -> None:
         kernels.rope(x, 0, cos, sin)
         cache = np.zeros((H, T, D), np.uint16)       # the model's f16 KV cache, as bits
         kernels.attention(x, cache, cache, 0, np.empty_like(x), np.empty((H, T), np.float32))
-        flat = x.reshape(T, H * D)                      # the FFN calls it on (T, ffn) arrays
-        kernels.silu_mul(flat, flat, np.empty_like(flat))
+        # the FFN calls it on (T, ffn) arrays: wide enough that a chunk's rows go to the threads
+        ffn = rng.standard_normal((T, max(H * D, -(-kernels.SILU_PAR_MIN // T))), dtype=np.float32)
+        kernels.silu_mul(ffn, ffn, np.empty_like(ffn))
 
 
 def stack_quality(order, n: int) -> str:

@@ -224,8 +224,8 @@ def byte_table_lookup(builder, tables, idx, top=None, size=16, isa=None):
     if isa in ("avx2", "avx512"):
         lo4 = builder.and_(idx, _const_like(idx.type, 15))
         if idx.type.count == 64:
-            picks = [_intrinsic(builder, "llvm.x86.avx512.pshuf.b.512", idx.type,
-                                [_concat(builder, _concat(builder, t, t), _concat(builder, t, t)), lo4]) for t in tables]
+            quad = [_concat(builder, _concat(builder, t, t), _concat(builder, t, t)) for t in tables]
+            picks = [_intrinsic(builder, "llvm.x86.avx512.pshuf.b.512", idx.type, [t4, lo4]) for t4 in quad]
         else:
             picks = [_intrinsic(builder, "llvm.x86.avx2.pshuf.b", v32i8, [_concat(builder, t, t), lo4]) for t in tables]
     elif isa == "neon":

@@ -538,18 +538,25 @@ def test_warm_cache_compiles_nothing(spqr_packs, tmp_path):
 
 GENERATION_COMPILES = """
 import sys
+import numpy as np
 from numba.core import event
 import edgerun
+from edgerun import kernels
 m = edgerun.load(sys.argv[1], threads=2)
 with event.install_recorder("numba:compile") as rec:
     list(m.stream_tokens(list(range(3, 40)), max_tokens=6, temperature=0))
+    # a real model's FFN at a full prefill chunk (wider than the tiny one's): rows on the threads
+    g = np.ones((64, 8960), np.float32)
+    kernels.silu_mul(g, g, np.empty_like(g))
 print(len(rec.buffer))
 """
 
 
 def test_warm_up_covers_generation_with_a_lookup_only_embedding(tiny_dir, tmp_path):
     """An untied embedding of a kind of its own is warmed up for row lookups only (its matvec
-    and matmul never run); prefill and decode then compile nothing (cold cache, no deferral)."""
+    and matmul never run); prefill and decode then compile nothing (cold cache, no deferral),
+    nor does a prefill chunk of a wide FFN (the threads' silu_mul: compiled mid-prompt, it held a
+    cancel for a second)."""
     import os
     import subprocess
     import sys

@@ -171,7 +171,8 @@ def _block_index_bytes(builder, pblocks, bits):
             for p, part in enumerate(parts):
                 v = builder.insert_element(v, part, ir.Constant(_I32, p))
             order = [p for p in range(n) for _ in range(copies)]
-        return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(_I32, len(order)), order))
+        mask = ir.Constant(ir.VectorType(_I32, len(order)), order)
+        return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), mask)
 
     idx, top = c(vb, 0), None
     off = shift = 0
