@@ -15,8 +15,10 @@ the others still run. Per unit it records the Linear's matvec / matmul (T = 1, 3
 next to what its NumPy reference computes (reference.matvec: the decoded W, times the int8 activations
 where the codec's matvec quantizes them; reference.matmul where the codec has one, else float64
 products with the decode, for batched matmuls; the decode for rows), the logits of a fixed prompt and 8 greedy
-tokens. `compare` checks, per unit: both runs finished, each run's kernels match its NumPy decode,
-the two runs' kernel outputs agree within float tolerance, their logits within twice the model's
+tokens, and whether each matmul equals the Linear's own matvecs to the bit where the Linear
+promises it (`matmul_equals_matvec`). `compare` checks, per unit: both runs finished, each run's
+kernels match its NumPy decode and keep that promise, the two runs' kernel outputs agree within
+float tolerance, their logits within twice the model's
 own sensitivity to a float-rounding-sized perturbation (int8 activations turn rounding ties into
 whole steps), and the greedy tokens are identical.
 """
@@ -192,10 +194,16 @@ def run_kernels(directory: Path, cases: list[str], fixture: dict) -> tuple[dict,
             y = np.full(d, np.nan, np.float32)
             lin.matvec(X[0].copy(), y)
             got["matvec"], want["matvec"] = y, mv(X[0])
+            rows = np.full((max(TOKENS), d), np.nan, np.float32)      # the kernel's own matvecs
+            for t in range(len(rows)):
+                lin.matvec(X[t].copy(), rows[t])
+            same = {}                       # where the Linear promises matmul == its matvecs
             for T in TOKENS:
                 Y = np.full((T, d), np.nan, np.float32)
                 lin.matmul(X[:T].copy(), Y)
                 got[f"matmul{T}"] = Y
+                if lin.matmul_equals_matvec:
+                    same[f"matmul{T}"] = bool(np.array_equal(Y, rows[:T]))
                 if T < lin.matmul_min_t:
                     want[f"matmul{T}"] = np.stack([mv(v) for v in X[:T]])
                 elif hasattr(ref, "matmul"):        # a batched kernel that quantizes activations
@@ -210,7 +218,7 @@ def run_kernels(directory: Path, cases: list[str], fixture: dict) -> tuple[dict,
             for what, g in got.items():
                 out[f"k.{key}.{what}"] = g
                 errs[what] = rel_err(g, want[what])
-            info[key] = {"seconds": round(time.perf_counter() - t0, 2), "vs_decode": errs}
+            info[key] = {"seconds": round(time.perf_counter() - t0, 2), "vs_decode": errs, "equals_matvecs": same}
             log(f"  kernels {key}: {time.perf_counter() - t0:.1f} s, max rel err vs NumPy decode "
                 f"{max(errs.values()):.1e}")
     return out, info
@@ -337,6 +345,11 @@ def compare(a_path: Path, b_path: Path) -> dict[str, tuple[bool, str]]:
                 worst = max((e for k in u["kernels"].values() for e in k["vs_decode"].values()), default=0.0)
                 if worst > KERNEL_RTOL:
                     problems.append(f"{name}: kernels differ from its NumPy decode by {worst:.1e}")
+                # Linear.matmul_equals_matvec: a prompt gives each token what a decode would
+                broken = sorted(f"{k}.{m}" for k, ka in u["kernels"].items()
+                                for m, eq in ka.get("equals_matvecs", {}).items() if not eq)
+                if broken:
+                    problems.append(f"{name}: matmul differs from its own matvecs: {broken[:4]}")
         if problems:
             results[unit] = (False, "; ".join(problems))
             continue

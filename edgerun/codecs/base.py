@@ -165,6 +165,9 @@ class Linear:
 
     codec: str = ""                # the registered codec name (the CUDA upload looks it up)
     matmul_min_t: int = 4          # below this many tokens a matmul is a loop of matvecs
+    # True where the matmul gives each token the floats its matvec would, on every CPU (a prompt
+    # then yields what a token-by-token decode does; tools/target_check.py holds it per target)
+    matmul_equals_matvec: bool = False
 
     def __init__(self, shape: tuple, nbytes: int, par_min_weights: int):
         d, n = (int(s) for s in shape)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 
 _I32 = ir.IntType(32)
 
@@ -42,3 +42,14 @@ def switch_on_bits(builder, bits_val, widths, emit, bits_type=None):
         emit(bits)
         builder.branch(done)
     builder.position_at_end(done)
+
+
+def arithmetic_fence(builder, v):
+    """IR: v behind llvm.arithmetic.fence: LLVM may not fuse the product it holds into a later
+    add (an FMA rounds once where a multiply then an add round twice). fastmath=False on the
+    multiply is not enough: a fast add may still contract it, and whether it does differs by CPU
+    and by scalar or vector code (the cluster matvec and matmul disagreed by an ulp on arm64)."""
+    suffix = f"v{v.type.count}f32" if isinstance(v.type, ir.VectorType) else "f32"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
+                                        "llvm.arithmetic.fence." + suffix)
+    return builder.call(fn, [v])

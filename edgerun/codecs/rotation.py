@@ -180,7 +180,7 @@ class RotatedLinear(Linear):
     def __init__(self, inner, signs: np.ndarray, block: int):
         super().__init__(inner.shape, inner.nbytes + signs.nbytes, 0)
         self.inner, self.signs, self.block = inner, signs, int(block)
-        self.matmul_min_t = inner.matmul_min_t
+        self.matmul_min_t, self.matmul_equals_matvec = inner.matmul_min_t, inner.matmul_equals_matvec
         self._fwd, self._inv = _forward_factors(signs, block), _inverse_factors(signs, block)
         # a token's rotated input: per matrix, as the codecs' own matvec scratch
         self._x = np.empty((1, inner.shape[1]), np.float32)

@@ -34,7 +34,7 @@ from ...isa import (_concat, _lanes, byte_dot, byte_dot_halves, byte_table_looku
 from ...kernels import f16_to_f32
 from ...memory import thread_scratch
 from ..base import Linear, outlier_rowptr, outlier_rows, stack_outliers
-from ..llvm_ir import array_data as _data, hsum16 as _hsum, switch_on_bits
+from ..llvm_ir import array_data as _data, arithmetic_fence, hsum16 as _hsum, switch_on_bits
 from .format import (BLOCK, CHUNK_BLOCKS, INT8_MAX_BITS, SCALE_MAX, _check_meta, _outliers, _planes, codes_of,
                      meta_array, unsigned_codebook)
 
@@ -529,10 +529,16 @@ def _outlier_act(D, e, x):
     return D * np.float32(e) * np.float32(x)
 
 
-@njit(cache=True, nogil=True, fastmath=False)
-def _outlier_term(v, a):
-    # an fp16 outlier v (as f32) times its activation a (_outlier_act), not fused into the add
-    return v * a
+@intrinsic
+def _outlier_term(typingctx, v, a):
+    """An fp16 outlier v (as float32) times its activation a (_outlier_act), rounded on its own:
+    never fused into the add it goes into (llvm_ir.arithmetic_fence), as _add_outlier_tile."""
+    def codegen(context, builder, sig, args):
+        return arithmetic_fence(builder, builder.fmul(args[0], args[1]))
+
+    if not all(isinstance(t, types.Float) and t.bitwidth == 32 for t in (v, a)):
+        return None
+    return types.float32(v, a), codegen
 
 
 @njit(**_JIT)
@@ -600,7 +606,7 @@ def first_token_kernels(bits: int) -> tuple:
 def _add_outlier_tile(typingctx, res, o, xa, j, c, v):
     """res[o + k] += v · xa[j, c, k] for the MM_TOKENS tokens k of tile j as one vector multiply and
     one vector add (in memory, the scalar loop's 16 read-add-writes of res waited on each other's
-    stores): the scalar loop's float ops, the product not fused into the add. res float32,
+    stores): _outlier_term's float ops, the product not fused into the add. res float32,
     xa (tiles, n, MM_TOKENS) float32 C-contiguous (_mm_rows_i8)."""
     def codegen(context, builder, sig, args):
         res_v, o_v, xa_v, j_v, c_v, v_v = args
@@ -614,11 +620,7 @@ def _add_outlier_tile(typingctx, res, o, xa, j, c, v):
         vv = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), v_v, ir.Constant(_I32, 0)),
                                     ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(_I32, MM_TOKENS),
                                                                                [0] * MM_TOKENS))
-        # an arithmetic fence: LLVM would fuse the product into the add (an FMA rounds once, the
-        # matvec twice)
-        fence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]),
-                                               f"llvm.arithmetic.fence.v{MM_TOKENS}f32")
-        prod = builder.call(fence, [builder.fmul(vv, builder.load(pa, typ=vf, align=4))])
+        prod = arithmetic_fence(builder, builder.fmul(vv, builder.load(pa, typ=vf, align=4)))
         builder.store(builder.fadd(builder.load(pr, typ=vf, align=4), prod), pr, align=4)
         return context.get_dummy_value()
 
@@ -847,6 +849,7 @@ class ClusterLinear(Linear):
         self._scr = np.zeros((1, SCRATCH), np.float32)
         self._tiles = None
         self._mv, self._mv_par, self._row = first_token_kernels(bits)
+        self.matmul_equals_matvec = bits <= INT8_MAX_BITS
         if bits <= INT8_MAX_BITS:   # the int8 matvec's codebooks and activation scratch
             self.cb8, self.cbs, self.cblo = unsigned_codebook(self.codebook)
             nblk = self.codes.shape[1] // (4 * bits)
