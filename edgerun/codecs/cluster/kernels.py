@@ -629,18 +629,20 @@ def _add_outlier_tile(typingctx, res, o, xa, j, c, v):
 
 if MM_ROWS == 2:
     @njit(inline="always", **_JIT)
-    def _dot_row_pair(codes, i, rowbytes, x8t, ex_t, j, cb8, g0, g1, nblk, bits, res):
-        # res[:MM_TOKENS], res[MM_TOKENS:] = full tile j's dots with rows i, i + 1 (codebook
-        # groups g0, g1), each x load shared by the two rows
-        _dot_blocks_i8_tile(codes, (i * rowbytes, (i + 1) * rowbytes), x8t, ex_t, j, 0, cb8, (g0 * 32, g1 * 32),
-                            nblk, bits, res, MM_TOKENS)
-else:
+    def _tile_dots(codes, i0, nr, rowbytes, x8t, ex_t, j, cb8, group_rows, nblk, bits, res):
+        # res[r·MM_TOKENS + k] = full tile j's dots with rows i0 + r < i0 + nr, each x load shared
+        # by the rows (_dot_blocks_i8_tile)
+        if nr == 2:
+            _dot_blocks_i8_tile(codes, (i0 * rowbytes, (i0 + 1) * rowbytes), x8t, ex_t, j, 0, cb8,
+                                (i0 // group_rows * 32, (i0 + 1) // group_rows * 32), nblk, bits, res, MM_TOKENS)
+        else:
+            _dot_blocks_i8_tile(codes, (i0 * rowbytes,), x8t, ex_t, j, 0, cb8, (i0 // group_rows * 32,), nblk, bits,
+                                res, MM_TOKENS)
+else:       # one row a pass: no two-row variant compiled
     @njit(inline="always", **_JIT)
-    def _dot_row_pair(codes, i, rowbytes, x8t, ex_t, j, cb8, g0, g1, nblk, bits, res):
-        # as above, one row after the other (AVX2's 16 registers hold one row's accumulators)
-        _dot_blocks_i8_tile(codes, (i * rowbytes,), x8t, ex_t, j, 0, cb8, (g0 * 32,), nblk, bits, res, MM_TOKENS)
-        _dot_blocks_i8_tile(codes, ((i + 1) * rowbytes,), x8t, ex_t, j, 0, cb8, (g1 * 32,), nblk, bits,
-                            res[MM_TOKENS:], MM_TOKENS)
+    def _tile_dots(codes, i0, nr, rowbytes, x8t, ex_t, j, cb8, group_rows, nblk, bits, res):
+        _dot_blocks_i8_tile(codes, (i0 * rowbytes,), x8t, ex_t, j, 0, cb8, (i0 // group_rows * 32,), nblk, bits,
+                            res, MM_TOKENS)
 
 
 @njit(**_JIT)
@@ -648,49 +650,42 @@ def _mm_rows_i8(codes, cb8, cbs, cblo, meta, orow, oc, ov, x8t, ex_t, xa, D, xsu
     # int8 matmul (K ≤ 32) of rows r0:r1 -> out[:, r0:r1] for the T tokens quantized as the matvec
     # does, in tiles of MM_TOKENS (x8t, ex_t as _dot_blocks_i8_tile; xa (tiles, nblk·32,
     # MM_TOKENS) the activations outliers multiply (_outlier_act), empty without outliers; D and
-    # xsum (T,)): tiles grouped so their x stays in L2, rows two at a time, each row's blocks
+    # xsum (T,)): tiles grouped so their x stays in L2, MM_ROWS rows a pass, each row's blocks
     # unpacked once per tile, its outliers added to the tile's sums (in row order, as the matvec
     # adds them) before the store
     T = D.shape[0]
     nblk = ex_t.shape[1]
     group_rows = meta[3]
     rowbytes = codes.shape[1]
-    res = np.empty(2 * MM_TOKENS, np.float32)
+    res = np.empty(MM_ROWS * MM_TOKENS, np.float32)
     step = max(1, MM_X_BYTES // (nblk * (BLOCK + 2) * MM_TOKENS))     # tiles per pass over the rows
     ntiles = (T + MM_TOKENS - 1) // MM_TOKENS
     for j0 in range(0, ntiles, step):
         p = np.searchsorted(orow, r0)
-        for i0 in range(r0, r1, 2):
-            nr = min(2, r1 - i0)
-            e0 = p                              # the rows' outliers: e0:e1 and e1:e2
+        for i0 in range(r0, r1, MM_ROWS):
+            nr = min(MM_ROWS, r1 - i0)
+            q0 = p                              # the rows' outliers: q0:q1 (row i0), q1:p (the next)
             while p < orow.shape[0] and orow[p] == i0:
                 p += 1
-            e1 = p
-            while nr == 2 and p < orow.shape[0] and orow[p] == i0 + 1:
+            q1 = p
+            while p < orow.shape[0] and orow[p] < i0 + nr:
                 p += 1
-            e2 = p
             for j in range(j0, min(ntiles, j0 + step)):
                 t0 = j * MM_TOKENS
                 nt = min(MM_TOKENS, T - t0)
-                if nt == MM_TOKENS and nr == 2:
-                    _dot_row_pair(codes, i0, rowbytes, x8t, ex_t, j, cb8, i0 // group_rows, (i0 + 1) // group_rows,
-                                  nblk, bits, res)
-                else:
+                if nt == MM_TOKENS:
+                    _tile_dots(codes, i0, nr, rowbytes, x8t, ex_t, j, cb8, group_rows, nblk, bits, res)
+                else:                           # the last tile's tokens one by one
                     for r in range(nr):
-                        i, o = i0 + r, r * MM_TOKENS
-                        if nt == MM_TOKENS:
-                            _dot_blocks_i8_tile(codes, (i * rowbytes,), x8t, ex_t, j, 0, cb8, (i // group_rows * 32,),
-                                                nblk, bits, res[o:], MM_TOKENS)
-                        else:                       # the last tile's tokens one by one
-                            for k in range(nt):
-                                _dot_blocks_i8_tile(codes, (i * rowbytes,), x8t, ex_t, j, k, cb8,
-                                                    (i // group_rows * 32,), nblk, bits, res[o + k:], 1)
+                        for k in range(nt):
+                            _dot_blocks_i8_tile(codes, ((i0 + r) * rowbytes,), x8t, ex_t, j, k, cb8,
+                                                ((i0 + r) // group_rows * 32,), nblk, bits, res[r * MM_TOKENS + k:], 1)
                 for r in range(nr):
                     i, o = i0 + r, r * MM_TOKENS
                     g = i // group_rows
                     for k in range(nt):
                         res[o + k] = _finish_row(res[o + k], D[t0 + k], cbs[g], cblo[g], xsum[t0 + k])
-                    for q in range(e0 if r == 0 else e1, e1 if r == 0 else e2):
+                    for q in range(q0 if r == 0 else q1, q1 if r == 0 else p):
                         v, c = f16_to_f32(ov[q]), np.int64(oc[q])
                         if nt == MM_TOKENS:
                             _add_outlier_tile(res, o, xa, j, c, v)
