@@ -22,7 +22,7 @@ from .generate import Generator, Stats
 from .memory import current_rss, fmt, parse_size, release_free_memory
 from .bitstack_runtime import BlockStack, prefix_reader
 from .model import KV_DTYPES, Transformer, Weights, load_tensor
-from .plan import PREFILL_CHUNK, plan
+from .plan import PREFILL_CHUNKS, plan
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .validate import check_model
@@ -138,8 +138,8 @@ def _warm_up(ebin, batched: bool) -> None:
         for entry in picks:
             w = load_tensor(entry, {p: ebin.read(a) for p, a in entry["parts"].items()})
             d, n = entry["shape"]
-            x = rng.standard_normal((PREFILL_CHUNK, n), dtype=np.float32)
-            out = np.empty((PREFILL_CHUNK, d), np.float32)
+            x = rng.standard_normal((PREFILL_CHUNKS[-1], n), dtype=np.float32)
+            out = np.empty((PREFILL_CHUNKS[-1], d), np.float32)
             if batched:
                 w.matvec(x[0], out[0])
                 w.matmul(x[:8], out[:8])            # a prefill chunk: the batched kernel
@@ -230,7 +230,7 @@ class Model:
                 runtime = measure_runtime(ebin)
                 self.budget = auto_budget() if self.ram_auto else parse_size(ram)
                 self.plan = p = plan(manifest, self.budget, self.context, runtime, kv_dtype=kv_dtype,
-                                     chunk=PREFILL_CHUNK, stream=stream, criterion=criterion,
+                                     stream=stream, criterion=criterion,
                                      threads=max(2, kernels.get_threads()), device=placed, gpu_layers=gpu_layers,
                                      vram=self._vram(placed, gpu_layers, vram))
                 self._log_plan(p, log, verbose)
@@ -245,7 +245,7 @@ class Model:
             if p.ffn is not None:
                 from . import streaming
                 ffns = streaming.flash_ffns(self.path, manifest, p.ffn)
-            self._transformer = Transformer(self.config, weights, self.context, PREFILL_CHUNK, kv_dtype=kv_dtype,
+            self._transformer = Transformer(self.config, weights, self.context, p.chunk, kv_dtype=kv_dtype,
                                             ffns=ffns, gpu=p.gpu)
             del weights, ffns
             self.device = "cuda" if p.gpu is not None else "cpu"

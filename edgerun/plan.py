@@ -19,7 +19,12 @@ from .config import ModelConfig
 from .errors import BudgetError
 from .memory import HEADROOM_BYTES, fmt, mib_ceil
 
-PREFILL_CHUNK = 64
+# Tokens a prefill pass runs through each layer at once, widest first. A wider chunk spreads each
+# layer's per-call costs (parallel-region starts, quantizing and rotating the chunk's activations,
+# the Python between layers) over more tokens: 1.5B cluster:4+rotate, 128-token prompt, 2 threads,
+# 172 vs 168 tok/s (BENCHMARKS.md), for ~11 MiB more activation scratch there. `plan` takes the
+# wider one only when it costs no weights (BitStack blocks, streaming window, CUDA layers).
+PREFILL_CHUNKS = (128, 64)
 
 GROUPS = (("embeddings", "embed_tokens"), ("attention", "self_attn."), ("feed-forward", "mlp."),
           ("output head", "lm_head"), ("norms", "norm"))
@@ -75,6 +80,7 @@ class GpuPlan:
 @dataclass
 class Plan:
     context: int
+    chunk: int                   # prefill tokens per pass (PREFILL_CHUNKS)
     budget: int | None
     runtime: int                 # measured RSS before any weight is loaded
     parts: dict                  # resident weights by group, bytes (BitStack blocks and FFN bundles apart)
@@ -134,7 +140,7 @@ class Plan:
             what = "resident" if self.ffn.mode == "resident" else f"streamed ({self.ffn.mode})"
             rows.append((f"weights: feed-forward bundles, {what}", self.ffn_bytes))
         rows += [(f"KV cache ({self.kv_dtype}, context {self.context})", self.kv_cache),
-                 ("scratch buffers", self.scratch), ("headroom (heap growth)", HEADROOM_BYTES)]
+                 (f"scratch buffers (prefill {self.chunk} tokens a pass)", self.scratch), ("headroom (heap growth)", HEADROOM_BYTES)]
         out = [f"  {name:<66} {fmt(n):>12}" for name, n in rows]
         if self.ffn is not None:
             out += ["  " + line for line in self.ffn.lines()]
@@ -150,14 +156,35 @@ def array_bytes(manifest: dict) -> dict[str, int]:
     return {name: int(a["length"]) for name, a in manifest["arrays"].items()}
 
 
-def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, kv_dtype: str = "f16",
-         chunk: int = PREFILL_CHUNK, stream: str = "auto", criterion: str = "off", threads: int = 2,
-         device: str = "cpu", gpu_layers="all", vram: int | None = None) -> Plan:
+def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, chunk: int | None = None,
+         **placement) -> Plan:
     """The plan for `manifest` (an .ebin's, with its "arrays" table) within `budget` bytes (None:
     unlimited) at `context` tokens; `runtime` is the process's measured RSS before loading weights.
-    `stream`/`criterion`/`threads`: flash-layout packs (streaming.plan_streaming); `device` the
-    resolved device (cpu | cuda), `gpu_layers`/`vram` its placement (cuda only; `vram` the device
-    bytes to fill for gpu_layers "auto"). Raises BudgetError (or CudaError) when nothing fits."""
+    `chunk`: the prefill tokens per pass; None picks the widest of PREFILL_CHUNKS that loads the
+    same weights as the narrowest (the minimum, and any refusal, are the narrowest's).
+    `placement`: kv_dtype, and the flash-layout packs' stream/criterion/threads
+    (streaming.plan_streaming); `device` the resolved device (cpu | cuda), `gpu_layers`/`vram` its
+    placement (cuda only; `vram` the device bytes to fill for gpu_layers "auto"). Raises
+    BudgetError (or CudaError) when nothing fits."""
+    from .cuda import CudaError
+    chunks = (chunk,) if chunk else PREFILL_CHUNKS
+    least = plan_at(manifest, budget, context, runtime, chunks[-1], **placement)
+    for wider in chunks[:-1]:
+        try:
+            p = plan_at(manifest, budget, context, runtime, wider, **placement)
+        except (BudgetError, CudaError):
+            continue
+        gpu = lambda q: q.gpu and (q.gpu.layers, q.gpu.head)  # noqa: E731
+        if p.weights == least.weights and gpu(p) == gpu(least):
+            p.minimum = least.minimum
+            return p
+    return least
+
+
+def plan_at(manifest: dict, budget: int | None, context: int, runtime: int, chunk: int, *,
+            kv_dtype: str = "f16", stream: str = "auto", criterion: str = "off", threads: int = 2,
+            device: str = "cpu", gpu_layers="all", vram: int | None = None) -> Plan:
+    """`plan` at one prefill chunk."""
     from .bitstack_runtime import BlockOrder
     from .model import RunState
     cfg = ModelConfig.from_dict(manifest["config"])
@@ -171,7 +198,7 @@ def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, kv_d
         n = sum(sizes[a] for a in entry["parts"].values() if a not in skip)
         parts[tensor_group(name)] = parts.get(tensor_group(name), 0) + n
     scratch, kv = RunState.nbytes(cfg, context, chunk, kv_dtype)
-    p = Plan(context, budget, runtime, parts, kv, scratch, kv_dtype, order=order, mapped=mapped,
+    p = Plan(context, chunk, budget, runtime, parts, kv, scratch, kv_dtype, order=order, mapped=mapped,
              mapped_bytes=sum(sizes[a] for a in in_file),
              blocks=order.minimum if order else 0,      # the least first: what must fit
              stream_args=dict(mode=stream or "auto", criterion=criterion or "off", threads=threads))

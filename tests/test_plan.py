@@ -5,8 +5,9 @@ import pytest
 
 from edgerun.cuda import CudaError
 from edgerun.errors import BudgetError
-from edgerun.plan import (FAULT_AROUND, HEADROOM_BYTES, MAPPED_LOOKUPS, device_scratch_bytes, kv_bytes,
-                          layers_on_device, plan)
+from edgerun import plan as planner
+from edgerun.plan import (FAULT_AROUND, HEADROOM_BYTES, MAPPED_LOOKUPS, PREFILL_CHUNKS, device_scratch_bytes,
+                          kv_bytes, layers_on_device)
 
 MiB = 2**20
 RUNTIME = 40 * MiB
@@ -54,6 +55,12 @@ def manifest(L=2, d=256, f=768, V=4000, flash=False, blocks=0, block_bytes=20_00
         m["flash"] = {"version": 1, "codec": "dense", "dtype": "f16", "hidden_size": d, "intermediate_size": f,
                       "predictor_rank": 64, "layers": [{} for _ in range(L)]}
     return m
+
+
+def plan(*args, chunk=PREFILL_CHUNKS[-1], **kwargs):
+    """The plan at one prefill chunk (the narrowest unless given): the tests of what fits; the
+    choice of the chunk is tested apart (test_prefill_chunk_*)."""
+    return planner.plan(*args, chunk=chunk, **kwargs)
 
 
 def weights_of(m):
@@ -199,3 +206,33 @@ def test_layers_on_device_fit_vram():
         layers_on_device(cfg, [1000] * 4, 500, 64, 8, "many")
     with pytest.raises(CudaError, match="needs --vram"):
         layers_on_device(cfg, [1000] * 4, 500, 64, 8, "auto")
+
+
+def test_prefill_chunk_widest_when_it_costs_no_weights():
+    m = manifest(tied=True)
+    wide, narrow = (plan(m, None, CTX, RUNTIME, chunk=c) for c in PREFILL_CHUNKS)
+    assert wide.scratch > narrow.scratch
+    assert planner.plan(m, None, CTX, RUNTIME).chunk == PREFILL_CHUNKS[0]
+    assert planner.plan(m, wide.total, CTX, RUNTIME).chunk == PREFILL_CHUNKS[0]
+    # a budget the wide chunk's scratch does not fit: the narrow one, and the minimum is the narrow one's
+    p = planner.plan(m, wide.total - 1, CTX, RUNTIME)
+    assert p.chunk == PREFILL_CHUNKS[-1] and p.minimum == narrow.minimum == narrow.total
+    assert planner.plan(m, None, CTX, RUNTIME).minimum == narrow.minimum
+    with pytest.raises(BudgetError) as e:
+        planner.plan(m, narrow.total - 1, CTX, RUNTIME)
+    assert e.value.minimum_bytes == narrow.minimum
+    assert "prefill 128 tokens a pass" in "\n".join(wide.lines())
+
+
+def test_prefill_chunk_never_costs_blocks_or_window():
+    # BitStack: the budget that loads every block with the narrow chunk keeps them all
+    m = manifest(blocks=4, block_bytes=10_000)
+    narrow = plan(m, None, CTX, RUNTIME)
+    p = planner.plan(m, narrow.total, CTX, RUNTIME)
+    assert p.blocks == narrow.blocks == narrow.order.total and p.chunk == PREFILL_CHUNKS[-1]
+    # flash: the budget of the narrow chunk's resident FFN keeps it resident
+    m = manifest(flash=True, L=4, f=4096)
+    narrow = plan(m, None, CTX, RUNTIME)
+    p = planner.plan(m, narrow.total, CTX, RUNTIME)
+    assert p.ffn.mode == "resident" and p.chunk == PREFILL_CHUNKS[-1]
+    assert planner.plan(m, None, CTX, RUNTIME).chunk == PREFILL_CHUNKS[0]
