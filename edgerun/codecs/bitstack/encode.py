@@ -116,7 +116,10 @@ def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
     Hessian, so the J blocks together minimize the output error tr(E H Eᵀ). J = 1 is one
     block's signs; plain signs (neg = R < 0) are the paper's choice."""
     J, (d, n) = A.shape[0], R.shape
-    R = R.astype(np.float32, copy=True)
+    # row-major copies: the callers pass column-permuted views (R[:, perm]), which NumPy lays out
+    # column by column; the row loops below ran 5x slower on those (1.5B down_proj: 7.3 vs 1.4 s)
+    R = np.array(R, np.float32, order="C")
+    A = np.ascontiguousarray(A, np.float32)
     neg = np.empty((J, d, n), np.bool_)
     E = np.empty((d, GPTQ_BLOCK), np.float32)
 
@@ -265,18 +268,29 @@ def block_importance(parts: dict, params: dict | None, hessian: np.ndarray | Non
 
     This proxy replaces the paper's perplexity measurement per extra block (one forward pass per
     matrix per level is far too slow on a CPU). Without `w` the full K-block reconstruction
-    stands in for W; without `hessian`, H = I (Frobenius error)."""
+    stands in for W; without `hessian`, H = I (Frobenius error). (Measured on a sample of rows
+    instead, the 1.5B's down_proj scores were up to 1.8x off with 512 of 1536 rows: a few rows
+    carry most of its error.)"""
     d, n, k, K = _meta(parts)
     m = _available(parts, K, None)
-    inv = parts["inv_scale"].astype(np.float64)
-    Bs = [_dense_block(*_block_views(parts[f"block.{i}"], d, n, k), n).astype(np.float64) * inv
-          for i in range(m)]
-    E = (np.asarray(w, np.float64) if w is not None else sum(Bs, np.zeros((d, n)))).copy()
-    H = None if hessian is None else np.asarray(hessian, np.float64)
+    inv = parts["inv_scale"]
 
+    def block(i):
+        return _dense_block(*_block_views(parts[f"block.{i}"], d, n, k), n) * inv
+
+    # float32, one block at a time (float64 and every block decoded at once: 1.9 GB for the
+    # 1.5B's down_proj); a float32 residual's error is ~1e-6 of its size, far below the scores'
+    # differences
+    if w is not None:
+        E = np.array(w, np.float32)
+    else:
+        E = np.zeros((d, n), np.float32)
+        for i in range(m):
+            E += block(i)
+    H = None if hessian is None else np.asarray(hessian, np.float32)
     prev, scores = output_error(E, H), []
-    for B in Bs:
-        E -= B
+    for i in range(m):
+        E -= block(i)
         cur = output_error(E, H)
         scores.append(prev - cur)
         prev = cur
