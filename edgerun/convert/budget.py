@@ -179,21 +179,25 @@ def trial_errors(w: np.ndarray, H, options: list[Option], metrics) -> tuple[np.n
     for every metric (H_m, noise) of `metrics`, the relative output error tr(Δ H_m Δᵀ)/tr(W H_m Wᵀ)
     of the perturbation (`noise(rows)` its rows) and of each option: (metrics,), (options, metrics).
     The options' GPTQ factorizations of the same H are computed once (gptq.shared_factors)."""
-    with shared_factors():
-        return _trial_errors(w, H, options, metrics)
-
-
-def _trial_errors(w, H, options, metrics):
     rows = _row_sample(w.shape[0])
-    ws = np.ascontiguousarray(w[rows])
+    return sampled_trial_errors(np.ascontiguousarray(w[rows]), rows, H, options, metrics)
+
+
+def sampled_trial_errors(ws: np.ndarray, rows: np.ndarray, H, options: list[Option], metrics):
+    """`trial_errors` of a matrix's row sample `ws` (its rows `rows`, `_row_sample`)."""
+    with shared_factors():
+        return _trial_errors(ws, rows, H, options, metrics)
+
+
+def _trial_errors(ws, rows, H, options, metrics):
     errs = np.zeros((len(options), len(metrics)))
     rotated = {}
     for i, opt in enumerate(options):
         codec = codec_class(opt.rule["codec"])
-        block = rotation.block_for(w.shape[1], opt.rule["rotate"]) if opt.rule.get("rotate") else 1
+        block = rotation.block_for(ws.shape[1], opt.rule["rotate"]) if opt.rule.get("rotate") else 1
         if block > 1:             # as pack encodes it: W·Tᵀ with T H Tᵀ, decoded and rotated back
             if block not in rotated:
-                signs = rotation.make_signs(w.shape[1], "trial")
+                signs = rotation.make_signs(ws.shape[1], "trial")
                 Hr = None if H is None else H.copy()
                 if Hr is not None:
                     rotation.rotate_hessian(Hr, signs, block)
@@ -207,10 +211,20 @@ def _trial_errors(w, H, options, metrics):
     return np.array([_rel_error(noise(rows), ws, Hm) for Hm, noise in metrics]), errs
 
 
+def _mean_square(w: np.ndarray) -> float:
+    """mean(w²), summed in float64 a block of VOCAB_CHUNK rows at a time: np.mean(w.astype(float64)
+    ** 2) held two float64 copies of w, 3.7 GB for the 1.5B's embedding (the --bpw pack's peak)."""
+    total = 0.0
+    for r0 in range(0, len(w), VOCAB_CHUNK):
+        block = w[r0:r0 + VOCAB_CHUNK].astype(np.float64).ravel()
+        total += float(block @ block)
+    return total / max(w.size, 1)
+
+
 def _perturbation(w: np.ndarray, key) -> np.ndarray:
     """Fixed Gaussian noise of mean square NOISE · mean(w²) (seeded by `key`)."""
     rng = np.random.default_rng([SEED, *key])
-    scale = math.sqrt(NOISE * float(np.mean(w.astype(np.float64) ** 2)))
+    scale = math.sqrt(NOISE * _mean_square(w))
     return (rng.standard_normal(w.shape, dtype=np.float32) * np.float32(scale))
 
 
@@ -260,7 +274,9 @@ def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, 
     noisy = [g for g in CHOSEN if len(options.get(g, ())) > 1]
     embed = source.read("model.embed_tokens.weight")
     V, d = embed.shape
-    embed_scale = math.sqrt(NOISE * float(np.mean(embed.astype(np.float64) ** 2)))
+    embed_scale = math.sqrt(NOISE * _mean_square(embed))
+    embed_rows = _row_sample(V)
+    embed_sample = np.ascontiguousarray(embed[embed_rows])      # what its trial encodes read
     states = {"base": embed[sequences]}
     if "embed" in noisy:
         x = states["base"].copy()
@@ -273,6 +289,8 @@ def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, 
     for g in ("attention", "ffn"):
         if g in noisy:
             states[g] = states["base"].copy()
+    if not tied:
+        del embed           # 0.9 GB of float32 for the 1.5B: not held beside its output head
     # whole windows per forward step: one BLAS matmul per window and linear, as calibrate.py runs
     tf = Transformer(cfg, Weights({"model.embed_tokens.weight": None}, cfg), context=T, chunk=T,
                      layers=[None] * L)
@@ -339,14 +357,15 @@ def measure(source, cfg: ModelConfig, sequences: np.ndarray, options: dict[str, 
     if "embed" in states:
         noise_in = _noise_rows(V, d, embed_scale)
         metrics = [(None, noise_in)] + ([(H_head, noise_in)] if tied else [])
-        e_noise, errs = trial_errors(embed, H_head if tied else None, options["embed"], metrics)
+        e_noise, errs = sampled_trial_errors(embed_sample, embed_rows, H_head if tied else None, options["embed"],
+                                             metrics)
         roles["embed.input"] = ("embed", _nll(normed["embed"], targets, head, None) - nll["base"],
                                 e_noise[0], errs[:, 0])
         if tied:
             roles["embed.output"] = ("embed", _nll(normed["base"], targets, head, embed_scale) - nll["base"],
                                      e_noise[1], errs[:, 1])
     if "head" in noisy:
-        scale = math.sqrt(NOISE * float(np.mean(head.astype(np.float64) ** 2)))
+        scale = math.sqrt(NOISE * _mean_square(head))
         noise_out = _noise_rows(V, d, scale)
         e_noise, errs = trial_errors(head, H_head, options["head"], [(H_head, noise_out)])
         roles["head"] = ("head", _nll(normed["base"], targets, head, scale) - nll["base"], e_noise[0], errs[:, 0])
