@@ -140,7 +140,8 @@ class Plan:
             what = "resident" if self.ffn.mode == "resident" else f"streamed ({self.ffn.mode})"
             rows.append((f"weights: feed-forward bundles, {what}", self.ffn_bytes))
         rows += [(f"KV cache ({self.kv_dtype}, context {self.context})", self.kv_cache),
-                 (f"scratch buffers (prefill {self.chunk} tokens a pass)", self.scratch), ("headroom (heap growth)", HEADROOM_BYTES)]
+                 (f"scratch buffers (prefill {self.chunk} tokens a pass)", self.scratch),
+                 ("headroom (heap growth)", HEADROOM_BYTES)]
         out = [f"  {name:<66} {fmt(n):>12}" for name, n in rows]
         if self.ffn is not None:
             out += ["  " + line for line in self.ffn.lines()]
@@ -167,6 +168,10 @@ def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, chun
     placement (cuda only; `vram` the device bytes to fill for gpu_layers "auto"). Raises
     BudgetError (or CudaError) when nothing fits."""
     from .cuda import CudaError
+
+    def loads(q: Plan):
+        return q.weights, q.gpu and (q.gpu.layers, q.gpu.head)
+
     chunks = (chunk,) if chunk else PREFILL_CHUNKS
     least = plan_at(manifest, budget, context, runtime, chunks[-1], **placement)
     for wider in chunks[:-1]:
@@ -174,8 +179,7 @@ def plan(manifest: dict, budget: int | None, context: int, runtime: int, *, chun
             p = plan_at(manifest, budget, context, runtime, wider, **placement)
         except (BudgetError, CudaError):
             continue
-        gpu = lambda q: q.gpu and (q.gpu.layers, q.gpu.head)  # noqa: E731
-        if p.weights == least.weights and gpu(p) == gpu(least):
+        if loads(p) == loads(least):
             p.minimum = least.minimum
             return p
     return least
