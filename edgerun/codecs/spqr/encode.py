@@ -15,6 +15,10 @@ from ...kernels import row_bands, threaded_map
 from ..gptq import inverse_cholesky as _inverse_cholesky
 from .format import _pack_codes, params_of as _params
 
+# Rows of W transposed per step into the working Wᵀ (whole, its permuted copy was another 0.9 GB
+# for the 1.5B's output head, 151936 rows: the `--bpw 3.5` pack's peak, BENCHMARKS.md)
+ROW_CHUNK = 8192
+
 
 def _minmax(x: np.ndarray, maxq: int):
     """Asymmetric min-max fit over the last axis (range widened to include 0, as GPTQ):
@@ -87,7 +91,8 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
 
     # Work on Wᵀ so a column is a contiguous row: every step is vectorized over the d rows.
     WT = np.zeros((n_pad, d), np.float32)
-    WT[:n] = w[:, perm].T
+    for r0 in range(0, d, ROW_CHUNK):
+        WT[:n, r0:r0 + ROW_CHUNK] = w[r0:r0 + ROW_CHUNK, perm].T
     WT[dead] = 0.0
     Q = np.empty((n_pad, d), np.uint8)
     S = np.empty((G, d), np.float32)
@@ -146,7 +151,12 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
                 WT[b1:, rows] -= Uc32[b0:b1, b1:].T @ E[:, rows]
             threaded_map(update, bands)
 
-    codes = _pack_codes(np.ascontiguousarray(Q.T), bits)
+    # Wᵀ (and the loop's views of it in x and Wg) go before the codes' copies: 0.9 GB for the head
+    del WT, E, x, Wg
+    QT = np.ascontiguousarray(Q.T)
+    del Q
+    codes = _pack_codes(QT, bits)
+    del QT
     if out_rows:
         rows = np.concatenate(out_rows)
         cols = np.concatenate(out_cols)
