@@ -15,9 +15,7 @@ from ...kernels import row_bands, threaded_map
 from ..gptq import inverse_cholesky as _inverse_cholesky
 from .format import _pack_codes, params_of as _params
 
-# Rows of W transposed per step into the working Wᵀ (whole, its permuted copy was another 0.9 GB
-# for the 1.5B's output head, 151936 rows: the `--bpw 3.5` pack's peak, BENCHMARKS.md)
-ROW_CHUNK = 8192
+PASS_ROWS = 32768          # rows of W encoded per pass (`encode`)
 
 
 def _minmax(x: np.ndarray, maxq: int):
@@ -75,8 +73,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
     d, n = w.shape
     if n > 65536:
         raise UnsupportedModelError(f"spqr codec: at most 65536 input columns (16-bit indices), got {n}")
-    bits, gs, sb, sg = p["bits"], p["group"], p["stat_bits"], p["stat_group"]
-    maxq = (1 << bits) - 1
+    gs, sb, sg = p["group"], p["stat_bits"], p["stat_group"]
     H = np.eye(n) if hessian is None else np.asarray(hessian)      # any float dtype: no n×n copy
     if H.shape != (n, n):
         raise UnsupportedModelError(f"spqr codec: hessian must be ({n}, {n}), got {H.shape}")
@@ -84,15 +81,58 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
     perm = (np.argsort(-np.diag(H), kind="stable") if p["permute"] == "act_order"
             else np.arange(n))
     n_pad = -(-n // gs) * gs
-    G = n_pad // gs
     # padded columns are dead inputs
     Uc32, dead = _inverse_cholesky(H, p["percdamp"], perm=perm, size=n_pad)
     udiag = np.diag(Uc32).copy()
 
+    # outlier threshold relative to the mean H-weighted column variance (reference spqr_engine)
+    thr = float(p["outlier_threshold"]) * float(np.mean(_column_variance(w)[perm] / udiag[:n] ** 2)) \
+        if p["outlier_threshold"] not in (None, float("inf")) else math.inf
+    # Rows are independent (GPTQ's error feedback runs along a row; the statistics' second-level
+    # groups are sg rows): a pass over PASS_ROWS rows holds their Wᵀ, not the whole matrix's (0.9
+    # GB more for the 1.5B's output head, 151936 rows: the `--bpw 3.5` pack's peak, BENCHMARKS.md)
+    step = max(sg, PASS_ROWS // sg * sg)
+    starts = range(0, d, step)
+    passes = [_gptq_rows(w[r0:r0 + step], perm, dead, Uc32, udiag, thr, p) for r0 in starts]
+    codes = np.concatenate([q[0] for q in passes])
+    qs_all, qz_all = (np.concatenate([q[i] for q in passes], axis=1) for i in (1, 2))
+    st2 = np.concatenate([q[3] for q in passes])
+    rows = np.concatenate([q[4] + r0 for q, r0 in zip(passes, starts)])
+    cols = np.concatenate([q[5] for q in passes])
+    vals = np.concatenate([q[6] for q in passes])
+    order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    rowptr = np.zeros(d + 1, np.int32)
+    np.cumsum(np.bincount(rows, minlength=d), out=rowptr[1:])
+    return {
+        "codes": codes,
+        "stat_codes": np.ascontiguousarray((qs_all | (qz_all << sb)).T),
+        "stats": st2.view(np.uint16),
+        "perm": perm.astype(np.uint16 if n <= 65536 else np.int32),
+        "outlier_rowptr": rowptr,
+        "outlier_col": cols.astype(np.uint16),
+        "outlier_val": vals.view(np.uint16),
+    }
+
+
+def _column_variance(w: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """Variance over rows of each column of w (d, n), in float64, `rows` rows at a time."""
+    blocks = range(0, len(w), rows)
+    mean = sum(w[r0:r0 + rows].sum(0, dtype=np.float64) for r0 in blocks) / len(w)
+    return sum(np.square(w[r0:r0 + rows] - mean).sum(0) for r0 in blocks) / len(w)
+
+
+def _gptq_rows(w: np.ndarray, perm, dead, Uc32, udiag, thr: float, p: dict):
+    """One pass of `encode` over rows w (d, n): (packed codes (d, ·), stat codes qs, qz (G, d),
+    second-level stats (R, 4, G), the outliers' rows, columns and fp16 values)."""
+    d, n = w.shape
+    bits, gs, sb, sg = p["bits"], p["group"], p["stat_bits"], p["stat_group"]
+    maxq = (1 << bits) - 1
+    n_pad = Uc32.shape[0]
+    G = n_pad // gs
     # Work on Wᵀ so a column is a contiguous row: every step is vectorized over the d rows.
     WT = np.zeros((n_pad, d), np.float32)
-    for r0 in range(0, d, ROW_CHUNK):
-        WT[:n, r0:r0 + ROW_CHUNK] = w[r0:r0 + ROW_CHUNK, perm].T
+    WT[:n] = w[:, perm].T
     WT[dead] = 0.0
     Q = np.empty((n_pad, d), np.uint8)
     S = np.empty((G, d), np.float32)
@@ -101,10 +141,7 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
     qs_all = np.empty((G, d), np.uint8)
     qz_all = np.empty((G, d), np.uint8)
     st2 = np.empty((R, 4, G), np.float16)
-    # outlier threshold relative to the mean H-weighted column variance (reference spqr_engine)
-    thr = float(p["outlier_threshold"]) * float(np.mean(WT[:n].var(axis=1) / udiag[:n] ** 2)) \
-        if p["outlier_threshold"] not in (None, float("inf")) else math.inf
-    out_cols, out_rows, out_vals = [], [], []
+    out_cols, out_rows, out_vals = [np.zeros(0, np.uint16)], [np.zeros(0, np.int64)], [np.zeros(0, np.float16)]
 
     bs = max(gs, p["blocksize"] // gs * gs)
     bands = row_bands(d)              # the lazy updates' rows, one band per kernel thread
@@ -151,32 +188,5 @@ def encode(w: np.ndarray, params: dict | None = None, hessian: np.ndarray | None
                 WT[b1:, rows] -= Uc32[b0:b1, b1:].T @ E[:, rows]
             threaded_map(update, bands)
 
-    # Wᵀ (and the loop's views of it in x and Wg) go before the codes' copies: 0.9 GB for the head
-    del WT, E, x, Wg
-    QT = np.ascontiguousarray(Q.T)
-    del Q
-    codes = _pack_codes(QT, bits)
-    del QT
-    if out_rows:
-        rows = np.concatenate(out_rows)
-        cols = np.concatenate(out_cols)
-        vals = np.concatenate(out_vals)
-        order = np.lexsort((cols, rows))
-        rows, cols, vals = rows[order], cols[order], vals[order]
-    else:
-        rows = np.zeros(0, np.int64)
-        cols = np.zeros(0, np.uint16)
-        vals = np.zeros(0, np.float16)
-    rowptr = np.zeros(d + 1, np.int32)
-    np.cumsum(np.bincount(rows, minlength=d), out=rowptr[1:])
-    return {
-        "codes": codes,
-        "stat_codes": np.ascontiguousarray((qs_all | (qz_all << sb)).T),
-        "stats": st2.view(np.uint16),
-        "perm": perm.astype(np.uint16 if n <= 65536 else np.int32),
-        "outlier_rowptr": rowptr,
-        "outlier_col": cols.astype(np.uint16),
-        "outlier_val": vals.view(np.uint16),
-    }
-
-
+    return (_pack_codes(np.ascontiguousarray(Q.T), bits), qs_all, qz_all, st2, np.concatenate(out_rows),
+            np.concatenate(out_cols), np.concatenate(out_vals))
