@@ -185,29 +185,26 @@ def trial_errors(w: np.ndarray, H, options: list[Option], metrics) -> tuple[np.n
 
 def sampled_trial_errors(ws: np.ndarray, rows: np.ndarray, H, options: list[Option], metrics):
     """`trial_errors` of a matrix's row sample `ws` (its rows `rows`, `_row_sample`)."""
-    with shared_factors():
-        return _trial_errors(ws, rows, H, options, metrics)
-
-
-def _trial_errors(ws, rows, H, options, metrics):
     errs = np.zeros((len(options), len(metrics)))
     rotated = {}
-    for i, opt in enumerate(options):
-        codec = codec_class(opt.rule["codec"])
-        block = rotation.block_for(ws.shape[1], opt.rule["rotate"]) if opt.rule.get("rotate") else 1
-        if block > 1:             # as pack encodes it: W·Tᵀ with T H Tᵀ, decoded and rotated back
-            if block not in rotated:
-                signs = rotation.make_signs(ws.shape[1], "trial")
-                Hr = None if H is None else H.copy()
-                if Hr is not None:
-                    rotation.rotate_hessian(Hr, signs, block)
-                rotated[block] = (signs, rotation.rotate(ws, signs, block), Hr)
-            signs, wr, Hr = rotated[block]
-            q = rotation.unrotate(codec.decode(codec.encode(wr, opt.rule["params"], hessian=Hr), opt.rule["params"]),
-                                  signs, block)
-        else:
-            q = codec.decode(codec.encode(ws, opt.rule["params"], hessian=H), opt.rule["params"])
-        errs[i] = [_rel_error(ws - q, ws, Hm) for Hm, _ in metrics]
+    n = ws.shape[1]
+    with shared_factors():
+        for i, opt in enumerate(options):
+            codec = codec_class(opt.rule["codec"])
+            block = rotation.block_for(n, opt.rule["rotate"]) if opt.rule.get("rotate") else 1
+            if block > 1:             # as pack encodes it: W·Tᵀ with T H Tᵀ, decoded and rotated back
+                if block not in rotated:
+                    signs = rotation.make_signs(n, "trial")
+                    Hr = None if H is None else H.copy()
+                    if Hr is not None:
+                        rotation.rotate_hessian(Hr, signs, block)
+                    rotated[block] = (signs, rotation.rotate(ws, signs, block), Hr)
+                signs, wr, Hr = rotated[block]
+                q = rotation.unrotate(codec.decode(codec.encode(wr, opt.rule["params"], hessian=Hr),
+                                                   opt.rule["params"]), signs, block)
+            else:
+                q = codec.decode(codec.encode(ws, opt.rule["params"], hessian=H), opt.rule["params"])
+            errs[i] = [_rel_error(ws - q, ws, Hm) for Hm, _ in metrics]
     return np.array([_rel_error(noise(rows), ws, Hm) for Hm, noise in metrics]), errs
 
 
