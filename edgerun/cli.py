@@ -314,7 +314,7 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
     summary = do_pack(src, output, recipe=rules, calib_text=calib_text,
                       calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, progress=progress_bar("packing"),
                       layer_progress=progress_bar("calibrating and compressing layers", unit="layers"),
-                      order_progress=progress_bar("ordering BitStack blocks (measured loss per matrix)",
+                      order_progress=progress_bar("ordering BitStack blocks (loss estimate per matrix)",
                                                   unit="matrices"),
                       layout=layout, threads=threads)
     _err(str(summary))

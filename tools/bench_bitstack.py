@@ -23,7 +23,7 @@ then perplexity on tools/data/wikitext2_heldout.txt under `edgerun eval`'s proto
 
     python tools/bench_bitstack.py --reorder model.ebin -o order.json
 
-instead measures every matrix's sensitivity (bitstack_runtime.sensitivity_order: ΔNLL of its
+instead estimates every matrix's sensitivity (bitstack_runtime.sensitivity_order: ΔNLL of its
 5 -> 4 block step on the calibration windows `edgerun pack` uses, default text and tokens) and
 writes the resulting global order: what a current pack stores, for a pack made before.
 
@@ -101,7 +101,7 @@ def quality(gguf: str, layer: int) -> None:
 
 
 def reorder(path: str, out: str, threads: int) -> None:
-    """Write the measured-sensitivity global order of a pack's blocks to `out` (JSON)."""
+    """Write the estimated-sensitivity global order of a pack's blocks to `out` (JSON)."""
     import json
 
     import edgerun
@@ -121,7 +121,7 @@ def reorder(path: str, out: str, threads: int) -> None:
         order, delta = sensitivity_order(tf, parts, scores, token_windows)
     with open(out, "w") as fh:
         json.dump({"order": [[n, i] for n, i in order], "delta": delta}, fh)
-    print(f"wrote {out} ({len(order)} blocks, sensitivity measured in {time.perf_counter() - t:.0f} s)")
+    print(f"wrote {out} ({len(order)} blocks, sensitivity estimated in {time.perf_counter() - t:.0f} s)")
 
 
 def use_order(m, order_file: str) -> None:

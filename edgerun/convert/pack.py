@@ -32,7 +32,7 @@ GROUPS = ("embed", "attention", "ffn", "head", "vectors")
 DEFAULT_CALIB_TOKENS = 12288
 CALIB_SEQ_LEN = 256
 EMBED_RULE = "cluster:5"
-# Calibration windows (the last ones) on which each stacked matrix's loss per block is measured
+# Calibration windows (the last ones) on which each stacked matrix's loss per block is estimated
 # to set the global block order (bitstack_runtime.sensitivity_order).
 ORDER_WINDOWS = 4
 
@@ -281,7 +281,7 @@ class TensorStore:
         return loaded
 
     def finish(self, cfg: ModelConfig, order_windows, curve_windows, progress=None) -> dict | None:
-        """Write the held-back BitStack blocks in global order, measured on `order_windows`
+        """Write the held-back BitStack blocks in global order, estimated on `order_windows`
         (bitstack_runtime.sensitivity_order, `progress(done, total)` per matrix); the manifest's
         `bitstack` section, with the size/quality curve measured on `curve_windows` (both
         calibration text)."""
@@ -311,7 +311,7 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
          generation: dict | None = None, threads: int | None = None) -> PackSummary:
     """Convert `src` into `out`. `progress(done_bytes, total_bytes)` is called after each tensor
     of a dense pack; `layer_progress(done, total)` after each calibrated layer; `order_progress`
-    after each BitStack matrix whose sensitivity is measured. `layout="flash"`
+    after each BitStack matrix whose sensitivity is estimated. `layout="flash"`
     stores the FFN as neuron bundles for streaming (edgerun/streaming.py, formats/flash-layout.md).
     `generation` overrides keys of the source's default sampling (HF generation_config names).
     `threads`: kernel threads of the calibration forward and its Hessians (default

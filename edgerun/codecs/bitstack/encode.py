@@ -18,8 +18,8 @@ from numba import njit
 from ...errors import UnsupportedModelError
 from ...kernels import row_bands, threaded_map
 from ..gptq import inverse_cholesky, output_error
-from .format import _available, _block_views, _f16, _from_f16, _meta, block_layout, params_of
-from .reference import _dense_block
+from .format import _available, _f16, _from_f16, _meta, block_layout, params_of
+from .reference import decode_block
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 
@@ -273,11 +273,6 @@ def block_importance(parts: dict, params: dict | None, hessian: np.ndarray | Non
     of its error)."""
     d, n, k, K = _meta(parts)
     m = _available(parts, K, None)
-    inv = parts["inv_scale"]
-
-    def block(i):
-        return _dense_block(*_block_views(parts[f"block.{i}"], d, n, k), n) * inv
-
     # float32, one block at a time (float64 and every block decoded at once: 1.9 GB for the
     # 1.5B's down_proj); a float32 residual's error is ~1e-6 of its size, far below the scores'
     # differences
@@ -286,11 +281,11 @@ def block_importance(parts: dict, params: dict | None, hessian: np.ndarray | Non
     else:
         E = np.zeros((d, n), np.float32)
         for i in range(m):
-            E += block(i)
+            E += decode_block(parts, i)
     H = None if hessian is None else np.asarray(hessian, np.float32)
     prev, scores = output_error(E, H), []
     for i in range(m):
-        E -= block(i)
+        E -= decode_block(parts, i)
         cur = output_error(E, H)
         scores.append(prev - cur)
         prev = cur

@@ -13,6 +13,12 @@ def _dense_block(signs, u, v, n):
     return np.where(neg, -w, w)
 
 
+def decode_block(parts: dict, i: int) -> np.ndarray:
+    """Block i alone, S_i ⊙ (u_i v_iᵀ) · diag(1/s), as float32 (d, n)."""
+    d, n, k, _ = _meta(parts)
+    return _dense_block(*_block_views(parts[f"block.{i}"], d, n, k), n) * parts["inv_scale"]
+
+
 def decode(parts: dict, params: dict | None = None, blocks: int | None = None) -> np.ndarray:
     """Reference NumPy decode of the first `blocks` blocks (default all) to float32 (d, n)."""
     d, n, k, K = _meta(parts)
