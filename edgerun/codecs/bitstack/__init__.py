@@ -33,10 +33,12 @@ JOINT = 4
 
 class BitStackCodec(Codec, name="bitstack"):
     """Residual sign + low-rank blocks; params {"blocks": K (16), "rank": k (16), "overshoot": 1.0,
-    "signs": "sign" | "gptq", "joint": J (0)}. Recipe rule `bitstack:K` (K blocks per matrix at
-    rank 2, overshoot 1.15, GPTQ signs, the first 4 joint)."""
+    "signs": "sign" | "gptq", "joint": J (0)}. Recipe rule `bitstack:K` (K blocks per matrix, 8 by
+    default, at rank 2, overshoot 1.15, GPTQ signs, the first 4 joint)."""
 
-    arg, default_arg, arg_range = "blocks", 16, (1, 64)
+    # 8 blocks reach ~8.4 bits/weight: on SmolLM2 16 blocks (~15 bits) lower held-out perplexity
+    # only from 33.95 to 33.65 (f16: 32.70) for twice the file and the pack time
+    arg, default_arg, arg_range = "blocks", 8, (1, 64)
     example_params = ({"blocks": 3, "rank": 2}, {"blocks": 2, "rank": 5, "overshoot": 1.15},
                       {"blocks": 3, "rank": 2, "signs": "gptq", "joint": 2})
     stacked = True
