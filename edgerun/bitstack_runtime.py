@@ -146,7 +146,7 @@ def fisher_sensitivity(transformer, parts: dict[str, dict], token_windows: np.nd
     outputs (edgerun/backprop.py: one forward and one reverse pass serve every matrix).
 
     This replaced measuring that ΔNLL, a forward from the matrix's layer to the logits per matrix:
-    ~22 min for a 1.5B model's 196 matrices against ~1, and on SmolLM2 the order it gives is as good
+    ~22 min for a 1.5B model's 196 matrices against 1.7, and on SmolLM2 the order it gives is as good
     (held-out perplexity within ±2 % at 4.5-6 bits/weight; formats/codec-bitstack.md)."""
     from .backprop import dense_rows, linear_gradients
     from .codecs.bitstack import BitStackCodec
@@ -162,6 +162,8 @@ def fisher_sensitivity(transformer, parts: dict[str, dict], token_windows: np.nd
 
     count = token_windows.size - len(token_windows)
     out = {}
+    if progress is not None:      # the forward half comes first: show the bar from the start
+        progress(0, len(parts))
 
     def visit(i, field, X, G):
         p = parts.get(name(i, field))
@@ -176,7 +178,7 @@ def fisher_sensitivity(transformer, parts: dict[str, dict], token_windows: np.nd
     return out
 
 
-SENSITIVITY_LEVEL = 5     # measure each matrix's 5 -> 4 block step (~5.6 -> 4.5 bits/weight on SmolLM2)
+SENSITIVITY_LEVEL = 5     # estimate each matrix's 5 -> 4 block step (~5.6 -> 4.5 bits/weight on SmolLM2)
 SENSITIVITY_WINDOW = 2    # ... averaged over the same matrix type in layers within ±2 (noise: see below)
 SENSITIVITY_FLOOR = 0.02  # a smoothed ΔNLL below this fraction of the median counts as that
 
