@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .kernels import rope_tables
+from .kernels import NumpyLayerOps, rope_tables
 from .model import LAYER_TENSORS
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -49,17 +49,15 @@ def _rmsnorm_back(x, r, w, dy):
 
 
 def _rope(x, cos, sin, inverse=False):
-    """x (B, T, H, D) rotated in pairs (i, i + D/2) by the angles of positions 0..T-1 (kernels.rope);
-    `inverse` rotates back, which is also the rotation's transpose (its backward)."""
-    half = x.shape[-1] // 2
-    c, s = cos[None, :x.shape[1], None, :], sin[None, :x.shape[1], None, :]
-    if inverse:
-        s = -s
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    """x (B, T, H, D) rotated by the angles of positions 0..T-1 (a copy; the model's rotation,
+    kernels.NumpyLayerOps.rope); `inverse` rotates back, which is also its transpose (backward)."""
+    out = x.copy()
+    for window in out:
+        NumpyLayerOps.rope(window, 0, cos, -sin if inverse else sin)
+    return out
 
 
-def _silu(x):
+def _sigmoid(x):
     with np.errstate(over="ignore"):                  # exp(-x) = inf for x < -88: sigmoid -> 0
         return 1.0 / (1.0 + np.exp(-x))
 
@@ -104,7 +102,7 @@ def layer_forward(cfg, L: DenseLayer, x, cos, sin, keep=False):
     xm = x + L.linear("o", att)
     n2, r2 = _rmsnorm(xm, L.vec["post_norm"], eps)
     gate, up = L.linear("gate", n2), L.linear("up", n2)
-    sg = _silu(gate)
+    sg = _sigmoid(gate)
     act = gate * sg * up
     y = xm + L.linear("down", act)
     state = dict(x=x, n1=n1, r1=r1, q0=q0, k0=k0, rq=rq, rk=rk, qh=qh, kh=kh, vh=vh, P=P, att=att,
