@@ -67,10 +67,11 @@ def test_shared_factors_reuse_per_array_and_arguments():
     assert inverse_cholesky(H, 0.01, perm=perm)[0].flags.writeable             # outside: a new array
 
 
-def test_output_error_is_the_trace_of_e_h_et():
+@pytest.mark.parametrize("n", [12, 700])          # one column block of H, three
+def test_output_error_is_the_trace_of_e_h_et(n):
     rng = np.random.default_rng(5)
-    E = rng.standard_normal((157, 12)).astype(np.float32)
-    X = rng.standard_normal((40, 12))
+    E = rng.standard_normal((157, n)).astype(np.float32)
+    X = rng.standard_normal((40, n))
     H = X.T @ X
     assert gptq.output_error(E, H) == pytest.approx(float(np.trace(E @ H @ E.T)), rel=1e-12)
     assert gptq.output_error(E, H) == pytest.approx(float(np.sum((X @ E.T.astype(np.float64)) ** 2)), rel=1e-10)

@@ -36,7 +36,8 @@ class Codec:
     example_params: tuple = ()     # params the registry tests (tests/test_codecs_registry.py) run
     calibrated: bool = True        # encode uses the input statistics (pack calibrates first)
     # parts "block.i" form an ordered stack that pack writes last, in a global importance order
-    # (`block_importance`), and a model may load any prefix of (BitStack)
+    # (`encode_stack` returns the parts and each block's importance), and a model may load any
+    # prefix of (BitStack)
     stacked: bool = False
     # parts whose row i holds row i's data and nothing else: an embedding that is only looked up
     # (not the output head) leaves these in the file and reads a token's row on demand (plan.py)

@@ -258,7 +258,10 @@ class TensorStore:
             mine = w.flags.owndata and w.flags.writeable and w.flags.c_contiguous
             w = rotation.rotate(w, signs, block, out=w if mine else None)
             self.rotate_hessian(hessian, signs, block)
-        parts = codec.encode(w, rule["params"], hessian=hessian)
+        if codec.stacked:
+            parts, self.stack_scores[name] = codec.encode_stack(w, rule["params"], hessian=hessian)
+        else:
+            parts = codec.encode(w, rule["params"], hessian=hessian)
         entry = {"codec": rule["codec"], "params": rule["params"], "shape": list(w.shape),
                  "parts": {p: array_name(name, p) for p in parts}}
         if block > 1:
@@ -271,7 +274,6 @@ class TensorStore:
             self.writer.add_array(entry["parts"][part], arr)
         if codec.stacked:
             self.stack_parts[name] = parts
-            self.stack_scores[name] = codec.block_importance(parts, rule["params"], hessian, w)
         self.group_bytes[group] += codec.nbytes(parts)
         self.group_params[group] += w.size
         self.entries[name] = entry

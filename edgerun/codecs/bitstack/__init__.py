@@ -12,7 +12,7 @@ import numpy as np
 
 from ..base import Codec
 from . import encode as _encode, kernels, reference
-from .encode import activation_scale, block_importance, fit_digits, gptq_signs, order_blocks  # noqa: F401
+from .encode import activation_scale, fit_digits, gptq_signs, order_blocks  # noqa: F401
 from .format import MAX_JOINT, MAX_RANK, _block_views, block_layout, params_of  # noqa: F401
 from .kernels import (MATMUL_MIN_T, PAR_MIN_WEIGHTS, TILE_ROWS, BitStackLinear, deinterleave_block,  # noqa: F401
                       interleave_block, table_floats)
@@ -42,7 +42,6 @@ class BitStackCodec(Codec, name="bitstack"):
     example_params = ({"blocks": 3, "rank": 2}, {"blocks": 2, "rank": 5, "overshoot": 1.15},
                       {"blocks": 3, "rank": 2, "signs": "gptq", "joint": 2})
     stacked = True
-    block_importance = staticmethod(block_importance)
 
     @classmethod
     def params_from_arg(cls, arg=None) -> dict:
@@ -59,8 +58,15 @@ class BitStackCodec(Codec, name="bitstack"):
 
     @staticmethod
     def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-        """float32 (d, n) -> {"meta", "inv_scale", "block.0" .. "block.K-1"} (encode.encode)."""
-        return _encode.encode(w, params, hessian, seed)
+        """float32 (d, n) -> {"meta", "inv_scale", "block.0" .. "block.K-1"} (encode.encode_stack)."""
+        return _encode.encode_stack(w, params, hessian, seed)[0]
+
+    @staticmethod
+    def encode_stack(w: np.ndarray, params: dict, hessian: np.ndarray | None = None,
+                     seed: int = 0) -> tuple[dict[str, np.ndarray], list[float]]:
+        """(parts, scores): the parts and each block's importance, the output error it removes
+        (encode.encode_stack), for the pack's global order."""
+        return _encode.encode_stack(w, params, hessian, seed)
 
     @staticmethod
     def decode(parts: dict, params: dict | None = None, blocks: int | None = None) -> np.ndarray:

@@ -8,7 +8,8 @@ as BitStack's `get_act_scale`), then for i = 1..K: S_i = sign(R) (0 -> +1), rank
 With calibration, signs are chosen by GPTQ instead, the first J blocks' together (`encode`).
 Loading the first m blocks gives W ≈ Σ_{i<m} S_i ⊙ (u_i v_iᵀ) · diag(1/s); the runtime grows or
 shrinks a matrix by changing m.
-Block importance and the global load order (BitStack §3.2) are pack-time too.
+Block importance (from the encode's own errors) and the global load order (BitStack §3.2) are
+pack-time too.
 """
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ from numba import njit
 
 from ...errors import UnsupportedModelError
 from ...kernels import row_bands, threaded_map
-from ..gptq import inverse_cholesky, output_error
-from .format import _available, _f16, _from_f16, _meta, block_layout, params_of
-from .reference import decode_block
+from ..gptq import damping, inverse_cholesky, output_error
+from .format import _f16, _from_f16, block_layout, params_of
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
 
@@ -35,6 +35,7 @@ PERCDAMP = 0.3
 LATTICE_GAIN = 2.0
 DIGIT_FIT_ITERS = 10       # ... and takes this many Lloyd steps (the error stops falling by ~10)
 FIT_ROWS = 256             # rows fitted at once (scratch ~ 60 bytes x FIT_ROWS x n)
+GREEDY_TRIAL_ROWS = 256    # rows on which the greedy first J blocks are tried against the joint ones
 
 
 def _orth(Y: np.ndarray) -> np.ndarray:
@@ -84,57 +85,98 @@ def activation_scale(hessian: np.ndarray | None, n: int) -> np.ndarray:
 
 
 @njit(**_JIT)
-def _gptq_signs_block(R, A, U, neg, j0, j1, E, r0, r1):
-    # columns j0..j1-1 of rows r0..r1-1: R (d, n) f32 working residual (updated inside the
-    # block), A (J, d, n) f32 the magnitudes of J blocks, U (n, n) f32 upper Cholesky factor of
-    # H⁻¹ -> neg (J, d, n) bool, E (d, j1-j0) f32 the scaled errors that the caller applies to
-    # the columns after j1
-    J = A.shape[0]
+def _gptq_signs_block(RT, AT, U, negT, j0, j1, ET, r0, r1, best, pick, q, t):
+    # columns j0..j1-1 of rows r0..r1-1, on transposes: RT (n, d) f32 the working residual
+    # (updated inside the block), AT (J, n, d) f32 the magnitudes of J blocks, U (n, n) f32 upper
+    # Cholesky factor of H⁻¹ -> negT (J, n, d) bool, ET (B, d) f32 the scaled errors that the
+    # caller applies to the columns after j1. A column's rows are contiguous and independent,
+    # so every loop over r below is a vector loop; best, pick, q, t (d,) scratch.
+    J = AT.shape[0]
     for j in range(j0, j1):
-        ujj = U[j, j]
+        x = RT[j]
         for r in range(r0, r1):
-            x, q, best = R[r, j], 0.0, np.inf
-            for p in range(1 << J):             # the nearest of the 2^J points: bit i of p = block i negative
-                t = 0.0
-                for i in range(J):
-                    t += -A[i, r, j] if (p >> i) & 1 else A[i, r, j]
-                if abs(x - t) < best:
-                    best, q, bp = abs(x - t), t, p
+            best[r] = np.inf
+        for p in range(1 << J):                 # the nearest of the 2^J points: bit i of p = block i negative
+            for r in range(r0, r1):
+                t[r] = 0.0
             for i in range(J):
-                neg[i, r, j] = (bp >> i) & 1
-            e = (x - q) / ujj
-            E[r, j - j0] = e
-            for c in range(j + 1, j1):
-                R[r, c] -= e * U[j, c]
+                sign = np.float32(-1.0 if (p >> i) & 1 else 1.0)
+                for r in range(r0, r1):
+                    t[r] += sign * AT[i, j, r]
+            for r in range(r0, r1):
+                dist = abs(x[r] - t[r])
+                if dist < best[r]:
+                    best[r], pick[r], q[r] = dist, p, t[r]
+        for i in range(J):
+            for r in range(r0, r1):
+                negT[i, j, r] = (pick[r] >> i) & 1
+        e = ET[j - j0]
+        inv = np.float32(1.0 / U[j, j])
+        for r in range(r0, r1):
+            e[r] = (x[r] - q[r]) * inv
+        for c in range(j + 1, j1):
+            y, u = RT[c], U[j, c]
+            for r in range(r0, r1):
+                y[r] -= e[r] * u
 
 
-def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
+def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray,
+               perm: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Signs S_i (as `neg`, J x d x n bool) of J blocks Σ_i S_i ⊙ A_i (A: J x d x n magnitudes)
     chosen together, column by column, with GPTQ's error feedback (Frantar et al. 2022): an
     entry's signs pick the point of {Σ_i ±A_i} nearest its running value (all 2^J tried), and
     each column's remaining error is compensated on the later columns through the inverse
     Hessian, so the J blocks together minimize the output error tr(E H Eᵀ). J = 1 is one
-    block's signs; plain signs (neg = R < 0) are the paper's choice."""
+    block's signs; plain signs (neg = R < 0) are the paper's choice. Columns are visited in
+    the order `perm` (U: the factor of the Hessian permuted so); neg is in R's own order.
+
+    Also returns Σ e² of the scaled errors e = (x - q) / U_jj, which is tr(Δ H_d Δᵀ) for the
+    rounding error Δ = R - Σ S_i ⊙ A_i and the damped Hessian H_d = (UᵀU)⁻¹ (Δ = e U, so
+    Δ H_d Δᵀ = e U U⁻¹ U⁻ᵀ Uᵀ eᵀ): the output error for the price of the squares."""
     J, (d, n) = A.shape[0], R.shape
-    # row-major copies: the callers pass column-permuted views (R[:, perm]), which NumPy lays out
-    # column by column; the row loops below ran 5x slower on those (1.5B down_proj: 7.3 vs 1.4 s)
-    R = np.array(R, np.float32, order="C")
-    A = np.ascontiguousarray(A, np.float32)
-    neg = np.empty((J, d, n), np.bool_)
-    E = np.empty((d, GPTQ_BLOCK), np.float32)
+    cols = np.arange(n) if perm is None else np.asarray(perm)
+    RT = np.ascontiguousarray(R.T[cols], np.float32)           # (n, d): column j is row j
+    AT = np.stack([a.T[cols] for a in A]).astype(np.float32, copy=False)
+    negT = np.empty((J, n, d), np.bool_)
+    ET = np.empty((GPTQ_BLOCK, d), np.float32)
+    best, q, t = (np.empty(d, np.float32) for _ in range(3))
+    pick = np.empty(d, np.int32)
 
     def band(rows):
         # rows are independent (error feedback runs along a row): each thread takes a band of
-        # rows through every column block (1.5B down_proj: this loop was the encode's time)
-        r0, r1 = rows.start, rows.stop
+        # rows through every column block
+        r0, r1, err = rows.start, rows.stop, 0.0
         for j0 in range(0, n, GPTQ_BLOCK):
             j1 = min(n, j0 + GPTQ_BLOCK)
-            _gptq_signs_block(R, A, U, neg, j0, j1, E, r0, r1)
+            _gptq_signs_block(RT, AT, U, negT, j0, j1, ET, r0, r1, best, pick, q, t)
+            err += float(np.sum(np.square(ET[:j1 - j0, r0:r1], dtype=np.float64)))
             if j1 < n:
-                R[r0:r1, j1:] -= E[r0:r1, :j1 - j0] @ U[j0:j1, j1:]
+                RT[j1:, r0:r1] -= U[j0:j1, j1:].T @ ET[:j1 - j0, r0:r1]
+        return err
 
-    threaded_map(band, row_bands(d, 64))
-    return neg
+    err = sum(threaded_map(band, row_bands(d, 64)))
+    neg = np.empty_like(negT)
+    neg[:, cols] = negT
+    return neg.transpose(0, 2, 1), err
+
+
+@njit(**_JIT)
+def _level_sums(t, w, mids, order, wsum, wtsum):
+    # Lloyd's assignment step of fit_digits: t[r, j] goes to its row's nearest level, the one
+    # after the count of the sorted levels' midpoints (mids) below it; order[r] maps sorted
+    # places to level indices. Sums per level of w and w·t into wsum, wtsum (rows, P), zeroed.
+    rows, n = t.shape
+    place = np.empty(n, np.int32)
+    for r in range(rows):
+        place[:] = 0
+        for k in range(mids.shape[1]):          # branch-free counts: a vector loop per midpoint
+            b = mids[r, k]
+            for j in range(n):
+                place[j] += t[r, j] > b
+        for j in range(n):
+            p = order[r, place[j]]
+            wsum[r, p] += w[r, j]
+            wtsum[r, p] += w[r, j] * t[r, j]
 
 
 def fit_digits(R: np.ndarray, M: np.ndarray, a: np.ndarray, iters: int = DIGIT_FIT_ITERS) -> np.ndarray:
@@ -156,24 +198,26 @@ def fit_digits(R: np.ndarray, M: np.ndarray, a: np.ndarray, iters: int = DIGIT_F
         live = np.abs(m) > 1e-12
         t = np.where(live, R[r0:r1] / np.where(live, m, 1.0), 0.0)
         w = np.where(live, m * m, 0.0)
-        base = (np.arange(r1 - r0) * P)[:, None]
         for _ in range(iters):
             levels = a[r0:r1] @ S.T                        # (rows, P)
             order = np.argsort(levels, axis=1)
             sorted_ = np.take_along_axis(levels, order, 1)
             mids = (sorted_[:, 1:] + sorted_[:, :-1]) / 2
-            nearest = np.stack([order[r, np.searchsorted(mids[r], t[r])] for r in range(r1 - r0)])
-            cell = (nearest + base).ravel()
-            wsum = np.bincount(cell, w.ravel(), (r1 - r0) * P).reshape(-1, P)
-            wtsum = np.bincount(cell, (w * t).ravel(), (r1 - r0) * P).reshape(-1, P)
+            wsum, wtsum = np.zeros((r1 - r0, P)), np.zeros((r1 - r0, P))
+            _level_sums(t, w, mids, order, wsum, wtsum)
             G = np.einsum("rp,pi,pj->rij", wsum, S, S)
             G += np.eye(J) * (1e-9 * np.trace(G, axis1=1, axis2=2)[:, None, None] + 1e-300)
             a[r0:r1] = np.linalg.solve(G, (wtsum @ S)[:, :, None])[:, :, 0]
     return a
 
 
-def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """float32 (d, n) -> {"meta", "inv_scale", "block.0" .. "block.K-1"} (formats/codec-bitstack.md).
+def encode_stack(w: np.ndarray, params: dict, hessian: np.ndarray | None = None,
+                 seed: int = 0) -> tuple[dict[str, np.ndarray], list[float]]:
+    """float32 (d, n) -> ({"meta", "inv_scale", "block.0" .. "block.K-1"} (formats/codec-bitstack.md),
+    scores): scores[i] = the output error tr(E H Eᵀ) that block i removes, E = W - Ŵ (BitStack
+    §3.2's block importance, measured as output error instead of perplexity; H = I without a
+    hessian). A GPTQ pass gives the error after its blocks for free (`gptq_signs`); the others,
+    the prefixes of the joint blocks and W itself, cost one d·n² product each.
 
     `hessian` (n, n) = E[x xᵀ] of the input: s = sqrt(diag H) scales the columns before the
     decomposition (BitStack's activation-aware scaling); None means s = 1.
@@ -205,92 +249,96 @@ def encode(w: np.ndarray, params: dict, hessian: np.ndarray | None = None, seed:
     rng = np.random.default_rng(seed)
     uo, vo, total = block_layout(d, n, k)
     parts = {"meta": np.array([d, n, k, K], np.int32), "inv_scale": (1.0 / s).astype(np.float32)}
-    Uh = None
-    if signs == "gptq" and hessian is not None:
-        # GPTQ's act-order: columns by descending input energy (H_jj), on the Hessian of
-        # the scaled inputs x / s
+    Hs = Uh = None
+    if hessian is not None:            # the Hessian of the scaled inputs x / s, in float32
+        Hs = np.array(hessian, np.float32)
+        Hs *= (1.0 / s).astype(np.float32)[:, None]
+        Hs *= (1.0 / s).astype(np.float32)[None, :]
+    if signs == "gptq" and Hs is not None:
+        # GPTQ's act-order: columns by descending input energy (H_jj)
         perm = np.argsort(-np.diagonal(hessian), kind="stable")
-        back = np.argsort(perm)
-        Hs = np.asarray(hessian, np.float64) / np.outer(s, s)
         Uh = inverse_cholesky(Hs, PERCDAMP, perm=perm)[0]
+        extra = damping(np.diagonal(Hs), PERCDAMP).astype(np.float32)
 
-    def one_block(R):
-        """The next block on residual R: (neg, u16, v16); R -= the block."""
+    def undamped(err, R):
+        """A GPTQ pass's tr(Δ H_d Δᵀ) -> tr(Δ H Δᵀ), with Δ = R the residual after it."""
+        return err - float(np.einsum("ij,ij,j->", R, R, extra, dtype=np.float64))
+
+    def one_block(R, rng=rng):
+        """The next block on residual R and the output error after it; R -= the block."""
         U, V = _rsvd(np.abs(R), k, rng)
         u16, v16 = _f16(U * gain), _f16(V)
         A = _from_f16(u16) @ _from_f16(v16).T
-        neg = R < 0 if Uh is None else gptq_signs(R[:, perm], A[None, :, perm], Uh)[0][:, back]
+        if Uh is None:
+            neg = R < 0
+        else:
+            neg, err = gptq_signs(R, A[None], Uh, perm)
+            neg = neg[0]
         R -= np.where(neg, -A, A)       # what is *stored*: later blocks correct the fp16 rounding
-        return neg, u16, v16
+        return (neg, u16, v16), output_error(R, Hs) if Uh is None else undamped(err, R)
 
     def joint_blocks(R):
-        """Blocks 0..J-1 as one per-row 2^J-level grid with jointly chosen signs; R -= them."""
+        """Blocks 0..J-1 as one per-row 2^J-level grid with jointly chosen signs, and the output
+        error after each; R -= them."""
         U, V = _rsvd(np.abs(R), k, rng)
         v16 = _f16(V)
         fit = _from_f16(_f16(U)) @ _from_f16(v16).T
         a = fit_digits(R, fit, np.tile(LATTICE_GAIN * 0.5 ** np.arange(J), (d, 1))).astype(np.float32)
         u16s = [_f16(U * a[:, i:i + 1]) for i in range(J)]
         A = np.stack([_from_f16(u) @ _from_f16(v16).T for u in u16s])
-        negs = gptq_signs(R[:, perm], A[:, :, perm], Uh)[:, :, back]
-        for i in range(J):
-            R -= np.where(negs[i], -A[i], A[i])
-        return [(negs[i], u16s[i], v16) for i in range(J)]
+        negs, err = gptq_signs(R, A, Uh, perm)
+        steps = [np.where(negs[i], -A[i], A[i]) for i in range(J)]
+        for step in steps:
+            R -= step
+        errors = [undamped(err, R)]
+        E = R.copy()                    # the prefixes: the residual plus the blocks not loaded
+        for i in range(J - 1, 0, -1):
+            E += steps[i]
+            errors.insert(0, output_error(E, Hs))
+        return [(negs[i], u16s[i], v16) for i in range(J)], errors
 
+    errors = [output_error(R, Hs)]      # err(m) after the first m blocks
     blocks = []
     J = joint if Uh is not None else 0
     if J:
         # One grid per row (scaled by a rank-k fit) can fail a matrix whose input has a
         # massive-activation column; there the greedy blocks, refitted each step, do better
         # (SmolLM2: layer 11's down_proj, the only one of 210 matrices). Keep whichever first
-        # J blocks leave the lower output error tr(E H Eᵀ).
-        Rg = R.copy()
-        greedy = [one_block(Rg) for _ in range(J)]
-        blocks = joint_blocks(R)
-        if output_error(Rg, Hs) < output_error(R, Hs):
-            blocks, R = greedy, Rg
+        # J blocks leave the lower output error tr(E H Eᵀ). The greedy blocks are tried on a
+        # sample of rows first (fitted to those rows alone, which if anything favours them) and
+        # made for the whole matrix only where they win there: they cost J GPTQ passes.
+        R0 = R.copy()
+        blocks, errs = joint_blocks(R)
+        sample = d > GREEDY_TRIAL_ROWS
+        rows = np.sort(rng.choice(d, GREEDY_TRIAL_ROWS, replace=False)) if sample else np.arange(d)
+
+        def greedy_blocks(Rg):           # the same draws as joint = 0 makes its first blocks with
+            draws = np.random.default_rng(seed)
+            return [one_block(Rg, draws) for _ in range(J)]
+
+        Rg = R0[rows]
+        greedy = greedy_blocks(Rg)
+        if greedy[-1][1] < (output_error(R[rows], Hs) if sample else errs[-1]):
+            if sample:
+                Rg = R0
+                greedy = greedy_blocks(Rg)
+            if greedy[-1][1] < errs[-1]:
+                blocks, errs, R = [b for b, _ in greedy], [e for _, e in greedy], Rg
+        errors += errs
     while len(blocks) < K:
-        blocks.append(one_block(R))
+        block, err = one_block(R)
+        blocks.append(block)
+        errors.append(err)
     for i, (neg, u16, v16) in enumerate(blocks):
         blob = np.zeros(total, np.uint8)
         blob[: d * ((n + 7) // 8)] = np.packbits(neg, axis=1, bitorder="little").ravel()
         blob[uo: uo + 2 * d * k] = u16.view(np.uint8).ravel()
         blob[vo: vo + 2 * n * k] = v16.view(np.uint8).ravel()
         parts[f"block.{i}"] = blob
-    return parts
+    return parts, [errors[i] - errors[i + 1] for i in range(K)]
 
 
 # --- importance and global order (BitStack §3.2) ----------------------------------------------
-
-def block_importance(parts: dict, params: dict | None, hessian: np.ndarray | None,
-                     w: np.ndarray | None = None) -> list[float]:
-    """scores[i] = output-error reduction of adding block i: err(i) - err(i+1), err(m) =
-    tr(E_m H E_mᵀ) = E‖E_m x‖², E_m = W - Ŵ_m (Ŵ_m = the first m blocks).
-
-    This proxy replaces the paper's perplexity measurement per extra block (one forward pass per
-    matrix per level is far too slow on a CPU). Without `w` the full K-block reconstruction
-    stands in for W; without `hessian`, H = I (Frobenius error). Every row counts: on a sample of
-    512 of its 1536 rows the 1.5B's down_proj scores were up to 1.8x off (a few rows carry most
-    of its error)."""
-    d, n, k, K = _meta(parts)
-    m = _available(parts, K, None)
-    # float32, one block at a time (float64 and every block decoded at once: 1.9 GB for the
-    # 1.5B's down_proj); a float32 residual's error is ~1e-6 of its size, far below the scores'
-    # differences
-    if w is not None:
-        E = np.array(w, np.float32)
-    else:
-        E = np.zeros((d, n), np.float32)
-        for i in range(m):
-            E += decode_block(parts, i)
-    H = None if hessian is None else np.asarray(hessian, np.float32)
-    prev, scores = output_error(E, H), []
-    for i in range(m):
-        E -= decode_block(parts, i)
-        cur = output_error(E, H)
-        scores.append(prev - cur)
-        prev = cur
-    return scores
-
 
 def order_blocks(sizes: dict[str, int], scores: dict[str, list[float]]) -> list[tuple[str, int]]:
     """The global load order [(name, block_index), ...] (BitStack's importance sorting).
