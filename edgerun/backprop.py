@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .kernels import NumpyLayerOps, rope_tables
+from .kernels import NumpyLayerOps, rope_tables, threaded_matmul as mm
 from .model import LAYER_TENSORS
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -70,7 +70,7 @@ class DenseLayer:
         self.w, self.vec = dense, vectors
 
     def linear(self, field, x):
-        y = x @ self.w[field].T
+        y = mm(x, self.w[field].T)
         bias = self.vec.get(field + "_bias")
         return y if bias is None else y + bias
 
@@ -118,16 +118,16 @@ def layer_backward(cfg, L: DenseLayer, s: dict, dy, cos, sin, visit):
     g = H // Hkv
     flat = lambda a: a.reshape(B * T, -1)          # noqa: E731
     visit("down", flat(s["act"]), flat(dy))
-    dact = dy @ L.w["down"]
+    dact = mm(dy, L.w["down"])
     sg, gate = s["sg"], s["gate"]
     dgate = dact * s["up"] * sg * (1.0 + gate * (1.0 - sg))       # silu' = σ (1 + x (1 - σ))
     dup = dact * gate * sg
     visit("gate", flat(s["n2"]), flat(dgate))
     visit("up", flat(s["n2"]), flat(dup))
-    dn2 = dgate @ L.w["gate"] + dup @ L.w["up"]
+    dn2 = mm(dgate, L.w["gate"]) + mm(dup, L.w["up"])
     dxm = dy + _rmsnorm_back(s["xm"], s["r2"], L.vec["post_norm"], dn2)
     visit("o", flat(s["att"]), flat(dxm))
-    datt = (dxm @ L.w["o"]).reshape(B, T, Hkv, g, D).transpose(0, 2, 3, 1, 4)
+    datt = mm(dxm, L.w["o"]).reshape(B, T, Hkv, g, D).transpose(0, 2, 3, 1, 4)
     P, qh, kh, vh = s["P"], s["qh"], s["kh"], s["vh"]
     scale = np.float32(1.0 / math.sqrt(D))
     dv = (P.swapaxes(-1, -2) @ datt).sum(axis=2)                   # (B, Hkv, T, D)
@@ -146,7 +146,7 @@ def layer_backward(cfg, L: DenseLayer, s: dict, dy, cos, sin, visit):
     visit("q", n1, dq)
     visit("k", n1, dk)
     visit("v", n1, dv)
-    dn1 = (dq @ L.w["q"] + dk @ L.w["k"] + dv @ L.w["v"]).reshape(B, T, d)
+    dn1 = (mm(dq, L.w["q"]) + mm(dk, L.w["k"]) + mm(dv, L.w["v"])).reshape(B, T, d)
     return dxm + _rmsnorm_back(s["x"], s["r1"], L.vec["input_norm"], dn1)
 
 
@@ -165,12 +165,12 @@ def head_backward(cfg, norm, head, x, windows):
     V = head.shape[0]
     for v0 in range(0, V, HEAD_ROWS):
         W = dense_rows(head, v0, min(V, v0 + HEAD_ROWS))
-        logits = h @ W.T
+        logits = mm(h, W.T)
         new_top = np.maximum(top, logits.max(axis=1, keepdims=True))
         shrink = np.exp(top - new_top)
         e = np.exp(logits - new_top)
         total = total * shrink + e.sum(axis=1, keepdims=True)
-        acc = acc * shrink + e @ W
+        acc = acc * shrink + mm(e, W)
         top = new_top
         here = (labels >= v0) & (labels < v0 + W.shape[0])
         picked[here] = logits[here, labels[here] - v0]

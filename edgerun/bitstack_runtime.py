@@ -120,19 +120,24 @@ def prefix_reader(ebin, order: BlockOrder, n: int):
     return read_parts
 
 
-def size_quality_curve(transformer, linears: dict, order: list, block_sizes: dict, fixed_bytes: int,
-                       token_windows, levels: int) -> list[list[float]]:
+def size_quality_curve(transformer, linears: dict, block_sizes: dict, fixed_bytes: int,
+                       token_windows, levels: int, progress=None) -> list[list[float]]:
     """[[weight bytes, perplexity], ...] at each whole level (every matrix with m blocks), measured
-    on calibration windows with the pack-time model; shrinks `linears` level by level."""
+    on calibration windows with the pack-time model; shrinks `linears` level by level.
+    `progress(done, levels)` after each level."""
     from .evaluate import perplexity
     stacked = sorted(linears)
     curve = []
+    if progress is not None:
+        progress(0, levels)
     for m in range(levels, 0, -1):
         for name in stacked:
             linears[name].set_blocks(min(m, linears[name].blocks))
         size = fixed_bytes + sum(block_sizes[name] * linears[name].blocks for name in stacked)
         result = perplexity(lambda ids: transformer.forward(ids, 0, all_logits=True), token_windows)
         curve.append([int(size), round(result.ppl, 3)])
+        if progress is not None:
+            progress(len(curve), levels)
     return curve[::-1]
 
 
@@ -151,6 +156,7 @@ def fisher_sensitivity(transformer, parts: dict[str, dict], token_windows: np.nd
     from .backprop import dense_rows, linear_gradients
     from .codecs.bitstack import BitStackCodec
     from .codecs.bitstack.reference import decode_block
+    from .kernels import threaded_matmul
     from .model import LAYER_TENSORS
 
     def name(i, field):
@@ -169,7 +175,7 @@ def fisher_sensitivity(transformer, parts: dict[str, dict], token_windows: np.nd
         p = parts.get(name(i, field))
         if p is None:
             return
-        change = X @ decode_block(p, level - 1).T            # the outputs' change, (positions, d)
+        change = threaded_matmul(X, decode_block(p, level - 1).T)   # the outputs' change, (positions, d)
         out[name(i, field)] = 0.5 * float(np.sum(np.einsum("td,td->t", G, change) ** 2)) / count
         if progress is not None:
             progress(len(out), len(parts))

@@ -144,7 +144,7 @@ class F32Linear:
         np.matmul(self.w, x, out=out)
 
     def matmul(self, X, out):
-        kernels.threaded_map(lambda b: np.matmul(X[b], self.w.T, out=out[b]), kernels.row_bands(X.shape[0], 32))
+        kernels.threaded_matmul(X, self.w.T, out)
 
 
 def f32_linear(w: np.ndarray) -> F32Linear:

@@ -316,6 +316,7 @@ def pack(src, output, dtype, codec, bits, recipe, bpw, target_size, calib_file, 
                       layer_progress=progress_bar("calibrating and compressing layers", unit="layers"),
                       order_progress=progress_bar("ordering BitStack blocks (loss estimate per matrix)",
                                                   unit="matrices"),
+                      curve_progress=progress_bar("measuring BitStack's size/quality curve", unit="levels"),
                       layout=layout, threads=threads)
     _err(str(summary))
     if choice is not None:

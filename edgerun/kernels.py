@@ -91,6 +91,18 @@ def row_bands(n: int, min_rows: int = 1) -> list[slice]:
     return [slice(n * i // t, n * (i + 1) // t) for i in range(t)]
 
 
+def threaded_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
+                    min_rows: int = 32) -> np.ndarray:
+    """a (..., k) @ b (k, m) with a's rows split over the kernel threads (`threaded_map`: BLAS
+    itself runs one thread). `out` (..., m) receives it when given."""
+    rows = a.reshape(-1, a.shape[-1])
+    if out is None:
+        out = np.empty((*a.shape[:-1], b.shape[1]), np.result_type(a, b))
+    flat = out.reshape(-1, b.shape[1])
+    threaded_map(lambda r: np.matmul(rows[r], b, out=flat[r]), row_bands(rows.shape[0], min_rows))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Cold JIT cache. The first run after install compiles every kernel, which took 6.5 s (1 thread)
 # to 12.7 s (2 threads) before the first token. The first token needs only the serial

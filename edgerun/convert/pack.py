@@ -282,26 +282,28 @@ class TensorStore:
             self.loaded[name] = loaded
         return loaded
 
-    def finish(self, cfg: ModelConfig, order_windows, curve_windows, progress=None) -> dict | None:
+    def finish(self, cfg: ModelConfig, order_windows, curve_windows, progress=None,
+               curve_progress=None) -> dict | None:
         """Write the held-back BitStack blocks in global order, estimated on `order_windows`
         (bitstack_runtime.sensitivity_order, `progress(done, total)` per matrix); the manifest's
         `bitstack` section, with the size/quality curve measured on `curve_windows` (both
-        calibration text)."""
+        calibration text; `curve_progress(done, total)` per level)."""
         if not self.stack_parts:
             return None
         from ..bitstack_runtime import sensitivity_order, size_quality_curve
         from ..model import Transformer, Weights
         sizes = {n: parts["block.0"].nbytes for n, parts in self.stack_parts.items()}
-        tf = Transformer(cfg, Weights(self.loaded, cfg),
-                         context=max(order_windows.shape[1], curve_windows.shape[1]))
+        # a window per chunk: the compressed matmuls rebuild their weights' rows once per chunk
+        window = max(order_windows.shape[1], curve_windows.shape[1])
+        tf = Transformer(cfg, Weights(self.loaded, cfg), context=window, chunk=window)
         order, _ = sensitivity_order(tf, self.stack_parts, self.stack_scores, order_windows, progress=progress)
         for name, i in order:
             self.writer.add_array(self.entries[name]["parts"][f"block.{i}"], self.stack_parts[name][f"block.{i}"])
         fixed = sum(self.group_bytes.values()) - sum(
             a.nbytes for parts in self.stack_parts.values() for p, a in parts.items() if p.startswith("block."))
         levels = max(len(s) for s in self.stack_scores.values())
-        curve = size_quality_curve(tf, {n: self.loaded[n] for n in self.stack_parts}, order, sizes, fixed,
-                                   curve_windows, levels)
+        curve = size_quality_curve(tf, {n: self.loaded[n] for n in self.stack_parts}, sizes, fixed,
+                                   curve_windows, levels, curve_progress)
         self.stack_parts, self.loaded = {}, {}
         return {"order": [[name, i] for name, i in order], "curve": curve,
                 "importance": {n: [float(v) for v in s] for n, s in self.stack_scores.items()}}
@@ -309,11 +311,12 @@ class TensorStore:
 
 def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | None = None,
          calib_text: str | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS, progress=None,
-         layer_progress=None, layout: str = "standard", order_progress=None,
+         layer_progress=None, layout: str = "standard", order_progress=None, curve_progress=None,
          generation: dict | None = None, threads: int | None = None) -> PackSummary:
     """Convert `src` into `out`. `progress(done_bytes, total_bytes)` is called after each tensor
     of a dense pack; `layer_progress(done, total)` after each calibrated layer; `order_progress`
-    after each BitStack matrix whose sensitivity is estimated. `layout="flash"`
+    after each BitStack matrix whose sensitivity is estimated, `curve_progress` after each level
+    of its size/quality curve. `layout="flash"`
     stores the FFN as neuron bundles for streaming (edgerun/streaming.py, formats/flash-layout.md).
     `generation` overrides keys of the source's default sampling (HF generation_config names).
     `threads`: kernel threads of the calibration forward and its Hessians (default
@@ -356,7 +359,8 @@ def pack(src: str | Path, out: str | Path, dtype: str = "f16", recipe: dict | No
                 names = [n for n in names if not is_ffn_weight(n)]
             try:
                 calibrate_and_store(source, cfg, sequences, take, progress=layer_progress, observe=observe)
-                stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:], order_progress)
+                stack = store.finish(cfg, sequences[-ORDER_WINDOWS:], sequences[-2:], order_progress,
+                                     curve_progress)
             finally:
                 kernels.set_threads(before)
             if layout == "flash":

@@ -5,7 +5,7 @@ Models in Variable Memory Environments").
 Encode: scale input column j by the calibration activation norm s_j = sqrt(H_jj) (AWQ-style,
 as BitStack's `get_act_scale`), then for i = 1..K: S_i = sign(R) (0 -> +1), rank-k SVD of |R|
 (sqrt(σ) on both factors), R -= S_i ⊙ (u_i v_iᵀ). Block i = packed sign bits + u_i + v_i (fp16).
-With calibration, signs are chosen by GPTQ instead, the first J blocks' together (`encode`).
+With calibration, signs are chosen by GPTQ instead, the first J blocks' together (`encode_stack`).
 Loading the first m blocks gives W ≈ Σ_{i<m} S_i ⊙ (u_i v_iᵀ) · diag(1/s); the runtime grows or
 shrinks a matrix by changing m.
 Block importance (from the encode's own errors) and the global load order (BitStack §3.2) are
@@ -216,8 +216,8 @@ def encode_stack(w: np.ndarray, params: dict, hessian: np.ndarray | None = None,
     """float32 (d, n) -> ({"meta", "inv_scale", "block.0" .. "block.K-1"} (formats/codec-bitstack.md),
     scores): scores[i] = the output error tr(E H Eᵀ) that block i removes, E = W - Ŵ (BitStack
     §3.2's block importance, measured as output error instead of perplexity; H = I without a
-    hessian). A GPTQ pass gives the error after its blocks for free (`gptq_signs`); the others,
-    the prefixes of the joint blocks and W itself, cost one d·n² product each.
+    hessian). A GPTQ pass gives the error after its blocks for free (`gptq_signs`); W's own, the
+    joint blocks' prefixes and every block with plain signs cost one d·n² product each.
 
     `hessian` (n, n) = E[x xᵀ] of the input: s = sqrt(diag H) scales the columns before the
     decomposition (BitStack's activation-aware scaling); None means s = 1.
@@ -290,12 +290,12 @@ def encode_stack(w: np.ndarray, params: dict, hessian: np.ndarray | None = None,
         steps = [np.where(negs[i], -A[i], A[i]) for i in range(J)]
         for step in steps:
             R -= step
-        errors = [undamped(err, R)]
+        errs = [undamped(err, R)]
         E = R.copy()                    # the prefixes: the residual plus the blocks not loaded
         for i in range(J - 1, 0, -1):
             E += steps[i]
-            errors.insert(0, output_error(E, Hs))
-        return [(negs[i], u16s[i], v16) for i in range(J)], errors
+            errs.insert(0, output_error(E, Hs))
+        return [(negs[i], u16s[i], v16) for i in range(J)], errs
 
     errors = [output_error(R, Hs)]      # err(m) after the first m blocks
     blocks = []
