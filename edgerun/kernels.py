@@ -94,11 +94,12 @@ def row_bands(n: int, min_rows: int = 1) -> list[slice]:
 def threaded_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
                     min_rows: int = 32) -> np.ndarray:
     """a (..., k) @ b (k, m) with a's rows split over the kernel threads (`threaded_map`: BLAS
-    itself runs one thread). `out` (..., m) receives it when given."""
+    itself runs one thread). `out` (..., m), contiguous, receives it when given."""
     rows = a.reshape(-1, a.shape[-1])
     if out is None:
         out = np.empty((*a.shape[:-1], b.shape[1]), np.result_type(a, b))
-    flat = out.reshape(-1, b.shape[1])
+    flat = out.view()
+    flat.shape = (-1, b.shape[1])       # raises rather than writing to a copy
     threaded_map(lambda r: np.matmul(rows[r], b, out=flat[r]), row_bands(rows.shape[0], min_rows))
     return out
 
