@@ -134,9 +134,12 @@ def gptq_signs(R: np.ndarray, A: np.ndarray, U: np.ndarray,
     rounding error Δ = R - Σ S_i ⊙ A_i and the damped Hessian H_d = (UᵀU)⁻¹ (Δ = e U, so
     Δ H_d Δᵀ = e U U⁻¹ U⁻ᵀ Uᵀ eᵀ): the output error for the price of the squares."""
     J, (d, n) = A.shape[0], R.shape
+    A = np.asarray(A, np.float32)
     cols = np.arange(n) if perm is None else np.asarray(perm)
     RT = np.ascontiguousarray(R.T[cols], np.float32)           # (n, d): column j is row j
-    AT = np.stack([a.T[cols] for a in A]).astype(np.float32, copy=False)
+    AT = np.empty((J, n, d), np.float32)
+    for a, at in zip(A, AT):                                    # no J x d x n temporaries
+        np.take(a.T, cols, axis=0, out=at)
     negT = np.empty((J, n, d), np.bool_)
     ET = np.empty((GPTQ_BLOCK, d), np.float32)
     best, q, t = (np.empty(d, np.float32) for _ in range(3))
@@ -287,13 +290,12 @@ def encode_stack(w: np.ndarray, params: dict, hessian: np.ndarray | None = None,
         u16s = [_f16(U * a[:, i:i + 1]) for i in range(J)]
         A = np.stack([_from_f16(u) @ _from_f16(v16).T for u in u16s])
         negs, err = gptq_signs(R, A, Uh, perm)
-        steps = [np.where(negs[i], -A[i], A[i]) for i in range(J)]
-        for step in steps:
-            R -= step
+        for i in range(J):
+            R -= np.where(negs[i], -A[i], A[i])
         errs = [undamped(err, R)]
         E = R.copy()                    # the prefixes: the residual plus the blocks not loaded
         for i in range(J - 1, 0, -1):
-            E += steps[i]
+            E += np.where(negs[i], -A[i], A[i])
             errs.insert(0, output_error(E, Hs))
         return [(negs[i], u16s[i], v16) for i in range(J)], errs
 
